@@ -1,0 +1,3 @@
+//! hvnode-agent
+
+fn main() {}

@@ -1,0 +1,45 @@
+//! Init's control protocol on [`crate::paths::INIT_SOCKET`]: one JSON request per line,
+//! one JSON response per line. Only root on the node can reach the socket.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::NetworkConfig;
+
+/// A request to init.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum InitRequest {
+    /// Apply a network configuration now (not persisted: the caller persists it once
+    /// the admin confirms it).
+    ApplyNetwork {
+        /// The configuration to apply.
+        network: NetworkConfig,
+    },
+    /// Set the host name now (not persisted).
+    SetHostname {
+        /// The new host name.
+        hostname: String,
+    },
+    /// Create the data partition on a blank disk and mount it.
+    InitStorage {
+        /// Whole-disk device, e.g. `/dev/sdb`. Init refuses a disk that is not blank.
+        device: String,
+    },
+    /// Stop services and guests, then reboot.
+    Reboot,
+    /// Stop services and guests, then power off.
+    PowerOff,
+}
+
+/// Init's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum InitResponse {
+    /// Done.
+    Ok,
+    /// Refused or failed, with a message for the admin.
+    Error {
+        /// What went wrong and what to do.
+        message: String,
+    },
+}

@@ -1,0 +1,19 @@
+//! Types shared by the hvnode processes: the node configuration file, guest definitions,
+//! the bodies of the agent's HTTP API, and the small JSON control protocols between
+//! the agent and init and between the agent and each VMM process.
+//!
+//! This crate does no I/O. Validation lives next to the types so that every front end
+//! (agent, console, manager CLI, init) rejects bad input with the same message.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod guest;
+pub mod init;
+pub mod node;
+pub mod paths;
+pub mod registration;
+pub mod vmm;
+
+/// Version of hvnode, shared by every binary.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

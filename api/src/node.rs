@@ -1,0 +1,124 @@
+//! Node information, statistics, and the state files init publishes under `/run/hvnode`.
+
+use serde::{Deserialize, Serialize};
+
+/// Static facts about the node (`GET /v1/node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Current host name.
+    pub hostname: String,
+    /// hvnode version.
+    pub version: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// CPU model name.
+    pub cpu_model: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+    /// Whether /dev/kvm is usable.
+    pub kvm: bool,
+    /// Network interfaces.
+    pub nics: Vec<NicStatus>,
+    /// Block devices.
+    pub disks: Vec<DiskInfo>,
+    /// Seconds since boot.
+    pub uptime_secs: u64,
+}
+
+/// A block device of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Kernel name, e.g. `sda`, `nvme0n1`.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Model string, if the kernel knows it.
+    #[serde(default)]
+    pub model: String,
+    /// Whether the device is removable or read-only media.
+    #[serde(default)]
+    pub removable: bool,
+    /// Whether the disk has no partition table and no filesystem signature.
+    #[serde(default)]
+    pub blank: bool,
+}
+
+/// Runtime statistics (`GET /v1/stats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// CPU use over the last sampling interval, 0.0-100.0.
+    pub cpu_percent: f64,
+    /// Memory in use, bytes.
+    pub memory_used_bytes: u64,
+    /// Memory total, bytes.
+    pub memory_total_bytes: u64,
+    /// 1/5/15-minute load averages.
+    pub load: [f64; 3],
+    /// Guests defined.
+    pub guests_total: u32,
+    /// Guests running (or paused).
+    pub guests_running: u32,
+    /// Seconds since boot.
+    pub uptime_secs: u64,
+}
+
+/// How an interface got its addresses, as init reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressSource {
+    /// From a DHCP lease.
+    Dhcp,
+    /// From the node config or the `ip=` kernel argument.
+    Static,
+    /// No addresses.
+    None,
+}
+
+/// State of one network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicStatus {
+    /// Interface name.
+    pub name: String,
+    /// MAC address.
+    pub mac: String,
+    /// Carrier present.
+    pub carrier: bool,
+    /// Addresses as `ADDRESS/PREFIX`.
+    pub addresses: Vec<String>,
+    /// Where the addresses came from.
+    pub source: AddressSource,
+}
+
+/// The network state init publishes at [`crate::paths::NETWORK_STATE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// Current host name.
+    pub hostname: String,
+    /// Interfaces (loopback excluded).
+    pub interfaces: Vec<NicStatus>,
+    /// Default gateways.
+    pub gateways: Vec<String>,
+    /// DNS servers in resolv.conf.
+    pub dns: Vec<String>,
+}
+
+/// The storage state init publishes at [`crate::paths::STORAGE_STATE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageStatus {
+    /// Whether a persistent data partition is mounted at [`crate::paths::DATA_DIR`].
+    pub persistent: bool,
+    /// Device of the data partition, e.g. `/dev/sda1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Filesystem size in bytes.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Free bytes.
+    #[serde(default)]
+    pub free_bytes: u64,
+    /// Why there is no persistent storage, when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}

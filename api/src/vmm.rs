@@ -1,0 +1,139 @@
+//! The VMM's launch configuration and its control protocol.
+//!
+//! The agent writes a [`VmConfig`] as JSON and starts `hvnode-vmm --config <file>`.
+//! The VMM then serves [`VmmRequest`]s on `control_socket`: one JSON object per line in,
+//! one [`VmmResponse`] per line out, synchronously.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything one VMM process needs to run one guest. Paths are absolute; the agent has
+/// already confined them to the image directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest name (for logs).
+    pub name: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// bzImage or ELF vmlinux.
+    pub kernel: String,
+    /// Optional initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line; the VMM appends its virtio-mmio device parameters.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Block devices.
+    #[serde(default)]
+    pub disks: Vec<VmDisk>,
+    /// Network devices.
+    #[serde(default)]
+    pub nets: Vec<VmNet>,
+    /// Attach a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// File the serial console output is appended to (bounded by the VMM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_log: Option<String>,
+    /// Unix socket a client can attach to for the serial console (read and write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_socket: Option<String>,
+    /// Unix socket of the control protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<String>,
+}
+
+/// A virtio-blk device backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDisk {
+    /// Raw image file.
+    pub path: String,
+    /// Read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A virtio-net device backed by a tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmNet {
+    /// Name of the tap device (created by the VMM if missing).
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: String,
+}
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VmmRequest {
+    /// Describe the VM: config and state.
+    Describe,
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+    /// Ask the guest to shut down (ctrl-alt-del through the i8042).
+    Shutdown,
+    /// Stop the VM at once and exit the VMM.
+    Stop,
+    /// Counters.
+    Stats,
+}
+
+/// Run state of the VM as the VMM sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmRunState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// Shutting down or stopped.
+    Stopping,
+}
+
+/// Counters of a running VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// vCPU exits by vCPU, then by reason name.
+    pub vcpu_exits: Vec<std::collections::BTreeMap<String, u64>>,
+    /// Device counters by device name (`virtio-blk0`, `virtio-net0`, `serial`, ...).
+    pub devices: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Resident set size of the VMM process in bytes.
+    pub rss_bytes: u64,
+}
+
+/// A control response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum VmmResponse {
+    /// Done, nothing to report.
+    Ok,
+    /// Answer to `describe`.
+    Description {
+        /// The launch config.
+        config: VmConfig,
+        /// Current state.
+        state: VmRunState,
+        /// Seconds since the VM started.
+        uptime_secs: u64,
+    },
+    /// Answer to `stats`.
+    Stats {
+        /// The counters.
+        stats: VmStats,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// Stable code: `bad_request`, `invalid_state`, `internal`.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+}

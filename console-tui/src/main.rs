@@ -1,0 +1,3 @@
+//! hvnode-console
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! hvnodectl
+
+fn main() {}

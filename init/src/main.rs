@@ -1,0 +1,3 @@
+//! hvnode-init
+
+fn main() {}

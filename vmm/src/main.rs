@@ -1,0 +1,3 @@
+//! hvnode-vmm
+
+fn main() {}
