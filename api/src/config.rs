@@ -59,9 +59,17 @@ pub struct NodeConfig {
 }
 
 /// Network configuration of the node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
+    /// Name of the management bridge. The management NIC is enslaved to it and the
+    /// bridge carries that NIC's addresses (settings given for the NIC apply to the
+    /// bridge); guests' tap devices join it. Empty disables the bridge.
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    /// The management NIC; absent means the first NIC (by name) with carrier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management: Option<String>,
     /// DNS servers; when empty, those learnt from DHCP are used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<IpAddr>,
@@ -87,6 +95,23 @@ pub struct BondConfig {
     pub mode: String,
     /// Member NIC names.
     pub members: Vec<String>,
+}
+
+fn default_bridge() -> String {
+    "br0".to_owned()
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: default_bridge(),
+            management: None,
+            dns: Vec::new(),
+            search: Vec::new(),
+            bonds: Vec::new(),
+            interfaces: Vec::new(),
+        }
+    }
 }
 
 fn default_bond_mode() -> String {
@@ -246,6 +271,12 @@ impl NetworkConfig {
     /// Validates the whole network configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
+        if !self.bridge.is_empty() {
+            validate_ifname(&self.bridge)?;
+        }
+        if let Some(m) = &self.management {
+            validate_ifname(m)?;
+        }
         for b in &self.bonds {
             validate_ifname(&b.name)?;
             if b.members.is_empty() {

@@ -122,3 +122,52 @@ pub struct StorageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
+
+/// `GET /v1/network`: the saved configuration, the live state, and a pending change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// The configuration saved in `node.toml`.
+    pub config: crate::config::NetworkConfig,
+    /// What init reports now.
+    pub status: NetworkStatus,
+    /// Seconds until an unconfirmed change rolls back, if one is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_in_secs: Option<u64>,
+}
+
+/// `PUT /v1/node/hostname`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hostname {
+    /// The new host name; applied now and saved.
+    pub hostname: String,
+}
+
+/// `GET /v1/storage`: the data partition and the disks that could hold one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageView {
+    /// The data partition state.
+    pub status: StorageStatus,
+    /// Disks with no partition table and no filesystem signature.
+    pub blank_disks: Vec<DiskInfo>,
+}
+
+/// `POST /v1/storage/init`: create the data partition on a blank disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageInit {
+    /// Whole-disk device, e.g. `/dev/sdb`.
+    pub device: String,
+    /// The admin types the device name again to confirm; must equal `device`.
+    pub confirm: String,
+}
+
+/// `POST /v1/power`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum PowerAction {
+    /// Stop guests and services, reboot.
+    Reboot,
+    /// Stop guests and services, power off.
+    Poweroff,
+}
