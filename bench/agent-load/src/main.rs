@@ -1,0 +1,3 @@
+//! Benchmark: agent-load
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! Benchmark: vmm-start
+
+fn main() {}

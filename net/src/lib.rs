@@ -1,0 +1,1 @@
+//! Node networking: netlink, bridge, bond, VLAN, static addresses and a DHCPv4 client.
