@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Builds build/hvnode.iso: static Rust binaries -> mkosi root tree (mkosi.conf) -> initrd with our
+# PID 1 -> squashfs root -> hybrid BIOS+UEFI ISO. See image/README.md for why the last three
+# steps happen here rather than in mkosi.
+#
+# Environment:
+#   HVNODE_CACHE   cache directory outside the checkout (default /var/cache/hvnode): mkosi itself,
+#                  its package cache and incremental tree survive fresh clones.
+#   HVNODE_SQUASHFS_COMP  squashfs compressor options (default "zstd -Xcompression-level 19").
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+cache=${HVNODE_CACHE:-/var/cache/hvnode}
+build=$top/build
+target=x86_64-unknown-linux-gnu
+start=$(date +%s)
+
+step() { printf '==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "the image build needs root (mkosi unpacks packages as root); run: sudo $0"
+for tool in python3 mksquashfs grub-mkrescue xorriso mformat cpio zstd modprobe cargo; do
+    command -v "$tool" >/dev/null || die "$tool is missing: run image/setup-host.sh first"
+done
+
+step "building static binaries (cargo, release, $target, crt-static)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$target" \
+    -p hvnode-init -p hvnode-agent -p hvnode-vmm -p hvnode-console --bins
+bindir=$top/target/$target/release
+
+extra=$build/rootfs-extra
+rm -rf "$extra"
+install -d "$extra/usr/bin" "$extra/etc" "$extra/var/lib/hvnode"
+for b in hvnode-init hvnode-agent hvnode-vmm hvnode-console; do
+    install -m 0755 "$bindir/$b" "$extra/usr/bin/$b"
+done
+cp -a "$top/image/rootfs/." "$extra/"
+# /etc is read-only on the node: runtime files live on /run.
+ln -sfn ../run/hvnode/resolv.conf "$extra/etc/resolv.conf"
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -n1)
+printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    > "$extra/etc/hvnode-release"
+
+step "root tree (mkosi $("$top/image/mkosi.sh" --version 2>/dev/null | awk '{print $2}'), Debian bookworm)"
+"$top/image/mkosi.sh" --cache-directory="$cache/mkosi-cache" --package-cache-dir="$cache/mkosi-pkgs" -f build
+root=$build/mkosi.output/hvnode-root
+[ -d "$root/usr/lib/modules" ] || die "mkosi produced no root tree at $root"
+kver=$(ls "$root/usr/lib/modules" | head -n1)
+[ -n "$kver" ] || die "no kernel in the root tree"
+
+step "checking the root: no shell, no interpreter"
+bad=$(cd "$root" && find . -xdev \( -type f -o -type l \) \( -name sh -o -name bash -o -name dash \
+    -o -name rbash -o -name 'sh.shared' -o -name busybox -o -name perl -o -name 'perl5*' -o -name 'python3*' \
+    -o -name '*awk' \) -not -path './usr/share/*' 2>/dev/null || true)
+[ -z "$bad" ] || die "the root still holds a shell or interpreter: $bad"
+
+iso=$build/iso
+rm -rf "$iso"
+install -d "$iso/boot/grub" "$iso/live"
+install -m 0644 "$root/usr/lib/modules/$kver/vmlinuz" "$iso/boot/vmlinuz"
+
+step "initrd: our PID 1 as /init and the modules that find the root"
+initrd=$build/initrd
+rm -rf "$initrd"
+install -d "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/run" "$initrd/newroot" "$initrd/etc" \
+    "$initrd/usr/lib/modules/$kver"
+install -m 0755 "$bindir/hvnode-init" "$initrd/init"
+: > "$initrd/etc/hvnode-initrd"
+initrd_modules="loop squashfs isofs sr_mod sd_mod ata_piix ata_generic ahci virtio_pci virtio_blk virtio_scsi
+    xhci_pci ehci_pci uhci_hcd ohci_pci usb_storage uas nvme"
+: > "$initrd/etc/hvnode-initrd-modules"
+for m in $initrd_modules; do
+    modprobe -d "$root" -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}' |
+        while read -r path; do
+            rel=${path#*/usr/lib/modules/$kver/}
+            rel=${rel#*/lib/modules/$kver/}
+            grep -qxF "$rel" "$initrd/etc/hvnode-initrd-modules" && continue
+            install -D -m 0644 "$root/usr/lib/modules/$kver/$rel" "$initrd/usr/lib/modules/$kver/$rel"
+            echo "$rel" >> "$initrd/etc/hvnode-initrd-modules"
+        done
+done
+[ -s "$initrd/etc/hvnode-initrd-modules" ] || die "no initrd modules resolved (modprobe --show-depends)"
+(cd "$initrd" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) |
+    zstd -q -19 -T0 > "$iso/boot/initrd.img"
+
+step "squashfs root ($(du -sh "$root" | cut -f1) tree)"
+comp=${HVNODE_SQUASHFS_COMP:-zstd -Xcompression-level 19}
+# The kernel and its initrd live on the ISO; the root keeps the kernel as the guest kernel.
+# shellcheck disable=SC2086
+mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
+    -e boot efi initrd.img initrd.img.old vmlinuz vmlinuz.old >/dev/null
+
+step "hybrid BIOS+UEFI ISO (grub-mkrescue)"
+install -m 0644 "$top/image/grub.cfg" "$iso/boot/grub/grub.cfg"
+grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNODE >"$build/grub-mkrescue.log" 2>&1 ||
+    { cat "$build/grub-mkrescue.log" >&2; die "grub-mkrescue failed"; }
+mv "$build/hvnode.iso.tmp" "$build/hvnode.iso"
+
+size=$(stat -c %s "$build/hvnode.iso")
+step "done: build/hvnode.iso, $((size / 1048576)) MiB (kernel $kver)"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what building and booting the hvnode image needs on a Debian 12 host (as root).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+[ "$(id -u)" = 0 ] || { echo "error: run as root: sudo $0" >&2; exit 1; }
+
+pkgs=(python3 squashfs-tools grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
+      cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc
+      iproute2)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# QEMU from bookworm-backports: the same QEMU everywhere (and the one Debian 12 machines here carry).
+bpo=/etc/apt/sources.list.d/hvnode-bookworm-backports.sources
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        cat > "$bpo" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    need_qemu=1
+fi
+if [ ${#missing[@]} -gt 0 ] || [ -n "${need_qemu:-}" ]; then
+    echo "==> installing Debian packages: ${missing[*]} ${need_qemu:+qemu-system-x86 (bookworm-backports)}"
+    apt-get update -qq
+    export DEBIAN_FRONTEND=noninteractive
+    [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -z "${need_qemu:-}" ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+        qemu-system-x86 qemu-utils >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        echo "note: cargo is in ~/.cargo/bin; add it to PATH" >&2
+    else
+        echo "==> installing Rust from Debian (cargo, rustc)"
+        apt-get install -y -qq cargo rustc >/dev/null
+    fi
+fi
+echo "==> host ready: $(qemu-system-x86_64 --version | head -n1)"
