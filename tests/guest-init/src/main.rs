@@ -1,0 +1,138 @@
+//! /init of the boot test's guest. Runs inside a guest of the node's VMM and reports, on the
+//! kernel log (which the VMM's serial port carries), what its virtio devices did:
+//!
+//! - `hvnode-guest: disk ok` when /dev/vda starts with the pattern the test wrote,
+//! - `hvnode-guest: rng ok <hex>` after reading /dev/hwrng,
+//! - `hvnode-guest: net <ifname> <address>` once DHCP over virtio-net gave an address,
+//! - `hvnode-guest: done`, then it powers the guest off.
+//!
+//! Failures print `hvnode-guest: FAIL <what>`; the guest powers off either way.
+#![forbid(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use hvnode_api::config::{NetworkConfig, NodeConfig};
+use nix::mount::{mount, MsFlags};
+
+/// The pattern the boot test writes at the start of the guest's disk.
+const DISK_PATTERN: &[u8] = b"HVNODE-TEST-DISK-PATTERN-0123456789";
+const MODULES_LIST: &str = "/etc/guest-modules";
+
+fn say(msg: &str) {
+    // Level 3 so that it reaches the console even with `quiet`.
+    if let Ok(mut k) = OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = k.write_all(format!("<3>hvnode-guest: {msg}\n").as_bytes());
+    }
+}
+
+fn mounts() {
+    let fs: [(&str, &str, &str); 4] = [
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("tmpfs", "/run", "tmpfs"),
+    ];
+    for (src, dst, kind) in fs {
+        let _ = std::fs::create_dir_all(dst);
+        let _ = mount(Some(src), dst, Some(kind), MsFlags::empty(), None::<&str>);
+    }
+}
+
+fn load_modules() {
+    let Ok(list) = std::fs::read_to_string(MODULES_LIST) else {
+        say("FAIL no module list");
+        return;
+    };
+    let params = CString::default();
+    for m in list.lines().filter(|l| !l.is_empty()) {
+        match File::open(m) {
+            Ok(f) => {
+                if let Err(e) = nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty()) {
+                    if e != nix::errno::Errno::EEXIST {
+                        say(&format!("module {m}: {e}"));
+                    }
+                }
+            }
+            Err(e) => say(&format!("module {m}: {e}")),
+        }
+    }
+}
+
+fn wait_path(path: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::path::Path::new(path).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn check_disk() {
+    if !wait_path("/dev/vda", Duration::from_secs(20)) {
+        return say("FAIL disk: /dev/vda did not appear");
+    }
+    let mut buf = vec![0u8; DISK_PATTERN.len()];
+    match File::open("/dev/vda").and_then(|mut f| f.read_exact(&mut buf)) {
+        Ok(()) if buf == DISK_PATTERN => say("disk ok"),
+        Ok(()) => say(&format!("FAIL disk: read {:?}", String::from_utf8_lossy(&buf))),
+        Err(e) => say(&format!("FAIL disk: {e}")),
+    }
+}
+
+fn check_rng() {
+    if !wait_path("/dev/hwrng", Duration::from_secs(20)) {
+        return say("FAIL rng: /dev/hwrng did not appear");
+    }
+    let mut buf = [0u8; 16];
+    match File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut buf)) {
+        Ok(()) if buf.iter().any(|&b| b != 0) => {
+            let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+            say(&format!("rng ok {hex}"));
+        }
+        Ok(()) => say("FAIL rng: all zero"),
+        Err(e) => say(&format!("FAIL rng: {e}")),
+    }
+}
+
+fn check_net() {
+    let config = NodeConfig {
+        hostname: Some("hvnode-test-guest".into()),
+        network: NetworkConfig {
+            bridge: String::new(),
+            ..NetworkConfig::default()
+        },
+    };
+    let net = match hvnode_net::Network::start(&config, None, Box::new(|l: &str| say(l))) {
+        Ok(n) => n,
+        Err(e) => return say(&format!("FAIL net: {e}")),
+    };
+    if !net.wait_configured(Duration::from_secs(90)) {
+        return say("FAIL net: no address from DHCP within 90 s");
+    }
+    for nic in net.status().interfaces {
+        for a in nic.addresses.iter().filter(|a| !a.contains(':')) {
+            say(&format!("net {} {a}", nic.name));
+        }
+    }
+    net.stop();
+}
+
+fn main() {
+    mounts();
+    say("started");
+    load_modules();
+    check_disk();
+    check_rng();
+    check_net();
+    say("done");
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,419 @@
+//! Boots the hvnode ISO in QEMU (TCG) and drives it: the serial console as a byte stream and as a
+//! terminal screen, QMP for the power button, a port forward to the agent's API.
+//!
+//! The boot tests in `tests/` run only when `HVNODE_ISO` names the image (the README's test
+//! command sets it after building the image); without it they say so and return.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Firmware to boot with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// UEFI (OVMF).
+    Ovmf,
+    /// Legacy BIOS (SeaBIOS).
+    SeaBios,
+}
+
+/// How the ISO is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Medium {
+    /// As a CD-ROM.
+    Cd,
+    /// As a USB stick (qemu-xhci + usb-storage), as if written with dd.
+    UsbStick,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Name for logs (`build/test-logs/<name>.serial.log`).
+    pub name: String,
+    /// Firmware.
+    pub firmware: Firmware,
+    /// Boot medium.
+    pub medium: Medium,
+    /// Extra raw disks (virtio-blk).
+    pub disks: Vec<PathBuf>,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Expose SVM + NPT so that KVM loads inside (nested guests).
+    pub nested: bool,
+}
+
+impl Options {
+    /// Defaults: 1 GiB, no disk, not nested.
+    pub fn new(name: &str, firmware: Firmware, medium: Medium) -> Self {
+        Options {
+            name: name.to_owned(),
+            firmware,
+            medium,
+            disks: Vec::new(),
+            memory_mib: 1024,
+            nested: false,
+        }
+    }
+}
+
+/// The ISO under test, from `HVNODE_ISO`; `None` means boot tests are not requested.
+pub fn iso_under_test() -> Option<PathBuf> {
+    let iso = PathBuf::from(std::env::var_os("HVNODE_ISO")?);
+    assert!(
+        iso.is_file(),
+        "HVNODE_ISO={} does not exist: build it with image/build.sh",
+        iso.display()
+    );
+    Some(iso)
+}
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A fresh scratch directory for one test under `build/test-runs/<name>`.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = repo_root().join("build/test-runs").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Creates a sparse blank raw disk.
+pub fn blank_disk(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create disk");
+    f.set_len(size).expect("size disk");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[derive(Default)]
+struct Serial {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// A running QEMU.
+pub struct Qemu {
+    child: Child,
+    serial: Arc<(Mutex<Serial>, Condvar)>,
+    serial_in: UnixStream,
+    qmp_path: PathBuf,
+    /// Host port forwarded to the node's TCP 8443.
+    pub api_port: u16,
+    /// Where the serial output is logged.
+    pub log_path: PathBuf,
+    /// Scratch directory of this run.
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Debug for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qemu")
+            .field("api_port", &self.api_port)
+            .field("log", &self.log_path)
+            .finish()
+    }
+}
+
+impl Qemu {
+    /// Starts QEMU with the ISO; returns once the serial socket is connected (QEMU waits for it,
+    /// so no output is lost).
+    pub fn start(iso: &Path, opts: &Options, dir: &Path) -> Qemu {
+        let serial_path = dir.join("serial.sock");
+        let qmp_path = dir.join("qmp.sock");
+        let api_port = free_port();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-machine", "q35", "-accel", "tcg", "-nographic", "-nodefaults"]);
+        cmd.args(["-m", &opts.memory_mib.to_string(), "-smp", "1"]);
+        cmd.args([
+            "-cpu",
+            if opts.nested {
+                "qemu64,+svm,+npt"
+            } else {
+                "qemu64"
+            },
+        ]);
+        cmd.arg("-chardev").arg(format!(
+            "socket,id=ser0,path={},server=on,wait=on",
+            serial_path.display()
+        ));
+        cmd.args(["-serial", "chardev:ser0"]);
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        cmd.args(["-vga", "std"]);
+        cmd.arg("-netdev").arg(format!(
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{api_port}-:8443"
+        ));
+        cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
+        if opts.firmware == Firmware::Ovmf {
+            let vars = dir.join("OVMF_VARS.fd");
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("copy OVMF vars");
+            cmd.args([
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ]);
+            cmd.arg("-drive")
+                .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+        }
+        match opts.medium {
+            Medium::Cd => {
+                cmd.arg("-drive").arg(format!(
+                    "if=none,id=boot,media=cdrom,readonly=on,format=raw,file={}",
+                    iso.display()
+                ));
+                cmd.args(["-device", "ide-cd,drive=boot,bootindex=0"]);
+            }
+            Medium::UsbStick => {
+                cmd.arg("-drive").arg(format!(
+                    "if=none,id=boot,format=raw,snapshot=on,file={}",
+                    iso.display()
+                ));
+                cmd.args(["-device", "qemu-xhci,id=xhci"]);
+                cmd.args(["-device", "usb-storage,bus=xhci.0,drive=boot,bootindex=0"]);
+            }
+        }
+        for (i, d) in opts.disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!("if=none,id=disk{i},format=raw,file={}", d.display()));
+            cmd.arg("-device")
+                .arg(format!("virtio-blk-pci,drive=disk{i},serial=hvtest{i}"));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start qemu-system-x86_64 (install it with image/setup-host.sh)");
+        let stream = connect_retry(&serial_path, &mut child);
+        let log_path = repo_root()
+            .join("build/test-logs")
+            .join(format!("{}.serial.log", opts.name));
+        let _ = std::fs::create_dir_all(log_path.parent().unwrap_or(Path::new(".")));
+        let serial = Arc::new((Mutex::new(Serial::default()), Condvar::new()));
+        let serial_in = stream.try_clone().expect("clone serial socket");
+        {
+            let serial = Arc::clone(&serial);
+            let mut log = std::fs::File::create(&log_path).expect("create serial log");
+            let mut stream = stream;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = stream.read(&mut buf).unwrap_or(0);
+                    let (lock, cv) = &*serial;
+                    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    if n == 0 {
+                        s.closed = true;
+                        cv.notify_all();
+                        return;
+                    }
+                    let _ = log.write_all(&buf[..n]);
+                    s.bytes.extend_from_slice(&buf[..n]);
+                    cv.notify_all();
+                }
+            });
+        }
+        Qemu {
+            child,
+            serial,
+            serial_in,
+            qmp_path,
+            api_port,
+            log_path,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Everything the serial console printed so far (lossy UTF-8).
+    pub fn serial_text(&self) -> String {
+        let (lock, _) = &*self.serial;
+        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&s.bytes).into_owned()
+    }
+
+    /// Number of serial bytes received so far (a mark for [`Qemu::wait_for_after`]).
+    pub fn mark(&self) -> usize {
+        let (lock, _) = &*self.serial;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).bytes.len()
+    }
+
+    /// Waits until `needle` appears on the serial console, or panics with the log's tail.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_after(0, needle, timeout)
+    }
+
+    /// Like [`Qemu::wait_for`], considering only output after `mark`.
+    pub fn wait_for_after(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.serial;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let from = mark.min(s.bytes.len());
+            let text = String::from_utf8_lossy(&s.bytes[from..]).into_owned();
+            if text.contains(needle) {
+                return text;
+            }
+            let now = Instant::now();
+            if now >= deadline || s.closed {
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!(
+                    "{:?} did not appear on the serial console within {:?}{} (log: {}); last output:\n{}",
+                    needle,
+                    timeout,
+                    if s.closed { " (QEMU exited)" } else { "" },
+                    self.log_path.display(),
+                    tail
+                );
+            }
+            s = cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Sends bytes to the serial console (keys).
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.serial_in.write_all(bytes).expect("write to serial");
+    }
+
+    /// Renders the serial output since `mark` as an 80x24 terminal screen.
+    pub fn screen_after(&self, mark: usize) -> String {
+        let (lock, _) = &*self.serial;
+        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parser = vt100::Parser::new(24, 80, 0);
+        parser.process(&s.bytes[mark.min(s.bytes.len())..]);
+        parser.screen().contents()
+    }
+
+    /// Waits until the screen (output after `mark`) contains `needle`; returns the screen.
+    pub fn wait_screen(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let screen = self.screen_after(mark);
+            if screen.contains(needle) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not on the console screen within {timeout:?}; screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Sends a QMP command and returns its answer.
+    pub fn qmp(&self, command: &str) -> serde_json::Value {
+        let stream = UnixStream::connect(&self.qmp_path).expect("connect QMP");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("QMP timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone QMP"));
+        let mut w = stream;
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("QMP greeting");
+        writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#).expect("QMP write");
+        line.clear();
+        reader.read_line(&mut line).expect("QMP capabilities");
+        writeln!(w, r#"{{"execute":"{command}"}}"#).expect("QMP write");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("QMP answer");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("QMP JSON");
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    }
+
+    /// Presses the ACPI power button and waits for QEMU to exit.
+    pub fn power_button_and_wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.qmp("system_powerdown");
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for QEMU to exit, or kills it and panics.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait qemu") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "QEMU did not exit within {timeout:?} (log: {})",
+                    self.log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Asserts the console shows no kernel panic, oops or init failure.
+    pub fn assert_clean_console(&self) {
+        let text = self.serial_text();
+        for bad in [
+            "Kernel panic",
+            "BUG:",
+            "Oops",
+            "hvnode: fatal",
+            "panicked at",
+            "Attempted to kill init",
+        ] {
+            assert!(
+                !text.contains(bad),
+                "console shows {bad:?} (log: {})",
+                self.log_path.display()
+            );
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn connect_retry(path: &Path, child: &mut Child) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = UnixStream::connect(path) {
+            return s;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("qemu exited at start ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "QEMU's serial socket never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
