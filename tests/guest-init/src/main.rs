@@ -46,8 +46,9 @@ fn load_modules() {
         say("FAIL no module list");
         return;
     };
-    let params = CString::default();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     for m in list.lines().filter(|l| !l.is_empty()) {
+        let params = CString::new(module_params(&cmdline, m)).unwrap_or_default();
         match File::open(m) {
             Ok(f) => {
                 if let Err(e) = nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty()) {
@@ -59,6 +60,23 @@ fn load_modules() {
             Err(e) => say(&format!("module {m}: {e}")),
         }
     }
+}
+
+/// The kernel applies `module.param=value` arguments only to built-in modules; for loadable ones
+/// (like `virtio_mmio.device=`, which the VMM passes) the loader must hand them over, as modprobe does.
+fn module_params(cmdline: &str, module_path: &str) -> String {
+    let name = std::path::Path::new(module_path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('.').next())
+        .unwrap_or_default()
+        .replace('-', "_");
+    let prefix = format!("{name}.");
+    cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.strip_prefix(&prefix))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn wait_path(path: &str, timeout: Duration) -> bool {
@@ -120,6 +138,22 @@ fn check_net() {
         }
     }
     net.stop();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_params;
+
+    #[test]
+    fn passes_cmdline_parameters_to_their_module_only() {
+        let cmdline = "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 virtio_net.napi_tx=1";
+        assert_eq!(
+            module_params(cmdline, "/usr/lib/modules/6.1/kernel/drivers/virtio/virtio_mmio.ko"),
+            "device=4K@0xd0000000:5 device=4K@0xd0001000:6"
+        );
+        assert_eq!(module_params(cmdline, "/x/virtio-net.ko"), "napi_tx=1");
+        assert_eq!(module_params(cmdline, "/x/virtio_blk.ko"), "");
+    }
 }
 
 fn main() {
