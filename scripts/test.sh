@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets everything up and runs every test: unit tests, host KVM integration tests (they skip with a
+# message where /dev/kvm is missing), then builds the node image and the guest payload and runs
+# the QEMU boot tests (four boots, a nested Linux guest, a reboot).
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+[ "$(id -u)" = 0 ] || { echo "error: run as root (it installs packages, builds the image, uses /dev/kvm): sudo $0" >&2; exit 1; }
+start=$(date +%s)
+step() { printf '\n==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
+
+step "host setup"
+./image/setup-host.sh
+
+step "unit and host KVM integration tests"
+cargo build --locked --workspace --bins
+cargo test --locked --workspace --exclude hvnode-tests
+
+step "node image"
+./image/build.sh
+
+step "guest payload for the nested test"
+./tests/guest/build.sh
+
+step "QEMU boot tests"
+HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \
+    cargo test --locked -p hvnode-tests -- --test-threads=2 --nocapture
+
+step "all tests passed"

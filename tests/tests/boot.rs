@@ -1,0 +1,226 @@
+//! Boot tests: build/hvnode.iso under QEMU TCG, four ways (OVMF/SeaBIOS × CD/USB stick).
+//!
+//! Run by the README's test command with `HVNODE_ISO` set; without it each test says so and
+//! returns. The full test (`ovmf_cd_...`) also drives the console over the serial port, registers
+//! the node with hvnodectl, runs a nested Linux guest, reboots and checks what persisted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use hvnode_tests::{blank_disk, iso_under_test, repo_root, scratch_dir, Firmware, Medium, Options, Qemu};
+
+/// Boot under TCG takes 20-60 s on these machines; the limit leaves room for a loaded host.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn skip_without_iso(test: &str) -> Option<PathBuf> {
+    let iso = iso_under_test();
+    if iso.is_none() {
+        eprintln!("skipping {test}: HVNODE_ISO is not set (the README's test command sets it)");
+    }
+    iso
+}
+
+/// Boots, waits for `hvnode: ready`, checks the DHCP address, presses the power button and
+/// checks a clean power-off.
+fn boot_ready_poweroff(name: &str, firmware: Firmware, medium: Medium) {
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let dir = scratch_dir(name);
+    let mut vm = Qemu::start(&iso, &Options::new(name, firmware, medium), &dir);
+    vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    let text = vm.serial_text();
+    assert!(
+        text.contains("10.0.2.15"),
+        "the node did not report QEMU's DHCP address 10.0.2.15 (log: {})",
+        vm.log_path.display()
+    );
+    assert!(
+        text.contains("state is volatile"),
+        "without a data disk the node must say its state is volatile"
+    );
+    let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
+    assert!(status.success(), "QEMU exit status {status}");
+    vm.wait_for("hvnode: power off", Duration::from_secs(1));
+    vm.assert_clean_console();
+}
+
+#[test]
+fn seabios_cd_boots_to_ready_and_powers_off() {
+    boot_ready_poweroff("seabios-cd", Firmware::SeaBios, Medium::Cd);
+}
+
+#[test]
+fn ovmf_usb_stick_boots_to_ready_and_powers_off() {
+    boot_ready_poweroff("ovmf-usb", Firmware::Ovmf, Medium::UsbStick);
+}
+
+#[test]
+fn seabios_usb_stick_boots_to_ready_and_powers_off() {
+    boot_ready_poweroff("seabios-usb", Firmware::SeaBios, Medium::UsbStick);
+}
+
+/// hvnodectl, built by the test command (`cargo build -p hvnodectl`).
+fn hvnodectl(state: &Path, args: &[&str]) -> (bool, String) {
+    let bin = std::env::var_os("HVNODECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/hvnodectl"));
+    assert!(bin.is_file(), "{} missing: run cargo build -p hvnodectl", bin.display());
+    let out = Command::new(&bin)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run hvnodectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn ok(state: &Path, args: &[&str]) -> String {
+    let (success, text) = hvnodectl(state, args);
+    assert!(success, "hvnodectl {args:?} failed:\n{text}");
+    text
+}
+
+/// Switches the console on ttyS0 to a screen with a digit key and returns the mark after it.
+fn console_screen(vm: &mut Qemu, key: &[u8], expect: &str) -> String {
+    let mark = vm.mark();
+    vm.send(key);
+    // The console redraws the whole screen on a switch; a full redraw lands after the mark.
+    vm.wait_screen(mark, expect, Duration::from_secs(60))
+}
+
+fn pairing_code(screen: &str) -> String {
+    let line = screen
+        .lines()
+        .find(|l| l.contains("Pairing code"))
+        .unwrap_or_else(|| panic!("no pairing code on the manager screen:\n{screen}"));
+    line.split(':')
+        .nth(1)
+        .map(|s| s.split_whitespace().next().unwrap_or_default().to_owned())
+        .filter(|c| c.len() == 8)
+        .unwrap_or_else(|| panic!("cannot read the pairing code from {line:?}"))
+}
+
+#[test]
+fn ovmf_cd_data_disk_console_registration_nested_guest_and_persistence() {
+    let name = "ovmf-cd-full";
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let guest = repo_root().join("build/guest");
+    assert!(
+        guest.join("initramfs.img").is_file(),
+        "build/guest is missing: run tests/guest/build.sh"
+    );
+    let dir = scratch_dir(name);
+    let data = dir.join("data.raw");
+    blank_disk(&data, 2 << 30);
+    let mut opts = Options::new(name, Firmware::Ovmf, Medium::Cd);
+    opts.disks.push(data.clone());
+    opts.nested = true;
+    opts.memory_mib = 2048;
+    let mut vm = Qemu::start(&iso, &opts, &dir);
+
+    // The admin picks "create the data partition on the first blank disk" in the boot menu.
+    vm.wait_for("hvnode.data=auto", BOOT_TIMEOUT);
+    vm.send(b"d");
+    vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    let text = vm.serial_text();
+    assert!(text.contains("10.0.2.15"), "no DHCP address on the console");
+    assert!(
+        text.contains("HVNODE-DATA") || text.contains("/var/lib/hvnode"),
+        "no data partition was created on the blank disk"
+    );
+
+    // The console on the serial port: status shows the address, the manager screen the code.
+    let status = console_screen(&mut vm, b"1", "10.0.2.15");
+    assert!(status.contains("Unregistered") || status.contains("unregistered"), "{status}");
+    let manager = console_screen(&mut vm, b"3", "Pairing code");
+    let code = pairing_code(&manager);
+
+    // Manager-initiated registration through QEMU's port forward.
+    let state = dir.join("manager");
+    let url = format!("https://127.0.0.1:{}", vm.api_port);
+    ok(&state, &["init", "--name", "test-manager"]);
+    let (refused, text) = hvnodectl(&state, &["register", "node1", "--url", &url, "--code", "WRONGCDE", "--yes"]);
+    assert!(!refused, "a wrong pairing code was accepted: {text}");
+    ok(&state, &["register", "node1", "--url", &url, "--code", &code, "--yes"]);
+    let info = ok(&state, &["node", "info", "node1"]);
+    assert!(info.contains("kvm"), "{info}");
+
+    // Unauthenticated and wrongly authenticated requests are refused.
+    let other = dir.join("other-manager");
+    ok(&other, &["init", "--name", "intruder"]);
+    let (taken, text) = hvnodectl(&other, &["register", "node1", "--url", &url, "--code", &code, "--yes"]);
+    assert!(!taken, "a second manager took the node over: {text}");
+    let no_cert = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{url}/v1/node"))
+        .output()
+        .expect("curl");
+    let code_str = String::from_utf8_lossy(&no_cert.stdout).to_string();
+    assert!(code_str == "401" || code_str == "403", "no client certificate gave HTTP {code_str}");
+
+    // A nested Linux guest: upload the payload, define, start, read its console, stop.
+    for f in ["vmlinuz", "initramfs.img", "disk.raw"] {
+        let local = guest.join(f);
+        ok(&state, &["image", "upload", "node1", local.to_str().unwrap_or_default(), &format!("test/{f}")]);
+    }
+    let spec = dir.join("guest.toml");
+    std::fs::write(
+        &spec,
+        r#"name = "testguest"
+vcpus = 1
+memory_mib = 256
+kernel = "test/vmlinuz"
+initrd = "test/initramfs.img"
+cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off"
+disks = [{ path = "test/disk.raw", read_only = true }]
+nics = [{ bridge = "br0" }]
+rng = true
+"#,
+    )
+    .expect("write guest spec");
+    ok(&state, &["guest", "define", "node1", spec.to_str().unwrap_or_default()]);
+    ok(&state, &["guest", "start", "node1", "testguest"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let console = loop {
+        let (_, console) = hvnodectl(&state, &["guest", "console", "node1", "testguest"]);
+        if console.contains("hvnode-guest: done") || console.contains("FAIL") {
+            break console;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nested guest did not finish within 600 s; console:\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    assert!(!console.contains("FAIL"), "guest reported a failure:\n{console}");
+    assert!(console.contains("hvnode-guest: disk ok"), "{console}");
+    assert!(console.contains("hvnode-guest: rng ok"), "{console}");
+    assert!(console.contains("hvnode-guest: net eth0 10.0.2."), "{console}");
+    // The guest powered itself off; stopping again is refused as a state conflict, not an error.
+    let _ = hvnodectl(&state, &["guest", "stop", "node1", "testguest"]);
+
+    // A setting that must persist, then a reboot.
+    ok(&state, &["node", "set-hostname", "node1", "rack7-node1"]);
+    let mark = vm.mark();
+    ok(&state, &["node", "power", "node1", "reboot"]);
+    vm.wait_for_after(mark, "hvnode: reboot", POWEROFF_TIMEOUT);
+    vm.wait_for_after(mark, "hvnode: ready", BOOT_TIMEOUT);
+    let info = ok(&state, &["node", "info", "node1"]);
+    assert!(info.contains("rack7-node1"), "hostname did not persist:\n{info}");
+    let guests = ok(&state, &["guest", "list", "node1"]);
+    assert!(guests.contains("testguest"), "guest definition did not persist:\n{guests}");
+
+    let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
+    assert!(status.success(), "QEMU exit status {status}");
+    vm.assert_clean_console();
+}
