@@ -1,0 +1,368 @@
+//! Command-line syntax.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The minimal central manager of hvnode nodes, and their test client.
+#[derive(Debug, Parser)]
+#[command(name = "hvnodectl", version = hvnode_api::VERSION)]
+pub struct Cli {
+    /// Manager state directory (CA, certificates, nodes.toml, join requests).
+    #[arg(long, global = true, env = "HVNODECTL_STATE")]
+    pub state_dir: Option<PathBuf>,
+    /// Print the raw JSON answers instead of text for humans.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the manager: CA, client and server certificates.
+    Init {
+        /// Manager name, shown on the nodes' consoles.
+        #[arg(long)]
+        name: String,
+        /// Extra DNS name or IP address for the server certificate of `serve`.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Print the CA fingerprint and the path of its PEM.
+    Ca,
+    /// Register a node with its pairing code (manager-initiated registration).
+    Register {
+        /// Name to give the node here.
+        node: String,
+        /// Node API URL, https://HOST:PORT.
+        #[arg(long)]
+        url: String,
+        /// Pairing code shown on the node's console.
+        #[arg(long)]
+        code: String,
+        /// Expected node certificate fingerprint (from the node's console).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Do not ask for confirmation of the fingerprint.
+        #[arg(long)]
+        yes: bool,
+        /// Replace an existing node of the same name in nodes.toml.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Serve the manager endpoint nodes send join requests to.
+    Serve {
+        /// Listen address.
+        #[arg(long, default_value = "0.0.0.0:9443")]
+        listen: SocketAddr,
+        /// Extra DNS name or IP address nodes use to reach this manager (added to the
+        /// server certificate if missing).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// List join requests.
+    Requests,
+    /// Approve a join request.
+    Approve {
+        /// Fingerprint or host name of the requesting node.
+        request: String,
+        /// Name to give the node here.
+        #[arg(long)]
+        name: String,
+        /// Node API URL (default https://<source ip>:<api port>).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Reject a join request.
+    Reject {
+        /// Fingerprint or host name of the requesting node.
+        request: String,
+    },
+    /// List the registered nodes with their state.
+    Nodes,
+    /// Unregister a node and forget it.
+    Unregister {
+        /// Node name.
+        node: String,
+        /// Forget the node even when it cannot be reached or no longer trusts us.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Node commands.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Guest commands.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Image directory commands.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Follow the node's events.
+    Events {
+        /// Node name.
+        node: String,
+        /// Start after this sequence number.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Wait until a guest reaches a state.
+    Wait {
+        /// Node name.
+        node: String,
+        /// Guest name.
+        #[arg(long)]
+        guest: String,
+        /// State to wait for.
+        #[arg(long, value_enum)]
+        state: WaitState,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+/// States `wait` can wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WaitState {
+    /// vCPUs running.
+    Running,
+    /// No VMM process.
+    Stopped,
+    /// vCPUs paused.
+    Paused,
+}
+
+/// `node ...`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Node facts: host name, version, CPUs, memory, NICs, disks.
+    Info(NodeArg),
+    /// CPU, memory, load, guests.
+    Stats(NodeArg),
+    /// Change the host name.
+    SetHostname {
+        /// Node name.
+        node: String,
+        /// New host name.
+        hostname: String,
+    },
+    /// The node log.
+    Logs {
+        /// Node name.
+        node: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        lines: Option<u32>,
+    },
+    /// Reboot or power off.
+    Power {
+        /// Node name.
+        node: String,
+        /// What to do.
+        #[arg(value_enum)]
+        action: PowerArg,
+    },
+    /// Prometheus metrics.
+    Metrics(NodeArg),
+}
+
+/// A node name.
+#[derive(Debug, Args)]
+pub struct NodeArg {
+    /// Node name.
+    pub node: String,
+}
+
+/// Power actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PowerArg {
+    /// Stop guests and services, reboot.
+    Reboot,
+    /// Stop guests and services, power off.
+    Poweroff,
+}
+
+/// A node and a guest.
+#[derive(Debug, Args)]
+pub struct GuestArg {
+    /// Node name.
+    pub node: String,
+    /// Guest name.
+    pub name: String,
+}
+
+/// A node and a guest definition file.
+#[derive(Debug, Args)]
+pub struct GuestFileArg {
+    /// Node name.
+    pub node: String,
+    /// Guest definition (TOML, `GuestSpec`).
+    pub file: PathBuf,
+}
+
+/// `guest ...`.
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// List guests.
+    List(NodeArg),
+    /// Define a guest from a TOML file.
+    Define(GuestFileArg),
+    /// Replace the definition of a stopped guest.
+    Update(GuestFileArg),
+    /// Show one guest.
+    Show(GuestArg),
+    /// Start a guest.
+    Start(GuestArg),
+    /// Stop a guest at once.
+    Stop(GuestArg),
+    /// Ask a guest to shut down.
+    Shutdown(GuestArg),
+    /// Pause a guest's vCPUs.
+    Pause(GuestArg),
+    /// Resume a paused guest.
+    Resume(GuestArg),
+    /// Reboot a guest.
+    Reboot(GuestArg),
+    /// Delete a stopped guest.
+    Delete(GuestArg),
+    /// Print the guest's serial console log.
+    Console {
+        /// Node name.
+        node: String,
+        /// Guest name.
+        name: String,
+        /// Only the last N bytes.
+        #[arg(long)]
+        bytes: Option<u64>,
+    },
+}
+
+/// `image ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List files in the node's image directory.
+    List(NodeArg),
+    /// Upload a file into the node's image directory.
+    Upload {
+        /// Node name.
+        node: String,
+        /// Local file.
+        local_file: PathBuf,
+        /// Path below the node's image directory.
+        remote_path: String,
+    },
+    /// Delete a file from the node's image directory.
+    Delete {
+        /// Node name.
+        node: String,
+        /// Path below the node's image directory.
+        path: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_register_with_global_flags_after_the_command() {
+        let cli = Cli::try_parse_from([
+            "hvnodectl",
+            "register",
+            "n1",
+            "--url",
+            "https://10.0.0.2:8443",
+            "--code",
+            "123456",
+            "--yes",
+            "--json",
+            "--state-dir",
+            "/tmp/s",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.state_dir, Some(PathBuf::from("/tmp/s")));
+        match cli.command {
+            Command::Register {
+                node,
+                url,
+                code,
+                yes,
+                fingerprint,
+                ..
+            } => {
+                assert_eq!(
+                    (node.as_str(), url.as_str(), code.as_str()),
+                    ("n1", "https://10.0.0.2:8443", "123456")
+                );
+                assert!(yes);
+                assert!(fingerprint.is_none());
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_guest_and_wait_commands() {
+        let cli = Cli::try_parse_from([
+            "hvnodectl",
+            "guest",
+            "console",
+            "n1",
+            "web",
+            "--bytes",
+            "100",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Guest(GuestCommand::Console {
+                bytes: Some(100),
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from([
+            "hvnodectl",
+            "wait",
+            "n1",
+            "--guest",
+            "web",
+            "--state",
+            "running",
+            "--timeout",
+            "5",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Wait {
+                state: WaitState::Running,
+                timeout: 5,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["hvnodectl", "serve"]).unwrap();
+        assert!(matches!(cli.command, Command::Serve { listen, .. } if listen.port() == 9443));
+    }
+
+    #[test]
+    fn rejects_unknown_power_action_and_missing_code() {
+        assert!(Cli::try_parse_from(["hvnodectl", "node", "power", "n1", "halt"]).is_err());
+        assert!(
+            Cli::try_parse_from(["hvnodectl", "register", "n1", "--url", "https://x"]).is_err()
+        );
+    }
+}
