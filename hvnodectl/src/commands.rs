@@ -1119,11 +1119,7 @@ impl Progress {
     }
 
     fn line(&self) -> String {
-        let pct = if self.total == 0 {
-            100
-        } else {
-            self.done * 100 / self.total
-        };
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         format!(
             "uploaded {} of {} ({pct}%, {}/s)",
@@ -1141,11 +1137,7 @@ impl Progress {
                 eprint!("\r{}   ", self.line());
             }
         } else {
-            let tenth = if self.total == 0 {
-                10
-            } else {
-                self.done * 10 / self.total
-            };
+            let tenth = (self.done * 10).checked_div(self.total).unwrap_or(10);
             if tenth > self.last_tenth {
                 self.last_tenth = tenth;
                 eprintln!("{}", self.line());
