@@ -11,7 +11,6 @@ const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
 /// `struct loop_info64` from `<linux/loop.h>`.
 #[repr(C)]
@@ -72,7 +71,9 @@ fn info_for(backing: &Path) -> LoopInfo64 {
         lo_number: 0,
         lo_encrypt_type: 0,
         lo_encrypt_key_size: 0,
-        lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+        // No autoclear: it would detach the device as soon as this function closes its fd,
+        // before the squashfs is mounted; the root stays attached for the node's life.
+        lo_flags: LO_FLAGS_READ_ONLY,
         lo_file_name: [0; 64],
         lo_crypt_name: [0; 64],
         lo_encrypt_key: [0; 32],
@@ -92,8 +93,22 @@ fn ioctl_err(op: &'static str) -> LoopError {
 }
 
 /// Attaches `backing` read-only to a free loop device and returns the device path.
-/// The device detaches itself once unmounted (autoclear).
+/// Another process may take the same free device first (EBUSY): then try the next one.
 pub fn attach_read_only(backing: &Path) -> Result<PathBuf, LoopError> {
+    let mut attempt = 0;
+    loop {
+        match attach_once(backing) {
+            Err(LoopError::Ioctl { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && attempt < 20 =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn attach_once(backing: &Path) -> Result<PathBuf, LoopError> {
     let open = |p: &Path, write: bool| {
         OpenOptions::new()
             .read(true)
@@ -200,5 +215,64 @@ mod tests {
         assert_eq!(info.lo_flags & LO_FLAGS_READ_ONLY, LO_FLAGS_READ_ONLY);
         assert_eq!(info.lo_file_name[63], 0);
         assert_eq!(&info.lo_file_name[..18], b"/run/hvnode/media/");
+    }
+}
+
+/// Root-only: attach a real squashfs image and mount it.
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn attaches_a_squashfs_image_read_only_and_mounts_it() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
+            eprintln!("skipping attaches_a_squashfs_image_read_only_and_mounts_it: needs root and loop devices");
+            return;
+        }
+        let Ok(which) = Command::new("mksquashfs").arg("-version").output() else {
+            eprintln!(
+                "skipping attaches_a_squashfs_image_read_only_and_mounts_it: mksquashfs missing"
+            );
+            return;
+        };
+        assert!(which.status.success() || !which.stdout.is_empty());
+        let base = std::env::temp_dir().join(format!("hvnode-init-sq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (src, mnt, img) = (
+            base.join("src"),
+            base.join("mnt"),
+            base.join("root.squashfs"),
+        );
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        std::fs::write(src.join("marker"), "hvnode").expect("write");
+        let ok = Command::new("mksquashfs")
+            .arg(&src)
+            .arg(&img)
+            .args(["-quiet", "-noappend"])
+            .status()
+            .expect("mksquashfs");
+        assert!(ok.success());
+        let dev = attach_read_only(&img).expect("attach");
+        let ro = std::fs::read_to_string(format!(
+            "/sys/block/{}/ro",
+            dev.file_name().unwrap_or_default().to_string_lossy()
+        ))
+        .expect("ro attr");
+        assert_eq!(ro.trim(), "1", "loop device is read-only");
+        nix::mount::mount(
+            Some(dev.as_path()),
+            mnt.as_path(),
+            Some("squashfs"),
+            nix::mount::MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .expect("mount squashfs");
+        let text = std::fs::read_to_string(mnt.join("marker"));
+        let _ = nix::mount::umount(mnt.as_path());
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(text.expect("read marker"), "hvnode");
     }
 }

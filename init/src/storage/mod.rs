@@ -419,3 +419,136 @@ mod tests {
         assert!(matches!(err, StorageError::AlreadyPersistent(d) if d == "/dev/sda1"));
     }
 }
+
+/// Root-only tests on loop devices: the kernel must parse the GPT we write. They skip
+/// (saying so) without root, without loop devices or without e2fsprogs.
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+    use std::process::Command;
+
+    fn skip_reason() -> Option<&'static str> {
+        if !nix::unistd::geteuid().is_root() {
+            return Some("not root");
+        }
+        if !Path::new("/dev/loop-control").exists() {
+            return Some("no loop devices");
+        }
+        if !Path::new(MKFS).exists()
+            || !Path::new("/usr/sbin/losetup").exists()
+            || !Path::new("/usr/bin/partx").exists()
+        {
+            return Some("mkfs.ext4, losetup or partx missing");
+        }
+        None
+    }
+
+    struct LoopDisk {
+        dev: String,
+        file: PathBuf,
+    }
+
+    impl Drop for LoopDisk {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+            if !self.file.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(&self.file);
+            }
+        }
+    }
+
+    fn loop_disk(size: u64) -> LoopDisk {
+        let file =
+            std::env::temp_dir().join(format!("hvnode-init-disk-{}.raw", std::process::id()));
+        let f = std::fs::File::create(&file).expect("create image");
+        f.set_len(size).expect("size image");
+        drop(f);
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "-P"])
+            .arg(&file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDisk {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            file,
+        }
+    }
+
+    #[test]
+    fn kernel_reads_our_gpt_and_mkfs_label_is_found() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping kernel_reads_our_gpt_and_mkfs_label_is_found: {why}");
+            return;
+        }
+        let size = 64 << 20;
+        let disk = loop_disk(size);
+        let name = disk.dev.trim_start_matches("/dev/").to_owned();
+        let facts = disk::DiskFacts {
+            name: name.clone(),
+            size_bytes: size,
+            removable: false,
+            read_only: false,
+            boot_medium: false,
+            blank: true,
+        };
+        write_table(&facts, &disk.dev).expect("write GPT");
+        // libblkid (through partx) parses the table independently of our reader.
+        let shown = Command::new("partx")
+            .args(["--show", "--noheadings", "-o", "START,END,NAME,TYPE"])
+            .arg(&disk.dev)
+            .output()
+            .expect("partx");
+        let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+        let fields: Vec<&str> = shown.split_whitespace().collect();
+        assert_eq!(fields.len(), 4, "one partition expected: {shown:?}");
+        assert_eq!(fields[0], "2048");
+        assert_eq!(fields[2], DATA_LABEL);
+        assert_eq!(fields[3].to_ascii_uppercase(), gpt::LINUX_FS_TYPE);
+        let part = disk::partition_name(&name, 1);
+        // Without kernel GPT support (some CI kernels), an offset loop device stands in
+        // for the partition so mkfs and the label reader still run on real devices.
+        let mut offset_loop: Option<LoopDisk> = None;
+        let part_dev = if wait_for_partition(&part).is_ok() {
+            let uevent =
+                std::fs::read_to_string(format!("/sys/class/block/{part}/uevent")).expect("uevent");
+            assert_eq!(disk::uevent_partname(&uevent).as_deref(), Some(DATA_LABEL));
+            format!("/dev/{part}")
+        } else {
+            eprintln!("kernel_reads_our_gpt_and_mkfs_label_is_found: no kernel GPT support; using an offset loop device");
+            let out = Command::new("losetup")
+                .args(["-f", "--show", "-o", &(1u64 << 20).to_string()])
+                .arg(&disk.file)
+                .output()
+                .expect("losetup offset");
+            let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            offset_loop = Some(LoopDisk {
+                dev: dev.clone(),
+                file: PathBuf::new(),
+            });
+            dev
+        };
+        let status = Command::new(MKFS)
+            .args(["-q", "-L", DATA_LABEL, &part_dev])
+            .status()
+            .expect("mkfs");
+        assert!(status.success());
+        assert_eq!(
+            disk::device_ext4_label(Path::new(&part_dev)).as_deref(),
+            Some(DATA_LABEL)
+        );
+        drop(offset_loop);
+        // The disk is no longer blank: a second initialisation must be refused.
+        let mut f = std::fs::File::open(&disk.dev).expect("open disk");
+        assert!(!disk::is_blank(&mut f, size).expect("read"));
+        let err = write_table(&facts, &disk.dev).expect_err("refused");
+        assert!(
+            matches!(err, StorageError::Disk(DiskError::NotBlank(_))),
+            "{err}"
+        );
+    }
+}
