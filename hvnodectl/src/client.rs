@@ -2,7 +2,6 @@
 //! client certificate, applies timeouts, and turns failures into messages that say
 //! what to do.
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -381,15 +380,6 @@ impl NodeClient {
     fn map_hyper(&self, e: hyper::Error) -> ClientError {
         if let Some(mapped) = self.tls_failure(&e) {
             return mapped;
-        }
-        if self.registered && e.is_incomplete_message() {
-            // A server that rejects the client certificate after the TLS 1.3 handshake
-            // may just close the connection.
-            if let Some(src) = e.source() {
-                if let Some(mapped) = self.tls_failure(src) {
-                    return mapped;
-                }
-            }
         }
         ClientError::Http {
             node: self.node.clone(),

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hvnode_api::event::Event;
 use hvnode_api::guest::{self, GuestSpec, GuestSpecError, GuestState, GuestStatus};
 use hvnode_api::node::{Hostname, NodeInfo, NodeStats, PowerAction};
-use hvnode_api::registration::{JoinState, PairRequest, RegistrationState, RegistrationStatus};
+use hvnode_api::registration::{JoinState, PairRequest, RegistrationStatus};
 use hyper::body::Frame;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
@@ -695,10 +695,11 @@ impl Ctx {
                 if self.json {
                     return out_raw(&raw);
                 }
-                out(&format!(
-                    "node {node}: {} requested",
-                    state_name(&action_name(action))
-                ))
+                let what = match action {
+                    PowerArg::Reboot => "reboot",
+                    PowerArg::Poweroff => "power off",
+                };
+                out(&format!("node {node}: {what} requested"))
             }
             NodeCommand::Metrics(a) => {
                 let c = self.client(&a.node)?;
@@ -1007,19 +1008,6 @@ impl Ctx {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-}
-
-fn action_name(a: PowerArg) -> PowerAction {
-    match a {
-        PowerArg::Reboot => PowerAction::Reboot,
-        PowerArg::Poweroff => PowerAction::Poweroff,
-    }
-}
-
-/// Waits until the node reports `registered` (after `approve`). Used by tests and scripts.
-pub async fn registration_state(c: &NodeClient) -> Result<RegistrationState, ClientError> {
-    let (s, _): (RegistrationStatus, _) = c.get_json("/v1/registration").await?;
-    Ok(s.state)
 }
 
 fn format_node_info(i: &NodeInfo) -> String {
