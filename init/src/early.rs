@@ -2,7 +2,6 @@
 //! medium (ISO9660 volume `HVNODE`), the squashfs root on a loop device, switch root, and
 //! exec of the main stage.
 
-use std::ffi::CString;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -102,13 +101,20 @@ fn find_medium(cmdline: &Cmdline) -> Result<PathBuf, EarlyError> {
     let start = Instant::now();
     let mut said = false;
     loop {
-        let devs = match &cmdline.root {
-            Some(root) => vec![PathBuf::from(root)],
-            None => candidates(),
-        };
-        for dev in devs {
-            if device_volume_id(&dev).as_deref() == Some(VOLUME_ID) {
-                return Ok(dev);
+        match &cmdline.root {
+            // The admin named the device: any ISO9660 filesystem on it will do.
+            Some(root) => {
+                let dev = PathBuf::from(root);
+                if device_volume_id(&dev).is_some() {
+                    return Ok(dev);
+                }
+            }
+            None => {
+                for dev in candidates() {
+                    if device_volume_id(&dev).as_deref() == Some(VOLUME_ID) {
+                        return Ok(dev);
+                    }
+                }
             }
         }
         if start.elapsed() >= FIND_TIMEOUT {
@@ -188,12 +194,9 @@ fn run_inner() -> Result<std::convert::Infallible, EarlyError> {
     }
     free_initramfs();
     switch_root()?;
-    let path = CString::new(MAIN_INIT).unwrap_or_default();
-    let err = nix::unistd::execv(&path, &[path.as_c_str()]).map_err(EarlyError::Exec);
-    match err {
-        Ok(never) => match never {},
-        Err(e) => Err(e),
-    }
+    let path = c"/usr/bin/hvnode-init";
+    let Err(e) = nix::unistd::execv(path, &[path]);
+    Err(EarlyError::Exec(e))
 }
 
 /// Deletes the initramfs files (they would pin memory forever), staying on the rootfs
