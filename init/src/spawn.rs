@@ -301,3 +301,71 @@ impl Reaper {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::wait::waitpid;
+
+    /// Stands in for the main loop: reaps exactly `pid` (other tests' children are theirs).
+    fn reap_into(reaper: &Reaper, pid: Pid) {
+        let status = waitpid(pid, None).expect("waitpid");
+        assert!(reaper.record(pid, status), "the pid was watched");
+    }
+
+    #[test]
+    fn watched_child_status_and_output_reach_the_waiter() {
+        let reaper = Reaper::default();
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let mut spec = Spec::new("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]);
+        spec.stdio = Stdio::Output(wr);
+        let pid = reaper.spawn_watched(spec).expect("spawn");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(rd), &mut text).expect("read");
+        reap_into(&reaper, pid);
+        assert_eq!(
+            reaper.wait(pid, Duration::from_secs(5)),
+            Some(WaitStatus::Exited(pid, 3))
+        );
+        assert_eq!(text, "out\nerr\n");
+    }
+
+    #[test]
+    fn child_gets_a_clean_environment_and_signal_mask() {
+        let reaper = Reaper::default();
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let mut spec = Spec::new(
+            "/bin/sh",
+            &["-c", "echo $PATH; grep SigBlk /proc/self/status"],
+        );
+        spec.stdio = Stdio::Output(wr);
+        let pid = reaper.spawn_watched(spec).expect("spawn");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(rd), &mut text).expect("read");
+        reap_into(&reaper, pid);
+        assert!(
+            text.starts_with("/usr/sbin:/usr/bin:/sbin:/bin\n"),
+            "{text}"
+        );
+        assert!(text.contains("SigBlk:\t0000000000000000"), "{text}");
+    }
+
+    #[test]
+    fn unwatched_pid_is_not_recorded_and_wait_times_out() {
+        let reaper = Reaper::default();
+        assert!(!reaper.record(
+            Pid::from_raw(999_999),
+            WaitStatus::Exited(Pid::from_raw(999_999), 0)
+        ));
+        assert_eq!(
+            reaper.wait(Pid::from_raw(999_999), Duration::from_millis(10)),
+            None
+        );
+    }
+
+    #[test]
+    fn missing_program_is_reported_without_forking() {
+        let err = spawn(Spec::new("/nonexistent/prog", &[])).expect_err("missing");
+        assert!(matches!(err, SpawnError::Missing(_)));
+    }
+}

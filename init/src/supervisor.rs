@@ -49,6 +49,8 @@ pub struct ServiceDef {
     pub name: String,
     /// Binary.
     pub path: PathBuf,
+    /// Arguments after argv\[0\].
+    pub args: Vec<String>,
     /// Extra environment.
     pub env: Vec<String>,
     /// Where its output goes.
@@ -174,7 +176,8 @@ fn start(svc: &mut Service) {
         return;
     }
     svc.missing_logged = false;
-    let mut spec = Spec::new(&svc.def.path, &[]);
+    let args: Vec<&str> = svc.def.args.iter().map(String::as_str).collect();
+    let mut spec = Spec::new(&svc.def.path, &args);
     spec.env.extend(svc.def.env.iter().cloned());
     spec.cgroup = service_cgroup(&svc.def.name);
     let mut reader: Option<OwnedFd> = None;
@@ -251,6 +254,7 @@ pub fn standard_services() -> Vec<ServiceDef> {
     let mut defs = vec![ServiceDef {
         name: "agent".to_owned(),
         path: PathBuf::from(hvnode_api::paths::AGENT_BINARY),
+        args: Vec::new(),
         env: Vec::new(),
         output: Output::Log,
     }];
@@ -267,6 +271,7 @@ fn console(name: &str, tty: &str, term: &str) -> ServiceDef {
     ServiceDef {
         name: name.to_owned(),
         path: PathBuf::from(hvnode_api::paths::CONSOLE_BINARY),
+        args: Vec::new(),
         env: vec![format!("TERM={term}")],
         output: Output::Tty(PathBuf::from(tty)),
     }
@@ -297,11 +302,58 @@ mod tests {
     }
 
     #[test]
+    fn stop_all_terminates_running_services_and_ends_restarts() {
+        let mut sup = Supervisor::default();
+        sup.add(ServiceDef {
+            name: "sleeper".into(),
+            path: PathBuf::from("/bin/sleep"),
+            args: vec!["30".into()],
+            env: Vec::new(),
+            output: Output::Log,
+        });
+        assert_eq!(sup.tick(), None, "nothing is waiting once the service runs");
+        let pids = sup.stop_all();
+        assert_eq!(pids.len(), 1);
+        let status = nix::sys::wait::waitpid(pids[0], None).expect("waitpid");
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Signaled(pids[0], Signal::SIGTERM, false)
+        );
+        assert!(sup.child_exited(pids[0], "was killed by SIGTERM"));
+        assert_eq!(sup.tick(), None, "no restart while stopping");
+    }
+
+    #[test]
+    fn dead_service_is_scheduled_for_restart_after_one_second() {
+        let mut sup = Supervisor::default();
+        sup.add(ServiceDef {
+            name: "quick".into(),
+            path: PathBuf::from("/bin/true"),
+            args: Vec::new(),
+            env: Vec::new(),
+            output: Output::Log,
+        });
+        assert_eq!(sup.tick(), None);
+        let State::Running { pid, .. } = sup.services[0].state else {
+            panic!("not running")
+        };
+        let _ = nix::sys::wait::waitpid(pid, None).expect("waitpid");
+        assert!(sup.child_exited(pid, "exited with code 0"));
+        let next = sup.tick().expect("restart pending");
+        assert!(
+            next <= BACKOFF_START && next > Duration::from_millis(500),
+            "{next:?}"
+        );
+        assert!(!sup.child_exited(Pid::from_raw(999_999), "unknown"));
+    }
+
+    #[test]
     fn missing_binary_is_retried_slowly_without_spawning() {
         let mut sup = Supervisor::default();
         sup.add(ServiceDef {
             name: "ghost".into(),
             path: PathBuf::from("/nonexistent/hvnode-ghost"),
+            args: Vec::new(),
             env: Vec::new(),
             output: Output::Log,
         });
