@@ -25,7 +25,7 @@ for tool in python3 mksquashfs grub-mkrescue xorriso mformat cpio zstd modprobe 
 done
 
 step "building static binaries (cargo, release, $target, crt-static)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$target" \
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$target" \
     -p hvnode-init -p hvnode-agent -p hvnode-vmm -p hvnode-console --bins
 bindir=$top/target/$target/release
 

@@ -13,8 +13,8 @@ step "host setup"
 ./image/setup-host.sh
 
 step "unit and host KVM integration tests"
-cargo build --locked --workspace --bins
-cargo test --locked --workspace --exclude hvnode-tests
+cargo build --workspace --bins
+cargo test --workspace --exclude hvnode-tests
 
 step "node image"
 ./image/build.sh
@@ -24,6 +24,6 @@ step "guest payload for the nested test"
 
 step "QEMU boot tests"
 HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \
-    cargo test --locked -p hvnode-tests -- --test-threads=2 --nocapture
+    cargo test -p hvnode-tests -- --test-threads=2 --nocapture
 
 step "all tests passed"

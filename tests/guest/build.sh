@@ -12,7 +12,7 @@ kver=$(ls "$root/usr/lib/modules" | head -n1)
 target=x86_64-unknown-linux-gnu
 
 echo "==> guest payload: hvnode-guest-init (static)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$target" -p hvnode-guest-init
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$target" -p hvnode-guest-init
 rm -rf "$out" && mkdir -p "$out"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
