@@ -6,8 +6,8 @@ use hvnode_api::config::validate_hostname;
 #[derive(Debug, thiserror::Error)]
 pub enum HostnameError {
     /// The name is not a valid host name.
-    #[error("Invalid host name: {0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] hvnode_api::config::ConfigError),
     /// The kernel refused it.
     #[error("Cannot set the host name: {0}")]
     Set(nix::Error),
@@ -25,7 +25,7 @@ pub fn default_hostname(macs: &[(String, [u8; 6])]) -> String {
 
 /// Validates and sets the kernel host name.
 pub fn set(name: &str) -> Result<(), HostnameError> {
-    validate_hostname(name).map_err(|e| HostnameError::Invalid(e.to_string()))?;
+    validate_hostname(name)?;
     nix::unistd::sethostname(name).map_err(HostnameError::Set)
 }
 
