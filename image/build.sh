@@ -66,6 +66,9 @@ rm -rf "$initrd"
 install -d "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/run" "$initrd/newroot" "$initrd/etc" \
     "$initrd/usr/lib/modules/$kver"
 install -m 0755 "$bindir/hvnode-init" "$initrd/init"
+# The kernel opens /dev/console for PID 1 before anything is mounted.
+mknod -m 0600 "$initrd/dev/console" c 5 1
+mknod -m 0666 "$initrd/dev/null" c 1 3
 : > "$initrd/etc/hvnode-initrd"
 initrd_modules="loop squashfs isofs sr_mod sd_mod ata_piix ata_generic ahci virtio_pci virtio_blk virtio_scsi
     xhci_pci ehci_pci uhci_hcd ohci_pci usb_storage uas nvme"
