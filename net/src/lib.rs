@@ -1,1 +1,5 @@
 //! Node networking: netlink, bridge, bond, VLAN, static addresses and a DHCPv4 client.
+
+pub mod iparg;
+pub mod netlink;
+pub mod plan;
