@@ -1,0 +1,1 @@
+//! Root-only tests in a private network namespace.
