@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use hvnode_api::config::{validate_hostname, validate_ifname, Cidr};
 
+use crate::dhcp::msg::{classful_prefix, mask_prefix};
+
 /// Errors in an `ip=` argument.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -99,22 +101,6 @@ fn v4(field: &'static str, s: &str) -> Result<Option<Ipv4Addr>, Error> {
         field,
         value: s.to_owned(),
     })
-}
-
-/// The prefix length of a contiguous IPv4 netmask.
-fn mask_prefix(mask: Ipv4Addr) -> Option<u8> {
-    let m = u32::from(mask);
-    let ones = m.leading_ones();
-    (m.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
-}
-
-/// The classful prefix the kernel assumes when no netmask is given.
-fn classful_prefix(addr: Ipv4Addr) -> u8 {
-    match addr.octets()[0] {
-        0..=127 => 8,
-        128..=191 => 16,
-        _ => 24,
-    }
 }
 
 /// Parses the value of `ip=` (without the `ip=`).

@@ -142,6 +142,12 @@ impl Network {
     }
 }
 
+#[cfg(test)]
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Network>();
+};
+
 impl Drop for Network {
     fn drop(&mut self) {
         self.shared.stop_threads_quietly();

@@ -383,6 +383,14 @@ impl Netlink {
         self.new_link(&format!("Creating veth {name}"), name, attrs)
     }
 
+    /// Moves a link into the network namespace behind `fd` (tests put a DHCP server there).
+    #[cfg(test)]
+    pub fn move_to_netns(&mut self, index: u32, fd: i32) -> Result<()> {
+        self.set_link("Moving link to a namespace", index, |m| {
+            m.attributes.push(LinkAttribute::NetNsFd(fd));
+        })
+    }
+
     /// Deletes a link.
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();

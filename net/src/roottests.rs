@@ -80,7 +80,10 @@ impl Drop for Dirs {
     }
 }
 
-fn logger() -> (Arc<Mutex<Vec<String>>>, Box<dyn Fn(&str) + Send + Sync>) {
+/// The log closure handed to [`Network`].
+type Log = Box<dyn Fn(&str) + Send + Sync>;
+
+fn logger() -> (Arc<Mutex<Vec<String>>>, Log) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let l2 = lines.clone();
     (
@@ -115,30 +118,56 @@ fn read_status(path: &Path) -> NetworkStatus {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// A DHCP server on `dev` handing out one lease, until `stop` or 60 s.
+/// What the test DHCP server saw: message type and `ciaddr`.
+type Seen = Vec<(MessageType, Ipv4Addr)>;
+
+/// Moves `dev` into a namespace of its own, gives it `offer.server`/24 there and runs a
+/// DHCP server on it until `stop` (or 60 s). With `nak_first`, the first REQUEST is refused.
 fn serve(
+    nl: &mut Netlink,
     dev: &str,
     offer: testserver::Offer,
+    nak_first: bool,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<MessageType>> {
+) -> std::thread::JoinHandle<Seen> {
+    let (tx, rx) = std::sync::mpsc::channel::<std::fs::File>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let dev = dev.to_owned();
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 67)).unwrap();
-    // SAFETY: the name buffer is valid for its length during the call.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            dev.as_ptr().cast(),
-            dev.len() as libc::socklen_t,
+    let dev2 = dev.clone();
+    let t = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        tx.send(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+            .unwrap();
+        ready_rx.recv().unwrap();
+        let mut nl = Netlink::open().unwrap();
+        let link = nl.link(&dev2).unwrap();
+        nl.add_addr(
+            link.index,
+            hvnode_api::config::Cidr {
+                addr: IpAddr::V4(offer.server),
+                prefix: 24,
+            },
         )
-    };
-    assert_eq!(r, 0, "SO_BINDTODEVICE");
-    sock.set_broadcast(true).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    std::thread::spawn(move || {
+        nl.set_up(link.index, true).unwrap();
+        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 67)).unwrap();
+        // SAFETY: the name buffer is valid for its length during the call.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                dev2.as_ptr().cast(),
+                dev2.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_BINDTODEVICE");
+        sock.set_broadcast(true).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut seen = Vec::new();
+        let mut nak_pending = nak_first;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut buf = [0u8; 1500];
         while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -148,9 +177,13 @@ fn serve(
             let Some((req, kind)) = request_kind(&buf[..n]) else {
                 continue;
             };
-            seen.push(kind);
+            seen.push((kind, req.ciaddr()));
             let answer = match kind {
                 MessageType::Discover => MessageType::Offer,
+                MessageType::Request if nak_pending => {
+                    nak_pending = false;
+                    MessageType::Nak
+                }
                 MessageType::Request => MessageType::Ack,
                 _ => continue,
             };
@@ -159,7 +192,22 @@ fn serve(
                 .unwrap();
         }
         seen
-    })
+    });
+    let ns = rx.recv().unwrap();
+    let link = nl.link(&dev).unwrap();
+    nl.move_to_netns(link.index, ns.as_raw_fd()).unwrap();
+    ready_tx.send(()).unwrap();
+    t
+}
+
+fn test_offer(lease_secs: u32) -> testserver::Offer {
+    testserver::Offer {
+        server: Ipv4Addr::new(10, 99, 0, 1),
+        address: Ipv4Addr::new(10, 99, 0, 50),
+        router: Ipv4Addr::new(10, 99, 0, 254),
+        dns: Ipv4Addr::new(10, 99, 0, 53),
+        lease_secs,
+    }
 }
 
 #[test]
@@ -167,19 +215,8 @@ fn dhcp_over_veth_configures_bridge_address_route_and_resolv_conf() {
     in_netns("dhcp_over_veth", || {
         let mut nl = Netlink::open().unwrap();
         veth(&mut nl, "nic0", "srv0");
-        let srv = nl.link("srv0").unwrap();
-        nl.add_addr(srv.index, "10.99.0.1/24".parse().unwrap())
-            .unwrap();
-
         let stop = Arc::new(AtomicBool::new(false));
-        let offer = testserver::Offer {
-            server: Ipv4Addr::new(10, 99, 0, 1),
-            address: Ipv4Addr::new(10, 99, 0, 50),
-            router: Ipv4Addr::new(10, 99, 0, 254),
-            dns: Ipv4Addr::new(10, 99, 0, 53),
-            lease_secs: 3600,
-        };
-        let server = serve("srv0", offer, stop.clone());
+        let server = serve(&mut nl, "srv0", test_offer(3600), false, stop.clone());
 
         let dirs = Dirs::new("dhcp", &["nic0"]);
         let roots = dirs.roots();
@@ -230,8 +267,58 @@ fn dhcp_over_veth_configures_bridge_address_route_and_resolv_conf() {
         );
         stop.store(true, Ordering::SeqCst);
         let seen = server.join().unwrap();
-        assert_eq!(seen.first(), Some(&MessageType::Discover));
-        assert!(seen.contains(&MessageType::Request));
+        assert_eq!(seen.first().map(|s| s.0), Some(MessageType::Discover));
+        assert!(seen.iter().any(|s| s.0 == MessageType::Request));
+        assert_eq!(seen.last().map(|s| s.0), Some(MessageType::Release));
+    });
+}
+
+#[test]
+fn dhcp_nak_restarts_discovery_and_short_lease_is_renewed_by_unicast() {
+    in_netns("dhcp_nak_and_renew", || {
+        let mut nl = Netlink::open().unwrap();
+        veth(&mut nl, "nic0", "srv0");
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = serve(&mut nl, "srv0", test_offer(4), true, stop.clone());
+        let dirs = Dirs::new("renew", &["nic0"]);
+        let (_lines, log) = logger();
+        let config = NodeConfig {
+            hostname: None,
+            network: NetworkConfig {
+                bridge: String::new(),
+                ..Default::default()
+            },
+        };
+        let net = Network::start_with(&config, None, log, dirs.roots()).unwrap();
+        assert!(
+            net.wait_configured(Duration::from_secs(30)),
+            "no address in time"
+        );
+        let got = Instant::now();
+        // Past the 4 s lease: only renewals keep the address.
+        std::thread::sleep(Duration::from_secs(7));
+        assert_eq!(addresses_of(&mut nl, "nic0"), vec!["10.99.0.50/24"]);
+        assert!(got.elapsed() > Duration::from_secs(4));
+        net.stop();
+        stop.store(true, Ordering::SeqCst);
+        let seen = server.join().unwrap();
+        let kinds: Vec<MessageType> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(
+            &kinds[..4],
+            &[
+                MessageType::Discover,
+                MessageType::Request,
+                MessageType::Discover,
+                MessageType::Request
+            ],
+            "NAK sends the client back to DISCOVER"
+        );
+        let leased = Ipv4Addr::new(10, 99, 0, 50);
+        assert!(
+            seen.iter()
+                .any(|s| s.0 == MessageType::Request && s.1 == leased),
+            "a renewal REQUEST carries ciaddr: {seen:?}"
+        );
     });
 }
 

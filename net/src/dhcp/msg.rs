@@ -140,7 +140,8 @@ pub fn mask_prefix(mask: Ipv4Addr) -> Option<u8> {
     (m.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
 }
 
-fn classful(addr: Ipv4Addr) -> u8 {
+/// The prefix of the address's historic class (A /8, B /16, C /24), used when no mask is given.
+pub fn classful_prefix(addr: Ipv4Addr) -> u8 {
     match addr.octets()[0] {
         0..=127 => 8,
         128..=191 => 16,
@@ -172,8 +173,10 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
         return None;
     }
     let prefix = match opts.get(OptionCode::SubnetMask) {
-        Some(DhcpOption::SubnetMask(mask)) => mask_prefix(*mask).unwrap_or(classful(address)),
-        _ => classful(address),
+        Some(DhcpOption::SubnetMask(mask)) => {
+            mask_prefix(*mask).unwrap_or(classful_prefix(address))
+        }
+        _ => classful_prefix(address),
     };
     let lease_secs = match opts.get(OptionCode::AddressLeaseTime) {
         Some(DhcpOption::AddressLeaseTime(t)) if *t > 0 => *t,
