@@ -231,6 +231,13 @@ pub fn read_attr(path: impl AsRef<Path>) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// Clock ticks per second of `/proc` times (USER_HZ).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf only reads a constant of the C library; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).unwrap_or(100)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
