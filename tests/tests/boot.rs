@@ -129,7 +129,7 @@ fn ovmf_cd_data_disk_console_registration_nested_guest_and_persistence() {
     let mut vm = Qemu::start(&iso, &opts, &dir);
 
     // The admin picks "create the data partition on the first blank disk" in the boot menu.
-    vm.wait_for("hvnode.data=auto", BOOT_TIMEOUT);
+    vm.wait_for("first blank disk [d]", BOOT_TIMEOUT);
     vm.send(b"d");
     vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
     let text = vm.serial_text();
