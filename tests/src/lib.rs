@@ -139,7 +139,14 @@ impl Qemu {
         let qmp_path = dir.join("qmp.sock");
         let api_port = free_port();
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-machine", "q35", "-accel", "tcg", "-nographic", "-nodefaults"]);
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-nographic",
+            "-nodefaults",
+        ]);
         cmd.args(["-m", &opts.memory_mib.to_string(), "-smp", "1"]);
         cmd.args([
             "-cpu",
@@ -157,9 +164,8 @@ impl Qemu {
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         cmd.args(["-vga", "std"]);
-        cmd.arg("-netdev").arg(format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{api_port}-:8443"
-        ));
+        cmd.arg("-netdev")
+            .arg(format!("user,id=n0,hostfwd=tcp:127.0.0.1:{api_port}-:8443"));
         cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
         if opts.firmware == Firmware::Ovmf {
             let vars = dir.join("OVMF_VARS.fd");
@@ -168,8 +174,10 @@ impl Qemu {
                 "-drive",
                 "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
             ]);
-            cmd.arg("-drive")
-                .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+            cmd.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
         }
         match opts.medium {
             Medium::Cd => {
@@ -189,15 +197,19 @@ impl Qemu {
             }
         }
         for (i, d) in opts.disks.iter().enumerate() {
-            cmd.arg("-drive")
-                .arg(format!("if=none,id=disk{i},format=raw,file={}", d.display()));
+            cmd.arg("-drive").arg(format!(
+                "if=none,id=disk{i},format=raw,file={}",
+                d.display()
+            ));
             cmd.arg("-device")
                 .arg(format!("virtio-blk-pci,drive=disk{i},serial=hvtest{i}"));
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start qemu-system-x86_64 (install it with image/setup-host.sh)");
+        let mut child = cmd
+            .spawn()
+            .expect("start qemu-system-x86_64 (install it with image/setup-host.sh)");
         let stream = connect_retry(&serial_path, &mut child);
         let log_path = repo_root()
             .join("build/test-logs")
@@ -413,7 +425,10 @@ fn connect_retry(path: &Path, child: &mut Child) -> UnixStream {
             }
             panic!("qemu exited at start ({status}): {err}");
         }
-        assert!(Instant::now() < deadline, "QEMU's serial socket never appeared");
+        assert!(
+            Instant::now() < deadline,
+            "QEMU's serial socket never appeared"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

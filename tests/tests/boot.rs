@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hvnode_tests::{blank_disk, iso_under_test, repo_root, scratch_dir, Firmware, Medium, Options, Qemu};
+use hvnode_tests::{
+    blank_disk, iso_under_test, repo_root, scratch_dir, Firmware, Medium, Options, Qemu,
+};
 
 /// Boot under TCG takes 20-60 s on these machines; the limit leaves room for a loaded host.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -67,7 +69,11 @@ fn hvnodectl(state: &Path, args: &[&str]) -> (bool, String) {
     let bin = std::env::var_os("HVNODECTL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/debug/hvnodectl"));
-    assert!(bin.is_file(), "{} missing: run cargo build -p hvnodectl", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: run cargo build -p hvnodectl",
+        bin.display()
+    );
     let out = Command::new(&bin)
         .arg("--state-dir")
         .arg(state)
@@ -141,7 +147,10 @@ fn ovmf_cd_data_disk_console_registration_nested_guest_and_persistence() {
 
     // The console on the serial port: status shows the address, the manager screen the code.
     let status = console_screen(&mut vm, b"1", "10.0.2.15");
-    assert!(status.contains("Unregistered") || status.contains("unregistered"), "{status}");
+    assert!(
+        status.contains("Unregistered") || status.contains("unregistered"),
+        "{status}"
+    );
     let manager = console_screen(&mut vm, b"3", "Pairing code");
     let code = pairing_code(&manager);
 
@@ -149,16 +158,27 @@ fn ovmf_cd_data_disk_console_registration_nested_guest_and_persistence() {
     let state = dir.join("manager");
     let url = format!("https://127.0.0.1:{}", vm.api_port);
     ok(&state, &["init", "--name", "test-manager"]);
-    let (refused, text) = hvnodectl(&state, &["register", "node1", "--url", &url, "--code", "WRONGCDE", "--yes"]);
+    let (refused, text) = hvnodectl(
+        &state,
+        &[
+            "register", "node1", "--url", &url, "--code", "WRONGCDE", "--yes",
+        ],
+    );
     assert!(!refused, "a wrong pairing code was accepted: {text}");
-    ok(&state, &["register", "node1", "--url", &url, "--code", &code, "--yes"]);
+    ok(
+        &state,
+        &["register", "node1", "--url", &url, "--code", &code, "--yes"],
+    );
     let info = ok(&state, &["node", "info", "node1"]);
     assert!(info.contains("kvm"), "{info}");
 
     // Unauthenticated and wrongly authenticated requests are refused.
     let other = dir.join("other-manager");
     ok(&other, &["init", "--name", "intruder"]);
-    let (taken, text) = hvnodectl(&other, &["register", "node1", "--url", &url, "--code", &code, "--yes"]);
+    let (taken, text) = hvnodectl(
+        &other,
+        &["register", "node1", "--url", &url, "--code", &code, "--yes"],
+    );
     assert!(!taken, "a second manager took the node over: {text}");
     let no_cert = Command::new("curl")
         .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
@@ -166,12 +186,24 @@ fn ovmf_cd_data_disk_console_registration_nested_guest_and_persistence() {
         .output()
         .expect("curl");
     let code_str = String::from_utf8_lossy(&no_cert.stdout).to_string();
-    assert!(code_str == "401" || code_str == "403", "no client certificate gave HTTP {code_str}");
+    assert!(
+        code_str == "401" || code_str == "403",
+        "no client certificate gave HTTP {code_str}"
+    );
 
     // A nested Linux guest: upload the payload, define, start, read its console, stop.
     for f in ["vmlinuz", "initramfs.img", "disk.raw"] {
         let local = guest.join(f);
-        ok(&state, &["image", "upload", "node1", local.to_str().unwrap_or_default(), &format!("test/{f}")]);
+        ok(
+            &state,
+            &[
+                "image",
+                "upload",
+                "node1",
+                local.to_str().unwrap_or_default(),
+                &format!("test/{f}"),
+            ],
+        );
     }
     let spec = dir.join("guest.toml");
     std::fs::write(
@@ -188,7 +220,15 @@ rng = true
 "#,
     )
     .expect("write guest spec");
-    ok(&state, &["guest", "define", "node1", spec.to_str().unwrap_or_default()]);
+    ok(
+        &state,
+        &[
+            "guest",
+            "define",
+            "node1",
+            spec.to_str().unwrap_or_default(),
+        ],
+    );
     ok(&state, &["guest", "start", "node1", "testguest"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
     let console = loop {
@@ -202,10 +242,16 @@ rng = true
         );
         std::thread::sleep(Duration::from_secs(5));
     };
-    assert!(!console.contains("FAIL"), "guest reported a failure:\n{console}");
+    assert!(
+        !console.contains("FAIL"),
+        "guest reported a failure:\n{console}"
+    );
     assert!(console.contains("hvnode-guest: disk ok"), "{console}");
     assert!(console.contains("hvnode-guest: rng ok"), "{console}");
-    assert!(console.contains("hvnode-guest: net eth0 10.0.2."), "{console}");
+    assert!(
+        console.contains("hvnode-guest: net eth0 10.0.2."),
+        "{console}"
+    );
     // The guest powered itself off; stopping again is refused as a state conflict, not an error.
     let _ = hvnodectl(&state, &["guest", "stop", "node1", "testguest"]);
 
@@ -216,9 +262,15 @@ rng = true
     vm.wait_for_after(mark, "hvnode: reboot", POWEROFF_TIMEOUT);
     vm.wait_for_after(mark, "hvnode: ready", BOOT_TIMEOUT);
     let info = ok(&state, &["node", "info", "node1"]);
-    assert!(info.contains("rack7-node1"), "hostname did not persist:\n{info}");
+    assert!(
+        info.contains("rack7-node1"),
+        "hostname did not persist:\n{info}"
+    );
     let guests = ok(&state, &["guest", "list", "node1"]);
-    assert!(guests.contains("testguest"), "guest definition did not persist:\n{guests}");
+    assert!(
+        guests.contains("testguest"),
+        "guest definition did not persist:\n{guests}"
+    );
 
     let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
     assert!(status.success(), "QEMU exit status {status}");

@@ -51,7 +51,9 @@ fn load_modules() {
         let params = CString::new(module_params(&cmdline, m)).unwrap_or_default();
         match File::open(m) {
             Ok(f) => {
-                if let Err(e) = nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty()) {
+                if let Err(e) =
+                    nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty())
+                {
                     if e != nix::errno::Errno::EEXIST {
                         say(&format!("module {m}: {e}"));
                     }
@@ -97,7 +99,10 @@ fn check_disk() {
     let mut buf = vec![0u8; DISK_PATTERN.len()];
     match File::open("/dev/vda").and_then(|mut f| f.read_exact(&mut buf)) {
         Ok(()) if buf == DISK_PATTERN => say("disk ok"),
-        Ok(()) => say(&format!("FAIL disk: read {:?}", String::from_utf8_lossy(&buf))),
+        Ok(()) => say(&format!(
+            "FAIL disk: read {:?}",
+            String::from_utf8_lossy(&buf)
+        )),
         Err(e) => say(&format!("FAIL disk: {e}")),
     }
 }
@@ -140,22 +145,6 @@ fn check_net() {
     net.stop();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::module_params;
-
-    #[test]
-    fn passes_cmdline_parameters_to_their_module_only() {
-        let cmdline = "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 virtio_net.napi_tx=1";
-        assert_eq!(
-            module_params(cmdline, "/usr/lib/modules/6.1/kernel/drivers/virtio/virtio_mmio.ko"),
-            "device=4K@0xd0000000:5 device=4K@0xd0001000:6"
-        );
-        assert_eq!(module_params(cmdline, "/x/virtio-net.ko"), "napi_tx=1");
-        assert_eq!(module_params(cmdline, "/x/virtio_blk.ko"), "");
-    }
-}
-
 fn main() {
     mounts();
     say("started");
@@ -168,5 +157,24 @@ fn main() {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_params;
+
+    #[test]
+    fn passes_cmdline_parameters_to_their_module_only() {
+        let cmdline = "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 virtio_net.napi_tx=1";
+        assert_eq!(
+            module_params(
+                cmdline,
+                "/usr/lib/modules/6.1/kernel/drivers/virtio/virtio_mmio.ko"
+            ),
+            "device=4K@0xd0000000:5 device=4K@0xd0001000:6"
+        );
+        assert_eq!(module_params(cmdline, "/x/virtio-net.ko"), "napi_tx=1");
+        assert_eq!(module_params(cmdline, "/x/virtio_blk.ko"), "");
     }
 }
