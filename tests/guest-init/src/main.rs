@@ -48,7 +48,11 @@ fn load_modules() {
     };
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     for m in list.lines().filter(|l| !l.is_empty()) {
-        let params = CString::new(module_params(&cmdline, m)).unwrap_or_default();
+        let p = module_params(&cmdline, m);
+        if !p.is_empty() {
+            say(&format!("module {m}: {p}"));
+        }
+        let params = CString::new(p).unwrap_or_default();
         match File::open(m) {
             Ok(f) => {
                 if let Err(e) =
