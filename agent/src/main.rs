@@ -1,3 +1,175 @@
-//! hvnode-agent
+//! `hvnode-agent`: serves the node API on TCP (HTTPS, mutual TLS once registered) and on a
+//! root-only unix socket (plain HTTP).
 
-fn main() {}
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hvnode_agent::{Agent, Origin, Paths};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, UnixListener};
+
+const USAGE: &str = "usage: hvnode-agent [--listen ADDR:PORT] [--socket PATH] [--data-dir DIR] \
+[--run-dir DIR] [--images-dir DIR] [--init-socket PATH] [--node-log PATH]";
+
+struct Args {
+    listen: SocketAddr,
+    socket: PathBuf,
+    paths: Paths,
+}
+
+fn parse_args() -> Result<Args, String> {
+    use hvnode_api::paths as p;
+    let mut listen: SocketAddr = "0.0.0.0:8443".parse().map_err(|e| format!("{e}"))?;
+    let mut socket = PathBuf::from(p::AGENT_SOCKET);
+    let mut paths = Paths {
+        data: p::DATA_DIR.into(),
+        run: p::RUN_DIR.into(),
+        images: p::IMAGES_DIR.into(),
+        init_socket: p::INIT_SOCKET.into(),
+        node_log: p::NODE_LOG.into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(USAGE.to_owned());
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--listen" => {
+                listen = value
+                    .parse()
+                    .map_err(|e| format!("--listen {value}: {e}"))?
+            }
+            "--socket" => socket = value.into(),
+            "--data-dir" => paths.data = value.into(),
+            "--run-dir" => paths.run = value.into(),
+            "--images-dir" => paths.images = value.into(),
+            "--init-socket" => paths.init_socket = value.into(),
+            "--node-log" => paths.node_log = value.into(),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+    }
+    Ok(Args {
+        listen,
+        socket,
+        paths,
+    })
+}
+
+async fn serve_tcp(agent: Arc<Agent>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            let (config, generation) = agent.tls_config();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("agent: TLS handshake with {peer} failed: {e}");
+                    return;
+                }
+            };
+            // rustls has verified any presented certificate against the manager CA of this
+            // generation; a connection without one is anonymous.
+            let client_generation = tls.get_ref().1.peer_certificates().map(|_| generation);
+            let origin = Origin::Tcp { client_generation };
+            let service = service_fn(move |req| {
+                let agent = Arc::clone(&agent);
+                async move { Ok::<_, std::convert::Infallible>(agent.handle(req, origin).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+async fn serve_unix(agent: Arc<Agent>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let agent = Arc::clone(&agent);
+                async move { Ok::<_, std::convert::Infallible>(agent.handle(req, Origin::Local).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let agent = Arc::new(Agent::new(args.paths.clone()).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        msg
+    })?);
+    let tcp = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    let unix = UnixListener::bind(&args.socket)
+        .map_err(|e| format!("listening on {}: {e}", args.socket.display()))?;
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", args.socket.display()))?;
+    eprintln!(
+        "agent: hvnode {} serving https://{} and {}; node certificate {}",
+        hvnode_api::VERSION,
+        args.listen,
+        args.socket.display(),
+        agent.fingerprint()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("SIGTERM handler: {e}"))?;
+    tokio::select! {
+        _ = serve_tcp(Arc::clone(&agent), tcp) => {}
+        _ = serve_unix(Arc::clone(&agent), unix) => {}
+        _ = term.recv() => eprintln!("agent: SIGTERM, exiting (guests keep running)"),
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hvnode-agent: tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(msg) = rt.block_on(run(args)) {
+        eprintln!("hvnode-agent: {msg}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,795 @@
+//! The hvnode node agent: the API a central manager drives the node with (HTTPS with mutual TLS
+//! on TCP) and local clients use (plain HTTP on a root-only unix socket).
+//!
+//! [`Agent::handle`] is the whole router: one function from a request and where it came from to
+//! a response, so that tests drive it without sockets.
+#![forbid(unsafe_code)]
+
+pub mod node;
+pub mod store;
+pub mod tls;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use hvnode_api::config::NodeConfig;
+use hvnode_api::error::ApiError;
+use hvnode_api::guest::GuestSpec;
+use hvnode_api::init::{InitRequest, InitResponse};
+use hvnode_api::node::{Hostname, NetworkView, NodeStats, PowerAction, StorageView};
+use hvnode_api::registration::{PairRequest, RegistrationState, RegistrationStatus};
+
+/// Largest JSON body accepted.
+pub const BODY_LIMIT: usize = 1 << 20;
+/// Wrong pairing codes tolerated before the code is replaced.
+pub const PAIRING_ATTEMPTS: u32 = 5;
+const CODE_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+
+/// Where the agent keeps and finds things; every path derives from these.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The data partition (`/var/lib/hvnode`).
+    pub data: PathBuf,
+    /// The runtime directory (`/run/hvnode`).
+    pub run: PathBuf,
+    /// The guest image directory.
+    pub images: PathBuf,
+    /// Init's control socket.
+    pub init_socket: PathBuf,
+    /// The node log.
+    pub node_log: PathBuf,
+}
+
+impl Paths {
+    fn registration(&self) -> PathBuf {
+        self.data.join("registration.toml")
+    }
+    fn node_config(&self) -> PathBuf {
+        self.data.join("node.toml")
+    }
+    fn guests(&self) -> PathBuf {
+        self.data.join("guests")
+    }
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The local unix socket: root on the node, trusted.
+    Local,
+    /// TCP. `client_generation` is the registration generation under which the connection's
+    /// client certificate was verified against the manager CA, if it presented one.
+    Tcp {
+        /// See above.
+        client_generation: Option<u64>,
+    },
+}
+
+/// The persisted registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Registration {
+    state: RegistrationState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manager_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_pem: Option<String>,
+    #[serde(default)]
+    registered_at: u64,
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration {
+            state: RegistrationState::Unregistered,
+            manager_name: None,
+            ca_pem: None,
+            registered_at: 0,
+        }
+    }
+}
+
+struct Pairing {
+    code: String,
+    failures: u32,
+}
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct Error(StatusCode, &'static str, String);
+
+impl Error {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Error(status, code, message.into())
+    }
+    fn not_found() -> Self {
+        Error::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "No such route: see docs/api.md for the routes the agent serves",
+        )
+    }
+    fn internal(what: &str, e: impl std::fmt::Display) -> Self {
+        Error::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{what}: {e}"),
+        )
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text_response(status: StatusCode, text: String, content_type: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// The one place errors become responses.
+pub fn error_response(e: Error) -> Resp {
+    json_response(
+        e.0,
+        &ApiError {
+            code: e.1.to_owned(),
+            message: e.2,
+        },
+    )
+}
+
+fn random_code() -> String {
+    let mut bytes = [0u8; 8];
+    // /dev/urandom never blocks and is always there on Linux; the fallback mixes the clock in
+    // only so that a failure here cannot leave a constant code.
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (t as u64).to_le_bytes();
+    }
+    bytes
+        .iter()
+        .map(|b| CODE_ALPHABET[(*b as usize) % CODE_ALPHABET.len()] as char)
+        .collect()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The agent's state.
+pub struct Agent {
+    paths: Paths,
+    identity: tls::Identity,
+    fingerprint: String,
+    registration: Mutex<Registration>,
+    /// Bumped whenever the trusted manager CA changes; connections verified under an older
+    /// generation no longer count as authenticated.
+    generation: Mutex<u64>,
+    pairing: Mutex<Pairing>,
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+    cpu: Mutex<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("paths", &self.paths)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Loads (or creates) the node identity and registration under `paths`.
+    pub fn new(paths: Paths) -> Result<Agent, tls::TlsError> {
+        let identity = tls::load_or_create(&paths.data.join("tls"), &node::hostname())?;
+        let registration: Registration = std::fs::read_to_string(paths.registration())
+            .ok()
+            .and_then(|t| toml::from_str(&t).ok())
+            .unwrap_or_default();
+        let config = tls::server_config(&identity, registration.ca_pem.as_deref())?;
+        Ok(Agent {
+            fingerprint: tls::fingerprint(&identity.cert_der),
+            identity,
+            registration: Mutex::new(registration),
+            generation: Mutex::new(1),
+            pairing: Mutex::new(Pairing {
+                code: random_code(),
+                failures: 0,
+            }),
+            tls: RwLock::new(Arc::new(config)),
+            cpu: Mutex::new(node::cpu_times()),
+            paths,
+        })
+    }
+
+    /// The TLS configuration new connections use, with the registration generation it reflects.
+    pub fn tls_config(&self) -> (Arc<rustls::ServerConfig>, u64) {
+        let gen = *self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        let cfg = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        (cfg, gen)
+    }
+
+    /// SHA-256 fingerprint of the node certificate.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn registration_status(&self, origin: Origin) -> RegistrationStatus {
+        let reg = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+        RegistrationStatus {
+            state: reg.state,
+            manager_name: reg.manager_name.clone(),
+            node_fingerprint: self.fingerprint.clone(),
+            pairing_code: (origin == Origin::Local && reg.state != RegistrationState::Registered)
+                .then(|| {
+                    self.pairing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .code
+                        .clone()
+                }),
+        }
+    }
+
+    fn set_registration(&self, reg: Registration) -> Result<(), Error> {
+        let text = toml::to_string(&reg).map_err(|e| Error::internal("Registration", e))?;
+        store::write_atomic(&self.paths.registration(), text.as_bytes(), 0o600)
+            .map_err(|e| Error::internal("Saving the registration", e))?;
+        let config = tls::server_config(&self.identity, reg.ca_pem.as_deref())
+            .map_err(|e| Error::internal("TLS configuration", e))?;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        *self.registration.lock().unwrap_or_else(|e| e.into_inner()) = reg;
+        self.new_pairing_code();
+        Ok(())
+    }
+
+    fn new_pairing_code(&self) {
+        let mut p = self.pairing.lock().unwrap_or_else(|e| e.into_inner());
+        p.code = random_code();
+        p.failures = 0;
+    }
+
+    /// Access rules of the TCP API; the local socket may do everything.
+    fn authorize(&self, origin: Origin, method: &Method, path: &str) -> Result<(), Error> {
+        let Origin::Tcp { client_generation } = origin else {
+            return Ok(());
+        };
+        if path == "/v1/registration" && (method == Method::GET || method == Method::POST) {
+            return Ok(());
+        }
+        if path == "/v1/health" || path.starts_with("/v1/registration/") {
+            return Err(Error::not_found());
+        }
+        let registered = self
+            .registration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            == RegistrationState::Registered;
+        let current = *self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        match client_generation {
+            _ if !registered => Err(Error::new(
+                StatusCode::FORBIDDEN,
+                "not_registered",
+                "The node is not registered with a manager: register it first (POST /v1/registration with the pairing code shown on its console)",
+            )),
+            None => Err(Error::new(
+                StatusCode::UNAUTHORIZED,
+                "client_certificate_required",
+                "Present a client certificate signed by the registered manager's CA",
+            )),
+            Some(g) if g != current => Err(Error::new(
+                StatusCode::FORBIDDEN,
+                "untrusted_client_certificate",
+                "The client certificate is not signed by the manager this node trusts now: reconnect, or re-register",
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>, origin: Origin) -> Resp
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.route(req, origin).await {
+            Ok(r) => r,
+            Err(e) => error_response(e),
+        }
+    }
+
+    async fn route<B>(self: &Arc<Self>, req: Request<B>, origin: Origin) -> Result<Resp, Error>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        self.authorize(origin, &method, &path)?;
+        let is_json = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.starts_with("application/json"))
+            .unwrap_or(false);
+        let body = Limited::new(req.into_body(), BODY_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    Error::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("The body exceeds {BODY_LIMIT} bytes"),
+                    )
+                } else {
+                    Error::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("Reading the body: {e}"),
+                    )
+                }
+            })?
+            .to_bytes();
+        let parse = |_: ()| -> Result<(), Error> {
+            if !is_json {
+                return Err(Error::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "Send the body as JSON with Content-Type: application/json",
+                ));
+            }
+            Ok(())
+        };
+        macro_rules! json {
+            ($t:ty) => {{
+                parse(())?;
+                serde_json::from_slice::<$t>(&body).map_err(|e| {
+                    Error::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_json",
+                        format!("Invalid request body: {e}"),
+                    )
+                })?
+            }};
+        }
+        let me = Arc::clone(self);
+        match (&method, path.as_str()) {
+            (&Method::GET, "/v1/health") => Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok", "version": hvnode_api::VERSION}),
+            )),
+            (&Method::GET, "/v1/registration") => Ok(json_response(
+                StatusCode::OK,
+                &self.registration_status(origin),
+            )),
+            (&Method::POST, "/v1/registration") => {
+                let req = json!(PairRequest);
+                self.pair(req, origin)
+            }
+            (&Method::DELETE, "/v1/registration") => {
+                self.set_registration(Registration::default())?;
+                eprintln!("agent: unregistered");
+                Ok(json_response(
+                    StatusCode::OK,
+                    &self.registration_status(origin),
+                ))
+            }
+            (&Method::POST, "/v1/registration/pairing-code") => {
+                self.new_pairing_code();
+                Ok(json_response(
+                    StatusCode::OK,
+                    &self.registration_status(origin),
+                ))
+            }
+            (&Method::GET, "/v1/node") => {
+                let run = self.paths.run.clone();
+                let info = tokio::task::spawn_blocking(move || node::info(&run))
+                    .await
+                    .map_err(|e| Error::internal("Node info", e))?;
+                Ok(json_response(StatusCode::OK, &info))
+            }
+            (&Method::GET, "/v1/stats") => Ok(json_response(StatusCode::OK, &self.stats())),
+            (&Method::PUT, "/v1/node/hostname") => {
+                let h = json!(Hostname);
+                let info = tokio::task::spawn_blocking(move || me.set_hostname(&h.hostname))
+                    .await
+                    .map_err(|e| Error::internal("Host name", e))??;
+                Ok(json_response(StatusCode::OK, &info))
+            }
+            (&Method::GET, "/v1/network") => {
+                let view = NetworkView {
+                    config: self.node_config()?.network,
+                    status: node::network_status(&self.paths.run),
+                    rollback_in_secs: None,
+                };
+                Ok(json_response(StatusCode::OK, &view))
+            }
+            (&Method::GET, "/v1/storage") => {
+                let run = self.paths.run.clone();
+                let view = tokio::task::spawn_blocking(move || StorageView {
+                    status: node::storage_status(&run),
+                    blank_disks: node::disks(true).into_iter().filter(|d| d.blank).collect(),
+                })
+                .await
+                .map_err(|e| Error::internal("Storage", e))?;
+                Ok(json_response(StatusCode::OK, &view))
+            }
+            (&Method::GET, "/v1/logs") => {
+                let lines = query_param(&query, "lines")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(200)
+                    .min(10_000);
+                let text = std::fs::read_to_string(&self.paths.node_log).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                Ok(text_response(
+                    StatusCode::OK,
+                    tail + "\n",
+                    "text/plain; charset=utf-8",
+                ))
+            }
+            (&Method::POST, "/v1/power") => {
+                let action = json!(PowerAction);
+                let request = match action {
+                    PowerAction::Reboot => InitRequest::Reboot,
+                    PowerAction::Poweroff => InitRequest::PowerOff,
+                };
+                eprintln!("agent: power request {action:?}");
+                tokio::task::spawn_blocking(move || me.init_request(&request))
+                    .await
+                    .map_err(|e| Error::internal("Power", e))??;
+                Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({"accepted": true}),
+                ))
+            }
+            (&Method::GET, "/v1/guests") => Ok(json_response(StatusCode::OK, &self.guests()?)),
+            (&Method::POST, "/v1/guests") => {
+                let spec = json!(GuestSpec);
+                self.define_guest(spec, false)
+            }
+            (&Method::GET, "/metrics") => Ok(text_response(
+                StatusCode::OK,
+                self.metrics(),
+                "text/plain; version=0.0.4",
+            )),
+            (m, p) if p.starts_with("/v1/guests/") => {
+                let name = &p["/v1/guests/".len()..];
+                match *m {
+                    Method::GET => self.guest(name).map(|g| json_response(StatusCode::OK, &g)),
+                    Method::PUT => {
+                        let spec = json!(GuestSpec);
+                        if spec.name != name {
+                            return Err(Error::new(
+                                StatusCode::BAD_REQUEST,
+                                "name_mismatch",
+                                "The name in the body must match the name in the path",
+                            ));
+                        }
+                        self.define_guest(spec, true)
+                    }
+                    Method::DELETE => self.delete_guest(name),
+                    _ => Err(Error::not_found()),
+                }
+            }
+            _ => Err(Error::not_found()),
+        }
+    }
+
+    fn pair(&self, req: PairRequest, origin: Origin) -> Result<Resp, Error> {
+        {
+            let reg = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+            if reg.state == RegistrationState::Registered && origin != Origin::Local {
+                return Err(Error::new(
+                    StatusCode::CONFLICT,
+                    "already_registered",
+                    "The node is registered with another manager: unregister it at its console first",
+                ));
+            }
+        }
+        {
+            let mut p = self.pairing.lock().unwrap_or_else(|e| e.into_inner());
+            if !constant_time_eq(req.code.trim().as_bytes(), p.code.as_bytes()) {
+                p.failures += 1;
+                if p.failures >= PAIRING_ATTEMPTS {
+                    p.code = random_code();
+                    p.failures = 0;
+                    eprintln!("agent: {PAIRING_ATTEMPTS} wrong pairing codes; made a new one");
+                    return Err(Error::new(
+                        StatusCode::FORBIDDEN,
+                        "pairing_locked",
+                        "Too many wrong pairing codes: read the new code on the node's console",
+                    ));
+                }
+                return Err(Error::new(
+                    StatusCode::FORBIDDEN,
+                    "wrong_pairing_code",
+                    "Wrong pairing code: read the code on the node's console (Manager screen)",
+                ));
+            }
+        }
+        if req.manager_name.trim().is_empty() || req.manager_name.len() > 255 {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_manager_name",
+                "manager_name must be 1-255 characters",
+            ));
+        }
+        tls::validate_ca(&req.ca_pem).map_err(|e| {
+            Error::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_ca",
+                format!("ca_pem is not a usable CA certificate: {e}"),
+            )
+        })?;
+        self.set_registration(Registration {
+            state: RegistrationState::Registered,
+            manager_name: Some(req.manager_name.clone()),
+            ca_pem: Some(req.ca_pem),
+            registered_at: now_secs(),
+        })?;
+        eprintln!("agent: registered with manager {}", req.manager_name);
+        Ok(json_response(
+            StatusCode::OK,
+            &self.registration_status(origin),
+        ))
+    }
+
+    fn node_config(&self) -> Result<NodeConfig, Error> {
+        match std::fs::read_to_string(self.paths.node_config()) {
+            Ok(text) => {
+                NodeConfig::from_toml(&text).map_err(|e| Error::internal("node.toml is invalid", e))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeConfig::default()),
+            Err(e) => Err(Error::internal("Reading node.toml", e)),
+        }
+    }
+
+    fn init_request(&self, request: &InitRequest) -> Result<(), Error> {
+        let unavailable = |e: std::io::Error| {
+            Error::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "init_unavailable",
+                format!(
+                    "Init's control socket {} does not answer: {e}",
+                    self.paths.init_socket.display()
+                ),
+            )
+        };
+        let mut s = UnixStream::connect(&self.paths.init_socket).map_err(unavailable)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(unavailable)?;
+        let line =
+            serde_json::to_string(request).map_err(|e| Error::internal("Init request", e))?;
+        writeln!(s, "{line}").map_err(unavailable)?;
+        let mut answer = String::new();
+        BufReader::new(s)
+            .read_line(&mut answer)
+            .map_err(unavailable)?;
+        match serde_json::from_str::<InitResponse>(&answer) {
+            Ok(InitResponse::Ok) => Ok(()),
+            Ok(InitResponse::Error { message }) => {
+                Err(Error::new(StatusCode::CONFLICT, "init_refused", message))
+            }
+            Err(e) => Err(Error::internal("Init's answer", e)),
+        }
+    }
+
+    fn set_hostname(&self, hostname: &str) -> Result<hvnode_api::node::NodeInfo, Error> {
+        hvnode_api::config::validate_hostname(hostname)
+            .map_err(|e| Error::new(StatusCode::BAD_REQUEST, "invalid_hostname", e.to_string()))?;
+        let mut config = self.node_config()?;
+        config.hostname = Some(hostname.to_owned());
+        store::write_atomic(
+            &self.paths.node_config(),
+            config.to_toml().as_bytes(),
+            0o644,
+        )
+        .map_err(|e| Error::internal("Saving node.toml", e))?;
+        self.init_request(&InitRequest::SetHostname {
+            hostname: hostname.to_owned(),
+        })?;
+        eprintln!("agent: host name set to {hostname}");
+        Ok(node::info(&self.paths.run))
+    }
+
+    fn stats(&self) -> NodeStats {
+        let (busy, total) = node::cpu_times();
+        let mut last = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        let (db, dt) = (busy.saturating_sub(last.0), total.saturating_sub(last.1));
+        *last = (busy, total);
+        let (mem_total, mem_avail) = node::memory();
+        let guests = self.guests().map(|g| g.len() as u32).unwrap_or(0);
+        NodeStats {
+            cpu_percent: if dt == 0 {
+                0.0
+            } else {
+                db as f64 * 100.0 / dt as f64
+            },
+            memory_used_bytes: mem_total.saturating_sub(mem_avail),
+            memory_total_bytes: mem_total,
+            load: node::load(),
+            guests_total: guests,
+            guests_running: 0,
+            uptime_secs: node::uptime_secs(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let s = self.stats();
+        format!(
+            "# TYPE hvnode_build_info gauge\nhvnode_build_info{{version=\"{}\"}} 1\n\
+             # TYPE node_cpu_percent gauge\nnode_cpu_percent {}\n\
+             # TYPE node_memory_used_bytes gauge\nnode_memory_used_bytes {}\n\
+             # TYPE node_memory_total_bytes gauge\nnode_memory_total_bytes {}\n\
+             # TYPE hvnode_guests gauge\nhvnode_guests{{state=\"defined\"}} {}\n\
+             # TYPE node_uptime_seconds gauge\nnode_uptime_seconds {}\n",
+            hvnode_api::VERSION,
+            s.cpu_percent,
+            s.memory_used_bytes,
+            s.memory_total_bytes,
+            s.guests_total,
+            s.uptime_secs
+        )
+    }
+
+    fn guests(&self) -> Result<Vec<hvnode_api::guest::GuestStatus>, Error> {
+        let mut out = Vec::new();
+        let dir = match std::fs::read_dir(self.paths.guests()) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::internal("Reading guest definitions", e)),
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_suffix(".toml") {
+                if !n.starts_with('.') {
+                    out.push(self.guest(n)?);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        Ok(out)
+    }
+
+    fn guest_path(&self, name: &str) -> Result<PathBuf, Error> {
+        hvnode_api::guest::validate_name(name).map_err(|e| {
+            Error::new(StatusCode::BAD_REQUEST, "invalid_guest_name", e.to_string())
+        })?;
+        Ok(self.paths.guests().join(format!("{name}.toml")))
+    }
+
+    fn guest(&self, name: &str) -> Result<hvnode_api::guest::GuestStatus, Error> {
+        let path = self.guest_path(name)?;
+        let text = std::fs::read_to_string(&path).map_err(|_| {
+            Error::new(
+                StatusCode::NOT_FOUND,
+                "guest_not_found",
+                format!("No guest named {name:?}"),
+            )
+        })?;
+        let spec: GuestSpec =
+            toml::from_str(&text).map_err(|e| Error::internal("Guest definition", e))?;
+        Ok(hvnode_api::guest::GuestStatus {
+            spec,
+            state: hvnode_api::guest::GuestState::Stopped,
+            pid: None,
+            uptime_secs: None,
+        })
+    }
+
+    fn define_guest(&self, spec: GuestSpec, update: bool) -> Result<Resp, Error> {
+        spec.validate().map_err(|e| {
+            Error::new(StatusCode::BAD_REQUEST, "invalid_guest_spec", e.to_string())
+        })?;
+        let path = self.guest_path(&spec.name)?;
+        match (path.exists(), update) {
+            (true, false) => {
+                return Err(Error::new(
+                    StatusCode::CONFLICT,
+                    "guest_exists",
+                    format!(
+                        "A guest named {:?} exists: update it with PUT or pick another name",
+                        spec.name
+                    ),
+                ))
+            }
+            (false, true) => {
+                return Err(Error::new(
+                    StatusCode::NOT_FOUND,
+                    "guest_not_found",
+                    format!("No guest named {:?}", spec.name),
+                ))
+            }
+            _ => {}
+        }
+        let text = toml::to_string(&spec).map_err(|e| Error::internal("Guest definition", e))?;
+        store::write_atomic(&path, text.as_bytes(), 0o644)
+            .map_err(|e| Error::internal("Saving the guest definition", e))?;
+        let status = if update {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok(json_response(status, &self.guest(&spec.name)?))
+    }
+
+    fn delete_guest(&self, name: &str) -> Result<Resp, Error> {
+        let path = self.guest_path(name)?;
+        std::fs::remove_file(&path).map_err(|_| {
+            Error::new(
+                StatusCode::NOT_FOUND,
+                "guest_not_found",
+                format!("No guest named {name:?}"),
+            )
+        })?;
+        Ok(text_response(
+            StatusCode::NO_CONTENT,
+            String::new(),
+            "text/plain",
+        ))
+    }
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Paths under one root directory (tests, benches, unprivileged runs).
+pub fn paths_under(root: &Path) -> Paths {
+    Paths {
+        data: root.join("data"),
+        run: root.join("run"),
+        images: root.join("images"),
+        init_socket: root.join("init.sock"),
+        node_log: root.join("node.log"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,257 @@
+//! Router tests: requests go straight into `Agent::handle`, no sockets.
+
+use super::*;
+use http_body_util::Full;
+
+fn agent() -> (Arc<Agent>, PathBuf) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "hvnode-agent-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    (Arc::new(Agent::new(paths_under(&root)).unwrap()), root)
+}
+
+fn req(method: &str, path: &str, body: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
+}
+
+async fn call(
+    a: &Arc<Agent>,
+    r: Request<Full<Bytes>>,
+    o: Origin,
+) -> (StatusCode, serde_json::Value) {
+    let resp = a.handle(r, o).await;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+const ANON: Origin = Origin::Tcp {
+    client_generation: None,
+};
+
+fn ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.self_signed(&key).unwrap().pem()
+}
+
+#[tokio::test]
+async fn health_is_local_only() {
+    let (a, _) = agent();
+    assert_eq!(
+        call(&a, req("GET", "/v1/health", ""), Origin::Local)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&a, req("GET", "/v1/health", ""), ANON).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn pairing_code_is_shown_locally_never_over_tcp() {
+    let (a, _) = agent();
+    let (_, local) = call(&a, req("GET", "/v1/registration", ""), Origin::Local).await;
+    assert_eq!(local["pairing_code"].as_str().unwrap().len(), 8);
+    assert_eq!(local["state"], "unregistered");
+    let (s, tcp) = call(&a, req("GET", "/v1/registration", ""), ANON).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(tcp.get("pairing_code").is_none());
+    assert_eq!(tcp["node_fingerprint"], local["node_fingerprint"]);
+}
+
+#[tokio::test]
+async fn unregistered_tcp_serves_only_registration() {
+    let (a, _) = agent();
+    let (s, e) = call(&a, req("GET", "/v1/node", ""), ANON).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(e["code"], "not_registered");
+}
+
+#[tokio::test]
+async fn pairs_with_the_right_code_then_requires_client_certificates() {
+    let (a, _) = agent();
+    let (_, local) = call(&a, req("GET", "/v1/registration", ""), Origin::Local).await;
+    let code = local["pairing_code"].as_str().unwrap().to_owned();
+    let body =
+        serde_json::json!({"code": code, "manager_name": "m1", "ca_pem": ca_pem()}).to_string();
+    let (s, r) = call(&a, req("POST", "/v1/registration", &body), ANON).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["state"], "registered");
+    let (_, gen) = a.tls_config();
+    let (s, e) = call(&a, req("GET", "/v1/node", ""), ANON).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (
+            StatusCode::UNAUTHORIZED,
+            Some("client_certificate_required")
+        )
+    );
+    let stale = Origin::Tcp {
+        client_generation: Some(gen - 1),
+    };
+    assert_eq!(
+        call(&a, req("GET", "/v1/node", ""), stale).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let manager = Origin::Tcp {
+        client_generation: Some(gen),
+    };
+    let (s, info) = call(&a, req("GET", "/v1/node", ""), manager).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(info["kvm"].is_boolean());
+    // A second manager cannot take over over the network.
+    let (s, e) = call(&a, req("POST", "/v1/registration", &body), ANON).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("already_registered"))
+    );
+    // Unregistering revokes the old trust.
+    assert_eq!(
+        call(&a, req("DELETE", "/v1/registration", ""), manager)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&a, req("GET", "/v1/node", ""), manager).await.0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn five_wrong_codes_replace_the_code() {
+    let (a, _) = agent();
+    let (_, local) = call(&a, req("GET", "/v1/registration", ""), Origin::Local).await;
+    let first = local["pairing_code"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"code": "WRONGXXX", "manager_name": "m", "ca_pem": ca_pem()})
+        .to_string();
+    for _ in 0..4 {
+        let (s, e) = call(&a, req("POST", "/v1/registration", &body), ANON).await;
+        assert_eq!(
+            (s, e["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("wrong_pairing_code"))
+        );
+    }
+    let (_, e) = call(&a, req("POST", "/v1/registration", &body), ANON).await;
+    assert_eq!(e["code"], "pairing_locked");
+    let (_, local) = call(&a, req("GET", "/v1/registration", ""), Origin::Local).await;
+    assert_ne!(local["pairing_code"].as_str().unwrap(), first);
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors() {
+    let (a, _) = agent();
+    let (s, e) = call(&a, req("POST", "/v1/guests", "{not json"), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+    let plain = Request::builder()
+        .method("POST")
+        .uri("/v1/guests")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
+    assert_eq!(
+        call(&a, plain, Origin::Local).await.0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let big = "x".repeat(BODY_LIMIT + 1);
+    assert_eq!(
+        call(&a, req("POST", "/v1/guests", &big), Origin::Local)
+            .await
+            .0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        call(&a, req("GET", "/v1/nope", ""), Origin::Local).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let escape = r#"{"name":"g","kernel":"../etc/shadow"}"#;
+    let (s, e) = call(&a, req("POST", "/v1/guests", escape), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_guest_spec"))
+    );
+}
+
+#[tokio::test]
+async fn guest_definitions_are_created_read_updated_and_deleted() {
+    let (a, root) = agent();
+    let spec = r#"{"name":"web","kernel":"vmlinuz","memory_mib":128}"#;
+    assert_eq!(
+        call(&a, req("POST", "/v1/guests", spec), Origin::Local)
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(&a, req("POST", "/v1/guests", spec), Origin::Local)
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
+    assert!(root.join("data/guests/web.toml").is_file());
+    let upd = r#"{"name":"web","kernel":"vmlinuz","memory_mib":256}"#;
+    let (s, g) = call(&a, req("PUT", "/v1/guests/web", upd), Origin::Local).await;
+    assert_eq!(
+        (s, g["spec"]["memory_mib"].as_u64()),
+        (StatusCode::OK, Some(256))
+    );
+    let (_, list) = call(&a, req("GET", "/v1/guests", ""), Origin::Local).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(
+        call(&a, req("DELETE", "/v1/guests/web", ""), Origin::Local)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&a, req("GET", "/v1/guests/web", ""), Origin::Local)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn hostname_is_saved_and_needs_init_for_the_live_change() {
+    let (a, root) = agent();
+    let (s, e) = call(
+        &a,
+        req("PUT", "/v1/node/hostname", r#"{"hostname":"-bad"}"#),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_hostname"))
+    );
+    let (s, e) = call(
+        &a,
+        req("PUT", "/v1/node/hostname", r#"{"hostname":"rack7"}"#),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("init_unavailable"))
+    );
+    let saved = std::fs::read_to_string(root.join("data/node.toml")).unwrap();
+    assert!(saved.contains("rack7"));
+}

@@ -1,0 +1,168 @@
+//! The node's TLS identity and the server configurations built from the registration.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
+
+/// Errors of the TLS layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Key or certificate generation failed.
+    #[error("Generating the node certificate failed")]
+    Generate(#[from] rcgen::Error),
+    /// Reading or writing the key material failed.
+    #[error("Node TLS material in {0}")]
+    Io(String, #[source] std::io::Error),
+    /// A PEM could not be parsed.
+    #[error("Invalid PEM: {0}")]
+    Pem(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built from the manager CA.
+    #[error("Manager CA cannot verify clients: {0}")]
+    Verifier(String),
+}
+
+/// The crypto provider: ring (no C toolchain beyond cc, builds static).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// SHA-256 fingerprint of a DER certificate, upper-case hex pairs joined by `:`.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The node's key and self-signed certificate.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+}
+
+fn write_private(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
+    crate::store::write_atomic(path, data.as_bytes(), mode)
+        .map_err(|e| TlsError::Io(path.display().to_string(), e))
+}
+
+/// Loads the identity from `dir`, or creates it there on first start.
+pub fn load_or_create(dir: &Path, hostname: &str) -> Result<Identity, TlsError> {
+    let key_path = dir.join("node.key");
+    let cert_path = dir.join("node.pem");
+    if let (Ok(key_pem), Ok(cert_pem)) = (
+        std::fs::read_to_string(&key_path),
+        std::fs::read_to_string(&cert_path),
+    ) {
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?
+            .to_vec();
+        return Ok(Identity {
+            cert_der,
+            cert_pem,
+            key_pem,
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|e| TlsError::Io(dir.display().to_string(), e))?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    if !hostname.is_empty() {
+        names.insert(0, hostname.to_owned());
+    }
+    let mut params = rcgen::CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("hvnode {hostname}"));
+    let cert = params.self_signed(&key)?;
+    let id = Identity {
+        cert_der: cert.der().to_vec(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    write_private(&key_path, &id.key_pem, 0o600)?;
+    write_private(&cert_path, &id.cert_pem, 0o644)?;
+    Ok(id)
+}
+
+/// A server configuration: without a manager CA no client certificate is asked for; with one,
+/// clients may present a certificate, which rustls verifies against that CA (anonymous clients
+/// are still admitted, for the registration routes).
+pub fn server_config(
+    id: &Identity,
+    manager_ca_pem: Option<&str>,
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    let chain = vec![CertificateDer::from(id.cert_der.clone())];
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut config = match manager_ca_pem {
+        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| TlsError::Pem(e.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Checks that a PEM holds at least one certificate usable as a CA for client verification.
+pub fn validate_ca(pem: &str) -> Result<String, TlsError> {
+    let mut first = None;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| TlsError::Pem(e.to_string()))?;
+        first.get_or_insert_with(|| fingerprint(&cert));
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    }
+    first.ok_or_else(|| TlsError::Pem("no certificate in ca_pem".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_then_reloads_the_same_identity() {
+        let dir = std::env::temp_dir().join(format!("hvnode-agent-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = load_or_create(&dir, "node1").unwrap();
+        let b = load_or_create(&dir, "other").unwrap();
+        assert_eq!(fingerprint(&a.cert_der), fingerprint(&b.cert_der));
+        assert_eq!(fingerprint(&a.cert_der).len(), 32 * 3 - 1);
+        server_config(&a, None).unwrap();
+        server_config(&a, Some(&a.cert_pem)).unwrap();
+        assert!(validate_ca("not a pem").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
