@@ -5,6 +5,7 @@
 //! a response, so that tests drive it without sockets.
 #![forbid(unsafe_code)]
 
+pub mod manager;
 pub mod node;
 pub mod store;
 pub mod tls;
@@ -25,7 +26,10 @@ use hvnode_api::error::ApiError;
 use hvnode_api::guest::GuestSpec;
 use hvnode_api::init::{InitRequest, InitResponse};
 use hvnode_api::node::{Hostname, NetworkView, NodeStats, PowerAction, StorageView};
-use hvnode_api::registration::{PairRequest, RegistrationState, RegistrationStatus};
+use hvnode_api::registration::{
+    AcceptManager, JoinState, ManagerCandidate, ManagerUrl, NodeJoinRequest, NodeJoinStatus,
+    PairRequest, RegistrationState, RegistrationStatus,
+};
 
 /// Largest JSON body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -81,6 +85,8 @@ struct Registration {
     manager_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manager_url: Option<String>,
     #[serde(default)]
     registered_at: u64,
 }
@@ -91,6 +97,7 @@ impl Default for Registration {
             state: RegistrationState::Unregistered,
             manager_name: None,
             ca_pem: None,
+            manager_url: None,
             registered_at: 0,
         }
     }
@@ -202,6 +209,8 @@ pub struct Agent {
     pairing: Mutex<Pairing>,
     tls: RwLock<Arc<rustls::ServerConfig>>,
     cpu: Mutex<(u64, u64)>,
+    /// Node-initiated registration: the manager fetched for the admin to accept, with its CA.
+    candidate: Mutex<Option<(ManagerCandidate, String)>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -233,6 +242,7 @@ impl Agent {
             }),
             tls: RwLock::new(Arc::new(config)),
             cpu: Mutex::new(node::cpu_times()),
+            candidate: Mutex::new(None),
             paths,
         })
     }
@@ -255,14 +265,13 @@ impl Agent {
             state: reg.state,
             manager_name: reg.manager_name.clone(),
             node_fingerprint: self.fingerprint.clone(),
-            pairing_code: (origin == Origin::Local && reg.state != RegistrationState::Registered)
-                .then(|| {
-                    self.pairing
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .code
-                        .clone()
-                }),
+            pairing_code: (origin == Origin::Local).then(|| {
+                self.pairing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .code
+                    .clone()
+            }),
         }
     }
 
@@ -413,6 +422,27 @@ impl Agent {
                 Ok(json_response(
                     StatusCode::OK,
                     &self.registration_status(origin),
+                ))
+            }
+            (&Method::POST, "/v1/registration/manager") => {
+                let m = json!(ManagerUrl);
+                let c = self.fetch_candidate(&m.url).await?;
+                Ok(json_response(StatusCode::OK, &c))
+            }
+            (&Method::POST, "/v1/registration/manager/accept") => {
+                let a = json!(AcceptManager);
+                self.accept_candidate(&a.ca_fingerprint).await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &self.registration_status(origin),
+                ))
+            }
+            (&Method::POST, "/v1/registration/manager/reject") => {
+                *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(text_response(
+                    StatusCode::NO_CONTENT,
+                    String::new(),
+                    "text/plain",
                 ))
             }
             (&Method::POST, "/v1/registration/pairing-code") => {
@@ -567,6 +597,7 @@ impl Agent {
             state: RegistrationState::Registered,
             manager_name: Some(req.manager_name.clone()),
             ca_pem: Some(req.ca_pem),
+            manager_url: None,
             registered_at: now_secs(),
         })?;
         eprintln!("agent: registered with manager {}", req.manager_name);
@@ -574,6 +605,167 @@ impl Agent {
             StatusCode::OK,
             &self.registration_status(origin),
         ))
+    }
+
+    async fn fetch_candidate(&self, url: &str) -> Result<ManagerCandidate, Error> {
+        let bad = |e: manager::ManagerError| match e {
+            manager::ManagerError::Url(_) => Error::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_manager_url",
+                e.to_string(),
+            ),
+            e => Error::new(
+                StatusCode::BAD_GATEWAY,
+                "manager_unreachable",
+                e.to_string(),
+            ),
+        };
+        let base = manager::BaseUrl::parse(url).map_err(bad)?;
+        let hello = manager::fetch_hello(&base).await.map_err(bad)?;
+        let ca_fingerprint = tls::validate_ca(&hello.ca_pem).map_err(|e| {
+            Error::new(
+                StatusCode::BAD_GATEWAY,
+                "invalid_manager_ca",
+                format!("The manager's CA is unusable: {e}"),
+            )
+        })?;
+        let candidate = ManagerCandidate {
+            url: url.trim_end_matches('/').to_owned(),
+            manager_name: hello.name,
+            ca_fingerprint,
+        };
+        *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((candidate.clone(), hello.ca_pem));
+        Ok(candidate)
+    }
+
+    async fn accept_candidate(self: &Arc<Self>, fingerprint: &str) -> Result<(), Error> {
+        let (candidate, ca_pem) = self
+            .candidate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Error::new(
+                    StatusCode::CONFLICT,
+                    "no_candidate",
+                    "Fetch the manager first (POST /v1/registration/manager)",
+                )
+            })?;
+        if !fingerprint.eq_ignore_ascii_case(&candidate.ca_fingerprint) {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                "fingerprint_mismatch",
+                format!(
+                    "The manager's CA fingerprint is {}, not {fingerprint}",
+                    candidate.ca_fingerprint
+                ),
+            ));
+        }
+        let base = manager::BaseUrl::parse(&candidate.url).map_err(|e| {
+            Error::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_manager_url",
+                e.to_string(),
+            )
+        })?;
+        let config = manager::trusted_config(&ca_pem, &self.identity)
+            .map_err(|e| Error::internal("Manager TLS", e))?;
+        let join = NodeJoinRequest {
+            hostname: node::hostname(),
+            node_cert_pem: self.identity.cert_pem.clone(),
+            api_port: 8443,
+        };
+        let body = serde_json::to_vec(&join).map_err(|e| Error::internal("Join request", e))?;
+        let (status, answer) =
+            manager::request(&base, config, Method::POST, "/v1/nodes", Some(body))
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        StatusCode::BAD_GATEWAY,
+                        "manager_unreachable",
+                        e.to_string(),
+                    )
+                })?;
+        if !(200..300).contains(&status) {
+            return Err(Error::new(
+                StatusCode::BAD_GATEWAY,
+                "manager_refused",
+                format!(
+                    "The manager refused the join request ({status}): {}",
+                    String::from_utf8_lossy(&answer)
+                ),
+            ));
+        }
+        {
+            let mut reg = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+            reg.state = RegistrationState::Pending;
+            reg.manager_name = Some(candidate.manager_name.clone());
+            reg.manager_url = Some(candidate.url.clone());
+            reg.ca_pem = Some(ca_pem);
+            let text = toml::to_string(&*reg).map_err(|e| Error::internal("Registration", e))?;
+            store::write_atomic(&self.paths.registration(), text.as_bytes(), 0o600)
+                .map_err(|e| Error::internal("Saving the registration", e))?;
+        }
+        *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        eprintln!(
+            "agent: join request sent to {}; waiting for approval",
+            candidate.url
+        );
+        self.resume_pending();
+        Ok(())
+    }
+
+    /// While the registration is pending, polls the manager every 2 s for its decision. Called
+    /// after a join request and at start-up.
+    pub fn resume_pending(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let reg = me
+                    .registration
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let (Some(url), Some(ca)) = (reg.manager_url.clone(), reg.ca_pem.clone()) else {
+                    return;
+                };
+                if reg.state != RegistrationState::Pending {
+                    return;
+                }
+                let decision = match (
+                    manager::BaseUrl::parse(&url),
+                    manager::trusted_config(&ca, &me.identity),
+                ) {
+                    (Ok(base), Ok(cfg)) => {
+                        let path = format!("/v1/nodes/{}", me.fingerprint.replace(':', "%3A"));
+                        manager::request(&base, cfg, Method::GET, &path, None)
+                            .await
+                            .ok()
+                            .filter(|(s, _)| *s == 200)
+                            .and_then(|(_, b)| serde_json::from_slice::<NodeJoinStatus>(&b).ok())
+                    }
+                    _ => return,
+                };
+                match decision.map(|d| d.state) {
+                    Some(JoinState::Approved) => {
+                        let mut done = reg;
+                        done.state = RegistrationState::Registered;
+                        done.registered_at = now_secs();
+                        if me.set_registration(done).is_ok() {
+                            eprintln!("agent: the manager approved the join request: registered");
+                        }
+                        return;
+                    }
+                    Some(JoinState::Rejected) => {
+                        let _ = me.set_registration(Registration::default());
+                        eprintln!("agent: the manager rejected the join request");
+                        return;
+                    }
+                    _ => tokio::time::sleep(Duration::from_secs(2)).await,
+                }
+            }
+        });
     }
 
     fn node_config(&self) -> Result<NodeConfig, Error> {

@@ -138,6 +138,7 @@ async fn run(args: Args) -> Result<(), String> {
         args.socket.display(),
         agent.fingerprint()
     );
+    agent.resume_pending();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("SIGTERM handler: {e}"))?;
     tokio::select! {
