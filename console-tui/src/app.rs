@@ -1,0 +1,722 @@
+//! The console's state, its key handling and its rendering. Pure: no I/O here, so tests drive
+//! it with key events and render it into ratatui's TestBackend.
+
+use hvnode_api::guest::{GuestState, GuestStatus};
+use hvnode_api::node::{NodeInfo, NodeStats, PowerAction, StorageView};
+use hvnode_api::registration::{ManagerCandidate, RegistrationState, RegistrationStatus};
+use ratatui::crossterm::event::{KeyCode, KeyEvent};
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::symbols::border;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
+use ratatui::Frame;
+
+/// ASCII borders: readable on a plain serial terminal and on the Linux console alike.
+const ASCII: border::Set = border::Set {
+    top_left: "+",
+    top_right: "+",
+    bottom_left: "+",
+    bottom_right: "+",
+    vertical_left: "|",
+    vertical_right: "|",
+    horizontal_top: "-",
+    horizontal_bottom: "-",
+};
+
+/// The screens, in tab order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Screen {
+    /// Node status.
+    Status,
+    /// Host name and network.
+    Network,
+    /// Manager registration.
+    Manager,
+    /// Guests.
+    Guests,
+    /// Data partition.
+    Storage,
+    /// Node log.
+    Logs,
+    /// Reboot and power off.
+    Power,
+}
+
+const SCREENS: [(Screen, &str); 7] = [
+    (Screen::Status, "Status"),
+    (Screen::Network, "Network"),
+    (Screen::Manager, "Manager"),
+    (Screen::Guests, "Guests"),
+    (Screen::Storage, "Storage"),
+    (Screen::Logs, "Logs"),
+    (Screen::Power, "Power"),
+];
+
+/// What the agent last told us.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Registration.
+    pub registration: RegistrationStatus,
+    /// Node facts.
+    pub info: NodeInfo,
+    /// Statistics.
+    pub stats: NodeStats,
+    /// Guests.
+    pub guests: Vec<GuestStatus>,
+    /// Storage.
+    pub storage: StorageView,
+}
+
+/// A request for the agent, produced by a key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// PUT /v1/node/hostname.
+    SetHostname(String),
+    /// POST /v1/power.
+    Power(PowerAction),
+    /// POST /v1/guests/{name}/{op}.
+    Guest(String, &'static str),
+    /// GET /v1/guests/{name}/console.
+    GuestConsole(String),
+    /// POST /v1/registration/pairing-code.
+    NewPairingCode,
+    /// DELETE /v1/registration.
+    Unregister,
+    /// POST /v1/registration/manager.
+    FetchManager(String),
+    /// POST /v1/registration/manager/accept.
+    AcceptManager(String),
+    /// POST /v1/registration/manager/reject.
+    RejectManager,
+    /// POST /v1/storage/init.
+    InitStorage(String),
+}
+
+/// A text field being edited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    /// What it is.
+    pub label: &'static str,
+    /// The text typed so far.
+    pub value: String,
+    /// The inline validation error, if the last submit was refused.
+    pub error: Option<String>,
+}
+
+/// A question awaiting y/n.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Confirm {
+    /// The question.
+    pub text: String,
+    /// What `y` does.
+    pub action: Action,
+}
+
+/// The whole console state.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The current screen.
+    pub screen: Screen,
+    /// Last data from the agent.
+    pub data: Option<Snapshot>,
+    /// Why the agent is unreachable, while it is.
+    pub unreachable: Option<String>,
+    /// Result of the last action.
+    pub message: Option<String>,
+    /// The field being edited.
+    pub field: Option<Field>,
+    /// The question being asked.
+    pub confirm: Option<Confirm>,
+    /// The manager fetched for node-initiated registration.
+    pub candidate: Option<ManagerCandidate>,
+    /// Selected guest.
+    pub selected: usize,
+    /// Text shown on the Logs screen (node log or a guest console).
+    pub log_text: String,
+    /// Title of the Logs text.
+    pub log_title: String,
+    /// Lines scrolled up from the end.
+    pub scroll: usize,
+    /// Socket path, for the banner.
+    pub socket: String,
+}
+
+impl App {
+    /// A console for the agent on `socket`, before any data arrived.
+    pub fn new(socket: &str) -> App {
+        App {
+            screen: Screen::Status,
+            data: None,
+            unreachable: None,
+            message: None,
+            field: None,
+            confirm: None,
+            candidate: None,
+            selected: 0,
+            log_text: String::new(),
+            log_title: "Node log".into(),
+            scroll: 0,
+            socket: socket.to_owned(),
+        }
+    }
+
+    fn running_guests(&self) -> usize {
+        self.data.as_ref().map_or(0, |d| {
+            d.guests
+                .iter()
+                .filter(|g| matches!(g.state, GuestState::Running | GuestState::Paused))
+                .count()
+        })
+    }
+
+    fn selected_guest(&self) -> Option<String> {
+        self.data
+            .as_ref()
+            .and_then(|d| d.guests.get(self.selected))
+            .map(|g| g.spec.name.clone())
+    }
+
+    fn switch(&mut self, screen: Screen) {
+        self.screen = screen;
+        self.message = None;
+        if screen == Screen::Logs {
+            self.log_title = "Node log".into();
+        }
+    }
+
+    /// Handles a key; returns the agent requests it causes.
+    pub fn on_key(&mut self, key: KeyEvent) -> Vec<Action> {
+        if let Some(c) = self.confirm.take() {
+            return match key.code {
+                KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => vec![c.action],
+                KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc => Vec::new(),
+                _ => {
+                    self.confirm = Some(c);
+                    Vec::new()
+                }
+            };
+        }
+        if let Some(mut f) = self.field.take() {
+            match key.code {
+                KeyCode::Esc => return Vec::new(),
+                KeyCode::Backspace => {
+                    f.value.pop();
+                }
+                KeyCode::Char(ch) if f.value.len() < 253 => f.value.push(ch),
+                KeyCode::Enter => match submit(&f) {
+                    Ok(action) => return vec![action],
+                    Err(e) => f.error = Some(e),
+                },
+                _ => {}
+            }
+            self.field = Some(f);
+            return Vec::new();
+        }
+        let idx = SCREENS
+            .iter()
+            .position(|(s, _)| *s == self.screen)
+            .unwrap_or(0);
+        match key.code {
+            KeyCode::Char(c @ '1'..='7') => {
+                self.switch(SCREENS[(c as u8 - b'1') as usize].0);
+                return Vec::new();
+            }
+            KeyCode::F(n @ 1..=7) => {
+                self.switch(SCREENS[(n - 1) as usize].0);
+                return Vec::new();
+            }
+            KeyCode::Tab => {
+                self.switch(SCREENS[(idx + 1) % SCREENS.len()].0);
+                return Vec::new();
+            }
+            KeyCode::BackTab => {
+                self.switch(SCREENS[(idx + SCREENS.len() - 1) % SCREENS.len()].0);
+                return Vec::new();
+            }
+            _ => {}
+        }
+        match (self.screen, key.code) {
+            (Screen::Network, KeyCode::Char('h') | KeyCode::Enter) => {
+                let current = self
+                    .data
+                    .as_ref()
+                    .map(|d| d.info.hostname.clone())
+                    .unwrap_or_default();
+                self.field = Some(Field {
+                    label: "Host name",
+                    value: current,
+                    error: None,
+                });
+            }
+            (Screen::Manager, KeyCode::Char('n')) => return vec![Action::NewPairingCode],
+            (Screen::Manager, KeyCode::Char('u')) => {
+                self.confirm = Some(Confirm {
+                    text: "Unregister from the manager? It loses control of this node.".into(),
+                    action: Action::Unregister,
+                })
+            }
+            (Screen::Manager, KeyCode::Char('m')) => {
+                self.field = Some(Field {
+                    label: "Manager URL",
+                    value: "https://".into(),
+                    error: None,
+                })
+            }
+            (Screen::Manager, KeyCode::Char('a')) => {
+                if let Some(c) = self.candidate.take() {
+                    return vec![Action::AcceptManager(c.ca_fingerprint)];
+                }
+            }
+            (Screen::Manager, KeyCode::Char('r')) if self.candidate.is_some() => {
+                self.candidate = None;
+                return vec![Action::RejectManager];
+            }
+            (Screen::Guests, KeyCode::Up) => self.selected = self.selected.saturating_sub(1),
+            (Screen::Guests, KeyCode::Down) => {
+                let n = self.data.as_ref().map_or(0, |d| d.guests.len());
+                if self.selected + 1 < n {
+                    self.selected += 1;
+                }
+            }
+            (Screen::Guests, KeyCode::Char('s')) => {
+                if let Some(g) = self.selected_guest() {
+                    return vec![Action::Guest(g, "start")];
+                }
+            }
+            (Screen::Guests, KeyCode::Char(c @ ('t' | 'd'))) => {
+                if let Some(g) = self.selected_guest() {
+                    let (op, what) = if c == 't' {
+                        ("stop", "Stop (power off at once)")
+                    } else {
+                        ("shutdown", "Shut down")
+                    };
+                    self.confirm = Some(Confirm {
+                        text: format!("{what} guest {g}?"),
+                        action: Action::Guest(g, op),
+                    });
+                }
+            }
+            (Screen::Guests, KeyCode::Enter) => {
+                if let Some(g) = self.selected_guest() {
+                    return vec![Action::GuestConsole(g)];
+                }
+            }
+            (Screen::Storage, KeyCode::Char('i')) => {
+                self.field = Some(Field {
+                    label: "Type the blank disk's device to initialise (e.g. /dev/sdb)",
+                    value: String::new(),
+                    error: None,
+                })
+            }
+            (Screen::Logs, KeyCode::Up) => self.scroll += 1,
+            (Screen::Logs, KeyCode::Down) => self.scroll = self.scroll.saturating_sub(1),
+            (Screen::Logs, KeyCode::PageUp) => self.scroll += 20,
+            (Screen::Logs, KeyCode::PageDown) => self.scroll = self.scroll.saturating_sub(20),
+            (Screen::Logs, KeyCode::Home) => self.scroll = usize::MAX / 2,
+            (Screen::Logs, KeyCode::End) => self.scroll = 0,
+            (Screen::Power, KeyCode::Char(c @ ('r' | 'o'))) => {
+                let running = self.running_guests();
+                let (what, action) = if c == 'r' {
+                    ("Reboot", PowerAction::Reboot)
+                } else {
+                    ("Power off", PowerAction::Poweroff)
+                };
+                let warn = if running > 0 {
+                    format!(" {running} guest(s) are running and will be shut down.")
+                } else {
+                    String::new()
+                };
+                self.confirm = Some(Confirm {
+                    text: format!("{what} the node?{warn}"),
+                    action: Action::Power(action),
+                });
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+}
+
+/// Validates a field; the action to send, or the inline error.
+fn submit(f: &Field) -> Result<Action, String> {
+    let v = f.value.trim().to_owned();
+    match f.label {
+        "Host name" => hvnode_api::config::validate_hostname(&v)
+            .map(|_| Action::SetHostname(v))
+            .map_err(|e| e.to_string()),
+        "Manager URL" => {
+            let rest = v
+                .strip_prefix("https://")
+                .ok_or("The URL must start with https://")?;
+            let host = rest.trim_end_matches('/');
+            if host.is_empty() || host.contains('/') || host.contains(' ') {
+                return Err("Use https://HOST[:PORT]".into());
+            }
+            if let Some((_, port)) = host.rsplit_once(':').filter(|_| !host.ends_with(']')) {
+                port.parse::<u16>()
+                    .map_err(|_| format!("Invalid port {port:?}"))?;
+            }
+            Ok(Action::FetchManager(v))
+        }
+        _ => {
+            if v.starts_with("/dev/") && v.len() > 5 && !v.contains("..") {
+                Ok(Action::InitStorage(v))
+            } else {
+                Err("Type a whole-disk device such as /dev/sdb".into())
+            }
+        }
+    }
+}
+
+fn kv(k: &str, v: impl Into<String>) -> Line<'static> {
+    Line::from(vec![
+        Span::styled(
+            format!("{k:<18}"),
+            Style::default().add_modifier(Modifier::BOLD),
+        ),
+        Span::raw(v.into()),
+    ])
+}
+
+fn reg_state(r: &RegistrationStatus) -> String {
+    match r.state {
+        RegistrationState::Unregistered => "Unregistered".into(),
+        RegistrationState::Pending => format!(
+            "Pending approval by {}",
+            r.manager_name.as_deref().unwrap_or("the manager")
+        ),
+        RegistrationState::Registered => format!(
+            "Registered with {}",
+            r.manager_name.as_deref().unwrap_or("a manager")
+        ),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const G: f64 = (1u64 << 30) as f64;
+    const M: f64 = (1u64 << 20) as f64;
+    if b as f64 >= G {
+        format!("{:.1} GiB", b as f64 / G)
+    } else {
+        format!("{:.0} MiB", b as f64 / M)
+    }
+}
+
+fn status_lines(d: &Snapshot) -> Vec<Line<'static>> {
+    let mut l = vec![
+        kv("Host name", d.info.hostname.clone()),
+        kv(
+            "Version",
+            format!("hvnode {} (kernel {})", d.info.version, d.info.kernel),
+        ),
+        kv("Manager", reg_state(&d.registration)),
+    ];
+    let running = d
+        .guests
+        .iter()
+        .filter(|g| matches!(g.state, GuestState::Running | GuestState::Paused))
+        .count();
+    l.push(kv(
+        "Guests",
+        format!("{running} running / {} defined", d.guests.len()),
+    ));
+    l.push(kv(
+        "CPU / memory",
+        format!(
+            "{:.0}% of {} CPUs, {} / {}",
+            d.stats.cpu_percent,
+            d.info.cpus,
+            human_bytes(d.stats.memory_used_bytes),
+            human_bytes(d.stats.memory_total_bytes)
+        ),
+    ));
+    let up = d.stats.uptime_secs;
+    l.push(kv(
+        "Uptime",
+        format!("{}d {:02}:{:02}", up / 86400, up / 3600 % 24, up / 60 % 60),
+    ));
+    let first_addr = d
+        .info
+        .nics
+        .iter()
+        .flat_map(|n| n.addresses.iter())
+        .find(|a| !a.contains(':'))
+        .and_then(|a| a.split('/').next())
+        .map(str::to_owned);
+    l.push(kv(
+        "API",
+        first_addr
+            .map(|a| format!("https://{a}:8443"))
+            .unwrap_or_else(|| "no address yet".into()),
+    ));
+    l.push(kv(
+        "Fingerprint",
+        d.registration
+            .node_fingerprint
+            .chars()
+            .take(47)
+            .collect::<String>(),
+    ));
+    l.push(kv(
+        "",
+        d.registration
+            .node_fingerprint
+            .chars()
+            .skip(48)
+            .collect::<String>(),
+    ));
+    l.push(Line::raw(""));
+    for n in &d.info.nics {
+        l.push(Line::raw(format!(
+            "{:<10} {:<17} {:<5} {}",
+            n.name,
+            n.mac,
+            if n.carrier { "up" } else { "down" },
+            n.addresses.join(" ")
+        )));
+    }
+    l
+}
+
+fn body_lines(app: &App) -> Vec<Line<'static>> {
+    let Some(d) = &app.data else {
+        return vec![Line::raw("No data from the agent yet.")];
+    };
+    match app.screen {
+        Screen::Status => status_lines(d),
+        Screen::Network => {
+            let mut l = vec![kv("Host name", d.info.hostname.clone()), Line::raw("")];
+            for n in &d.info.nics {
+                l.push(Line::raw(format!(
+                    "{:<10} {:<5} {:?} {}",
+                    n.name,
+                    if n.carrier { "up" } else { "down" },
+                    n.source,
+                    n.addresses.join(" ")
+                )));
+            }
+            l.push(Line::raw(""));
+            l.push(Line::raw(
+                "h/Enter: change the host name (saved on the data partition)",
+            ));
+            l
+        }
+        Screen::Manager => {
+            let r = &d.registration;
+            let mut l = vec![kv("State", reg_state(r))];
+            if let Some(code) = &r.pairing_code {
+                l.push(Line::raw(format!("Pairing code: {code}")));
+            }
+            l.push(kv(
+                "Node fingerprint",
+                r.node_fingerprint.chars().take(47).collect::<String>(),
+            ));
+            l.push(kv(
+                "",
+                r.node_fingerprint.chars().skip(48).collect::<String>(),
+            ));
+            l.push(Line::raw(""));
+            if let Some(c) = &app.candidate {
+                l.push(kv("Manager", format!("{} at {}", c.manager_name, c.url)));
+                l.push(kv(
+                    "CA fingerprint",
+                    c.ca_fingerprint.chars().take(47).collect::<String>(),
+                ));
+                l.push(kv(
+                    "",
+                    c.ca_fingerprint.chars().skip(48).collect::<String>(),
+                ));
+                l.push(Line::raw(
+                    "Compare it with the manager's; a: accept  r: reject",
+                ));
+            } else {
+                l.push(Line::raw(
+                    "A manager registers this node with the code and fingerprint above,",
+                ));
+                l.push(Line::raw(
+                    "or press m to enter a manager's URL.  n: new code  u: unregister",
+                ));
+            }
+            l
+        }
+        Screen::Guests => {
+            let mut l = vec![Line::raw(format!(
+                "  {:<24} {:<13} {:>5} {:>9}",
+                "NAME", "STATE", "VCPUS", "MEMORY"
+            ))];
+            for (i, g) in d.guests.iter().enumerate() {
+                let text = format!(
+                    "{} {:<24} {:<13} {:>5} {:>6} MiB",
+                    if i == app.selected { '>' } else { ' ' },
+                    g.spec.name,
+                    format!("{:?}", g.state).to_lowercase(),
+                    g.spec.vcpus,
+                    g.spec.memory_mib
+                );
+                let style = if i == app.selected {
+                    Style::default().add_modifier(Modifier::REVERSED)
+                } else {
+                    Style::default()
+                };
+                l.push(Line::styled(text, style));
+            }
+            if d.guests.is_empty() {
+                l.push(Line::raw("  No guests defined."));
+            }
+            l.push(Line::raw(""));
+            l.push(Line::raw(
+                "s: start  t: stop  d: shut down  Enter: console log",
+            ));
+            l
+        }
+        Screen::Storage => {
+            let s = &d.storage.status;
+            let mut l = if s.persistent {
+                vec![
+                    kv("Data partition", s.device.clone().unwrap_or_default()),
+                    kv("Size", human_bytes(s.size_bytes)),
+                    kv("Free", human_bytes(s.free_bytes)),
+                ]
+            } else {
+                vec![Line::raw(
+                    "No data partition: state is volatile and lost at reboot.",
+                )]
+            };
+            if let Some(n) = &s.note {
+                l.push(Line::raw(n.clone()));
+            }
+            l.push(Line::raw(""));
+            l.push(Line::raw("Blank disks:"));
+            for disk in &d.storage.blank_disks {
+                l.push(Line::raw(format!(
+                    "  /dev/{} {} {}",
+                    disk.name,
+                    human_bytes(disk.size_bytes),
+                    disk.model
+                )));
+            }
+            if d.storage.blank_disks.is_empty() {
+                l.push(Line::raw("  none"));
+            } else if !s.persistent {
+                l.push(Line::raw(
+                    "i: initialise a blank disk as the data partition",
+                ));
+            }
+            l
+        }
+        Screen::Logs => {
+            let lines: Vec<&str> = app.log_text.lines().collect();
+            let end = lines.len().saturating_sub(app.scroll.min(lines.len()));
+            let start = end.saturating_sub(16);
+            lines[start..end]
+                .iter()
+                .map(|s| Line::raw(s.chars().take(78).collect::<String>()))
+                .collect()
+        }
+        Screen::Power => vec![
+            Line::raw(format!("{} guest(s) running.", app.running_guests())),
+            Line::raw(""),
+            Line::raw("r: reboot the node   o: power off the node"),
+            Line::raw("Guests are shut down first; both ask for confirmation."),
+        ],
+    }
+}
+
+/// Draws the whole console.
+pub fn draw(frame: &mut Frame, app: &App) {
+    let area = frame.area();
+    let [tabs, banner, body, foot] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(2),
+    ])
+    .areas(area);
+    let mut spans = Vec::new();
+    for (i, (s, name)) in SCREENS.iter().enumerate() {
+        let text = if *s == app.screen {
+            format!(">{} {}<", i + 1, name)
+        } else {
+            format!(" {} {} ", i + 1, name)
+        };
+        let style = if *s == app.screen {
+            Style::default().add_modifier(Modifier::REVERSED)
+        } else {
+            Style::default()
+        };
+        spans.push(Span::styled(text, style));
+    }
+    frame.render_widget(Paragraph::new(Line::from(spans)), tabs);
+    let banner_text = match &app.unreachable {
+        Some(why) => format!("Agent unreachable at {}: retrying... ({why})", app.socket),
+        None => app.message.clone().unwrap_or_default(),
+    };
+    frame.render_widget(Paragraph::new(banner_text), banner);
+    let title = SCREENS
+        .iter()
+        .find(|(s, _)| *s == app.screen)
+        .map(|(_, n)| {
+            if app.screen == Screen::Logs {
+                app.log_title.clone()
+            } else {
+                (*n).to_owned()
+            }
+        })
+        .unwrap_or_default();
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .border_set(ASCII)
+        .title(format!(" hvnode: {title} "));
+    frame.render_widget(
+        Paragraph::new(body_lines(app))
+            .block(block)
+            .wrap(Wrap { trim: false }),
+        body,
+    );
+    frame.render_widget(
+        Paragraph::new("1-7/F1-F7/Tab: screens  arrows: select  Enter: open  Esc: cancel"),
+        foot,
+    );
+    if let Some(f) = &app.field {
+        dialog(
+            frame,
+            body,
+            &format!("{}:", f.label),
+            &format!("{}_", f.value),
+            f.error.as_deref(),
+            "Enter: apply  Esc: cancel",
+        );
+    } else if let Some(c) = &app.confirm {
+        dialog(frame, body, &c.text, "", None, "y/Enter: yes  n/Esc: no");
+    }
+}
+
+fn dialog(
+    frame: &mut Frame,
+    area: Rect,
+    title: &str,
+    value: &str,
+    error: Option<&str>,
+    help: &str,
+) {
+    let w = area.width.saturating_sub(4).min(76);
+    let r = Rect::new(
+        area.x + (area.width - w) / 2,
+        area.y + 2,
+        w,
+        7.min(area.height),
+    );
+    let mut lines = vec![Line::raw(title.to_owned()), Line::raw(value.to_owned())];
+    lines.push(Line::raw(
+        error.map(|e| format!("! {e}")).unwrap_or_default(),
+    ));
+    lines.push(Line::raw(help.to_owned()));
+    frame.render_widget(ratatui::widgets::Clear, r);
+    frame.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(Block::default().borders(Borders::ALL).border_set(ASCII)),
+        r,
+    );
+}

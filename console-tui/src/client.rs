@@ -1,0 +1,235 @@
+//! A small blocking HTTP/1.1 client for the agent's unix socket: one request per connection
+//! (`Connection: close`), bounded by timeouts so the console never freezes.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket is missing or refuses connections.
+    #[error("Agent unreachable at {0}: {1}")]
+    Unreachable(String, String),
+    /// The agent answered with an error body.
+    #[error("{message} ({code})")]
+    Api {
+        /// Stable code.
+        code: String,
+        /// What to fix.
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("Unexpected answer from the agent: {0}")]
+    Protocol(String),
+}
+
+/// The agent's local API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+/// A raw response: status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Body bytes (de-chunked).
+    pub body: Vec<u8>,
+}
+
+/// Parses an HTTP/1.1 response read to the end of the connection.
+pub fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
+    let bad = |m: &str| ClientError::Protocol(m.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            }
+            if k == "content-length" {
+                length = v.parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = &raw[split + 4..];
+    if chunked {
+        let mut out = Vec::new();
+        loop {
+            let line_end = body
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("truncated chunk"))?;
+            let size_text = String::from_utf8_lossy(&body[..line_end]);
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("bad chunk size"))?;
+            body = &body[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            if body.len() < size + 2 {
+                return Err(bad("truncated chunk"));
+            }
+            out.extend_from_slice(&body[..size]);
+            body = &body[size + 2..];
+        }
+        return Ok(Response { status, body: out });
+    }
+    let body = match length {
+        Some(n) if n <= body.len() => body[..n].to_vec(),
+        Some(_) => return Err(bad("truncated body")),
+        None => body.to_vec(),
+    };
+    Ok(Response { status, body })
+}
+
+impl Client {
+    /// A client of the agent listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    /// Sends one request.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, ClientError> {
+        let unreachable = |e: std::io::Error| {
+            ClientError::Unreachable(self.socket.display().to_string(), e.to_string())
+        };
+        let mut s = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(unreachable)?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))
+            .map_err(unreachable)?;
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).map_err(unreachable)?;
+        if let Some(b) = body {
+            s.write_all(b).map_err(unreachable)?;
+        }
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).map_err(unreachable)?;
+        let resp = parse_response(&raw)?;
+        if resp.status >= 400 {
+            return Err(
+                match serde_json::from_slice::<hvnode_api::error::ApiError>(&resp.body) {
+                    Ok(e) => ClientError::Api {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    Err(_) => ClientError::Protocol(format!("HTTP {}", resp.status)),
+                },
+            );
+        }
+        Ok(resp)
+    }
+
+    /// GET a JSON document.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let r = self.request("GET", path, None)?;
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// GET plain text.
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        Ok(String::from_utf8_lossy(&self.request("GET", path, None)?.body).into_owned())
+    }
+
+    /// Sends a JSON body (or none) and ignores the answer's body.
+    pub fn send<T: Serialize>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&T>,
+    ) -> Result<(), ClientError> {
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.request(method, path, bytes.as_deref()).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_content_length_and_chunked_bodies() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX").unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hi"[..]));
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.body, b"abcde");
+        assert!(parse_response(b"garbage").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
+    }
+
+    #[test]
+    fn reports_api_errors_and_a_missing_socket() {
+        let dir = std::env::temp_dir().join(format!("hvnode-console-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let c = Client::new(&path);
+        assert!(matches!(
+            c.get_text("/v1/health"),
+            Err(ClientError::Unreachable(..))
+        ));
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).unwrap();
+            let body = r#"{"code":"invalid_hostname","message":"Invalid hostname"}"#;
+            write!(
+                s,
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        match c.send(
+            "PUT",
+            "/v1/node/hostname",
+            Some(&serde_json::json!({"hostname": "-x"})),
+        ) {
+            Err(ClientError::Api { code, .. }) => assert_eq!(code, "invalid_hostname"),
+            other => panic!("{other:?}"),
+        }
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
