@@ -1,0 +1,101 @@
+//! The serial console's output side: a bounded log file plus every client attached to the
+//! console socket. Whatever the guest writes is stored and forwarded, never interpreted.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+/// The log file is cut back to its last [`KEEP`] bytes when it grows past [`LIMIT`].
+pub const LIMIT: u64 = 4 << 20;
+/// See [`LIMIT`].
+pub const KEEP: usize = 1 << 20;
+
+/// Where serial output goes.
+#[derive(Debug, Default)]
+pub struct SerialOut {
+    log: Option<(File, std::path::PathBuf, u64)>,
+    clients: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl SerialOut {
+    /// Output to `log` (appended) and to the clients in `clients`.
+    pub fn new(log: Option<&str>, clients: Arc<Mutex<Vec<UnixStream>>>) -> std::io::Result<Self> {
+        let log = match log {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                let len = f.metadata()?.len();
+                Some((f, path.into(), len))
+            }
+            None => None,
+        };
+        Ok(SerialOut { log, clients })
+    }
+
+    fn trim_log(&mut self) {
+        let Some((file, path, len)) = self.log.as_mut() else {
+            return;
+        };
+        if *len <= LIMIT {
+            return;
+        }
+        if let Ok(data) = std::fs::read(&*path) {
+            let tail = &data[data.len().saturating_sub(KEEP)..];
+            if std::fs::write(&*path, tail).is_ok() {
+                if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&*path) {
+                    *file = f;
+                    *len = tail.len() as u64;
+                }
+            }
+        }
+    }
+}
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some((f, _, len)) = self.log.as_mut() {
+            if f.write_all(buf).is_ok() {
+                *len += buf.len() as u64;
+            }
+        }
+        self.trim_log();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        // A client that cannot take the output (gone or stuck) is dropped, never waited for.
+        clients.retain_mut(|c| c.write_all(buf).is_ok());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_is_bounded_and_clients_receive_output() {
+        let dir = std::env::temp_dir().join(format!("hvnode-vmm-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let _ = std::fs::remove_file(&log);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let clients = Arc::new(Mutex::new(vec![a]));
+        let mut out = SerialOut::new(log.to_str(), clients.clone()).unwrap();
+        out.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        std::io::Read::read_exact(&mut b, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..5 {
+            out.write_all(&chunk).unwrap();
+        }
+        assert!(std::fs::metadata(&log).unwrap().len() <= LIMIT);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
