@@ -5,6 +5,7 @@
 //! a response, so that tests drive it without sockets.
 #![forbid(unsafe_code)]
 
+pub mod guests;
 pub mod manager;
 pub mod node;
 pub mod store;
@@ -50,6 +51,8 @@ pub struct Paths {
     pub init_socket: PathBuf,
     /// The node log.
     pub node_log: PathBuf,
+    /// The VMM binary started for each guest.
+    pub vmm: PathBuf,
 }
 
 impl Paths {
@@ -211,6 +214,8 @@ pub struct Agent {
     cpu: Mutex<(u64, u64)>,
     /// Node-initiated registration: the manager fetched for the admin to accept, with its CA.
     candidate: Mutex<Option<(ManagerCandidate, String)>>,
+    /// Guest VMM processes.
+    running: Arc<guests::Guests>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -243,6 +248,7 @@ impl Agent {
             tls: RwLock::new(Arc::new(config)),
             cpu: Mutex::new(node::cpu_times()),
             candidate: Mutex::new(None),
+            running: Arc::new(guests::Guests::default()),
             paths,
         })
     }
@@ -335,7 +341,7 @@ impl Agent {
     /// Handles one request.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>, origin: Origin) -> Resp
     where
-        B: hyper::body::Body<Data = Bytes> + Send,
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         match self.route(req, origin).await {
@@ -346,13 +352,18 @@ impl Agent {
 
     async fn route<B>(self: &Arc<Self>, req: Request<B>, origin: Origin) -> Result<Resp, Error>
     where
-        B: hyper::body::Body<Data = Bytes> + Send,
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or("").to_owned();
         self.authorize(origin, &method, &path)?;
+        if method == Method::PUT {
+            if let Some(rel) = path.strip_prefix("/v1/images/") {
+                return self.upload_image(rel, req.into_body()).await;
+            }
+        }
         let is_json = req
             .headers()
             .get(hyper::header::CONTENT_TYPE)
@@ -524,6 +535,29 @@ impl Agent {
                 self.metrics(),
                 "text/plain; version=0.0.4",
             )),
+            (&Method::GET, "/v1/images") => Ok(json_response(StatusCode::OK, &self.images())),
+            (&Method::DELETE, p) if p.starts_with("/v1/images/") => {
+                let rel = &p["/v1/images/".len()..];
+                hvnode_api::guest::validate_image_path(rel).map_err(|e| {
+                    Error::new(StatusCode::BAD_REQUEST, "invalid_path", e.to_string())
+                })?;
+                std::fs::remove_file(self.paths.images.join(rel)).map_err(|_| {
+                    Error::new(
+                        StatusCode::NOT_FOUND,
+                        "image_not_found",
+                        format!("No image {rel:?}"),
+                    )
+                })?;
+                Ok(text_response(
+                    StatusCode::NO_CONTENT,
+                    String::new(),
+                    "text/plain",
+                ))
+            }
+            (m, p) if p.starts_with("/v1/guests/") && p["/v1/guests/".len()..].contains('/') => {
+                let (name, action) = p["/v1/guests/".len()..].split_once('/').unwrap_or_default();
+                self.guest_action(m, name, action, &query)
+            }
             (m, p) if p.starts_with("/v1/guests/") => {
                 let name = &p["/v1/guests/".len()..];
                 match *m {
@@ -843,7 +877,7 @@ impl Agent {
             memory_total_bytes: mem_total,
             load: node::load(),
             guests_total: guests,
-            guests_running: 0,
+            guests_running: self.running.running_count() as u32,
             uptime_secs: node::uptime_secs(),
         }
     }
@@ -903,11 +937,12 @@ impl Agent {
         })?;
         let spec: GuestSpec =
             toml::from_str(&text).map_err(|e| Error::internal("Guest definition", e))?;
+        let (state, pid, uptime_secs) = self.running.state(name);
         Ok(hvnode_api::guest::GuestStatus {
             spec,
-            state: hvnode_api::guest::GuestState::Stopped,
-            pid: None,
-            uptime_secs: None,
+            state,
+            pid,
+            uptime_secs,
         })
     }
 
@@ -934,6 +969,18 @@ impl Agent {
                     format!("No guest named {:?}", spec.name),
                 ))
             }
+            (true, true)
+                if self.running.state(&spec.name).0 == hvnode_api::guest::GuestState::Running =>
+            {
+                return Err(Error::new(
+                    StatusCode::CONFLICT,
+                    "guest_running",
+                    format!(
+                        "Guest {:?} is running: stop it before changing its definition",
+                        spec.name
+                    ),
+                ))
+            }
             _ => {}
         }
         let text = toml::to_string(&spec).map_err(|e| Error::internal("Guest definition", e))?;
@@ -949,6 +996,13 @@ impl Agent {
 
     fn delete_guest(&self, name: &str) -> Result<Resp, Error> {
         let path = self.guest_path(name)?;
+        if self.running.state(name).0 == hvnode_api::guest::GuestState::Running {
+            return Err(Error::new(
+                StatusCode::CONFLICT,
+                "guest_running",
+                format!("Guest {name:?} is running: stop it before deleting it"),
+            ));
+        }
         std::fs::remove_file(&path).map_err(|_| {
             Error::new(
                 StatusCode::NOT_FOUND,
@@ -960,6 +1014,163 @@ impl Agent {
             StatusCode::NO_CONTENT,
             String::new(),
             "text/plain",
+        ))
+    }
+}
+
+impl Agent {
+    fn guest_action(
+        &self,
+        method: &Method,
+        name: &str,
+        action: &str,
+        query: &str,
+    ) -> Result<Resp, Error> {
+        let status = self.guest(name)?;
+        let running = status.state == hvnode_api::guest::GuestState::Running;
+        let conflict = |what: &str| {
+            Error::new(
+                StatusCode::CONFLICT,
+                "invalid_guest_state",
+                format!("Guest {name:?} is {:?}: cannot {what}", status.state),
+            )
+        };
+        match (method, action) {
+            (&Method::GET, "console") => {
+                let bytes = query_param(query, "bytes")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(64 << 10);
+                let log = self.paths.run.join("vms").join(name).join("console.log");
+                let data = std::fs::read(log).unwrap_or_default();
+                let tail = &data[data.len().saturating_sub(bytes)..];
+                Ok(text_response(
+                    StatusCode::OK,
+                    String::from_utf8_lossy(tail).into_owned(),
+                    "text/plain; charset=utf-8",
+                ))
+            }
+            (&Method::POST, "start") => {
+                if running {
+                    return Err(conflict("start it"));
+                }
+                self.running
+                    .start(
+                        &status.spec,
+                        &self.paths.images,
+                        &self.paths.run,
+                        &self.paths.vmm,
+                    )
+                    .map_err(|e| match e {
+                        guests::GuestError::Path(..) => {
+                            Error::new(StatusCode::BAD_REQUEST, "invalid_guest_path", e.to_string())
+                        }
+                        e => Error::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "vmm_start_failed",
+                            e.to_string(),
+                        ),
+                    })?;
+                Ok(json_response(StatusCode::OK, &self.guest(name)?))
+            }
+            (&Method::POST, "stop") => {
+                if !self.running.stop(name, &self.paths.run) {
+                    return Err(conflict("stop it"));
+                }
+                Ok(json_response(StatusCode::OK, &self.guest(name)?))
+            }
+            (&Method::POST, op @ ("shutdown" | "pause" | "resume" | "reboot")) => Err(Error::new(
+                StatusCode::CONFLICT,
+                "unsupported",
+                format!("{op} needs VMM support that is not implemented yet; use stop"),
+            )),
+            _ => Err(Error::not_found()),
+        }
+    }
+
+    fn images(&self) -> Vec<serde_json::Value> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<serde_json::Value>) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_dir() {
+                    walk(root, &p, out);
+                } else if meta.is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+                    let rel = p
+                        .strip_prefix(root)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .into_owned();
+                    out.push(serde_json::json!({"path": rel, "size_bytes": meta.len()}));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.paths.images, &self.paths.images, &mut out);
+        out.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+        out
+    }
+
+    async fn upload_image<B>(&self, rel: &str, mut body: B) -> Result<Resp, Error>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use tokio::io::AsyncWriteExt;
+        const LIMIT: u64 = 16 << 30;
+        hvnode_api::guest::validate_image_path(rel)
+            .map_err(|e| Error::new(StatusCode::BAD_REQUEST, "invalid_path", e.to_string()))?;
+        let dest = self.paths.images.join(rel);
+        let dir = dest.parent().unwrap_or(&self.paths.images).to_owned();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::internal("Image directory", e))?;
+        let tmp = dir.join(format!(".upload-{}-{}", std::process::id(), now_secs()));
+        let mut f = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| Error::internal("Image upload", e))?;
+        let mut total = 0u64;
+        let result: Result<(), Error> = async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    Error::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("Reading the upload: {}", e.into()),
+                    )
+                })?;
+                if let Ok(data) = frame.into_data() {
+                    total += data.len() as u64;
+                    if total > LIMIT {
+                        return Err(Error::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "image_too_large",
+                            "Images are limited to 16 GiB",
+                        ));
+                    }
+                    f.write_all(&data)
+                        .await
+                        .map_err(|e| Error::internal("Writing the image", e))?;
+                }
+            }
+            f.sync_all()
+                .await
+                .map_err(|e| Error::internal("Writing the image", e))?;
+            tokio::fs::rename(&tmp, &dest)
+                .await
+                .map_err(|e| Error::internal("Saving the image", e))
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        eprintln!("agent: image {rel} uploaded ({total} bytes)");
+        Ok(json_response(
+            StatusCode::CREATED,
+            &serde_json::json!({"path": rel, "size_bytes": total}),
         ))
     }
 }
@@ -980,6 +1191,7 @@ pub fn paths_under(root: &Path) -> Paths {
         images: root.join("images"),
         init_socket: root.join("init.sock"),
         node_log: root.join("node.log"),
+        vmm: PathBuf::from(hvnode_api::paths::VMM_BINARY),
     }
 }
 

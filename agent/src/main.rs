@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 
 const USAGE: &str = "usage: hvnode-agent [--listen ADDR:PORT] [--socket PATH] [--data-dir DIR] \
-[--run-dir DIR] [--images-dir DIR] [--init-socket PATH] [--node-log PATH]";
+[--run-dir DIR] [--images-dir DIR] [--init-socket PATH] [--node-log PATH] [--vmm-binary PATH]";
 
 struct Args {
     listen: SocketAddr,
@@ -30,6 +30,7 @@ fn parse_args() -> Result<Args, String> {
         images: p::IMAGES_DIR.into(),
         init_socket: p::INIT_SOCKET.into(),
         node_log: p::NODE_LOG.into(),
+        vmm: p::VMM_BINARY.into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
             "--images-dir" => paths.images = value.into(),
             "--init-socket" => paths.init_socket = value.into(),
             "--node-log" => paths.node_log = value.into(),
+            "--vmm-binary" => paths.vmm = value.into(),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }

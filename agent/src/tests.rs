@@ -255,3 +255,59 @@ async fn hostname_is_saved_and_needs_init_for_the_live_change() {
     let saved = std::fs::read_to_string(root.join("data/node.toml")).unwrap();
     assert!(saved.contains("rack7"));
 }
+
+#[tokio::test]
+async fn images_upload_list_delete_and_guest_start_checks_paths() {
+    let (a, root) = agent();
+    let put = Request::builder()
+        .method("PUT")
+        .uri("/v1/images/kernels/vmlinuz")
+        .body(Full::new(Bytes::from(vec![7u8; 3 << 20])))
+        .unwrap();
+    let (s, r) = call(&a, put, Origin::Local).await;
+    assert_eq!(
+        (s, r["size_bytes"].as_u64()),
+        (StatusCode::CREATED, Some(3 << 20)),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("images/kernels/vmlinuz"))
+            .unwrap()
+            .len(),
+        3 << 20
+    );
+    let (_, list) = call(&a, req("GET", "/v1/images", ""), Origin::Local).await;
+    assert_eq!(list[0]["path"], "kernels/vmlinuz");
+    let escape = Request::builder()
+        .method("PUT")
+        .uri("/v1/images/../x")
+        .body(Full::new(Bytes::from("x")))
+        .unwrap();
+    assert_eq!(
+        call(&a, escape, Origin::Local).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let spec = r#"{"name":"g","kernel":"kernels/missing","rng":false}"#;
+    assert_eq!(
+        call(&a, req("POST", "/v1/guests", spec), Origin::Local)
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let (s, e) = call(&a, req("POST", "/v1/guests/g/start", ""), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_guest_path"))
+    );
+    let (s, e) = call(&a, req("POST", "/v1/guests/g/stop", ""), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state"))
+    );
+    let del = Request::builder()
+        .method("DELETE")
+        .uri("/v1/images/kernels/vmlinuz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(call(&a, del, Origin::Local).await.0, StatusCode::NO_CONTENT);
+}
