@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up and runs every test: unit tests, host KVM integration tests (they skip with a
 # message where /dev/kvm is missing), then builds the node image and the guest payload and runs
-# the QEMU boot tests (four boots: UEFI/BIOS x CD/USB stick; console, registration, a reboot).
+# the QEMU boot tests (four boots: UEFI/BIOS x CD/USB stick; console, registration, a reboot; a
+# Linux guest run by our VMM nested inside the node).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -18,6 +19,9 @@ cargo test --workspace --exclude hvnode-tests
 
 step "node image"
 ./image/build.sh
+
+step "guest payload for the nested test"
+./tests/guest/build.sh
 
 step "QEMU boot tests"
 HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \

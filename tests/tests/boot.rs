@@ -71,9 +71,7 @@ memory_mib = 256
 kernel = "test/vmlinuz"
 initrd = "test/initramfs.img"
 cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off"
-disks = [{ path = "test/disk.raw", read_only = true }]
-nics = [{ bridge = "br0" }]
-rng = true
+rng = false
 "#;
 
 /// hvnodectl, built by the test command (`cargo build -p hvnodectl`).
@@ -226,6 +224,104 @@ fn ovmf_cd_data_disk_console_registration_and_persistence() {
         "guest definition did not persist:\n{guests}"
     );
 
+    let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
+    assert!(status.success(), "QEMU exit status {status}");
+    vm.assert_clean_console();
+}
+
+/// Registers a booted node with a fresh manager, reading the pairing code from the console.
+fn register(vm: &mut Qemu, dir: &Path) -> PathBuf {
+    let manager = console_screen(vm, b"3", "Pairing code");
+    let code = pairing_code(&manager);
+    let state = dir.join("manager");
+    let url = format!("https://127.0.0.1:{}", vm.api_port);
+    ok(&state, &["init", "--name", "test-manager"]);
+    ok(
+        &state,
+        &["register", "node1", "--url", &url, "--code", &code, "--yes"],
+    );
+    state
+}
+
+#[test]
+fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
+    let name = "nested-guest";
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let guest = repo_root().join("build/guest");
+    assert!(
+        guest.join("initramfs.img").is_file(),
+        "build/guest is missing: run tests/guest/build.sh"
+    );
+    let dir = scratch_dir(name);
+    let mut opts = Options::new(name, Firmware::SeaBios, Medium::Cd);
+    opts.nested = true;
+    opts.memory_mib = 2048;
+    let mut vm = Qemu::start(&iso, &opts, &dir);
+    vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    let state = register(&mut vm, &dir);
+    let info = ok(&state, &["--json", "node", "info", "node1"]);
+    assert!(
+        info.contains("\"kvm\":true") || info.contains("\"kvm\": true"),
+        "KVM is not usable inside the node: {info}"
+    );
+    for f in ["vmlinuz", "initramfs.img"] {
+        let local = guest.join(f);
+        ok(
+            &state,
+            &[
+                "image",
+                "upload",
+                "node1",
+                local.to_str().unwrap_or_default(),
+                &format!("test/{f}"),
+            ],
+        );
+    }
+    let spec = dir.join("guest.toml");
+    std::fs::write(&spec, GUEST_SPEC).expect("write guest spec");
+    ok(
+        &state,
+        &[
+            "guest",
+            "define",
+            "node1",
+            spec.to_str().unwrap_or_default(),
+        ],
+    );
+    ok(&state, &["guest", "start", "node1", "testguest"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    let console = loop {
+        let (_, console) = hvnodectl(&state, &["guest", "console", "node1", "testguest"]);
+        if console.contains("hvnode-guest: done") || console.contains("FAIL") {
+            break console;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nested guest did not finish within 900 s; console:\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    assert!(
+        !console.contains("FAIL"),
+        "guest reported a failure:\n{console}"
+    );
+    assert!(console.contains("hvnode-guest: started"), "{console}");
+    assert!(console.contains("hvnode-guest: kernel 6."), "{console}");
+    // The guest powers itself off through ACPI; the VMM then exits and the guest is stopped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let show = ok(&state, &["--json", "guest", "show", "node1", "testguest"]);
+        if show.contains("\"stopped\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest did not stop after powering off: {show}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
     assert!(status.success(), "QEMU exit status {status}");
     vm.assert_clean_console();
