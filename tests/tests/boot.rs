@@ -303,6 +303,7 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         );
         std::thread::sleep(Duration::from_secs(5));
     };
+    eprintln!("nested guest console:\n{console}");
     assert!(
         !console.contains("FAIL"),
         "guest reported a failure:\n{console}"
