@@ -26,7 +26,7 @@ use hvnode_api::config::NodeConfig;
 use hvnode_api::error::ApiError;
 use hvnode_api::guest::GuestSpec;
 use hvnode_api::init::{InitRequest, InitResponse};
-use hvnode_api::node::{Hostname, NetworkView, NodeStats, PowerAction, StorageView};
+use hvnode_api::node::{Hostname, NetworkView, NodeStats, PowerAction, StorageInit, StorageView};
 use hvnode_api::registration::{
     AcceptManager, JoinState, ManagerCandidate, ManagerUrl, NodeJoinRequest, NodeJoinStatus,
     PairRequest, RegistrationState, RegistrationStatus,
@@ -216,6 +216,19 @@ pub struct Agent {
     candidate: Mutex<Option<(ManagerCandidate, String)>>,
     /// Guest VMM processes.
     running: Arc<guests::Guests>,
+    /// An applied network change waiting for confirmation.
+    pending_network: Mutex<Option<PendingNetwork>>,
+}
+
+/// How long an applied network change waits for confirmation before it rolls back.
+pub const NETWORK_ROLLBACK: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct PendingNetwork {
+    token: u64,
+    new: hvnode_api::config::NetworkConfig,
+    previous: hvnode_api::config::NetworkConfig,
+    deadline: std::time::Instant,
 }
 
 impl std::fmt::Debug for Agent {
@@ -249,6 +262,7 @@ impl Agent {
             cpu: Mutex::new(node::cpu_times()),
             candidate: Mutex::new(None),
             running: Arc::new(guests::Guests::default()),
+            pending_network: Mutex::new(None),
             paths,
         })
     }
@@ -479,12 +493,108 @@ impl Agent {
                 Ok(json_response(StatusCode::OK, &info))
             }
             (&Method::GET, "/v1/network") => {
-                let view = NetworkView {
-                    config: self.node_config()?.network,
-                    status: node::network_status(&self.paths.run),
-                    rollback_in_secs: None,
+                Ok(json_response(StatusCode::OK, &self.network_view()?))
+            }
+            (&Method::PUT, "/v1/network") => {
+                let network = json!(hvnode_api::config::NetworkConfig);
+                network.validate().map_err(|e| {
+                    Error::new(StatusCode::BAD_REQUEST, "invalid_network", e.to_string())
+                })?;
+                let saved = self.node_config()?.network;
+                tokio::task::spawn_blocking({
+                    let me = Arc::clone(self);
+                    let network = network.clone();
+                    move || me.init_request(&InitRequest::ApplyNetwork { network })
+                })
+                .await
+                .map_err(|e| Error::internal("Network", e))??;
+                let token = {
+                    let mut p = self
+                        .pending_network
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let token = p.as_ref().map_or(1, |x| x.token + 1);
+                    *p = Some(PendingNetwork {
+                        token,
+                        new: network,
+                        previous: saved,
+                        deadline: std::time::Instant::now() + NETWORK_ROLLBACK,
+                    });
+                    token
                 };
-                Ok(json_response(StatusCode::OK, &view))
+                eprintln!(
+                    "agent: network change applied; rolls back in {} s unless confirmed",
+                    NETWORK_ROLLBACK.as_secs()
+                );
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(NETWORK_ROLLBACK).await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || me.rollback_network(Some(token))).await;
+                });
+                Ok(json_response(StatusCode::OK, &self.network_view()?))
+            }
+            (&Method::POST, "/v1/network/confirm") => {
+                let pending = self
+                    .pending_network
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .ok_or_else(|| {
+                        Error::new(
+                            StatusCode::CONFLICT,
+                            "no_pending_change",
+                            "There is no network change to confirm",
+                        )
+                    })?;
+                let mut config = self.node_config()?;
+                config.network = pending.new;
+                store::write_atomic(
+                    &self.paths.node_config(),
+                    config.to_toml().as_bytes(),
+                    0o644,
+                )
+                .map_err(|e| Error::internal("Saving node.toml", e))?;
+                eprintln!("agent: network change confirmed and saved");
+                Ok(json_response(StatusCode::OK, &self.network_view()?))
+            }
+            (&Method::POST, "/v1/network/rollback") => {
+                let me = Arc::clone(self);
+                let rolled = tokio::task::spawn_blocking(move || me.rollback_network(None))
+                    .await
+                    .map_err(|e| Error::internal("Network", e))??;
+                if !rolled {
+                    return Err(Error::new(
+                        StatusCode::CONFLICT,
+                        "no_pending_change",
+                        "There is no network change to roll back",
+                    ));
+                }
+                Ok(json_response(StatusCode::OK, &self.network_view()?))
+            }
+            (&Method::POST, "/v1/storage/init") => {
+                let req = json!(StorageInit);
+                if req.device != req.confirm {
+                    return Err(Error::new(
+                        StatusCode::BAD_REQUEST,
+                        "confirmation_mismatch",
+                        "Type the device name again in `confirm` exactly as in `device`",
+                    ));
+                }
+                let me = Arc::clone(self);
+                tokio::task::spawn_blocking(move || {
+                    me.init_request(&InitRequest::InitStorage { device: req.device })
+                })
+                .await
+                .map_err(|e| Error::internal("Storage", e))??;
+                let run = self.paths.run.clone();
+                Ok(json_response(
+                    StatusCode::OK,
+                    &StorageView {
+                        status: node::storage_status(&run),
+                        blank_disks: Vec::new(),
+                    },
+                ))
             }
             (&Method::GET, "/v1/storage") => {
                 let run = self.paths.run.clone();
@@ -800,6 +910,48 @@ impl Agent {
                 }
             }
         });
+    }
+
+    fn network_view(&self) -> Result<NetworkView, Error> {
+        let rollback_in_secs = self
+            .pending_network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| {
+                p.deadline
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs()
+            });
+        Ok(NetworkView {
+            config: self.node_config()?.network,
+            status: node::network_status(&self.paths.run),
+            rollback_in_secs,
+        })
+    }
+
+    /// Re-applies the saved network configuration if a change is pending (and, when `token` is
+    /// given, only if it is still that change). Returns whether it rolled back.
+    fn rollback_network(&self, token: Option<u64>) -> Result<bool, Error> {
+        let pending = {
+            let mut p = self
+                .pending_network
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match (p.as_ref(), token) {
+                (Some(x), Some(t)) if x.token != t => return Ok(false),
+                (None, _) => return Ok(false),
+                _ => p.take(),
+            }
+        };
+        let Some(pending) = pending else {
+            return Ok(false);
+        };
+        eprintln!("agent: rolling the network back to the saved configuration");
+        self.init_request(&InitRequest::ApplyNetwork {
+            network: pending.previous,
+        })?;
+        Ok(true)
     }
 
     fn node_config(&self) -> Result<NodeConfig, Error> {

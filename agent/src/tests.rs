@@ -2,6 +2,7 @@
 
 use super::*;
 use http_body_util::Full;
+use std::path::Path;
 
 fn agent() -> (Arc<Agent>, PathBuf) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -310,4 +311,78 @@ async fn images_upload_list_delete_and_guest_start_checks_paths() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(call(&a, del, Origin::Local).await.0, StatusCode::NO_CONTENT);
+}
+
+/// Answers every request on the agent's init socket with `ok`, recording them.
+fn fake_init(root: &Path) -> Arc<Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = std::os::unix::net::UnixListener::bind(root.join("init.sock")).unwrap();
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut line = String::new();
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            if r.read_line(&mut line).is_ok() {
+                log.lock().unwrap().push(line);
+                let _ = writeln!(&conn, r#"{{"result":"ok"}}"#);
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn network_changes_wait_for_confirmation_and_roll_back() {
+    let (a, root) = agent();
+    let net = r#"{"interfaces":[{"name":"eth0","mode":"static","addresses":["192.0.2.10/24"]}]}"#;
+    let (s, e) = call(&a, req("PUT", "/v1/network", net), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("init_unavailable"))
+    );
+    let seen = fake_init(&root);
+    let bad = r#"{"interfaces":[{"name":"eth0","vlan":5000}]}"#;
+    assert_eq!(
+        call(&a, req("PUT", "/v1/network", bad), Origin::Local)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    let (s, v) = call(&a, req("PUT", "/v1/network", net), Origin::Local).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["rollback_in_secs"].as_u64().unwrap() > 50);
+    assert_eq!(
+        call(&a, req("POST", "/v1/network/rollback", ""), Origin::Local)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "applied, then the saved config re-applied"
+    );
+    assert_eq!(
+        call(&a, req("POST", "/v1/network/confirm", ""), Origin::Local)
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
+    call(&a, req("PUT", "/v1/network", net), Origin::Local).await;
+    assert_eq!(
+        call(&a, req("POST", "/v1/network/confirm", ""), Origin::Local)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert!(std::fs::read_to_string(root.join("data/node.toml"))
+        .unwrap()
+        .contains("192.0.2.10/24"));
+    let mismatch = r#"{"device":"/dev/sdb","confirm":"/dev/sdc"}"#;
+    let (s, e) = call(&a, req("POST", "/v1/storage/init", mismatch), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("confirmation_mismatch"))
+    );
 }
