@@ -10,6 +10,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod payload;
 pub mod serial;
 pub mod vm;
 

@@ -26,43 +26,7 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// An ELF64 executable whose single segment is `code`, loaded and entered at 1 MiB.
-fn elf(code: &[u8]) -> Vec<u8> {
-    const BASE: u64 = 0x10_0000;
-    let mut f = vec![0u8; 0x1000];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1; // version
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&BASE.to_le_bytes()); // entry
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-    let ph = &mut f[64..120];
-    ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
-    ph[16..24].copy_from_slice(&BASE.to_le_bytes()); // vaddr
-    ph[24..32].copy_from_slice(&BASE.to_le_bytes()); // paddr
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
-}
-
-/// `mov dx, 0x3f8`, then `mov al, c; out dx, al` for each byte of `text`.
-fn print(text: &str) -> Vec<u8> {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03];
-    for b in text.bytes() {
-        code.extend_from_slice(&[0xb0, b, 0xee]);
-    }
-    code
-}
+use hvnode_vmm::payload::{elf64 as elf, serial_print as print, RESET, SPIN};
 
 fn config(dir: &Path, kernel: &Path) -> String {
     serde_json::json!({
@@ -83,7 +47,7 @@ fn payload_prints_to_the_serial_port_and_resets_through_the_i8042() {
     }
     let dir = scratch("hello");
     let mut code = print("hello from hvnode\n");
-    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]); // out 0x64, 0xfe; hlt
+    code.extend_from_slice(&RESET);
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(&code)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
@@ -108,7 +72,7 @@ fn control_socket_describes_counts_refuses_bad_requests_and_stops() {
     }
     let dir = scratch("control");
     let mut code = print("up\n");
-    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    code.extend_from_slice(&SPIN);
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(&code)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))

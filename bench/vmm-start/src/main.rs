@@ -8,36 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hvnode_vmm::payload::{elf64, serial_print, SPIN};
+
 const RUNS: usize = 25;
 const GUEST_MIB: u64 = 256;
-
-fn elf(code: &[u8]) -> Vec<u8> {
-    const BASE: u64 = 0x10_0000;
-    let mut f = vec![0u8; 0x1000];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[6] = 1;
-    f[16..18].copy_from_slice(&2u16.to_le_bytes());
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&BASE.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[52..54].copy_from_slice(&64u16.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut f[64..120];
-    ph[..4].copy_from_slice(&1u32.to_le_bytes());
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    ph[16..24].copy_from_slice(&BASE.to_le_bytes());
-    ph[24..32].copy_from_slice(&BASE.to_le_bytes());
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
-}
 
 fn config(dir: &Path, kernel: &Path, log: &Path) -> String {
     serde_json::json!({
@@ -90,12 +64,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("hvnode-bench-vmm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let kernel = dir.join("payload.elf");
-    // mov dx,0x3f8; mov al,'!'; out dx,al; jmp $
-    std::fs::write(
-        &kernel,
-        elf(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xeb, 0xfe]),
-    )
-    .expect("payload");
+    let mut code = serial_print("!");
+    code.extend_from_slice(&SPIN);
+    std::fs::write(&kernel, elf64(&code)).expect("payload");
     let mut times = Vec::new();
     let mut overhead = Vec::new();
     for i in 0..RUNS {
