@@ -21,10 +21,11 @@ pub struct Running {
 }
 
 /// What the agent knows about guest processes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Guests {
     running: Mutex<HashMap<String, Running>>,
     crashed: Mutex<HashMap<String, String>>,
+    events: Arc<crate::events::EventLog>,
 }
 
 /// Errors starting a guest.
@@ -52,6 +53,15 @@ pub fn resolve(images: &Path, what: &'static str, rel: &str) -> Result<PathBuf, 
 }
 
 impl Guests {
+    /// No guests yet; state changes go to `events`.
+    pub fn new(events: Arc<crate::events::EventLog>) -> Self {
+        Guests {
+            running: Mutex::new(HashMap::new()),
+            crashed: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
     /// The state and pid of a guest.
     pub fn state(&self, name: &str) -> (GuestState, Option<u32>, Option<u64>) {
         if let Some(r) = self
@@ -170,6 +180,7 @@ impl Guests {
                 },
             );
         eprintln!("agent: guest {} started (vmm pid {pid})", spec.name);
+        self.events.emit("guest_state", Some(&spec.name), "running");
         let me = Arc::clone(self);
         let (spec, images, run_dir, vmm) = (
             spec.clone(),
@@ -185,9 +196,13 @@ impl Guests {
                 .remove(&spec.name);
             let _ = std::fs::remove_file(dir.join("pid"));
             match code {
-                Some(0) => eprintln!("agent: guest {} stopped", spec.name),
+                Some(0) => {
+                    eprintln!("agent: guest {} stopped", spec.name);
+                    me.events.emit("guest_state", Some(&spec.name), "stopped");
+                }
                 Some(3) => {
                     eprintln!("agent: guest {} rebooted; starting it again", spec.name);
+                    me.events.emit("guest_state", Some(&spec.name), "rebooting");
                     if let Err(e) = me.start(&spec, &images, &run_dir, &vmm) {
                         eprintln!("agent: guest {}: {e}", spec.name);
                     }
@@ -196,6 +211,8 @@ impl Guests {
                     let tail = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
                     let last = tail.lines().last().unwrap_or("").to_owned();
                     eprintln!("agent: guest {} crashed ({other:?}): {last}", spec.name);
+                    me.events
+                        .emit("guest_state", Some(&spec.name), format!("crashed: {last}"));
                     me.crashed
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -5,6 +5,7 @@
 //! a response, so that tests drive it without sockets.
 #![forbid(unsafe_code)]
 
+pub mod events;
 pub mod guests;
 pub mod manager;
 pub mod node;
@@ -135,11 +136,13 @@ impl Error {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// Every response body: whole (JSON, text) or streamed (events).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+type Resp = Response<Body>;
 
 fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp {
     let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -149,7 +152,7 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp {
 }
 
 fn text_response(status: StatusCode, text: String, content_type: &'static str) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(text)));
+    let mut r = Response::new(Full::new(Bytes::from(text)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -218,6 +221,8 @@ pub struct Agent {
     running: Arc<guests::Guests>,
     /// An applied network change waiting for confirmation.
     pending_network: Mutex<Option<PendingNetwork>>,
+    /// Events for `GET /v1/events`.
+    events: Arc<events::EventLog>,
 }
 
 /// How long an applied network change waits for confirmation before it rolls back.
@@ -249,6 +254,7 @@ impl Agent {
             .and_then(|t| toml::from_str(&t).ok())
             .unwrap_or_default();
         let config = tls::server_config(&identity, registration.ca_pem.as_deref())?;
+        let events = Arc::new(events::EventLog::default());
         Ok(Agent {
             fingerprint: tls::fingerprint(&identity.cert_der),
             identity,
@@ -261,7 +267,8 @@ impl Agent {
             tls: RwLock::new(Arc::new(config)),
             cpu: Mutex::new(node::cpu_times()),
             candidate: Mutex::new(None),
-            running: Arc::new(guests::Guests::default()),
+            running: Arc::new(guests::Guests::new(Arc::clone(&events))),
+            events,
             pending_network: Mutex::new(None),
             paths,
         })
@@ -429,6 +436,37 @@ impl Agent {
         }
         let me = Arc::clone(self);
         match (&method, path.as_str()) {
+            (&Method::GET, "/v1/events") => {
+                let since = query_param(&query, "since")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let (backlog, mut live) = self.events.subscribe(since);
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                tokio::spawn(async move {
+                    for ev in &backlog {
+                        if tx.send(events::sse_frame(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    loop {
+                        match live.recv().await {
+                            Ok(ev) => {
+                                if tx.send(events::sse_frame(&ev)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        }
+                    }
+                });
+                let mut r = Response::new(events::ChannelBody(rx).boxed());
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/event-stream"),
+                );
+                Ok(r)
+            }
             (&Method::GET, "/v1/health") => Ok(json_response(
                 StatusCode::OK,
                 &serde_json::json!({"status": "ok", "version": hvnode_api::VERSION}),
@@ -444,6 +482,7 @@ impl Agent {
             (&Method::DELETE, "/v1/registration") => {
                 self.set_registration(Registration::default())?;
                 eprintln!("agent: unregistered");
+                self.events.emit("registration", None, "unregistered");
                 Ok(json_response(
                     StatusCode::OK,
                     &self.registration_status(origin),
@@ -556,6 +595,8 @@ impl Agent {
                 )
                 .map_err(|e| Error::internal("Saving node.toml", e))?;
                 eprintln!("agent: network change confirmed and saved");
+                self.events
+                    .emit("network", None, "network change confirmed and saved");
                 Ok(json_response(StatusCode::OK, &self.network_view()?))
             }
             (&Method::POST, "/v1/network/rollback") => {
@@ -627,6 +668,8 @@ impl Agent {
                     PowerAction::Poweroff => InitRequest::PowerOff,
                 };
                 eprintln!("agent: power request {action:?}");
+                self.events
+                    .emit("power", None, format!("{action:?}").to_lowercase());
                 tokio::task::spawn_blocking(move || me.init_request(&request))
                     .await
                     .map_err(|e| Error::internal("Power", e))??;
@@ -745,6 +788,11 @@ impl Agent {
             registered_at: now_secs(),
         })?;
         eprintln!("agent: registered with manager {}", req.manager_name);
+        self.events.emit(
+            "registration",
+            None,
+            format!("registered with manager {}", req.manager_name),
+        );
         Ok(json_response(
             StatusCode::OK,
             &self.registration_status(origin),
@@ -898,12 +946,22 @@ impl Agent {
                         done.registered_at = now_secs();
                         if me.set_registration(done).is_ok() {
                             eprintln!("agent: the manager approved the join request: registered");
+                            me.events.emit(
+                                "registration",
+                                None,
+                                "the manager approved the join request",
+                            );
                         }
                         return;
                     }
                     Some(JoinState::Rejected) => {
                         let _ = me.set_registration(Registration::default());
                         eprintln!("agent: the manager rejected the join request");
+                        me.events.emit(
+                            "registration",
+                            None,
+                            "the manager rejected the join request",
+                        );
                         return;
                     }
                     _ => tokio::time::sleep(Duration::from_secs(2)).await,
@@ -948,6 +1006,8 @@ impl Agent {
             return Ok(false);
         };
         eprintln!("agent: rolling the network back to the saved configuration");
+        self.events
+            .emit("network", None, "network change rolled back");
         self.init_request(&InitRequest::ApplyNetwork {
             network: pending.previous,
         })?;
@@ -1009,6 +1069,8 @@ impl Agent {
             hostname: hostname.to_owned(),
         })?;
         eprintln!("agent: host name set to {hostname}");
+        self.events
+            .emit("network", None, format!("host name set to {hostname}"));
         Ok(node::info(&self.paths.run))
     }
 
@@ -1138,6 +1200,15 @@ impl Agent {
         let text = toml::to_string(&spec).map_err(|e| Error::internal("Guest definition", e))?;
         store::write_atomic(&path, text.as_bytes(), 0o644)
             .map_err(|e| Error::internal("Saving the guest definition", e))?;
+        self.events.emit(
+            "guest_defined",
+            Some(&spec.name),
+            if update {
+                "definition updated"
+            } else {
+                "defined"
+            },
+        );
         let status = if update {
             StatusCode::OK
         } else {
@@ -1162,6 +1233,7 @@ impl Agent {
                 format!("No guest named {name:?}"),
             )
         })?;
+        self.events.emit("guest_deleted", Some(name), "deleted");
         Ok(text_response(
             StatusCode::NO_CONTENT,
             String::new(),

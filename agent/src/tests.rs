@@ -386,3 +386,32 @@ async fn network_changes_wait_for_confirmation_and_roll_back() {
         (StatusCode::BAD_REQUEST, Some("confirmation_mismatch"))
     );
 }
+
+#[tokio::test]
+async fn events_stream_replays_and_follows_as_server_sent_events() {
+    let (a, _) = agent();
+    let spec = r#"{"name":"ev","kernel":"vmlinuz","rng":false}"#;
+    call(&a, req("POST", "/v1/guests", spec), Origin::Local).await;
+    let resp = a
+        .handle(req("GET", "/v1/events?since=0", ""), Origin::Local)
+        .await;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = next_frame(&mut body).await;
+    assert!(
+        first.starts_with("id: 1\ndata: ") && first.contains("guest_defined"),
+        "{first}"
+    );
+    call(&a, req("DELETE", "/v1/guests/ev", ""), Origin::Local).await;
+    let second = next_frame(&mut body).await;
+    assert!(second.contains("guest_deleted"), "{second}");
+}
+
+async fn next_frame(b: &mut Body) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(5), b.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+}
