@@ -415,3 +415,45 @@ async fn next_frame(b: &mut Body) -> String {
         .unwrap();
     String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
 }
+
+/// Every route in docs/api.md's agent table is served (whatever the answer, it is not the
+/// unknown-route 404), so the document and the router cannot drift apart silently.
+#[tokio::test]
+async fn every_documented_route_is_routed() {
+    let doc = include_str!("../../docs/api.md");
+    let agent_part = doc.split("## Manager side").next().unwrap();
+    let (a, _) = agent();
+    let mut checked = 0;
+    for line in agent_part.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 3 || !["GET", "POST", "PUT", "DELETE"].contains(&cells[1]) {
+            continue;
+        }
+        let (method, path) = (cells[1], cells[2]);
+        let mut paths = vec![path.to_owned()];
+        if let Some(start) = path.find("/{start,") {
+            let alts = &path[start + 2..path.len() - 1];
+            paths = alts
+                .split(',')
+                .map(|op| format!("{}/{op}", &path[..start]))
+                .collect();
+        }
+        for p in paths {
+            let p = p.replace("{name}", "x").replace("{path}", "dir/file");
+            if method == "GET" && p == "/v1/events" {
+                // A stream: routed if it answers with the event-stream type.
+                let resp = a.handle(req(method, &p, ""), Origin::Local).await;
+                assert_eq!(resp.headers()["content-type"], "text/event-stream");
+                checked += 1;
+                continue;
+            }
+            let (_, body) = call(&a, req(method, &p, "{}"), Origin::Local).await;
+            assert_ne!(
+                body["code"], "not_found",
+                "{method} {p} is documented but not routed"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} routes found in docs/api.md");
+}
