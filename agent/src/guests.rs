@@ -131,6 +131,7 @@ impl Guests {
             serial_log: Some(path_str(dir.join("console.log"))),
             serial_socket: Some(path_str(dir.join("console.sock"))),
             control_socket: Some(path_str(dir.join("control.sock"))),
+            exit_file: Some(path_str(dir.join("exit.json"))),
         };
         if !spec.nics.is_empty() {
             return Err(GuestError::Spawn(

@@ -43,6 +43,20 @@ pub struct VmConfig {
     /// Unix socket of the control protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<String>,
+    /// File the VMM writes its [`VmExit`] to (atomically) just before it exits, so that a
+    /// supervisor that is not its parent (an agent that restarted) learns how the guest ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_file: Option<String>,
+}
+
+/// How a VMM process ended, written to [`VmConfig::exit_file`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmExit {
+    /// The process exit code: 0 powered off or stopped, 1 setup error, 2 crashed, 3 reboot.
+    pub code: i32,
+    /// One line saying why.
+    pub reason: String,
 }
 
 /// A virtio-blk device backed by a raw image file.
@@ -64,6 +78,9 @@ pub struct VmNet {
     pub tap: String,
     /// Guest MAC address.
     pub mac: String,
+    /// Bridge the VMM adds the tap device to (and brings it up); `None` leaves it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 /// A control request.
