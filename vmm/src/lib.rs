@@ -10,8 +10,10 @@
 
 pub mod acpi;
 pub mod boot;
+mod control;
 pub mod payload;
 pub mod serial;
+mod vcpu;
 pub mod vm;
 
 pub use vm::{run, ExitReason, VmError};

@@ -1,31 +1,27 @@
 //! Building the VM and running its vCPUs until the guest powers off, reboots or crashes.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use hvnode_api::vmm::{VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use hvnode_api::vmm::VmConfig;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::control::control_loop;
 use crate::serial::SerialOut;
+use crate::vcpu::{setup_vcpu, vcpu_loop, Counters};
 use crate::{acpi, boot};
 
-const SERIAL_BASE: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
-const I8042_COMMAND: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
 
 /// Errors setting up or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +58,7 @@ pub enum ExitReason {
 }
 
 /// An eventfd wired to a GSI with KVM_IRQFD: the serial port's interrupt line.
-struct IrqLine(EventFd);
+pub(crate) struct IrqLine(EventFd);
 
 impl Trigger for IrqLine {
     type E = std::io::Error;
@@ -71,15 +67,7 @@ impl Trigger for IrqLine {
     }
 }
 
-type Console = Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
-
-/// Counters the control socket reports.
-#[derive(Default)]
-struct Counters {
-    io: AtomicU64,
-    mmio: AtomicU64,
-    serial_bytes: AtomicU64,
-}
+pub(crate) type Console = Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
 
 fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -127,111 +115,6 @@ fn load_initrd(
     Ok((addr, data.len() as u64))
 }
 
-fn setup_vcpu(kvm: &Kvm, vm: &VmFd, id: u32, entry: u64) -> Result<VcpuFd, VmError> {
-    let vcpu = vm.create_vcpu(u64::from(id))?;
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                // Without the hypervisor bit a nested guest cannot calibrate its clock.
-                e.ecx |= 1 << 31;
-                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
-            }
-            0xb => e.edx = id,
-            _ => {}
-        }
-    }
-    vcpu.set_cpuid2(&cpuid)?;
-    let sregs = boot::long_mode_sregs(vcpu.get_sregs()?);
-    vcpu.set_sregs(&sregs)?;
-    vcpu.set_regs(&boot::entry_regs(entry))?;
-    vcpu.set_fpu(&boot::fpu())?;
-    // LINT0 as ExtINT and LINT1 as NMI, as firmware leaves them.
-    let mut lapic = vcpu.get_lapic()?;
-    for (offset, mode) in [(0x350usize, 7u32), (0x360, 4)] {
-        let mut raw = [0u8; 4];
-        for (i, b) in raw.iter_mut().enumerate() {
-            *b = lapic.regs[offset + i] as u8;
-        }
-        let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
-        for (i, b) in v.to_le_bytes().iter().enumerate() {
-            lapic.regs[offset + i] = *b as _;
-        }
-    }
-    vcpu.set_lapic(&lapic)?;
-    Ok(vcpu)
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
-
-fn control_loop(
-    listener: UnixListener,
-    config: VmConfig,
-    started: Instant,
-    counters: Arc<Counters>,
-    exit: mpsc::Sender<ExitReason>,
-) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let Ok(mut w) = conn.try_clone() else {
-            continue;
-        };
-        for line in BufReader::new(conn).lines() {
-            let Ok(line) = line else { break };
-            let resp = match serde_json::from_str::<VmmRequest>(&line) {
-                Err(e) => VmmResponse::Error {
-                    code: "bad_request".into(),
-                    message: format!("Invalid request: {e}"),
-                },
-                Ok(VmmRequest::Describe) => VmmResponse::Description {
-                    config: config.clone(),
-                    state: VmRunState::Running,
-                    uptime_secs: started.elapsed().as_secs(),
-                },
-                Ok(VmmRequest::Stats) => {
-                    let mut exits = std::collections::BTreeMap::new();
-                    exits.insert("io".to_owned(), counters.io.load(Ordering::Relaxed));
-                    exits.insert("mmio".to_owned(), counters.mmio.load(Ordering::Relaxed));
-                    let mut serial = std::collections::BTreeMap::new();
-                    serial.insert("tx_bytes".to_owned(), counters.serial_bytes.load(Ordering::Relaxed));
-                    let mut devices = std::collections::BTreeMap::new();
-                    devices.insert("serial".to_owned(), serial);
-                    VmmResponse::Stats {
-                        stats: VmStats {
-                            vcpu_exits: vec![exits],
-                            devices,
-                            memory_bytes: config.memory_mib << 20,
-                            rss_bytes: rss_bytes(),
-                        },
-                    }
-                }
-                Ok(VmmRequest::Stop) => {
-                    let _ = writeln!(w, "{}", serde_json::to_string(&VmmResponse::Ok).unwrap_or_default());
-                    let _ = exit.send(ExitReason::PowerOff);
-                    return;
-                }
-                Ok(op @ (VmmRequest::Pause | VmmRequest::Resume | VmmRequest::Shutdown)) => VmmResponse::Error {
-                    code: "unsupported".into(),
-                    message: format!("{op:?} is not supported by this VMM yet (no vCPU parking, no i8042 keyboard); use stop"),
-                },
-            };
-            if writeln!(w, "{}", serde_json::to_string(&resp).unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    }
-}
-
 fn console_loop(
     listener: UnixListener,
     clients: Arc<Mutex<Vec<UnixStream>>>,
@@ -262,74 +145,6 @@ fn console_loop(
 fn bind(path: &str) -> Result<UnixListener, VmError> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path).map_err(|e| VmError::File(format!("socket {path}"), e))
-}
-
-fn vcpu_loop(
-    mut vcpu: VcpuFd,
-    console: Arc<Mutex<Console>>,
-    counters: Arc<Counters>,
-    exit: mpsc::Sender<ExitReason>,
-) {
-    let reason = loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                counters.io.fetch_add(1, Ordering::Relaxed);
-                let value = data.first().copied().unwrap_or(0);
-                match port {
-                    p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => {
-                        if p == SERIAL_BASE {
-                            counters.serial_bytes.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = console
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .write((p - SERIAL_BASE) as u8, value);
-                    }
-                    I8042_COMMAND if value == I8042_RESET => break ExitReason::Reboot,
-                    acpi::SLEEP_CONTROL_PORT if acpi::is_poweroff_request(value) => {
-                        break ExitReason::PowerOff
-                    }
-                    _ => {}
-                }
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                counters.io.fetch_add(1, Ordering::Relaxed);
-                let value = match port {
-                    p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => console
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .read((p - SERIAL_BASE) as u8),
-                    // CMOS reads as zero so that probes of absent hardware fail fast.
-                    0x70 | 0x71 => 0,
-                    _ => 0xff,
-                };
-                data.fill(value);
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                counters.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
-            }
-            Ok(VcpuExit::MmioWrite(..)) => {
-                counters.mmio.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => {
-                break ExitReason::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                break ExitReason::Crash(format!(
-                    "VM entry failed on cpu {cpu}: reason {reason:#x}"
-                ))
-            }
-            Ok(VcpuExit::InternalError) => {
-                break ExitReason::Crash("KVM internal error (emulation failure)".into())
-            }
-            Ok(other) => break ExitReason::Crash(format!("unexpected vCPU exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => break ExitReason::Crash(format!("KVM_RUN: {e}")),
-        }
-    };
-    let _ = exit.send(reason);
 }
 
 /// Builds the VM described by `config` and runs it until it ends.
