@@ -971,20 +971,24 @@ impl Agent {
     }
 
     fn network_view(&self) -> Result<NetworkView, Error> {
-        let rollback_in_secs = self
+        let (rollback_in_secs, pending) = self
             .pending_network
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|p| {
-                p.deadline
+                let left = p
+                    .deadline
                     .saturating_duration_since(std::time::Instant::now())
-                    .as_secs()
-            });
+                    .as_secs();
+                (Some(left), Some(p.new.clone()))
+            })
+            .unwrap_or_default();
         Ok(NetworkView {
             config: self.node_config()?.network,
             status: node::network_status(&self.paths.run),
             rollback_in_secs,
+            pending,
         })
     }
 

@@ -38,6 +38,13 @@ pub enum ConfigError {
     /// A gateway is of the wrong family.
     #[error("Gateway {0} is not an address of the right family")]
     Gateway(IpAddr),
+    /// A static interface's gateway is outside every subnet of its addresses, so the kernel
+    /// would refuse the route.
+    #[error("Gateway {0} is not inside the subnet of any of the interface's static addresses")]
+    GatewaySubnet(IpAddr),
+    /// A gateway is one of the interface's own addresses.
+    #[error("Gateway {0} is the interface's own address")]
+    GatewayIsSelf(IpAddr),
     /// An interface is configured twice.
     #[error("Interface {0:?} is configured twice")]
     Duplicate(String),
@@ -183,6 +190,38 @@ impl std::str::FromStr for Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `ip` lies in this address's subnet.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Cidr {
+                addr: ip,
+                prefix: self.prefix,
+            }
+            .network()
+                == self.network()
+    }
+
+    /// The subnet itself: the address with the host bits cleared.
+    pub fn network(&self) -> Cidr {
+        let host_bits = |width: u32| width - u32::from(self.prefix).min(width);
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(host_bits(32)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(host_bits(128)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -226,6 +265,33 @@ pub fn validate_ifname(name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Checks a VLAN id (802.1Q: 0 and 4095 are reserved).
+pub fn validate_vlan(id: u16) -> Result<(), ConfigError> {
+    if (1..=4094).contains(&id) {
+        Ok(())
+    } else {
+        Err(ConfigError::Vlan(id))
+    }
+}
+
+/// Checks that a static interface can route through `gateway`: it must lie in the subnet of
+/// one of `addresses` of its family, and not be one of them. An IPv6 link-local gateway
+/// (`fe80::/10`, what routers advertise) is reachable on any link.
+pub fn validate_gateway(gateway: IpAddr, addresses: &[Cidr]) -> Result<(), ConfigError> {
+    if addresses.iter().any(|c| c.addr == gateway) {
+        return Err(ConfigError::GatewayIsSelf(gateway));
+    }
+    let link_local = match gateway {
+        IpAddr::V6(g) => g.segments()[0] & 0xffc0 == 0xfe80,
+        IpAddr::V4(_) => false,
+    };
+    if link_local || addresses.iter().any(|c| c.contains(gateway)) {
+        Ok(())
+    } else {
+        Err(ConfigError::GatewaySubnet(gateway))
+    }
+}
+
 impl InterfaceConfig {
     /// Name of the device these settings apply to (`eth0` or `eth0.100`).
     pub fn device_name(&self) -> String {
@@ -244,9 +310,7 @@ impl InterfaceConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_ifname(&self.name)?;
         if let Some(v) = self.vlan {
-            if !(1..=4094).contains(&v) {
-                return Err(ConfigError::Vlan(v));
-            }
+            validate_vlan(v)?;
             validate_ifname(&self.device_name())?;
         }
         let cidrs = self.cidrs()?;
@@ -261,6 +325,12 @@ impl InterfaceConfig {
         if let Some(g) = self.gateway6 {
             if !g.is_ipv6() {
                 return Err(ConfigError::Gateway(g));
+            }
+        }
+        // DHCP and manual interfaces ignore the gateways; only a static one routes through them.
+        if self.mode == AddressMode::Static {
+            for g in self.gateway4.iter().chain(self.gateway6.iter()) {
+                validate_gateway(*g, &cidrs)?;
             }
         }
         Ok(())
@@ -377,5 +447,70 @@ vlan = 100
             NodeConfig::from_toml("bogus = 1"),
             Err(ConfigError::Toml(_))
         ));
+    }
+
+    #[test]
+    fn subnet_membership_follows_the_prefix() {
+        let c: Cidr = "192.0.2.10/24".parse().unwrap();
+        assert!(c.contains("192.0.2.254".parse().unwrap()));
+        assert!(!c.contains("192.0.3.1".parse().unwrap()));
+        assert!(!c.contains("2001:db8::1".parse().unwrap()));
+        assert_eq!(c.network().to_string(), "192.0.2.0/24");
+        let all: Cidr = "10.1.2.3/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        assert_eq!(all.network().to_string(), "0.0.0.0/0");
+        let host: Cidr = "10.1.2.3/32".parse().unwrap();
+        assert!(!host.contains("10.1.2.4".parse().unwrap()));
+        let v6: Cidr = "2001:db8:1::10/64".parse().unwrap();
+        assert!(v6.contains("2001:db8:1::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db8:2::1".parse().unwrap()));
+        assert_eq!(v6.network().to_string(), "2001:db8:1::/64");
+    }
+
+    #[test]
+    fn static_gateway_must_be_in_a_subnet_and_not_the_node_itself() {
+        let mut i = InterfaceConfig {
+            name: "eth0".into(),
+            mode: AddressMode::Static,
+            addresses: vec!["192.0.2.10/24".into(), "2001:db8::10/64".into()],
+            gateway4: Some("192.0.2.1".parse().unwrap()),
+            gateway6: Some("fe80::1".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(i.validate(), Ok(()));
+        i.gateway4 = Some("198.51.100.1".parse().unwrap());
+        assert_eq!(
+            i.validate(),
+            Err(ConfigError::GatewaySubnet("198.51.100.1".parse().unwrap()))
+        );
+        i.gateway4 = Some("192.0.2.10".parse().unwrap());
+        assert_eq!(
+            i.validate(),
+            Err(ConfigError::GatewayIsSelf("192.0.2.10".parse().unwrap()))
+        );
+        i.gateway4 = None;
+        i.gateway6 = Some("2001:db9::1".parse().unwrap());
+        assert_eq!(
+            i.validate(),
+            Err(ConfigError::GatewaySubnet("2001:db9::1".parse().unwrap()))
+        );
+        i.addresses = vec!["2001:db8::10/64".into()];
+        i.gateway4 = Some("192.0.2.1".parse().unwrap());
+        i.gateway6 = None;
+        assert_eq!(
+            i.validate(),
+            Err(ConfigError::GatewaySubnet("192.0.2.1".parse().unwrap())),
+            "an IPv4 gateway needs an IPv4 address"
+        );
+        i.mode = AddressMode::Dhcp;
+        assert_eq!(i.validate(), Ok(()), "DHCP ignores the static gateway");
+    }
+
+    #[test]
+    fn vlan_ids_zero_and_4095_are_reserved() {
+        assert_eq!(validate_vlan(0), Err(ConfigError::Vlan(0)));
+        assert_eq!(validate_vlan(1), Ok(()));
+        assert_eq!(validate_vlan(4094), Ok(()));
+        assert_eq!(validate_vlan(4095), Err(ConfigError::Vlan(4095)));
     }
 }

@@ -133,6 +133,10 @@ pub struct NetworkView {
     /// Seconds until an unconfirmed change rolls back, if one is pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_in_secs: Option<u64>,
+    /// The applied configuration awaiting confirmation, if a change is pending; `config` is
+    /// what a rollback returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<crate::config::NetworkConfig>,
 }
 
 /// `PUT /v1/node/hostname`.
