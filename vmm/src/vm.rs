@@ -170,12 +170,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     }
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
-    vm.set_tss_address(0xfffb_d000)?;
-    vm.create_irq_chip()?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .map_err(|e| VmError::Memory(e.to_string()))?;
     let host = mem
@@ -191,6 +185,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     // SAFETY: the region is the whole mmap of `mem`, which lives until the process exits
     // (vCPU threads run until then and `run` never returns while they do).
     unsafe { vm.set_user_memory_region(region)? };
+    // Guest memory is registered before the irqchip exists: on this nested KVM the first memory
+    // slot added after KVM_CREATE_IRQCHIP costs 4-7 ms, the same slot added before it 0.2 ms.
+    vm.set_tss_address(0xfffb_d000)?;
+    vm.create_irq_chip()?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })?;
     let mem = Box::leak(Box::new(mem));
 
     let (entry, kernel_end, header) = load_kernel(mem, &config.kernel)?;
