@@ -1,16 +1,21 @@
 //! The console's state, its key handling and its rendering. Pure: no I/O here, so tests drive
 //! it with key events and render it into ratatui's TestBackend.
 
+use std::time::{Duration, Instant};
+
+use hvnode_api::config::{AddressMode, NetworkConfig};
 use hvnode_api::guest::{GuestState, GuestStatus};
-use hvnode_api::node::{NodeInfo, NodeStats, PowerAction, StorageView};
+use hvnode_api::node::{NetworkStatus, NetworkView, NodeInfo, NodeStats, PowerAction, StorageView};
 use hvnode_api::registration::{ManagerCandidate, RegistrationState, RegistrationStatus};
-use ratatui::crossterm::event::{KeyCode, KeyEvent};
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::symbols::border;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
+
+use crate::netform::{self, NetForm, Outcome};
 
 /// ASCII borders: readable on a plain serial terminal and on the Linux console alike.
 const ASCII: border::Set = border::Set {
@@ -91,6 +96,21 @@ pub enum Action {
     RejectManager,
     /// POST /v1/storage/init.
     InitStorage(String),
+    /// PUT /v1/network.
+    ApplyNetwork(NetworkConfig),
+    /// POST /v1/network/confirm.
+    ConfirmNetwork,
+    /// POST /v1/network/rollback.
+    RollbackNetwork,
+}
+
+/// How the last network change ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetOutcome {
+    /// Confirmed and saved.
+    Kept,
+    /// Rolled back (on request, or because nobody confirmed it in time).
+    RolledBack,
 }
 
 /// A text field being edited.
@@ -140,6 +160,20 @@ pub struct App {
     pub scroll: usize,
     /// Socket path, for the banner.
     pub socket: String,
+    /// The agent's last network view.
+    pub network: Option<NetworkView>,
+    /// Why the network view could not be read, if it could not.
+    pub network_error: Option<String>,
+    /// The network form, while open.
+    pub net_form: Option<NetForm>,
+    /// When the pending change rolls back, by our clock.
+    rollback_deadline: Option<Instant>,
+    /// Whole seconds left before the pending change rolls back, as of the last tick.
+    pub rollback_left: Option<u64>,
+    /// The pending change last seen, to tell afterwards whether it was kept.
+    net_watch: Option<NetworkConfig>,
+    /// How the last pending change ended.
+    pub net_outcome: Option<NetOutcome>,
 }
 
 impl App {
@@ -158,7 +192,48 @@ impl App {
             log_title: "Node log".into(),
             scroll: 0,
             socket: socket.to_owned(),
+            network: None,
+            network_error: None,
+            net_form: None,
+            rollback_deadline: None,
+            rollback_left: None,
+            net_watch: None,
+            net_outcome: None,
         }
+    }
+
+    /// Takes a network view the agent returned at `now`. A pending change that is gone was
+    /// kept if the saved configuration is now what was pending, else it was rolled back.
+    pub fn set_network(&mut self, view: NetworkView, now: Instant) {
+        match &view.pending {
+            Some(p) => {
+                self.net_watch = Some(p.clone());
+                self.net_outcome = None;
+                self.rollback_deadline =
+                    view.rollback_in_secs.map(|s| now + Duration::from_secs(s));
+            }
+            None => {
+                if let Some(p) = self.net_watch.take() {
+                    self.net_outcome = Some(if view.config == p {
+                        NetOutcome::Kept
+                    } else {
+                        NetOutcome::RolledBack
+                    });
+                }
+                self.rollback_deadline = None;
+            }
+        }
+        self.network = Some(view);
+        self.network_error = None;
+        self.tick(now);
+    }
+
+    /// Advances the rollback countdown to `now`.
+    pub fn tick(&mut self, now: Instant) {
+        self.rollback_left = self.rollback_deadline.map(|d| {
+            let left = d.saturating_duration_since(now);
+            left.as_secs() + u64::from(left.subsec_nanos() > 0)
+        });
     }
 
     fn running_guests(&self) -> usize {
@@ -197,13 +272,32 @@ impl App {
                 }
             };
         }
+        if let Some(form) = &mut self.net_form {
+            return match form.on_key(key) {
+                Outcome::Editing => Vec::new(),
+                Outcome::Cancel => {
+                    self.net_form = None;
+                    Vec::new()
+                }
+                Outcome::Submit(config) => {
+                    self.net_form = None;
+                    vec![Action::ApplyNetwork(config)]
+                }
+            };
+        }
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
         if let Some(mut f) = self.field.take() {
             match key.code {
                 KeyCode::Esc => return Vec::new(),
+                // Serial terminals send ^H for Backspace; ^U clears the field as in a shell.
                 KeyCode::Backspace => {
                     f.value.pop();
                 }
-                KeyCode::Char(ch) if f.value.len() < 253 => f.value.push(ch),
+                KeyCode::Char('h') if ctrl => {
+                    f.value.pop();
+                }
+                KeyCode::Char('u') if ctrl => f.value.clear(),
+                KeyCode::Char(ch) if !ctrl && f.value.len() < 253 => f.value.push(ch),
                 KeyCode::Enter => match submit(&f) {
                     Ok(action) => return vec![action],
                     Err(e) => f.error = Some(e),
@@ -236,8 +330,28 @@ impl App {
             }
             _ => {}
         }
+        if ctrl {
+            return Vec::new();
+        }
+        let pending = self.network.as_ref().is_some_and(|n| n.pending.is_some());
         match (self.screen, key.code) {
-            (Screen::Network, KeyCode::Char('h') | KeyCode::Enter) => {
+            (Screen::Network, KeyCode::Char('e') | KeyCode::Enter) => match &self.network {
+                Some(view) => {
+                    self.message = None;
+                    self.net_form = Some(NetForm::new(view));
+                }
+                None => {
+                    self.message =
+                        Some("The agent has not reported the network configuration yet.".into())
+                }
+            },
+            (Screen::Network, KeyCode::Char('c')) if pending => {
+                return vec![Action::ConfirmNetwork]
+            }
+            (Screen::Network, KeyCode::Char('r')) if pending => {
+                return vec![Action::RollbackNetwork]
+            }
+            (Screen::Network, KeyCode::Char('h')) => {
                 let current = self
                     .data
                     .as_ref()
@@ -479,29 +593,157 @@ fn status_lines(d: &Snapshot) -> Vec<Line<'static>> {
     l
 }
 
+/// One line on a network configuration's management settings.
+fn summary(c: &NetworkConfig) -> String {
+    let Some(m) = c.management.as_deref() else {
+        return "first NIC with a link, DHCP".into();
+    };
+    let entry = netform::management_entry(c, m);
+    let device = netform::settings_device(c, m, entry.and_then(|e| e.vlan));
+    let mut s = format!("{device}: ");
+    match entry {
+        Some(e) if e.mode == AddressMode::Static => {
+            s.push_str(&format!("static {}", e.addresses.join(" ")));
+            let gws: Vec<String> = e
+                .gateway4
+                .iter()
+                .chain(e.gateway6.iter())
+                .map(|g| g.to_string())
+                .collect();
+            if !gws.is_empty() {
+                s.push_str(&format!(" via {}", gws.join(" ")));
+            }
+        }
+        _ => s.push_str("DHCP"),
+    }
+    if let Some(b) = c.bonds.iter().find(|b| b.name == m) {
+        s.push_str(&format!(", bond of {}", b.members.join("+")));
+    }
+    if !c.dns.is_empty() {
+        let dns: Vec<String> = c.dns.iter().map(|d| d.to_string()).collect();
+        s.push_str(&format!(", DNS {}", dns.join(" ")));
+    }
+    s
+}
+
+/// What init reports about a change: its addresses present and its default routes in place.
+fn connectivity(c: &NetworkConfig, status: &NetworkStatus) -> String {
+    let Some(m) = c.management.as_deref() else {
+        return String::new();
+    };
+    let entry = netform::management_entry(c, m);
+    let device = netform::settings_device(c, m, entry.and_then(|e| e.vlan));
+    let mut parts = Vec::new();
+    match entry {
+        Some(e) if e.mode == AddressMode::Static => {
+            for a in &e.addresses {
+                let on = status
+                    .interfaces
+                    .iter()
+                    .find(|i| i.addresses.contains(a))
+                    .map(|i| i.name.clone());
+                parts.push(match on {
+                    Some(dev) => format!("{a} is up on {dev}"),
+                    None => format!("{a} is on no interface yet"),
+                });
+            }
+            for g in e.gateway4.iter().chain(e.gateway6.iter()) {
+                let g = g.to_string();
+                parts.push(if status.gateways.contains(&g) {
+                    format!("default route via {g} in place")
+                } else {
+                    format!("no default route via {g}")
+                });
+            }
+        }
+        _ => {
+            let addrs = status
+                .interfaces
+                .iter()
+                .find(|i| i.name == device)
+                .map(|i| i.addresses.join(" "))
+                .unwrap_or_default();
+            parts.push(if addrs.is_empty() {
+                format!("{device} has no address yet (waiting for DHCP)")
+            } else {
+                format!("{device} has {addrs}")
+            });
+        }
+    }
+    format!("Check: {}", parts.join("; "))
+}
+
+fn network_lines(app: &App, d: &Snapshot) -> Vec<Line<'static>> {
+    let mut l = vec![kv("Host name", d.info.hostname.clone())];
+    let nics = match &app.network {
+        Some(v) => {
+            l.push(kv("Management", summary(&v.config)));
+            l.push(kv("Gateways", v.status.gateways.join(" ")));
+            l.push(kv("DNS", v.status.dns.join(" ")));
+            &v.status.interfaces
+        }
+        None => {
+            if let Some(e) = &app.network_error {
+                l.push(Line::raw(format!("Network configuration unavailable: {e}")));
+            }
+            &d.info.nics
+        }
+    };
+    l.push(Line::raw(""));
+    for n in nics {
+        l.push(Line::raw(format!(
+            "{:<10} {:<5} {:<7} {}",
+            n.name,
+            if n.carrier { "up" } else { "down" },
+            format!("{:?}", n.source).to_lowercase(),
+            n.addresses.join(" ")
+        )));
+    }
+    l.push(Line::raw(""));
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    if let Some(v) = &app.network {
+        if let Some(p) = &v.pending {
+            l.push(kv("Pending change", summary(p)));
+            let text = match app.rollback_left {
+                Some(0) | None => "Rolling back now...".to_owned(),
+                Some(n) => format!("Rolls back in {n} s - press c to keep, r to roll back"),
+            };
+            l.push(Line::styled(text, bold));
+            l.push(Line::raw(connectivity(p, &v.status)));
+        } else {
+            match app.net_outcome {
+                Some(NetOutcome::Kept) => l.push(Line::styled(
+                    "The change was kept and saved in node.toml.",
+                    bold,
+                )),
+                Some(NetOutcome::RolledBack) => {
+                    l.push(Line::styled(
+                        "The change was rolled back: the saved configuration is in force.",
+                        bold,
+                    ));
+                    l.push(Line::raw(connectivity(&v.config, &v.status)));
+                }
+                None => {}
+            }
+        }
+    }
+    l.push(Line::raw(""));
+    l.push(Line::raw(
+        "e/Enter: edit the management network   h: change the host name",
+    ));
+    l
+}
+
 fn body_lines(app: &App) -> Vec<Line<'static>> {
     let Some(d) = &app.data else {
         return vec![Line::raw("No data from the agent yet.")];
     };
     match app.screen {
         Screen::Status => status_lines(d),
-        Screen::Network => {
-            let mut l = vec![kv("Host name", d.info.hostname.clone()), Line::raw("")];
-            for n in &d.info.nics {
-                l.push(Line::raw(format!(
-                    "{:<10} {:<5} {:?} {}",
-                    n.name,
-                    if n.carrier { "up" } else { "down" },
-                    n.source,
-                    n.addresses.join(" ")
-                )));
-            }
-            l.push(Line::raw(""));
-            l.push(Line::raw(
-                "h/Enter: change the host name (saved on the data partition)",
-            ));
-            l
-        }
+        Screen::Network => match &app.net_form {
+            Some(form) => form.lines(),
+            None => network_lines(app, d),
+        },
         Screen::Manager => {
             let r = &d.registration;
             let mut l = vec![kv("State", reg_state(r))];
@@ -652,13 +894,20 @@ pub fn draw(frame: &mut Frame, app: &App) {
         Some(why) => format!("Agent unreachable at {}: retrying... ({why})", app.socket),
         None => app.message.clone().unwrap_or_default(),
     };
-    frame.render_widget(Paragraph::new(banner_text), banner);
+    let banner_style = if app.unreachable.is_some() {
+        Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD)
+    } else {
+        Style::default()
+    };
+    frame.render_widget(Paragraph::new(banner_text).style(banner_style), banner);
     let title = SCREENS
         .iter()
         .find(|(s, _)| *s == app.screen)
         .map(|(_, n)| {
             if app.screen == Screen::Logs {
                 app.log_title.clone()
+            } else if app.screen == Screen::Network && app.net_form.is_some() {
+                "Network: edit the management network".to_owned()
             } else {
                 (*n).to_owned()
             }

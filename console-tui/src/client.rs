@@ -165,6 +165,21 @@ impl Client {
         Ok(String::from_utf8_lossy(&self.request("GET", path, None)?.body).into_owned())
     }
 
+    /// Sends a JSON body (or none) and parses the JSON answer.
+    pub fn call<T: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&T>,
+    ) -> Result<R, ClientError> {
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let r = self.request(method, path, bytes.as_deref())?;
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     /// Sends a JSON body (or none) and ignores the answer's body.
     pub fn send<T: Serialize>(
         &self,

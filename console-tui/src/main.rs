@@ -3,12 +3,13 @@
 
 mod app;
 mod client;
+mod netform;
 
 use std::time::{Duration, Instant};
 
 use app::{Action, App, Snapshot};
 use client::{Client, ClientError};
-use hvnode_api::node::{Hostname, StorageInit};
+use hvnode_api::node::{Hostname, NetworkView, StorageInit};
 use hvnode_api::registration::{AcceptManager, ManagerCandidate, ManagerUrl};
 use ratatui::crossterm::event::{self, Event, KeyEventKind};
 use ratatui::crossterm::{execute, terminal};
@@ -34,6 +35,11 @@ fn refresh(app: &mut App, c: &Client) {
         }
         Err(ClientError::Unreachable(_, why)) => app.unreachable = Some(why),
         Err(e) => app.message = Some(e.to_string()),
+    }
+    match c.get::<NetworkView>("/v1/network") {
+        Ok(v) => app.set_network(v, Instant::now()),
+        Err(ClientError::Unreachable(_, why)) => app.unreachable = Some(why),
+        Err(e) => app.network_error = Some(e.to_string()),
     }
     if app.screen == app::Screen::Logs && app.log_title == "Node log" {
         if let Ok(t) = c.get_text("/v1/logs?lines=500") {
@@ -90,12 +96,35 @@ fn run_action(app: &mut App, c: &Client, action: Action) {
                 confirm: dev.clone(),
             }),
         ),
+        Action::ApplyNetwork(config) => network_call(app, c, "PUT", "/v1/network", Some(config)),
+        Action::ConfirmNetwork => network_call(app, c, "POST", "/v1/network/confirm", None),
+        Action::RollbackNetwork => network_call(app, c, "POST", "/v1/network/rollback", None),
     };
     app.message = Some(match result {
-        Ok(()) => "Done.".to_owned(),
+        Ok(()) => match action {
+            Action::ApplyNetwork(_) => {
+                "Applied: it rolls back in 60 s unless you press c to keep it.".to_owned()
+            }
+            Action::ConfirmNetwork => "Kept: the change is saved in node.toml.".to_owned(),
+            Action::RollbackNetwork => "Rolled back to the saved configuration.".to_owned(),
+            _ => "Done.".to_owned(),
+        },
         Err(e) => format!("Failed: {e}"),
     });
     refresh(app, c);
+}
+
+/// A network request whose answer is the new network view.
+fn network_call(
+    app: &mut App,
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&hvnode_api::config::NetworkConfig>,
+) -> Result<(), ClientError> {
+    let view: NetworkView = c.call(method, path, body)?;
+    app.set_network(view, Instant::now());
+    Ok(())
 }
 
 fn main() {
@@ -138,6 +167,7 @@ fn run(socket: &str) -> std::io::Result<()> {
             refresh(&mut app, &client);
             last = Instant::now();
         }
+        app.tick(Instant::now());
         term.draw(|f| app::draw(f, &app))?;
         if event::poll(Duration::from_millis(250))? {
             if let Event::Key(k) = event::read()? {
