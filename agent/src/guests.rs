@@ -1,42 +1,199 @@
 //! Running guests: one `hvnode-vmm` process each, in its own process group so that it outlives
-//! the agent, with its files under `<run>/vms/<name>/`.
+//! the agent, with its files under `<run>/vms/<name>/`. The agent drives each VMM over its control
+//! socket, watches it (as its child, or through a pidfd once a restarted agent reattached to it)
+//! and reads its exit file to learn how it ended.
 
 use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use hvnode_api::guest::{GuestSpec, GuestState};
-use hvnode_api::vmm::{VmConfig, VmDisk};
+use hvnode_api::vmm::{
+    VmConfig, VmDisk, VmExit, VmNet, VmRunState, VmStats, VmmRequest, VmmResponse,
+};
+use sha2::{Digest, Sha256};
 
-/// A guest's VMM process.
+use crate::events::EventLog;
+use crate::Paths;
+
+/// How long a VMM has to answer one control request.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stop waits for the VMM to exit before it kills it.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long a reboot waits for the guest to go down before it stops it.
+pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the kernel lists network interfaces; a bridge has a `bridge/` directory there.
+const SYS_CLASS_NET: &str = "/sys/class/net";
+/// Created in the run directory (a tmpfs) by the agent's first start after boot.
+pub const AUTOSTART_MARKER: &str = "autostart.done";
+
+/// What the agent asked of a running guest; it decides what the VMM's exit means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intent {
+    /// Nothing: exit 0 is a power-off, 3 a reboot to carry out, anything else a crash.
+    None,
+    /// `stop`: stopped, however the VMM ended.
+    Stop,
+    /// `shutdown`: stopped once the guest goes down, whether it powered off or rebooted.
+    Shutdown,
+    /// `reboot`: started again once the VMM exits.
+    Reboot,
+}
+
 #[derive(Debug, Clone)]
-pub struct Running {
-    /// VMM pid.
-    pub pid: u32,
-    /// When it started.
-    pub started: Instant,
+struct Running {
+    /// Tells incarnations of one guest apart, so that a late watcher or timer cannot act on
+    /// the next one.
+    id: u64,
+    pid: u32,
+    /// Signals go through it when there is one: a pidfd never names a recycled pid.
+    pidfd: Option<Arc<OwnedFd>>,
+    started: Instant,
+    state: GuestState,
+    intent: Intent,
+    taps: Vec<String>,
+    spec: GuestSpec,
 }
 
-/// What the agent knows about guest processes.
-#[derive(Debug)]
-pub struct Guests {
-    running: Mutex<HashMap<String, Running>>,
-    crashed: Mutex<HashMap<String, String>>,
-    events: Arc<crate::events::EventLog>,
+#[derive(Debug, Default)]
+struct Table {
+    next_id: u64,
+    running: HashMap<String, Running>,
+    crashed: HashMap<String, String>,
 }
 
-/// Errors starting a guest.
+impl Table {
+    fn state(&self, name: &str) -> GuestState {
+        match self.running.get(name) {
+            Some(r) => r.state,
+            None if self.crashed.contains_key(name) => GuestState::Crashed,
+            None => GuestState::Stopped,
+        }
+    }
+}
+
+/// How a watched VMM ended.
+#[derive(Debug, Clone, Copy)]
+enum Ended {
+    Code(i32),
+    Signal(i32),
+    /// Not our child: only its exit file can tell.
+    Unknown,
+}
+
+/// The snake_case name of a state, as the API spells it.
+pub fn state_name(state: GuestState) -> &'static str {
+    match state {
+        GuestState::Stopped => "stopped",
+        GuestState::Starting => "starting",
+        GuestState::Running => "running",
+        GuestState::Paused => "paused",
+        GuestState::ShuttingDown => "shutting_down",
+        GuestState::Crashed => "crashed",
+    }
+}
+
+/// Errors of guest operations.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// A path does not name an existing file inside the image directory.
     #[error("{0} {1:?} is not an existing file inside the image directory {2}: upload it first")]
     Path(&'static str, String, String),
+    /// A NIC names a bridge the node does not have.
+    #[error("Bridge {0:?} does not exist on this node: create it in the node's network configuration or give the NIC another bridge")]
+    NoBridge(String),
+    /// Two guests would share a tap device.
+    #[error("Tap device {tap} of guest {guest:?} is in use by running guest {other:?}: rename one of them")]
+    TapInUse {
+        /// The tap device.
+        tap: String,
+        /// The guest being started.
+        guest: String,
+        /// The guest holding it.
+        other: String,
+    },
+    /// The operation does not apply in the guest's state.
+    #[error("Guest {name:?} is {state}: cannot {op} it")]
+    State {
+        /// Guest name.
+        name: String,
+        /// Its state.
+        state: &'static str,
+        /// The operation.
+        op: &'static str,
+    },
     /// Spawning or preparing the VMM failed.
     #[error("Starting the VMM: {0}")]
     Spawn(String),
+    /// The VMM did not answer on its control socket.
+    #[error("The VMM of guest {0:?} does not answer on its control socket ({1}): stop the guest")]
+    Unreachable(String, String),
+    /// The VMM answered with an error.
+    #[error("The VMM refused {op} ({code}): {message}")]
+    Refused {
+        /// The operation.
+        op: &'static str,
+        /// The VMM's stable code.
+        code: String,
+        /// The VMM's message.
+        message: String,
+    },
+}
+
+/// Errors of one control request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Connecting, sending or receiving failed (a timeout included).
+    #[error("Control socket {0}")]
+    Io(String, #[source] std::io::Error),
+    /// The answer is not a `VmmResponse`.
+    #[error("Invalid answer")]
+    Answer(#[source] serde_json::Error),
+    /// The connection closed before an answer.
+    #[error("The connection closed without an answer")]
+    Closed,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
+/// Sends one request to a VMM's control socket and reads its answer, each within `timeout`,
+/// so that a stuck VMM cannot hold the caller.
+pub fn control(
+    socket: &Path,
+    request: &VmmRequest,
+    timeout: Duration,
+) -> Result<VmmResponse, ControlError> {
+    let io = |e| ControlError::Io(socket.display().to_string(), e);
+    let mut s = UnixStream::connect(socket).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(ControlError::Answer)?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    // A description carries the whole VM config: 1 MiB is far above it and bounds a runaway.
+    BufReader::new(s.take(1 << 20))
+        .read_line(&mut answer)
+        .map_err(io)?;
+    if answer.is_empty() {
+        return Err(ControlError::Closed);
+    }
+    serde_json::from_str(&answer).map_err(ControlError::Answer)
 }
 
 /// Resolves a spec path against the image directory, refusing anything outside it (symlinks
@@ -52,57 +209,179 @@ pub fn resolve(images: &Path, what: &'static str, rel: &str) -> Result<PathBuf, 
     Ok(full)
 }
 
+/// The tap device of NIC `index` of a guest: `hv`, 8 hex digits of a hash of the name, `n`,
+/// the index. At most 12 characters (the kernel allows 15), the same every time the guest
+/// starts, and distinct between guests unless their names collide in 32 bits, which
+/// [`Guests::start`] checks.
+pub fn tap_name(guest: &str, index: usize) -> String {
+    let h = Sha256::digest(guest.as_bytes());
+    format!("hv{:02x}{:02x}{:02x}{:02x}n{index}", h[0], h[1], h[2], h[3])
+}
+
+/// The MAC address of NIC `index` of a guest whose spec names none: `52:54:00` (locally
+/// administered, unicast) and three bytes of a hash of the name and index, so that it stays the
+/// same across restarts and DHCP leases follow the guest.
+pub fn derived_mac(guest: &str, index: usize) -> String {
+    let h = Sha256::digest(format!("{guest}/{index}").as_bytes());
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])
+}
+
+/// The VMM's network devices for a spec; every bridge must exist under `sys_class_net`.
+pub fn vm_nets(spec: &GuestSpec, sys_class_net: &Path) -> Result<Vec<VmNet>, GuestError> {
+    spec.nics
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| {
+            if !sys_class_net.join(&nic.bridge).join("bridge").is_dir() {
+                return Err(GuestError::NoBridge(nic.bridge.clone()));
+            }
+            Ok(VmNet {
+                tap: tap_name(&spec.name, i),
+                mac: nic
+                    .mac
+                    .clone()
+                    .unwrap_or_else(|| derived_mac(&spec.name, i)),
+                bridge: Some(nic.bridge.clone()),
+            })
+        })
+        .collect()
+}
+
+/// Whether this is the agent's first start since the node booted (the run directory is a
+/// tmpfs); records that later starts are not.
+pub fn first_start_since_boot(run: &Path) -> std::io::Result<bool> {
+    std::fs::create_dir_all(run)?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(run.join(AUTOSTART_MARKER))
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A VMM process found alive under a guest's run directory.
+#[derive(Debug)]
+struct Live {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+/// Finds the VMM a previous agent started in `dir`: its pid file names a live process whose
+/// executable is `hvnode-vmm` and whose command line names this directory's `vm.json`.
+fn live_vmm(dir: &Path) -> Result<Live, String> {
+    let text = std::fs::read_to_string(dir.join("pid")).map_err(|_| "no pid file".to_owned())?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("pid file holds {:?}", text.trim()))?;
+    let raw = rustix::process::Pid::from_raw(pid as i32)
+        .filter(|_| pid <= i32::MAX as u32)
+        .ok_or_else(|| format!("pid file holds {pid}"))?;
+    // Opened before the checks, so that the process checked is the one watched.
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .map_err(|e| format!("process {pid} is gone ({e})"))?;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let exe =
+        std::fs::read_link(proc_dir.join("exe")).map_err(|e| format!("process {pid}: {e}"))?;
+    let exe_name = exe.file_name().unwrap_or_default().to_string_lossy();
+    // An upgraded binary shows as "hvnode-vmm (deleted)".
+    if exe_name.trim_end_matches(" (deleted)") != "hvnode-vmm" {
+        return Err(format!("process {pid} is {}, not a VMM", exe.display()));
+    }
+    let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+    let config = dir.join("vm.json");
+    if !cmdline
+        .split(|b| *b == 0)
+        .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == config)
+    {
+        return Err(format!(
+            "process {pid} is a VMM for another configuration than {}",
+            config.display()
+        ));
+    }
+    Ok(Live { pid, pidfd })
+}
+
+/// Blocks until the process behind `pidfd` has ended.
+fn wait_pidfd(pidfd: &OwnedFd) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        match poll(&mut fds, -1) {
+            Ok(n) if n > 0 => return,
+            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+            // A pidfd that cannot be polled cannot be waited on either: treat it as ended
+            // rather than spin; the exit file (or its absence) says the rest.
+            Err(_) => return,
+        }
+    }
+}
+
+/// What the agent knows about guest processes.
+#[derive(Debug)]
+pub struct Guests {
+    table: Mutex<Table>,
+    events: Arc<EventLog>,
+    paths: Paths,
+}
+
 impl Guests {
-    /// No guests yet; state changes go to `events`.
-    pub fn new(events: Arc<crate::events::EventLog>) -> Self {
+    /// No guests yet; VMMs are found and started under `paths`; state changes go to `events`.
+    pub fn new(events: Arc<EventLog>, paths: Paths) -> Self {
         Guests {
-            running: Mutex::new(HashMap::new()),
-            crashed: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             events,
+            paths,
         }
     }
 
-    /// The state and pid of a guest.
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.paths.run.join("vms").join(name)
+    }
+
+    fn state_error(&self, t: &Table, name: &str, op: &'static str) -> GuestError {
+        GuestError::State {
+            name: name.to_owned(),
+            state: state_name(t.state(name)),
+            op,
+        }
+    }
+
+    fn emit(&self, name: &str, message: String) {
+        eprintln!("agent: guest {name} {message}");
+        self.events.emit("guest_state", Some(name), message);
+    }
+
+    /// The state, VMM pid and uptime of a guest.
     pub fn state(&self, name: &str) -> (GuestState, Option<u32>, Option<u64>) {
-        if let Some(r) = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
-            return (
-                GuestState::Running,
-                Some(r.pid),
-                Some(r.started.elapsed().as_secs()),
-            );
+        let t = self.lock();
+        match t.running.get(name) {
+            Some(r) => (r.state, Some(r.pid), Some(r.started.elapsed().as_secs())),
+            None => (t.state(name), None, None),
         }
-        if self
-            .crashed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(name)
-        {
-            return (GuestState::Crashed, None, None);
-        }
-        (GuestState::Stopped, None, None)
     }
 
-    /// Number of running guests.
+    /// Whether a VMM runs for the guest (running, paused or shutting down).
+    pub fn is_active(&self, name: &str) -> bool {
+        self.lock().running.contains_key(name)
+    }
+
+    /// Number of guests with a VMM.
     pub fn running_count(&self) -> usize {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().running.len()
     }
 
-    /// Starts the VMM for `spec`; a task watches it and restarts it when the guest reboots.
-    pub fn start(
-        self: &Arc<Self>,
-        spec: &GuestSpec,
-        images: &Path,
-        run_dir: &Path,
-        vmm: &Path,
-    ) -> Result<u32, GuestError> {
-        let dir = run_dir.join("vms").join(&spec.name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| GuestError::Spawn(format!("{}: {e}", dir.display())))?;
+    /// Starts the VMM for `spec`; a thread watches it until it exits.
+    pub fn start(self: &Arc<Self>, spec: &GuestSpec) -> Result<u32, GuestError> {
+        let images = &self.paths.images;
+        let dir = self.dir(&spec.name);
         let path_str = |p: PathBuf| p.to_string_lossy().into_owned();
         let disks = spec
             .disks
@@ -114,6 +393,7 @@ impl Guests {
                 })
             })
             .collect::<Result<Vec<_>, GuestError>>()?;
+        let nets = vm_nets(spec, Path::new(SYS_CLASS_NET))?;
         let config = VmConfig {
             name: spec.name.clone(),
             vcpus: spec.vcpus,
@@ -126,36 +406,48 @@ impl Guests {
                 .transpose()?,
             cmdline: spec.cmdline.clone(),
             disks,
-            nets: Vec::new(),
+            nets,
             rng: spec.rng,
             serial_log: Some(path_str(dir.join("console.log"))),
             serial_socket: Some(path_str(dir.join("console.sock"))),
             control_socket: Some(path_str(dir.join("control.sock"))),
             exit_file: Some(path_str(dir.join("exit.json"))),
         };
-        if !spec.nics.is_empty() {
-            return Err(GuestError::Spawn(
-                "guest NICs need the VMM's virtio-net, which is not implemented yet: remove `nics`"
-                    .into(),
-            ));
+        let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
+        // Held from the checks to the table entry, so that two starts cannot both pass them.
+        let mut t = self.lock();
+        if t.running.contains_key(&spec.name) {
+            return Err(self.state_error(&t, &spec.name, "start"));
         }
+        for (other, r) in &t.running {
+            if let Some(tap) = taps.iter().find(|tap| r.taps.contains(tap)) {
+                return Err(GuestError::TapInUse {
+                    tap: tap.clone(),
+                    guest: spec.name.clone(),
+                    other: other.clone(),
+                });
+            }
+        }
+        let spawn_err =
+            |what: &Path, e: std::io::Error| GuestError::Spawn(format!("{}: {e}", what.display()));
+        std::fs::create_dir_all(&dir).map_err(|e| spawn_err(&dir, e))?;
         let cfg_path = dir.join("vm.json");
         let json =
             serde_json::to_vec_pretty(&config).map_err(|e| GuestError::Spawn(e.to_string()))?;
-        crate::store::write_atomic(&cfg_path, &json, 0o600)
-            .map_err(|e| GuestError::Spawn(e.to_string()))?;
-        let _ = std::fs::remove_file(dir.join("console.log"));
+        crate::store::write_atomic(&cfg_path, &json, 0o600).map_err(|e| spawn_err(&cfg_path, e))?;
+        for stale in ["console.log", "exit.json"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        let log_path = dir.join("vmm.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("vmm.log"))
-            .map_err(|e| GuestError::Spawn(e.to_string()))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| GuestError::Spawn(e.to_string()))?;
+            .open(&log_path)
+            .map_err(|e| spawn_err(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| spawn_err(&log_path, e))?;
         // Its own process group: signals to the agent's group do not reach it, and it outlives
         // an agent restart; its output goes to a file, never a pipe to the agent.
-        let mut child = Command::new(vmm)
+        let mut child = Command::new(&self.paths.vmm)
             .arg("--config")
             .arg(&cfg_path)
             .stdin(Stdio::null())
@@ -163,101 +455,500 @@ impl Guests {
             .stderr(log2)
             .process_group(0)
             .spawn()
-            .map_err(|e| GuestError::Spawn(format!("{}: {e}", vmm.display())))?;
+            .map_err(|e| spawn_err(&self.paths.vmm, e))?;
         let pid = child.id();
         let _ = std::fs::write(dir.join("pid"), pid.to_string());
-        self.crashed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&spec.name);
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                spec.name.clone(),
-                Running {
-                    pid,
-                    started: Instant::now(),
-                },
-            );
-        eprintln!("agent: guest {} started (vmm pid {pid})", spec.name);
-        self.events.emit("guest_state", Some(&spec.name), "running");
-        let me = Arc::clone(self);
-        let (spec, images, run_dir, vmm) = (
-            spec.clone(),
-            images.to_owned(),
-            run_dir.to_owned(),
-            vmm.to_owned(),
+        let pidfd = rustix::process::Pid::from_raw(pid as i32)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .map(Arc::new);
+        t.next_id += 1;
+        let id = t.next_id;
+        t.crashed.remove(&spec.name);
+        t.running.insert(
+            spec.name.clone(),
+            Running {
+                id,
+                pid,
+                pidfd,
+                started: Instant::now(),
+                state: GuestState::Running,
+                intent: Intent::None,
+                taps,
+                spec: spec.clone(),
+            },
         );
+        drop(t);
+        self.emit(&spec.name, format!("running (vmm pid {pid})"));
+        let me = Arc::clone(self);
+        let name = spec.name.clone();
         std::thread::spawn(move || {
-            let code = child.wait().ok().and_then(|s| s.code());
-            me.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&spec.name);
-            let _ = std::fs::remove_file(dir.join("pid"));
-            match code {
-                Some(0) => {
-                    eprintln!("agent: guest {} stopped", spec.name);
-                    me.events.emit("guest_state", Some(&spec.name), "stopped");
-                }
-                Some(3) => {
-                    eprintln!("agent: guest {} rebooted; starting it again", spec.name);
-                    me.events.emit("guest_state", Some(&spec.name), "rebooting");
-                    if let Err(e) = me.start(&spec, &images, &run_dir, &vmm) {
-                        eprintln!("agent: guest {}: {e}", spec.name);
-                    }
-                }
-                other => {
-                    let tail = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
-                    let last = tail.lines().last().unwrap_or("").to_owned();
-                    eprintln!("agent: guest {} crashed ({other:?}): {last}", spec.name);
-                    me.events
-                        .emit("guest_state", Some(&spec.name), format!("crashed: {last}"));
-                    me.crashed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(spec.name.clone(), last);
-                }
-            }
+            let ended = match child.wait() {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(c), _) => Ended::Code(c),
+                    (None, Some(sig)) => Ended::Signal(sig),
+                    (None, None) => Ended::Unknown,
+                },
+                Err(_) => Ended::Unknown,
+            };
+            me.finished(&name, id, ended);
         });
         Ok(pid)
     }
 
-    /// Asks the VMM to stop the guest at once; kills it if it does not answer.
-    pub fn stop(&self, name: &str, run_dir: &Path) -> bool {
-        let Some(r) = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
-        else {
-            return false;
+    /// Applies the end of the VMM incarnation `id` of guest `name`.
+    fn finished(self: &Arc<Self>, name: &str, id: u64, ended: Ended) {
+        let dir = self.dir(name);
+        let exit: Option<VmExit> = std::fs::read(dir.join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let entry = {
+            let mut t = self.lock();
+            match t.running.get(name) {
+                Some(r) if r.id == id => t.running.remove(name),
+                _ => None,
+            }
         };
-        let sock = run_dir.join("vms").join(name).join("control.sock");
-        let asked = std::os::unix::net::UnixStream::connect(&sock)
-            .and_then(|mut s| std::io::Write::write_all(&mut s, b"{\"op\":\"stop\"}\n"))
-            .is_ok();
-        if !asked {
-            if let Ok(pid) = i32::try_from(r.pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        let Some(r) = entry else {
+            return;
+        };
+        let _ = std::fs::remove_file(dir.join("pid"));
+        let code = match ended {
+            Ended::Code(c) => Some(c),
+            Ended::Signal(_) | Ended::Unknown => exit.as_ref().map(|e| e.code),
+        };
+        let reason = exit
+            .map(|e| e.reason)
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or_else(|| match ended {
+                Ended::Signal(sig) => format!("the VMM was killed by signal {sig}"),
+                Ended::Code(c) => {
+                    let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+                    match log.lines().last() {
+                        Some(l) if !l.trim().is_empty() => l.to_owned(),
+                        _ => format!("the VMM exited with code {c}"),
+                    }
+                }
+                Ended::Unknown => "the VMM ended without writing its exit file".to_owned(),
+            });
+        match (r.intent, code) {
+            (Intent::Stop, _) | (Intent::Shutdown, Some(0 | 3)) | (Intent::None, Some(0)) => {
+                self.emit(name, "stopped".to_owned());
+            }
+            (Intent::Reboot, _) | (Intent::None, Some(3)) => self.restart(&r.spec),
+            _ => self.crashed(name, &reason),
+        }
+    }
+
+    fn crashed(&self, name: &str, reason: &str) {
+        self.lock()
+            .crashed
+            .insert(name.to_owned(), reason.to_owned());
+        self.emit(name, format!("crashed: {reason}"));
+    }
+
+    fn restart(self: &Arc<Self>, spec: &GuestSpec) {
+        self.emit(&spec.name, "rebooting: starting it again".to_owned());
+        if let Err(e) = self.start(spec) {
+            self.crashed(&spec.name, &format!("restarting after a reboot: {e}"));
+        }
+    }
+
+    /// Sends `request` to the guest's VMM; an error answer becomes [`GuestError::Refused`].
+    fn ask(
+        &self,
+        name: &str,
+        op: &'static str,
+        request: &VmmRequest,
+    ) -> Result<VmmResponse, GuestError> {
+        let socket = self.dir(name).join("control.sock");
+        match control(&socket, request, CONTROL_TIMEOUT) {
+            Ok(VmmResponse::Error { code, message }) => {
+                Err(GuestError::Refused { op, code, message })
+            }
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(GuestError::Unreachable(name.to_owned(), chain(&e))),
+        }
+    }
+
+    /// The current incarnation of a guest in one of `states`, or the error for `op`.
+    fn current(
+        &self,
+        name: &str,
+        states: &[GuestState],
+        op: &'static str,
+    ) -> Result<u64, GuestError> {
+        let t = self.lock();
+        match t.running.get(name) {
+            Some(r) if states.contains(&r.state) => Ok(r.id),
+            _ => Err(self.state_error(&t, name, op)),
+        }
+    }
+
+    /// Updates incarnation `id` of a guest, if it is still the current one.
+    fn update(&self, name: &str, id: u64, f: impl FnOnce(&mut Running)) {
+        if let Some(r) = self.lock().running.get_mut(name).filter(|r| r.id == id) {
+            f(r);
+        }
+    }
+
+    fn gone(&self, name: &str, id: u64) -> bool {
+        self.lock().running.get(name).is_none_or(|r| r.id != id)
+    }
+
+    fn wait_gone(&self, name: &str, id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.gone(name, id) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&self, name: &str, id: u64) {
+        let target = {
+            let t = self.lock();
+            t.running
+                .get(name)
+                .filter(|r| r.id == id)
+                .map(|r| (r.pid, r.pidfd.clone()))
+        };
+        match target {
+            Some((_, Some(fd))) => {
+                let _ = rustix::process::pidfd_send_signal(&*fd, rustix::process::Signal::Kill);
+            }
+            Some((pid, None)) => {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Ends incarnation `id` now: the VMM's `stop`, or SIGKILL when it does not answer or does
+    /// not exit within [`STOP_WAIT`]. Returns once it is gone (or given up on after a kill).
+    fn force(&self, name: &str, id: u64) {
+        let asked = matches!(
+            self.ask(name, "stop", &VmmRequest::Stop),
+            Ok(VmmResponse::Ok)
+        );
+        if !asked || !self.wait_gone(name, id, STOP_WAIT) {
+            eprintln!("agent: guest {name}: the VMM did not stop; killing it");
+            self.kill(name, id);
+            self.wait_gone(name, id, Duration::from_secs(5));
+        }
+    }
+
+    /// Runs [`Guests::force`] on incarnation `id` after `delay` unless it is gone by then.
+    fn force_after(self: &Arc<Self>, name: &str, id: u64, delay: Duration, intent: Intent) {
+        let me = Arc::clone(self);
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            if me.wait_gone(&name, id, delay) {
+                return;
+            }
+            eprintln!(
+                "agent: guest {name} did not go down within {} s; stopping it",
+                delay.as_secs()
+            );
+            me.update(&name, id, |r| r.intent = intent);
+            me.force(&name, id);
+        });
+    }
+
+    /// Stops the guest at once (the VMM's `stop`, SIGKILL if it does not comply) and waits
+    /// until its VMM has exited.
+    pub fn stop(&self, name: &str) -> Result<(), GuestError> {
+        let active = [
+            GuestState::Running,
+            GuestState::Paused,
+            GuestState::ShuttingDown,
+        ];
+        let id = self.current(name, &active, "stop")?;
+        self.update(name, id, |r| r.intent = Intent::Stop);
+        self.force(name, id);
+        Ok(())
+    }
+
+    fn switch(
+        &self,
+        name: &str,
+        op: &'static str,
+        from: GuestState,
+        request: VmmRequest,
+        to: GuestState,
+    ) -> Result<(), GuestError> {
+        let id = self.current(name, &[from], op)?;
+        self.ask(name, op, &request)?;
+        self.update(name, id, |r| r.state = to);
+        self.emit(name, state_name(to).to_owned());
+        Ok(())
+    }
+
+    /// Pauses the guest's vCPUs.
+    pub fn pause(&self, name: &str) -> Result<(), GuestError> {
+        self.switch(
+            name,
+            "pause",
+            GuestState::Running,
+            VmmRequest::Pause,
+            GuestState::Paused,
+        )
+    }
+
+    /// Resumes a paused guest.
+    pub fn resume(&self, name: &str) -> Result<(), GuestError> {
+        self.switch(
+            name,
+            "resume",
+            GuestState::Paused,
+            VmmRequest::Resume,
+            GuestState::Running,
+        )
+    }
+
+    /// Asks the guest to shut down (ctrl-alt-del); it is `shutting_down` until the VMM exits.
+    /// With `timeout`, a guest still up after it is stopped.
+    fn graceful(
+        self: &Arc<Self>,
+        name: &str,
+        op: &'static str,
+        intent: Intent,
+        timeout: Option<Duration>,
+    ) -> Result<(), GuestError> {
+        let id = self.current(name, &[GuestState::Running], op)?;
+        // Set before asking: the VMM may exit before the answer is read.
+        self.update(name, id, |r| {
+            r.state = GuestState::ShuttingDown;
+            r.intent = intent;
+        });
+        if let Err(e) = self.ask(name, op, &shutdown_request()) {
+            self.update(name, id, |r| {
+                r.state = GuestState::Running;
+                r.intent = Intent::None;
+            });
+            return Err(e);
+        }
+        self.emit(name, state_name(GuestState::ShuttingDown).to_owned());
+        if let Some(t) = timeout {
+            let forced = if intent == Intent::Reboot {
+                Intent::Reboot
+            } else {
+                Intent::Stop
+            };
+            self.force_after(name, id, t, forced);
+        }
+        Ok(())
+    }
+
+    /// Asks the guest to shut down; see [`Guests::graceful`].
+    pub fn shutdown(
+        self: &Arc<Self>,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(), GuestError> {
+        self.graceful(name, "shut down", Intent::Shutdown, timeout)
+    }
+
+    /// Reboots the guest: a graceful shutdown, a stop if it is not down within `timeout`, then
+    /// a start. A paused guest cannot take the shutdown request, so it is stopped at once.
+    pub fn reboot(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<(), GuestError> {
+        let id = self.current(name, &[GuestState::Running, GuestState::Paused], "reboot")?;
+        let paused = self.state(name).0 == GuestState::Paused;
+        if !paused {
+            return self.graceful(name, "reboot", Intent::Reboot, Some(timeout));
+        }
+        self.update(name, id, |r| {
+            r.state = GuestState::ShuttingDown;
+            r.intent = Intent::Reboot;
+        });
+        self.emit(name, "paused: stopping it to reboot".to_owned());
+        self.force(name, id);
+        Ok(())
+    }
+
+    /// The VMM's counters.
+    pub fn stats(&self, name: &str) -> Result<VmStats, GuestError> {
+        let active = [
+            GuestState::Running,
+            GuestState::Paused,
+            GuestState::ShuttingDown,
+        ];
+        self.current(name, &active, "read the counters of")?;
+        match self.ask(name, "stats", &VmmRequest::Stats)? {
+            VmmResponse::Stats { stats } => Ok(stats),
+            other => Err(GuestError::Refused {
+                op: "stats",
+                code: "unexpected_answer".into(),
+                message: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// After an agent restart: takes over the VMMs a previous agent started (they are not our
+    /// children, so a pidfd tells when they end), and cleans up after those that ended while
+    /// no agent was watching.
+    pub fn reattach(self: &Arc<Self>, specs: &[GuestSpec]) {
+        let Ok(entries) = std::fs::read_dir(self.paths.run.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let dir = e.path();
+            let spec = specs.iter().find(|s| s.name == name);
+            match (live_vmm(&dir), spec) {
+                (Ok(live), Some(spec)) => self.adopt(spec, &dir, live),
+                (Ok(live), None) => eprintln!(
+                    "agent: VMM pid {} runs for {name:?}, which has no definition; leaving it alone",
+                    live.pid
+                ),
+                (Err(why), spec) => self.clean_stale(&name, &dir, spec, &why),
             }
         }
-        true
     }
+
+    fn adopt(self: &Arc<Self>, spec: &GuestSpec, dir: &Path, live: Live) {
+        let name = &spec.name;
+        let (state, uptime) = match self.ask(name, "describe", &VmmRequest::Describe) {
+            Ok(VmmResponse::Description {
+                state, uptime_secs, ..
+            }) => (
+                match state {
+                    VmRunState::Running => GuestState::Running,
+                    VmRunState::Paused => GuestState::Paused,
+                    VmRunState::Stopping => GuestState::ShuttingDown,
+                },
+                uptime_secs,
+            ),
+            other => {
+                // Still a live VMM of this guest: watched and stoppable, even if it is wedged.
+                eprintln!("agent: guest {name}: the VMM does not describe itself ({other:?}); taking it over as running");
+                (GuestState::Running, 0)
+            }
+        };
+        let taps = std::fs::read(dir.join("vm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<VmConfig>(&b).ok())
+            .map(|c| c.nets.into_iter().map(|n| n.tap).collect())
+            .unwrap_or_default();
+        let pidfd = Arc::new(live.pidfd);
+        let id = {
+            let mut t = self.lock();
+            t.next_id += 1;
+            let id = t.next_id;
+            t.running.insert(
+                name.clone(),
+                Running {
+                    id,
+                    pid: live.pid,
+                    pidfd: Some(Arc::clone(&pidfd)),
+                    started: Instant::now()
+                        .checked_sub(Duration::from_secs(uptime))
+                        .unwrap_or_else(Instant::now),
+                    state,
+                    // A shutdown the previous agent asked for still means stopped.
+                    intent: if state == GuestState::ShuttingDown {
+                        Intent::Shutdown
+                    } else {
+                        Intent::None
+                    },
+                    taps,
+                    spec: spec.clone(),
+                },
+            );
+            id
+        };
+        self.emit(
+            name,
+            format!("{} (reattached to vmm pid {})", state_name(state), live.pid),
+        );
+        let me = Arc::clone(self);
+        let name = name.clone();
+        std::thread::spawn(move || {
+            wait_pidfd(&pidfd);
+            me.finished(&name, id, Ended::Unknown);
+        });
+    }
+
+    fn clean_stale(self: &Arc<Self>, name: &str, dir: &Path, spec: Option<&GuestSpec>, why: &str) {
+        let had_pid = dir.join("pid").exists();
+        let exit: Option<VmExit> = std::fs::read(dir.join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(spec) = spec else {
+            let _ = std::fs::remove_dir_all(dir);
+            return;
+        };
+        // The logs and the exit file stay for the admin to read; what names a process goes.
+        for f in ["pid", "control.sock", "console.sock", "vm.json"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        match exit {
+            Some(VmExit { code: 3, .. }) => {
+                eprintln!("agent: guest {name} asked for a reboot while no agent ran");
+                self.restart(spec);
+            }
+            Some(VmExit { code: 0, .. }) => {}
+            Some(VmExit { reason, .. }) if had_pid => self.crashed(name, &reason),
+            None if had_pid => self.crashed(
+                name,
+                &format!("the VMM ended while no agent ran, without an exit file ({why})"),
+            ),
+            _ => {}
+        }
+    }
+
+    /// Starts every `autostart` guest that is not already running; one failing does not stop
+    /// the others. Returns how many failed.
+    pub fn autostart(self: &Arc<Self>, specs: &[GuestSpec]) -> usize {
+        let mut failed = 0;
+        for spec in specs.iter().filter(|s| s.autostart) {
+            if self.is_active(&spec.name) {
+                continue;
+            }
+            if let Err(e) = self.start(spec) {
+                failed += 1;
+                eprintln!("agent: autostart of guest {}: {e}", spec.name);
+                self.events.emit(
+                    "guest_autostart",
+                    Some(&spec.name),
+                    format!("autostart failed: {e}"),
+                );
+            } else {
+                self.events
+                    .emit("guest_autostart", Some(&spec.name), "started at boot");
+            }
+        }
+        failed
+    }
+}
+
+/// The VMM's graceful shutdown request (the VMM sends the guest ctrl-alt-del).
+fn shutdown_request() -> VmmRequest {
+    VmmRequest::Shutdown
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("hvnode-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     #[test]
     fn resolve_refuses_escapes_and_missing_files() {
-        let root = std::env::temp_dir().join(format!("hvnode-agent-img-{}", std::process::id()));
+        let root = scratch("img");
         let images = root.join("images");
         std::fs::create_dir_all(images.join("k")).unwrap();
         std::fs::write(images.join("k/vmlinuz"), b"x").unwrap();
@@ -268,5 +959,112 @@ mod tests {
             assert!(resolve(&images, "kernel", bad).is_err(), "{bad}");
         }
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn tap_names_fit_ifnamsiz_and_differ_per_guest_and_index() {
+        let long = "g".repeat(63);
+        let mut seen = std::collections::HashSet::new();
+        for guest in ["web-1", "web-2", long.as_str()] {
+            for i in 0..8 {
+                let tap = tap_name(guest, i);
+                assert!(tap.len() <= 15, "{tap}");
+                assert!(tap.starts_with("hv"), "{tap}");
+                assert_eq!(tap, tap_name(guest, i), "stable");
+                assert!(seen.insert(tap), "{guest} {i} collides");
+            }
+        }
+    }
+
+    #[test]
+    fn derived_macs_are_stable_locally_administered_unicast() {
+        let a = derived_mac("web-1", 0);
+        assert_eq!(a, derived_mac("web-1", 0));
+        assert_ne!(a, derived_mac("web-1", 1));
+        assert_ne!(a, derived_mac("web-2", 0));
+        let bytes = hvnode_api::guest::parse_mac(&a).unwrap();
+        assert_eq!(&bytes[..3], &[0x52, 0x54, 0x00]);
+        assert_eq!(bytes[0] & 0b11, 0b10, "locally administered, unicast");
+    }
+
+    fn spec_with_nics(nics: &[(Option<&str>, &str)]) -> GuestSpec {
+        GuestSpec {
+            name: "web-1".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            nics: nics
+                .iter()
+                .map(|(mac, bridge)| hvnode_api::guest::NicSpec {
+                    mac: mac.map(str::to_owned),
+                    bridge: (*bridge).to_owned(),
+                })
+                .collect(),
+            rng: false,
+            autostart: false,
+        }
+    }
+
+    #[test]
+    fn nics_become_taps_on_existing_bridges_with_given_or_derived_macs() {
+        let sys = scratch("sysnet");
+        std::fs::create_dir_all(sys.join("br0/bridge")).unwrap();
+        std::fs::create_dir_all(sys.join("eth0")).unwrap();
+        let spec = spec_with_nics(&[(None, "br0"), (Some("52:54:00:aa:bb:cc"), "br0")]);
+        let nets = vm_nets(&spec, &sys).unwrap();
+        assert_eq!(
+            nets,
+            vec![
+                VmNet {
+                    tap: tap_name("web-1", 0),
+                    mac: derived_mac("web-1", 0),
+                    bridge: Some("br0".into()),
+                },
+                VmNet {
+                    tap: tap_name("web-1", 1),
+                    mac: "52:54:00:aa:bb:cc".into(),
+                    bridge: Some("br0".into()),
+                },
+            ]
+        );
+        for missing in ["eth0", "br9"] {
+            let spec = spec_with_nics(&[(None, "br0"), (None, missing)]);
+            match vm_nets(&spec, &sys) {
+                Err(GuestError::NoBridge(b)) => assert_eq!(b, missing),
+                other => panic!("{missing}: {other:?}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&sys);
+    }
+
+    #[test]
+    fn autostart_is_due_on_the_first_start_after_boot_only() {
+        let run = scratch("autostart").join("run");
+        assert!(first_start_since_boot(&run).unwrap());
+        assert!(run.join(AUTOSTART_MARKER).is_file());
+        assert!(!first_start_since_boot(&run).unwrap(), "agent restart");
+        assert!(!first_start_since_boot(&run).unwrap());
+        // A reboot empties the tmpfs.
+        std::fs::remove_dir_all(&run).unwrap();
+        assert!(first_start_since_boot(&run).unwrap());
+        let _ = std::fs::remove_dir_all(run.parent().unwrap());
+    }
+
+    #[test]
+    fn a_dead_pid_is_not_a_live_vmm() {
+        let dir = scratch("stale");
+        assert!(live_vmm(&dir).unwrap_err().contains("no pid file"));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        std::fs::write(dir.join("pid"), pid.to_string()).unwrap();
+        assert!(live_vmm(&dir).is_err());
+        // A live process that is not a VMM.
+        std::fs::write(dir.join("pid"), std::process::id().to_string()).unwrap();
+        assert!(live_vmm(&dir).unwrap_err().contains("not a VMM"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -223,6 +223,8 @@ pub struct Agent {
     pending_network: Mutex<Option<PendingNetwork>>,
     /// Events for `GET /v1/events`.
     events: Arc<events::EventLog>,
+    /// `GET /v1/node`.
+    info: node::InfoCache,
 }
 
 /// How long an applied network change waits for confirmation before it rolls back.
@@ -267,9 +269,10 @@ impl Agent {
             tls: RwLock::new(Arc::new(config)),
             cpu: Mutex::new(node::cpu_times()),
             candidate: Mutex::new(None),
-            running: Arc::new(guests::Guests::new(Arc::clone(&events))),
+            running: Arc::new(guests::Guests::new(Arc::clone(&events), paths.clone())),
             events,
             pending_network: Mutex::new(None),
+            info: node::InfoCache::new(&paths.run),
             paths,
         })
     }
@@ -517,11 +520,12 @@ impl Agent {
                 ))
             }
             (&Method::GET, "/v1/node") => {
-                let run = self.paths.run.clone();
-                let info = tokio::task::spawn_blocking(move || node::info(&run))
-                    .await
-                    .map_err(|e| Error::internal("Node info", e))?;
-                Ok(json_response(StatusCode::OK, &info))
+                let mut r = Response::new(Full::new(self.info.json()).boxed());
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                Ok(r)
             }
             (&Method::GET, "/v1/stats") => Ok(json_response(StatusCode::OK, &self.stats())),
             (&Method::PUT, "/v1/node/hostname") => {
@@ -709,7 +713,10 @@ impl Agent {
             }
             (m, p) if p.starts_with("/v1/guests/") && p["/v1/guests/".len()..].contains('/') => {
                 let (name, action) = p["/v1/guests/".len()..].split_once('/').unwrap_or_default();
-                self.guest_action(m, name, action, &query)
+                let (m, name, action) = (m.clone(), name.to_owned(), action.to_owned());
+                tokio::task::spawn_blocking(move || me.guest_action(&m, &name, &action, &query))
+                    .await
+                    .map_err(|e| Error::internal("Guest operation", e))?
             }
             (m, p) if p.starts_with("/v1/guests/") => {
                 let name = &p["/v1/guests/".len()..];
@@ -1075,7 +1082,7 @@ impl Agent {
         eprintln!("agent: host name set to {hostname}");
         self.events
             .emit("network", None, format!("host name set to {hostname}"));
-        Ok(node::info(&self.paths.run))
+        Ok(self.info.refresh())
     }
 
     fn stats(&self) -> NodeStats {
@@ -1187,9 +1194,7 @@ impl Agent {
                     format!("No guest named {:?}", spec.name),
                 ))
             }
-            (true, true)
-                if self.running.state(&spec.name).0 == hvnode_api::guest::GuestState::Running =>
-            {
+            (true, true) if self.running.is_active(&spec.name) => {
                 return Err(Error::new(
                     StatusCode::CONFLICT,
                     "guest_running",
@@ -1223,11 +1228,11 @@ impl Agent {
 
     fn delete_guest(&self, name: &str) -> Result<Resp, Error> {
         let path = self.guest_path(name)?;
-        if self.running.state(name).0 == hvnode_api::guest::GuestState::Running {
+        if self.running.is_active(name) {
             return Err(Error::new(
                 StatusCode::CONFLICT,
                 "guest_running",
-                format!("Guest {name:?} is running: stop it before deleting it"),
+                format!("Guest {name:?} has a running VMM: stop it before deleting it"),
             ));
         }
         std::fs::remove_file(&path).map_err(|_| {
@@ -1246,23 +1251,80 @@ impl Agent {
     }
 }
 
+impl From<guests::GuestError> for Error {
+    fn from(e: guests::GuestError) -> Self {
+        use guests::GuestError as G;
+        let (status, code) = match &e {
+            G::Path(..) => (StatusCode::BAD_REQUEST, "invalid_guest_path"),
+            G::NoBridge(_) => (StatusCode::CONFLICT, "bridge_not_found"),
+            G::TapInUse { .. } => (StatusCode::CONFLICT, "tap_in_use"),
+            G::State { .. } => (StatusCode::CONFLICT, "invalid_guest_state"),
+            G::Spawn(_) => (StatusCode::INTERNAL_SERVER_ERROR, "vmm_start_failed"),
+            G::Unreachable(..) => (StatusCode::BAD_GATEWAY, "vmm_unreachable"),
+            // The VMM saw the guest in another state than the agent did (a race with the
+            // guest itself): the caller's request was fine, the moment was not.
+            G::Refused { code, .. } if code == "invalid_state" => {
+                (StatusCode::CONFLICT, "vmm_invalid_state")
+            }
+            G::Refused { .. } => (StatusCode::BAD_GATEWAY, "vmm_error"),
+        };
+        Error::new(status, code, e.to_string())
+    }
+}
+
 impl Agent {
+    /// After a (re)start of the agent: takes over the guests whose VMMs still run, cleans up
+    /// after those that ended meanwhile, and on the first start since the node booted starts
+    /// the `autostart` guests. Blocking.
+    pub fn start_guests(self: &Arc<Self>) {
+        let specs = self.guest_specs();
+        self.running.reattach(&specs);
+        match guests::first_start_since_boot(&self.paths.run) {
+            Ok(true) => {
+                let failed = self.running.autostart(&specs);
+                if failed > 0 {
+                    eprintln!("agent: {failed} autostart guest(s) failed to start");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!(
+                "agent: cannot record the autostart marker in {}: {e}; not autostarting guests",
+                self.paths.run.display()
+            ),
+        }
+    }
+
+    /// Every valid guest definition; invalid ones are logged and left out.
+    fn guest_specs(&self) -> Vec<GuestSpec> {
+        match self.guests() {
+            Ok(list) => list.into_iter().map(|g| g.spec).collect(),
+            Err(Error(_, _, msg)) => {
+                eprintln!("agent: reading guest definitions: {msg}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Guest operations; they may wait on a VMM, so they run on a blocking thread.
     fn guest_action(
-        &self,
+        self: &Arc<Self>,
         method: &Method,
         name: &str,
         action: &str,
         query: &str,
     ) -> Result<Resp, Error> {
         let status = self.guest(name)?;
-        let running = status.state == hvnode_api::guest::GuestState::Running;
-        let conflict = |what: &str| {
-            Error::new(
-                StatusCode::CONFLICT,
-                "invalid_guest_state",
-                format!("Guest {name:?} is {:?}: cannot {what}", status.state),
-            )
-        };
+        let timeout = query_param(query, "timeout_secs")
+            .map(|v| {
+                v.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+                    Error::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_timeout",
+                        format!("timeout_secs={v:?} is not a number of seconds"),
+                    )
+                })
+            })
+            .transpose()?;
         match (method, action) {
             (&Method::GET, "console") => {
                 let bytes = query_param(query, "bytes")
@@ -1271,48 +1333,28 @@ impl Agent {
                 let log = self.paths.run.join("vms").join(name).join("console.log");
                 let data = std::fs::read(log).unwrap_or_default();
                 let tail = &data[data.len().saturating_sub(bytes)..];
-                Ok(text_response(
+                return Ok(text_response(
                     StatusCode::OK,
                     String::from_utf8_lossy(tail).into_owned(),
                     "text/plain; charset=utf-8",
-                ))
+                ));
+            }
+            (&Method::GET, "stats") => {
+                return Ok(json_response(StatusCode::OK, &self.running.stats(name)?));
             }
             (&Method::POST, "start") => {
-                if running {
-                    return Err(conflict("start it"));
-                }
-                self.running
-                    .start(
-                        &status.spec,
-                        &self.paths.images,
-                        &self.paths.run,
-                        &self.paths.vmm,
-                    )
-                    .map_err(|e| match e {
-                        guests::GuestError::Path(..) => {
-                            Error::new(StatusCode::BAD_REQUEST, "invalid_guest_path", e.to_string())
-                        }
-                        e => Error::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "vmm_start_failed",
-                            e.to_string(),
-                        ),
-                    })?;
-                Ok(json_response(StatusCode::OK, &self.guest(name)?))
+                self.running.start(&status.spec)?;
             }
-            (&Method::POST, "stop") => {
-                if !self.running.stop(name, &self.paths.run) {
-                    return Err(conflict("stop it"));
-                }
-                Ok(json_response(StatusCode::OK, &self.guest(name)?))
-            }
-            (&Method::POST, op @ ("shutdown" | "pause" | "resume" | "reboot")) => Err(Error::new(
-                StatusCode::CONFLICT,
-                "unsupported",
-                format!("{op} needs VMM support that is not implemented yet; use stop"),
-            )),
-            _ => Err(Error::not_found()),
+            (&Method::POST, "stop") => self.running.stop(name)?,
+            (&Method::POST, "shutdown") => self.running.shutdown(name, timeout)?,
+            (&Method::POST, "pause") => self.running.pause(name)?,
+            (&Method::POST, "resume") => self.running.resume(name)?,
+            (&Method::POST, "reboot") => self
+                .running
+                .reboot(name, timeout.unwrap_or(guests::REBOOT_TIMEOUT))?,
+            _ => return Err(Error::not_found()),
         }
+        Ok(json_response(StatusCode::OK, &self.guest(name)?))
     }
 
     fn images(&self) -> Vec<serde_json::Value> {

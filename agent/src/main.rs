@@ -68,6 +68,8 @@ async fn serve_tcp(agent: Arc<Agent>, listener: TcpListener) {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
+        // Small request/response exchanges: no Nagle delay behind the previous answer.
+        let _ = tcp.set_nodelay(true);
         let agent = Arc::clone(&agent);
         tokio::spawn(async move {
             let (config, generation) = agent.tls_config();
@@ -87,7 +89,10 @@ async fn serve_tcp(agent: Arc<Agent>, listener: TcpListener) {
                 let agent = Arc::clone(&agent);
                 async move { Ok::<_, std::convert::Infallible>(agent.handle(req, origin).await) }
             });
+            // One buffer per response: headers and body go out in one TLS record and one write
+            // instead of two.
             let _ = hyper::server::conn::http1::Builder::new()
+                .writev(false)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         });
@@ -141,6 +146,11 @@ async fn run(args: Args) -> Result<(), String> {
         agent.fingerprint()
     );
     agent.resume_pending();
+    // Before serving, so that the first answers already know the guests that kept running.
+    let starter = Arc::clone(&agent);
+    tokio::task::spawn_blocking(move || starter.start_guests())
+        .await
+        .map_err(|e| format!("taking over guests: {e}"))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("SIGTERM handler: {e}"))?;
     tokio::select! {

@@ -1,6 +1,10 @@
 //! Facts about the node read from /proc, /sys and the state files init publishes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use hvnode_api::node::{DiskInfo, NetworkStatus, NicStatus, NodeInfo, StorageStatus};
 
@@ -161,32 +165,114 @@ pub fn disks(check_blank: bool) -> Vec<DiskInfo> {
     out
 }
 
-/// Everything `GET /v1/node` reports.
+/// The parts of [`NodeInfo`] that do not change while the node runs.
+#[derive(Debug, Clone)]
+struct Fixed {
+    kernel: String,
+    cpu_model: String,
+    cpus: u32,
+    memory_bytes: u64,
+    kvm: bool,
+}
+
+impl Fixed {
+    fn read() -> Fixed {
+        let cpuinfo = read("/proc/cpuinfo");
+        Fixed {
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            cpu_model: cpuinfo
+                .lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap_or_default(),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            memory_bytes: memory().0,
+            kvm: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
+        }
+    }
+
+    fn info(&self, run_dir: &Path) -> NodeInfo {
+        NodeInfo {
+            hostname: hostname(),
+            version: hvnode_api::VERSION.to_owned(),
+            kernel: self.kernel.clone(),
+            cpu_model: self.cpu_model.clone(),
+            cpus: self.cpus,
+            memory_bytes: self.memory_bytes,
+            kvm: self.kvm,
+            nics: network_status(run_dir).interfaces,
+            disks: disks(false),
+            uptime_secs: uptime_secs(),
+        }
+    }
+}
+
+/// Everything `GET /v1/node` reports, read now.
 pub fn info(run_dir: &Path) -> NodeInfo {
-    let cpuinfo = read("/proc/cpuinfo");
-    let cpu_model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_default();
-    NodeInfo {
-        hostname: hostname(),
-        version: hvnode_api::VERSION.to_owned(),
-        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
-        cpu_model,
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-        memory_bytes: memory().0,
-        kvm: std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        nics: network_status(run_dir).interfaces,
-        disks: disks(false),
-        uptime_secs: uptime_secs(),
+    Fixed::read().info(run_dir)
+}
+
+/// How old a cached `GET /v1/node` answer may be.
+pub const INFO_REFRESH: Duration = Duration::from_secs(1);
+
+/// `GET /v1/node` without the file system on every request: the fixed facts are read once, the
+/// rest (host name, NICs, disks, uptime) at most once per [`INFO_REFRESH`], and the answer is
+/// kept serialised. A request that finds the answer stale while another refreshes it gets the
+/// stale one rather than waiting.
+#[derive(Debug)]
+pub struct InfoCache {
+    run_dir: PathBuf,
+    fixed: Fixed,
+    cached: RwLock<Option<(Instant, Bytes)>>,
+    refreshing: Mutex<()>,
+}
+
+impl InfoCache {
+    /// Reads the fixed facts now.
+    pub fn new(run_dir: &Path) -> InfoCache {
+        InfoCache {
+            run_dir: run_dir.to_owned(),
+            fixed: Fixed::read(),
+            cached: RwLock::new(None),
+            refreshing: Mutex::new(()),
+        }
+    }
+
+    /// Reads the changing facts now and caches the answer (after a change the agent made).
+    pub fn refresh(&self) -> NodeInfo {
+        let info = self.fixed.info(&self.run_dir);
+        let json = Bytes::from(serde_json::to_vec(&info).unwrap_or_default());
+        *self.cached.write().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), json));
+        info
+    }
+
+    fn current(&self) -> Option<(bool, Bytes)> {
+        self.cached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(at, json)| (at.elapsed() < INFO_REFRESH, json.clone()))
+    }
+
+    /// The answer as JSON.
+    pub fn json(&self) -> Bytes {
+        match self.current() {
+            Some((true, json)) => json,
+            stale => match (self.refreshing.try_lock(), stale) {
+                (Err(std::sync::TryLockError::WouldBlock), Some((_, json))) => json,
+                _ => {
+                    self.refresh();
+                    self.current().map(|(_, j)| j).unwrap_or_default()
+                }
+            },
+        }
     }
 }
 
@@ -202,6 +288,33 @@ mod tests {
         assert!(all > 0 && busy <= all);
         assert!(uptime_secs() > 0);
         assert!(!info(Path::new("/nonexistent")).kernel.is_empty());
+    }
+
+    #[test]
+    fn cached_node_info_is_reused_within_the_refresh_interval_then_reread() {
+        let run = std::env::temp_dir().join(format!("hvnode-agent-info-{}", std::process::id()));
+        std::fs::create_dir_all(&run).unwrap();
+        let nic = |name: &str| {
+            format!(
+                r#"{{"hostname":"h","interfaces":[{{"name":"{name}","mac":"52:54:00:00:00:01","carrier":true,"addresses":[],"source":"none"}}],"gateways":[],"dns":[]}}"#
+            )
+        };
+        std::fs::write(run.join("network.json"), nic("eth7")).unwrap();
+        let cache = InfoCache::new(&run);
+        let first = cache.json();
+        let parsed: NodeInfo = serde_json::from_slice(&first).unwrap();
+        assert_eq!(parsed.nics[0].name, "eth7");
+        assert_eq!(parsed.kernel, info(&run).kernel);
+        std::fs::write(run.join("network.json"), nic("eth8")).unwrap();
+        assert_eq!(
+            cache.json(),
+            first,
+            "within the interval the cached answer is served"
+        );
+        std::thread::sleep(INFO_REFRESH);
+        let later: NodeInfo = serde_json::from_slice(&cache.json()).unwrap();
+        assert_eq!(later.nics[0].name, "eth8");
+        let _ = std::fs::remove_dir_all(&run);
     }
 
     #[test]

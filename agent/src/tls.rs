@@ -131,6 +131,10 @@ pub fn server_config(
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption tickets spare a manager that reconnects often the full handshake. A new
+    // configuration (a registration change) has a new ticket key, so tickets issued under the
+    // old trust do not resume.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(config)
 }
 
