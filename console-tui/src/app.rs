@@ -923,10 +923,12 @@ pub fn draw(frame: &mut Frame, app: &App) {
             .wrap(Wrap { trim: false }),
         body,
     );
-    frame.render_widget(
-        Paragraph::new("1-7/F1-F7/Tab: screens  arrows: select  Enter: open  Esc: cancel"),
-        foot,
-    );
+    let help = if app.net_form.is_some() {
+        "Tab/arrows: field  Space: DHCP/static  Enter/F10: apply  Esc: cancel"
+    } else {
+        "1-7/F1-F7/Tab: screens  arrows: select  Enter: open  Esc: cancel"
+    };
+    frame.render_widget(Paragraph::new(help), foot);
     if let Some(f) = &app.field {
         dialog(
             frame,

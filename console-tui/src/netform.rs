@@ -675,7 +675,7 @@ impl NetForm {
             self.hint()
         }));
         l.push(Line::raw(
-            "Tab/arrows: field  Enter/F10: apply (rolls back in 60 s unless kept)  Esc: cancel",
+            "An applied change rolls back after 60 s unless you press c to keep it.",
         ));
         l
     }
