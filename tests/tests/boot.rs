@@ -154,6 +154,24 @@ fn ovmf_cd_data_disk_console_registration_and_persistence() {
         status.contains("Unregistered") || status.contains("unregistered"),
         "{status}"
     );
+
+    // The host name through the console's Network screen with keys a serial terminal sends:
+    // h opens the field, ^U clears it, Enter applies; the status screen then shows the name.
+    console_screen(&mut vm, b"2", "h: change the host name");
+    let mark = vm.mark();
+    vm.send(b"h");
+    vm.wait_screen(mark, "Host name:", Duration::from_secs(60));
+    let mark = vm.mark();
+    vm.send(b"\x15console-node\r");
+    vm.wait_screen(mark, "Done.", Duration::from_secs(60));
+    let status = console_screen(&mut vm, b"1", "console-node");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("Host name") && l.contains("console-node")),
+        "{status}"
+    );
+
     let manager = console_screen(&mut vm, b"3", "Pairing code");
     let code = pairing_code(&manager);
 
@@ -174,6 +192,10 @@ fn ovmf_cd_data_disk_console_registration_and_persistence() {
     );
     let info = ok(&state, &["node", "info", "node1"]);
     assert!(info.contains("kvm"), "{info}");
+    assert!(
+        info.contains("console-node"),
+        "the API does not show the host name set on the console:\n{info}"
+    );
 
     // Unauthenticated and wrongly authenticated requests are refused.
     let other = dir.join("other-manager");
