@@ -4,7 +4,7 @@ use super::*;
 use http_body_util::Full;
 use std::path::Path;
 
-fn agent() -> (Arc<Agent>, PathBuf) {
+fn scratch_root() -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let root = std::env::temp_dir().join(format!(
         "hvnode-agent-test-{}-{}",
@@ -12,6 +12,11 @@ fn agent() -> (Arc<Agent>, PathBuf) {
         N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     ));
     let _ = std::fs::remove_dir_all(&root);
+    root
+}
+
+fn agent() -> (Arc<Agent>, PathBuf) {
+    let root = scratch_root();
     (Arc::new(Agent::new(paths_under(&root)).unwrap()), root)
 }
 
@@ -456,4 +461,446 @@ async fn every_documented_route_is_routed() {
         }
     }
     assert!(checked >= 30, "only {checked} routes found in docs/api.md");
+}
+
+/// The `hvnode-vmm` binary next to this test's target dir (`cargo build -p hvnode-vmm`), or
+/// `HVNODE_VMM_BIN`; `None`, with the reason printed, where it or a usable /dev/kvm is missing.
+fn vmm_for(test: &str) -> Option<PathBuf> {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm {
+        eprintln!("skipping {test}: /dev/kvm not available");
+        return None;
+    }
+    let bin = std::env::var_os("HVNODE_VMM_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            // <target>/debug/deps/<test> → <target>/debug/hvnode-vmm
+            let exe = std::env::current_exe().ok()?;
+            Some(exe.parent()?.parent()?.join("hvnode-vmm"))
+        })
+        .filter(|p| p.is_file());
+    if bin.is_none() {
+        eprintln!("skipping {test}: no hvnode-vmm binary (cargo build -p hvnode-vmm)");
+    }
+    bin
+}
+
+/// An agent whose guests run on the real VMM, with a payload that prints `ready` and spins.
+fn vmm_agent(vmm: &Path) -> (Arc<Agent>, PathBuf) {
+    let root = scratch_root();
+    let mut paths = paths_under(&root);
+    paths.vmm = vmm.to_owned();
+    write_payload(&paths.images);
+    (Arc::new(Agent::new(paths).unwrap()), root)
+}
+
+fn write_payload(images: &Path) {
+    use hvnode_vmm::payload::{elf64, serial_print, SPIN};
+    let mut code = serial_print("ready\n");
+    code.extend_from_slice(&SPIN);
+    std::fs::create_dir_all(images).unwrap();
+    std::fs::write(images.join("payload.elf"), elf64(&code)).unwrap();
+}
+
+const PAYLOAD_GUEST: &str = r#"{"name":"p","kernel":"payload.elf","memory_mib":64,"rng":false}"#;
+
+async fn guest_state(a: &Arc<Agent>, name: &str) -> serde_json::Value {
+    call(
+        a,
+        req("GET", &format!("/v1/guests/{name}"), ""),
+        Origin::Local,
+    )
+    .await
+    .1
+}
+
+/// Polls the guest until `done` holds for it, for at most 20 s.
+async fn wait_guest(
+    a: &Arc<Agent>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = guest_state(a, name).await;
+        if done(&g) {
+            return g;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest {name} never became {what}: {g}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_console(a: &Arc<Agent>, name: &str, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = a
+            .handle(
+                req("GET", &format!("/v1/guests/{name}/console"), ""),
+                Origin::Local,
+            )
+            .await;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if String::from_utf8_lossy(&body).contains(text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{text:?} never reached the console of {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn op(a: &Arc<Agent>, name: &str, op: &str) -> (StatusCode, serde_json::Value) {
+    call(
+        a,
+        req("POST", &format!("/v1/guests/{name}/{op}"), ""),
+        Origin::Local,
+    )
+    .await
+}
+
+/// Whether the VMM answered that it does not implement the operation yet (the control ops land
+/// in the VMM separately); says so and skips the rest of `test` then.
+fn vmm_lacks(answer: &serde_json::Value, test: &str) -> bool {
+    let lacks = answer["code"] == "vmm_error"
+        && answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("(unsupported)"));
+    if lacks {
+        eprintln!("skipping the rest of {test}: this hvnode-vmm lacks the operation: {answer}");
+    }
+    lacks
+}
+
+fn event_messages(a: &Arc<Agent>, guest: &str) -> Vec<String> {
+    a.events
+        .subscribe(0)
+        .0
+        .into_iter()
+        .filter(|e| e.kind == "guest_state" && e.guest.as_deref() == Some(guest))
+        .map(|e| e.message)
+        .collect()
+}
+
+#[tokio::test]
+async fn pause_resume_and_shutdown_move_a_real_vmm_through_its_states() {
+    let Some(vmm) = vmm_for("pause_resume_and_shutdown_move_a_real_vmm_through_its_states") else {
+        return;
+    };
+    let (a, root) = vmm_agent(&vmm);
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    let (s, e) = op(&a, "p", "pause").await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state")),
+        "pausing a stopped guest: {e}"
+    );
+    let (s, g) = op(&a, "p", "start").await;
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{g}"
+    );
+    wait_console(&a, "p", "ready").await;
+
+    let (s, g) = op(&a, "p", "pause").await;
+    if vmm_lacks(
+        &g,
+        "pause_resume_and_shutdown_move_a_real_vmm_through_its_states",
+    ) {
+        op(&a, "p", "stop").await;
+        return;
+    }
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("paused")),
+        "{g}"
+    );
+    let (s, e) = op(&a, "p", "pause").await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state"))
+    );
+    let (s, e) = op(&a, "p", "shutdown").await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state"))
+    );
+    let (s, g) = op(&a, "p", "resume").await;
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{g}"
+    );
+    let (s, e) = op(&a, "p", "resume").await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state"))
+    );
+
+    let (s, stats) = call(&a, req("GET", "/v1/guests/p/stats", ""), Origin::Local).await;
+    assert_eq!(
+        (s, stats["memory_bytes"].as_u64()),
+        (StatusCode::OK, Some(64 << 20)),
+        "{stats}"
+    );
+    let (s, e) = call(&a, req("DELETE", "/v1/guests/p", ""), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("guest_running"))
+    );
+
+    // The spinning payload ignores ctrl-alt-del: after the timeout the agent stops it.
+    let (s, g) = call(
+        &a,
+        req("POST", "/v1/guests/p/shutdown?timeout_secs=1", ""),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("shutting_down")),
+        "{g}"
+    );
+    wait_guest(&a, "p", "stopped", |g| g["state"] == "stopped").await;
+    assert_eq!(
+        event_messages(&a, "p")[1..],
+        ["paused", "running", "shutting_down", "stopped"],
+        "{:?}",
+        event_messages(&a, "p")
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn reboot_starts_a_new_vmm_and_stop_waits_until_it_is_gone() {
+    let Some(vmm) = vmm_for("reboot_starts_a_new_vmm_and_stop_waits_until_it_is_gone") else {
+        return;
+    };
+    let (a, root) = vmm_agent(&vmm);
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    let (_, g) = op(&a, "p", "start").await;
+    let first = g["pid"].as_u64().unwrap();
+    wait_console(&a, "p", "ready").await;
+    let (s, g) = call(
+        &a,
+        req("POST", "/v1/guests/p/reboot?timeout_secs=1", ""),
+        Origin::Local,
+    )
+    .await;
+    if vmm_lacks(
+        &g,
+        "reboot_starts_a_new_vmm_and_stop_waits_until_it_is_gone",
+    ) {
+        op(&a, "p", "stop").await;
+        return;
+    }
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("shutting_down")),
+        "{g}"
+    );
+    let g = wait_guest(&a, "p", "running again", |g| {
+        g["state"] == "running" && g["pid"].as_u64().is_some_and(|p| p != first)
+    })
+    .await;
+    wait_console(&a, "p", "ready").await;
+    let (s, g2) = op(&a, "p", "stop").await;
+    assert_eq!(
+        (s, g2["state"].as_str()),
+        (StatusCode::OK, Some("stopped")),
+        "{g2}"
+    );
+    let second = g["pid"].as_u64().unwrap() as i32;
+    assert!(
+        !Path::new(&format!("/proc/{second}/exe")).exists(),
+        "the VMM still runs after stop"
+    );
+    let (s, e) = op(&a, "p", "stop").await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state"))
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it() {
+    let Some(vmm) = vmm_for("a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it") else {
+        return;
+    };
+    let (a, root) = vmm_agent(&vmm);
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    // The VMM as a previous agent left it: its own process, its files in the run dir.
+    let dir = root.join("run/vms/p");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = hvnode_api::vmm::VmConfig {
+        name: "p".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: root.join("images/payload.elf").display().to_string(),
+        initrd: None,
+        cmdline: String::new(),
+        disks: Vec::new(),
+        nets: Vec::new(),
+        rng: false,
+        serial_log: Some(dir.join("console.log").display().to_string()),
+        serial_socket: None,
+        control_socket: Some(dir.join("control.sock").display().to_string()),
+        exit_file: Some(dir.join("exit.json").display().to_string()),
+    };
+    std::fs::write(dir.join("vm.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+    let mut vmm_process = std::process::Command::new(&vmm)
+        .arg("--config")
+        .arg(dir.join("vm.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join("pid"), vmm_process.id().to_string()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !dir.join("control.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VMM never opened its control socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        guest_state(&a, "p").await["state"],
+        "stopped",
+        "not ours yet"
+    );
+
+    let fresh = Arc::new(Agent::new(a.paths.clone()).unwrap());
+    let me = Arc::clone(&fresh);
+    tokio::task::spawn_blocking(move || me.start_guests())
+        .await
+        .unwrap();
+    let g = guest_state(&fresh, "p").await;
+    assert_eq!(g["state"], "running", "{g}");
+    assert_eq!(g["pid"].as_u64(), Some(u64::from(vmm_process.id())));
+    let (s, g) = op(&fresh, "p", "stop").await;
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("stopped")),
+        "{g}"
+    );
+    assert!(vmm_process.wait().is_ok());
+    assert!(!dir.join("pid").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn stale_run_dirs_are_cleaned_and_a_crash_while_away_is_reported() {
+    let (a, root) = agent();
+    for name in ["gone", "crashy"] {
+        let spec = format!(r#"{{"name":"{name}","kernel":"k","rng":false}}"#);
+        call(&a, req("POST", "/v1/guests", &spec), Origin::Local).await;
+    }
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let pid = dead.id().to_string();
+    dead.wait().unwrap();
+    let vms = root.join("run/vms");
+    for name in ["gone", "crashy", "undefined"] {
+        std::fs::create_dir_all(vms.join(name)).unwrap();
+        std::fs::write(vms.join(name).join("pid"), &pid).unwrap();
+        std::fs::write(vms.join(name).join("console.log"), "last words").unwrap();
+    }
+    std::fs::write(
+        vms.join("crashy/exit.json"),
+        r#"{"code":2,"reason":"vCPU 0: KVM_EXIT_INTERNAL_ERROR"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        vms.join("gone/exit.json"),
+        r#"{"code":0,"reason":"powered off"}"#,
+    )
+    .unwrap();
+    a.start_guests();
+    assert_eq!(guest_state(&a, "gone").await["state"], "stopped");
+    assert_eq!(guest_state(&a, "crashy").await["state"], "crashed");
+    assert!(event_messages(&a, "crashy")
+        .iter()
+        .any(|m| m.contains("KVM_EXIT_INTERNAL_ERROR")));
+    assert!(
+        !vms.join("undefined").exists(),
+        "a dir of no guest is removed"
+    );
+    assert!(!vms.join("gone/pid").exists());
+    assert!(
+        vms.join("crashy/console.log").exists(),
+        "logs stay for the admin"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn a_nic_on_a_missing_bridge_is_refused_naming_the_bridge() {
+    let (a, root) = agent();
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::write(root.join("images/k"), b"x").unwrap();
+    let spec = r#"{"name":"n","kernel":"k","rng":false,"nics":[{"bridge":"nosuchbr7"}]}"#;
+    call(&a, req("POST", "/v1/guests", spec), Origin::Local).await;
+    let (s, e) = op(&a, "n", "start").await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("bridge_not_found"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("nosuchbr7"), "{e}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn autostart_starts_marked_guests_once_per_boot_and_survives_one_failing() {
+    let Some(vmm) =
+        vmm_for("autostart_starts_marked_guests_once_per_boot_and_survives_one_failing")
+    else {
+        return;
+    };
+    let (a, root) = vmm_agent(&vmm);
+    let broken = r#"{"name":"broken","kernel":"missing.elf","rng":false,"autostart":true}"#;
+    let auto =
+        r#"{"name":"p","kernel":"payload.elf","memory_mib":64,"rng":false,"autostart":true}"#;
+    let manual = r#"{"name":"manual","kernel":"payload.elf","memory_mib":64,"rng":false}"#;
+    for spec in [broken, auto, manual] {
+        call(&a, req("POST", "/v1/guests", spec), Origin::Local).await;
+    }
+    let me = Arc::clone(&a);
+    tokio::task::spawn_blocking(move || me.start_guests())
+        .await
+        .unwrap();
+    assert_eq!(guest_state(&a, "p").await["state"], "running");
+    assert_eq!(guest_state(&a, "manual").await["state"], "stopped");
+    assert_eq!(guest_state(&a, "broken").await["state"], "stopped");
+    let failures: Vec<_> = a
+        .events
+        .subscribe(0)
+        .0
+        .into_iter()
+        .filter(|e| e.kind == "guest_autostart" && e.guest.as_deref() == Some("broken"))
+        .collect();
+    assert!(
+        failures[0].message.contains("autostart failed"),
+        "{failures:?}"
+    );
+    assert_eq!(op(&a, "p", "stop").await.0, StatusCode::OK);
+    // An agent restart on the same boot: the marker in the run dir says it is not the first.
+    let fresh = Arc::new(Agent::new(a.paths.clone()).unwrap());
+    let me = Arc::clone(&fresh);
+    tokio::task::spawn_blocking(move || me.start_guests())
+        .await
+        .unwrap();
+    assert_eq!(guest_state(&fresh, "p").await["state"], "stopped");
+    let _ = std::fs::remove_dir_all(&root);
 }
