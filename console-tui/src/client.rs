@@ -109,19 +109,29 @@ impl Client {
         }
     }
 
-    /// Sends one request.
+    /// Sends one request, waiting up to 5 s for the answer.
     pub fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
+        self.request_within(method, path, body, Duration::from_secs(5))
+    }
+
+    /// Sends one request, waiting up to `timeout` for the answer.
+    fn request_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
         let unreachable = |e: std::io::Error| {
             ClientError::Unreachable(self.socket.display().to_string(), e.to_string())
         };
         let mut s = UnixStream::connect(&self.socket).map_err(unreachable)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(unreachable)?;
+        s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
         s.set_write_timeout(Some(Duration::from_secs(5)))
             .map_err(unreachable)?;
         let mut req =
@@ -165,18 +175,20 @@ impl Client {
         Ok(String::from_utf8_lossy(&self.request("GET", path, None)?.body).into_owned())
     }
 
-    /// Sends a JSON body (or none) and parses the JSON answer.
+    /// Sends a JSON body (or none) and parses the JSON answer, waiting up to `timeout`: a
+    /// change init applies (bonds, VLANs, a bridge) can take longer than a read.
     pub fn call<T: Serialize, R: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<&T>,
+        timeout: Duration,
     ) -> Result<R, ClientError> {
         let bytes = body
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let r = self.request(method, path, bytes.as_deref())?;
+        let r = self.request_within(method, path, bytes.as_deref(), timeout)?;
         serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -245,6 +257,66 @@ mod tests {
             other => panic!("{other:?}"),
         }
         server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn call_sends_the_json_body_and_parses_the_answer() {
+        let dir = std::env::temp_dir().join(format!("hvnode-console-call-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as many body bytes as Content-Length says.
+            let body_start = loop {
+                let n = s.read(&mut buf).unwrap();
+                req.extend_from_slice(&buf[..n]);
+                if let Some(p) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&req[..body_start]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            while req.len() < body_start + len {
+                let n = s.read(&mut buf).unwrap();
+                req.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"config":{},"status":{"hostname":"n","interfaces":[],"gateways":[],"dns":[]},"rollback_in_secs":60,"pending":{"management":"eth0"}}"#;
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            (
+                head,
+                String::from_utf8_lossy(&req[body_start..]).into_owned(),
+            )
+        });
+        let config = hvnode_api::config::NetworkConfig {
+            management: Some("eth0".into()),
+            ..Default::default()
+        };
+        let view: hvnode_api::node::NetworkView = Client::new(&path)
+            .call("PUT", "/v1/network", Some(&config), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(view.rollback_in_secs, Some(60));
+        assert_eq!(view.pending.unwrap().management.as_deref(), Some("eth0"));
+        let (head, body) = server.join().unwrap();
+        assert!(head.starts_with("PUT /v1/network HTTP/1.1\r\n"), "{head}");
+        assert_eq!(
+            serde_json::from_str::<hvnode_api::config::NetworkConfig>(&body).unwrap(),
+            config
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -122,7 +122,7 @@ fn network_call(
     path: &str,
     body: Option<&hvnode_api::config::NetworkConfig>,
 ) -> Result<(), ClientError> {
-    let view: NetworkView = c.call(method, path, body)?;
+    let view: NetworkView = c.call(method, path, body, Duration::from_secs(30))?;
     app.set_network(view, Instant::now());
     Ok(())
 }
