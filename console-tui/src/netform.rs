@@ -592,7 +592,12 @@ impl NetForm {
     fn device(&self) -> String {
         let mut c = self.base.clone();
         c.bridge = self.text(FieldId::Bridge).trim().to_owned();
-        let vlan = self.text(FieldId::Vlan).trim().parse().ok();
+        let vlan = self
+            .text(FieldId::Vlan)
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v| validate_vlan(*v).is_ok());
         settings_device(&c, self.text(FieldId::Management).trim(), vlan)
     }
 
@@ -639,12 +644,15 @@ impl NetForm {
             } else if !self.active(f) {
                 "(from DHCP)".to_owned()
             } else {
+                // The focused field shows its end, where the cursor is; others their start.
                 let mut v = self.text(f).to_owned();
                 if focused {
                     v.push('_');
+                    let skip = v.chars().count().saturating_sub(VALUE_WIDTH);
+                    v.chars().skip(skip).collect()
+                } else {
+                    v.chars().take(VALUE_WIDTH).collect()
                 }
-                let skip = v.chars().count().saturating_sub(VALUE_WIDTH);
-                v.chars().skip(skip).collect()
             };
             let value_style = if focused {
                 Style::default().add_modifier(Modifier::REVERSED)
