@@ -11,6 +11,7 @@
 pub mod acpi;
 pub mod boot;
 mod control;
+pub mod devices;
 pub mod payload;
 pub mod serial;
 mod vcpu;

@@ -1,0 +1,551 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x "modern"): the register window of one
+//! device.
+//!
+//! Registers are 32-bit and accessed from the vCPU threads under the bus lock; anything else
+//! (other widths, unknown offsets, the legacy page-size and PFN registers) reads as zero and
+//! writes are ignored. Queue configuration is accepted only until the driver sets DRIVER_OK;
+//! DRIVER_OK validates every queue against guest memory and activates the device; a status
+//! write of 0 resets it (stops its worker, resets the queues and the negotiated features).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio as reg;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, ActiveQueue, Interrupt, VirtioDevice};
+
+/// Size of one device's register window.
+pub const WINDOW_SIZE: u64 = 0x1000;
+/// "virt", little-endian.
+pub const MAGIC: u32 = 0x7472_6976;
+/// The modern transport.
+pub const VERSION: u32 = 2;
+/// "HVND".
+pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"HVND");
+
+/// One device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    active: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmioTransport {
+    /// The transport for `device`, whose queue notifications go to fresh eventfds
+    /// ([`queue_events`](Self::queue_events), for the VMM to register as ioeventfds).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        let mut queues = Vec::new();
+        let mut queue_events = Vec::new();
+        for &max in device.queue_max_sizes() {
+            queues.push(Queue::new(max).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            })?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_events,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            active: false,
+        })
+    }
+
+    /// The eventfd of each queue, in queue order: a write of the queue's index to QueueNotify
+    /// signals it.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        self.device.stats()
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn config_frozen(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+    }
+
+    /// A read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= u64::from(reg::VIRTIO_MMIO_CONFIG) {
+            let config = self.device.config();
+            let start = (offset - u64::from(reg::VIRTIO_MMIO_CONFIG)) as usize;
+            if let Some(src) = start
+                .checked_add(data.len())
+                .and_then(|end| config.get(start..end))
+            {
+                data.copy_from_slice(src);
+            }
+            return;
+        }
+        if data.len() != 4 {
+            return;
+        }
+        let value = match offset as u32 {
+            reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            reg::VIRTIO_MMIO_VERSION => VERSION,
+            reg::VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected().map_or(0, |q| q.max_size().into()),
+            reg::VIRTIO_MMIO_QUEUE_READY => self.selected().map_or(0, |q| q.ready().into()),
+            reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            reg::VIRTIO_MMIO_STATUS => {
+                let needs_reset = if self.interrupt.needs_reset() {
+                    VIRTIO_CONFIG_S_NEEDS_RESET
+                } else {
+                    0
+                };
+                self.status | needs_reset
+            }
+            // The configuration never changes while the device runs.
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// A write of `data` at `offset` in the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        // The device config spaces here are read-only.
+        if offset >= u64::from(reg::VIRTIO_MMIO_CONFIG) {
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        let frozen = self.config_frozen();
+        match offset as u32 {
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES => {
+                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
+                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+                if negotiating && self.driver_features_select < 2 {
+                    let shift = 32 * self.driver_features_select;
+                    self.driver_features &= !(0xffff_ffffu64 << shift);
+                    self.driver_features |= u64::from(v) << shift;
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_select = v,
+            // Reached only when no ioeventfd took the write (tests, or a KVM without it).
+            reg::VIRTIO_MMIO_QUEUE_NOTIFY if self.active => {
+                if let Some(e) = self.queue_events.get(v as usize) {
+                    let _ = e.write(1);
+                }
+            }
+            reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::VIRTIO_MMIO_STATUS => self.write_status(v),
+            _ if frozen => {}
+            reg::VIRTIO_MMIO_QUEUE_NUM => {
+                if let (Some(q), Ok(n)) = (self.selected(), u16::try_from(v)) {
+                    q.set_size(n);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_READY => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                self.set_addr(|q| q.set_desc_table_address(Some(v), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                self.set_addr(|q| q.set_desc_table_address(None, Some(v)))
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                self.set_addr(|q| q.set_avail_ring_address(Some(v), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                self.set_addr(|q| q.set_avail_ring_address(None, Some(v)))
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW => {
+                self.set_addr(|q| q.set_used_ring_address(Some(v), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                self.set_addr(|q| q.set_used_ring_address(None, Some(v)))
+            }
+            _ => {}
+        }
+    }
+
+    fn set_addr(&mut self, f: impl FnOnce(&mut Queue)) {
+        // A ready queue's addresses stay as they were (virtio 1.2, 4.2.2.2).
+        if let Some(q) = self.selected().filter(|q| !q.ready()) {
+            f(q);
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits; anything else is ignored.
+        if v & self.status != self.status {
+            return;
+        }
+        let added = v & !self.status;
+        let mut status = v;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !ok {
+                // Left clear, so that the driver sees the features were refused.
+                status &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 || status & VIRTIO_CONFIG_S_FAILED != 0 {
+                return;
+            }
+            self.status = status;
+            self.activate();
+            return;
+        }
+        self.status = status;
+    }
+
+    fn activate(&mut self) {
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| q.ready() && q.is_valid(&self.mem));
+        if !valid {
+            eprintln!(
+                "hvnode-vmm: virtio device {}: driver set DRIVER_OK with a queue not ready or outside guest memory",
+                self.device.device_type()
+            );
+            self.interrupt.set_needs_reset();
+            return;
+        }
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (q, e) in self.queues.iter().zip(&self.queue_events) {
+            // The device gets its own copy; the transport's stays for register reads.
+            let queue = Queue::try_from(q.state()).map_err(|e| e.to_string());
+            let event = e.try_clone().map_err(|e| e.to_string());
+            match (queue, event) {
+                (Ok(queue), Ok(event)) => queues.push(ActiveQueue { queue, event }),
+                (Err(err), _) | (_, Err(err)) => {
+                    eprintln!("hvnode-vmm: virtio device: queue: {err}");
+                    self.interrupt.set_needs_reset();
+                    return;
+                }
+            }
+        }
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: Arc::clone(&self.interrupt),
+            features: self.driver_features,
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                eprintln!(
+                    "hvnode-vmm: virtio device {}: activation: {e}",
+                    self.device.device_type()
+                );
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        for e in &self.queue_events {
+            let _ = e.read();
+        }
+        self.interrupt.clear();
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.active = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::chain::testing::*;
+    use crate::devices::rng::Rng;
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+    const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+
+    fn transport(mem: &GuestMemoryMmap) -> (MmioTransport, Arc<Interrupt>) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq));
+        let t = MmioTransport::new(
+            Box::new(Rng::new().unwrap()),
+            mem.clone(),
+            Arc::clone(&interrupt),
+        )
+        .unwrap();
+        (t, interrupt)
+    }
+
+    fn r(t: &mut MmioTransport, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(off), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u32, v: u32) {
+        t.write(u64::from(off), &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport) {
+        w(t, reg::VIRTIO_MMIO_STATUS, ACK);
+        w(t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER);
+        w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(
+            t,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES,
+            1 << (VIRTIO_F_VERSION_1 - 32),
+        );
+        w(t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK);
+    }
+
+    fn setup_queue(t: &mut MmioTransport, q: &MockSplitQueue<GuestMemoryMmap>, size: u32) {
+        w(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(t, reg::VIRTIO_MMIO_QUEUE_NUM, size);
+        w(
+            t,
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW,
+            q.desc_table_addr().0 as u32,
+        );
+        w(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail_addr().0 as u32);
+        w(t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, q.used_addr().0 as u32);
+        w(t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identifies_as_a_modern_virtio_mmio_device() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_RNG);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 7);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "no queue 7");
+        let mut byte = [0xaa; 1];
+        t.read(0, &mut byte);
+        assert_eq!(byte, [0], "registers are 32-bit only");
+    }
+
+    #[test]
+    fn offers_version_1_in_the_high_feature_word() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        w(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES),
+            1 << (VIRTIO_F_VERSION_1 - 32)
+        );
+        w(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn refuses_features_the_device_did_not_offer_or_a_driver_without_version_1() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER);
+        w(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, 1 << 3);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), ACK | DRIVER);
+        w(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK);
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS),
+            ACK | DRIVER,
+            "legacy driver"
+        );
+        negotiate(&mut t);
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS),
+            ACK | DRIVER | FEATURES_OK
+        );
+    }
+
+    #[test]
+    fn activates_on_driver_ok_and_freezes_queue_configuration() {
+        let mem = memory();
+        let (mut t, interrupt) = transport(&mem);
+        let q = MockSplitQueue::new(&mem, 16);
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 16);
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS),
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK
+        );
+        assert!(t.active);
+        // Writes to the queue registers are ignored from now on.
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 4);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1234_5000);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(t.queues[0].size(), 16);
+        assert_eq!(t.queues[0].desc_table(), q.desc_table_addr().0);
+        // The device serves a request notified through the QueueNotify fallback.
+        offer(&q, 0, &[wo(0x10_0000, 32)]);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while used_idx(&q, &mem) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no used entry");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(used(&q, &mem, 0), (0, 32));
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        w(&mut t, reg::VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert!(!interrupt.needs_reset());
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_fails_activation_with_needs_reset() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        negotiate(&mut t);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 16);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1000);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, 0x2000);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(!t.active);
+        assert_ne!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS),
+            2,
+            "config change"
+        );
+    }
+
+    #[test]
+    fn status_zero_resets_queues_features_and_interrupts() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        let q = MockSplitQueue::new(&mem, 16);
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 16);
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.active);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
+        assert!(!t.active);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(t.driver_features, 0);
+        assert_eq!(t.queues[0].desc_table(), 0);
+        // The queue can be configured and activated again.
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 8);
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.active);
+        assert_eq!(t.queues[0].size(), 8);
+    }
+
+    #[test]
+    fn ignores_status_writes_that_clear_bits_and_driver_ok_without_features_ok() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), ACK | DRIVER);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER | DRIVER_OK);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), ACK | DRIVER);
+        assert!(!t.active);
+    }
+
+    #[test]
+    fn config_space_reads_are_bounded_to_its_size() {
+        let mem = memory();
+        let (mut t, _) = transport(&mem);
+        let mut b = [0xffu8; 8];
+        t.read(0x100, &mut b);
+        assert_eq!(b, [0; 8], "rng has no config space");
+        t.read(u64::MAX - 3, &mut b[..4]);
+        assert_eq!(b[..4], [0; 4]);
+    }
+}

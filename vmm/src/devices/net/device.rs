@@ -1,0 +1,444 @@
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::tap::VNET_HDR_LEN;
+use crate::devices::chain::{self, QueueFault};
+use crate::devices::worker::{Handler, Progress, Worker};
+use crate::devices::{Activation, Counter, DeviceError, VirtioDevice};
+
+/// The largest frame either way: a 64 KiB payload plus an Ethernet header with a VLAN tag.
+pub const MAX_FRAME: usize = (64 << 10) + 18;
+const QUEUE_SIZES: [u16; 2] = [256, 256];
+const RX: usize = 0;
+const TX: usize = 1;
+
+#[derive(Debug, Default)]
+struct Counters {
+    rx_packets: Counter,
+    rx_bytes: Counter,
+    rx_dropped: Counter,
+    tx_packets: Counter,
+    tx_bytes: Counter,
+    tx_dropped: Counter,
+    errors: Counter,
+}
+
+/// The virtio-net device.
+#[derive(Debug)]
+pub struct Net {
+    tap: Arc<File>,
+    config: [u8; 8],
+    counters: Arc<Counters>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// A device on `tap` (non-blocking, with [`VNET_HDR_LEN`]-byte headers, as
+    /// [`super::tap::open`] returns it) whose guest MAC address is `mac`.
+    pub fn new(tap: File, mac: [u8; 6]) -> Net {
+        // virtio_net_config: mac, status.
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        Net {
+            tap: Arc::new(tap),
+            config,
+            counters: Arc::default(),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), DeviceError> {
+        let got = a.queues.len();
+        let Ok([rx, tx]) = <[_; 2]>::try_from(a.queues) else {
+            return Err(DeviceError::QueueCount { expected: 2, got });
+        };
+        let handler = NetHandler::new(
+            a.mem,
+            rx.queue,
+            tx.queue,
+            Arc::clone(&self.tap),
+            Arc::clone(&self.counters),
+        );
+        let worker = Worker::spawn("virtio-net", handler, vec![rx.event, tx.event], a.interrupt)
+            .map_err(DeviceError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+
+    fn stats(&self) -> BTreeMap<String, u64> {
+        let c = &self.counters;
+        BTreeMap::from([
+            ("rx_packets".to_owned(), c.rx_packets.get()),
+            ("rx_bytes".to_owned(), c.rx_bytes.get()),
+            ("rx_dropped".to_owned(), c.rx_dropped.get()),
+            ("tx_packets".to_owned(), c.tx_packets.get()),
+            ("tx_bytes".to_owned(), c.tx_bytes.get()),
+            ("tx_dropped".to_owned(), c.tx_dropped.get()),
+            ("errors".to_owned(), c.errors.get()),
+        ])
+    }
+}
+
+/// The queues and the tap. A frame read from the tap while the guest has no receive buffer is
+/// kept (one at most) and the tap is not watched until the guest adds buffers.
+struct NetHandler {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    tap: Arc<File>,
+    counters: Arc<Counters>,
+    rx_frame: Vec<u8>,
+    rx_pending: Option<usize>,
+    rx_blocked: bool,
+    tx_frame: Vec<u8>,
+    used: bool,
+}
+
+impl NetHandler {
+    fn new(
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        tap: Arc<File>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        NetHandler {
+            mem,
+            rx,
+            tx,
+            tap,
+            counters,
+            rx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            rx_pending: None,
+            rx_blocked: false,
+            tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            used: false,
+        }
+    }
+
+    fn progress(&mut self, more: bool) -> Progress {
+        Progress {
+            used: std::mem::take(&mut self.used),
+            more,
+        }
+    }
+
+    /// Puts the pending frame in the next receive buffer. `false` when the guest has none.
+    fn deliver(&mut self) -> Result<bool, QueueFault> {
+        let Some(len) = self.rx_pending else {
+            return Ok(true);
+        };
+        let frame = &mut self.rx_frame[..len];
+        // num_buffers: always one buffer without VIRTIO_NET_F_MRG_RXBUF.
+        frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+        for _ in 0..self.rx.size() {
+            let Some(c) = chain::pop(&mut self.rx, &self.mem)? else {
+                return Ok(false);
+            };
+            let head = c.head_index();
+            let written = match chain::parse(c) {
+                Ok(c) if c.fault.is_none() && c.readable.is_empty() => {
+                    if c.writable_len() >= len as u64 {
+                        chain::scatter(&self.mem, &c.writable, frame)
+                    } else {
+                        // A buffer too small for the frame: the frame is dropped, not cut.
+                        self.counters.rx_dropped.inc();
+                        Some(0)
+                    }
+                }
+                _ => None,
+            };
+            chain::complete(&mut self.rx, &self.mem, head, written.unwrap_or(0) as u32)?;
+            self.used = true;
+            match written {
+                Some(0) => {
+                    self.rx_pending = None;
+                    return Ok(true);
+                }
+                Some(n) => {
+                    self.counters.rx_packets.inc();
+                    self.counters.rx_bytes.add((n - VNET_HDR_LEN) as u64);
+                    self.rx_pending = None;
+                    return Ok(true);
+                }
+                // A malformed buffer is returned empty and the frame tried on the next one.
+                None => self.counters.errors.inc(),
+            }
+        }
+        // The guest keeps offering malformed buffers: drop the frame rather than spin.
+        self.counters.rx_dropped.inc();
+        self.rx_pending = None;
+        Ok(true)
+    }
+
+    fn receive(&mut self) -> Result<Progress, QueueFault> {
+        for _ in 0..self.rx.size() {
+            if self.rx_pending.is_none() {
+                match (&*self.tap).read(&mut self.rx_frame) {
+                    Ok(n) if n >= VNET_HDR_LEN => self.rx_pending = Some(n),
+                    Ok(_) => {
+                        self.counters.errors.inc();
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(self.progress(false)),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        self.counters.errors.inc();
+                        return Ok(self.progress(false));
+                    }
+                }
+            }
+            if !self.deliver()? {
+                self.rx_blocked = true;
+                return Ok(self.progress(false));
+            }
+        }
+        Ok(self.progress(false))
+    }
+
+    fn transmit(&mut self) -> Result<Progress, QueueFault> {
+        for _ in 0..self.tx.size() {
+            let Some(c) = chain::pop(&mut self.tx, &self.mem)? else {
+                return Ok(self.progress(false));
+            };
+            let head = c.head_index();
+            match chain::parse(c) {
+                Ok(c)
+                    if c.fault.is_none()
+                        && c.writable.is_empty()
+                        && (VNET_HDR_LEN as u64..=self.tx_frame.len() as u64)
+                            .contains(&c.readable_len()) =>
+                {
+                    let len = c.readable_len() as usize;
+                    let frame = &mut self.tx_frame[..len];
+                    if chain::read_prefix(&self.mem, &c.readable, frame) {
+                        // No offload was negotiated: the host kernel gets no GSO or checksum
+                        // requests from the guest.
+                        frame[..VNET_HDR_LEN].fill(0);
+                        // A tap takes a frame whole or not at all.
+                        match (&*self.tap).write(frame) {
+                            Ok(n) if n == len => {
+                                self.counters.tx_packets.inc();
+                                self.counters.tx_bytes.add((len - VNET_HDR_LEN) as u64);
+                            }
+                            Ok(_) | Err(_) => self.counters.tx_dropped.inc(),
+                        }
+                    } else {
+                        self.counters.errors.inc();
+                    }
+                }
+                _ => self.counters.errors.inc(),
+            }
+            chain::complete(&mut self.tx, &self.mem, head, 0)?;
+            self.used = true;
+        }
+        Ok(self.progress(true))
+    }
+}
+
+impl Handler for NetHandler {
+    fn queue_event(&mut self, index: usize) -> Result<Progress, QueueFault> {
+        match index {
+            RX => {
+                // New receive buffers: deliver the frame that waited, then watch the tap again.
+                if self.deliver()? {
+                    self.rx_blocked = false;
+                }
+                Ok(self.progress(false))
+            }
+            TX => self.transmit(),
+            _ => Ok(Progress::default()),
+        }
+    }
+
+    fn input(&self) -> Option<(RawFd, bool)> {
+        Some((self.tap.as_raw_fd(), !self.rx_blocked))
+    }
+
+    fn input_event(&mut self) -> Result<Progress, QueueFault> {
+        self.receive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::chain::testing::*;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixDatagram;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A handler whose "tap" is one end of a datagram socket pair (frames keep their
+    /// boundaries, as on a tap); the other end plays the host side.
+    fn handler<'a>(
+        mem: &'a GuestMemoryMmap,
+    ) -> (
+        NetHandler,
+        UnixDatagram,
+        MockSplitQueue<'a, GuestMemoryMmap>,
+        MockSplitQueue<'a, GuestMemoryMmap>,
+    ) {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let tap = File::from(OwnedFd::from(a));
+        let rxq = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(mem, GuestAddress(0x8000), 16);
+        let h = NetHandler::new(
+            mem.clone(),
+            queue(&rxq),
+            queue(&txq),
+            Arc::new(tap),
+            Arc::default(),
+        );
+        (h, b, rxq, txq)
+    }
+
+    fn frame(len: usize, fill: u8) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend(std::iter::repeat_n(fill, len));
+        f
+    }
+
+    #[test]
+    fn transmits_a_gathered_frame_to_the_tap_with_a_clean_header() {
+        let mem = memory();
+        let (mut h, host, _rxq, txq) = handler(&mem);
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[0] = 1; // NEEDS_CSUM, never negotiated
+        hdr[1] = 4; // GSO_TCPV6
+        mem.write_slice(&hdr, GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&[0x5a; 60], GuestAddress(0x10_0000 + 12))
+            .unwrap();
+        mem.write_slice(&[0xa5; 40], GuestAddress(0x20_0000))
+            .unwrap();
+        offer(&txq, 0, &[ro(0x10_0000, 72), ro(0x20_0000, 40)]);
+        let p = h.transmit().unwrap();
+        assert!(p.used);
+        let mut buf = [0u8; 200];
+        let n = host.recv(&mut buf).unwrap();
+        assert_eq!(n, 112);
+        assert_eq!(buf[..12], [0; 12]);
+        assert_eq!(buf[12..72], [0x5a; 60]);
+        assert_eq!(buf[72..112], [0xa5; 40]);
+        assert_eq!(used(&txq, &mem, 0), (0, 0));
+        assert_eq!(
+            (h.counters.tx_packets.get(), h.counters.tx_bytes.get()),
+            (1, 100)
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_transmit_chains_and_returns_their_heads() {
+        let mem = memory();
+        let (mut h, host, _rxq, txq) = handler(&mem);
+        // Shorter than the header; device-writable; larger than 64 KiB + header; outside memory.
+        offer(&txq, 0, &[ro(0x10_0000, 4)]);
+        offer(&txq, 1, &[ro(0x10_0000, 12), wo(0x20_0000, 64)]);
+        offer(
+            &txq,
+            3,
+            &[ro(0x10_0000, (VNET_HDR_LEN + MAX_FRAME + 1) as u32)],
+        );
+        offer(&txq, 4, &[ro(0xfff0_0000, 100)]);
+        h.transmit().unwrap();
+        assert_eq!(used_idx(&txq, &mem), 4);
+        assert_eq!(h.counters.errors.get(), 4);
+        host.set_nonblocking(true).unwrap();
+        assert!(
+            host.recv(&mut [0u8; 64]).is_err(),
+            "nothing reached the tap"
+        );
+    }
+
+    #[test]
+    fn receives_a_frame_into_the_guest_buffer_with_num_buffers_set() {
+        let mem = memory();
+        let (mut h, host, rxq, _txq) = handler(&mem);
+        offer(&rxq, 0, &[wo(0x10_0000, 1526)]);
+        host.send(&frame(100, 0x33)).unwrap();
+        let p = h.receive().unwrap();
+        assert!(p.used);
+        assert_eq!(used(&rxq, &mem, 0), (0, 112));
+        let mut buf = [0u8; 112];
+        mem.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(buf[10..12], [1, 0], "num_buffers");
+        assert_eq!(buf[12..], [0x33; 100]);
+        assert_eq!(
+            (h.counters.rx_packets.get(), h.counters.rx_bytes.get()),
+            (1, 100)
+        );
+    }
+
+    #[test]
+    fn keeps_a_frame_until_the_guest_adds_receive_buffers() {
+        let mem = memory();
+        let (mut h, host, rxq, _txq) = handler(&mem);
+        host.send(&frame(60, 0x44)).unwrap();
+        let p = h.receive().unwrap();
+        assert!(!p.used);
+        assert_eq!(
+            h.input().map(|(_, watch)| watch),
+            Some(false),
+            "tap not watched"
+        );
+        offer(&rxq, 0, &[wo(0x10_0000, 1526)]);
+        let p = h.queue_event(RX).unwrap();
+        assert!(p.used);
+        assert_eq!(used(&rxq, &mem, 0), (0, 72));
+        assert_eq!(h.input().map(|(_, watch)| watch), Some(true));
+    }
+
+    #[test]
+    fn drops_a_frame_too_large_for_the_buffer_and_skips_malformed_buffers() {
+        let mem = memory();
+        let (mut h, host, rxq, _txq) = handler(&mem);
+        // A device-readable buffer, then one too small, then a good one.
+        offer(&rxq, 0, &[ro(0x10_0000, 1526)]);
+        offer(&rxq, 1, &[wo(0x20_0000, 64)]);
+        offer(&rxq, 2, &[wo(0x30_0000, 1526)]);
+        host.send(&frame(100, 1)).unwrap();
+        host.send(&frame(30, 2)).unwrap();
+        h.receive().unwrap();
+        assert_eq!(used(&rxq, &mem, 0), (0, 0));
+        assert_eq!(used(&rxq, &mem, 1), (1, 0), "too small: frame dropped");
+        assert_eq!(used(&rxq, &mem, 2), (2, 42), "the next frame fits");
+        let mut small = [0u8; 64];
+        mem.read_slice(&mut small, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(small, [0; 64], "nothing cut to fit");
+        assert_eq!(h.counters.rx_dropped.get(), 1);
+        assert_eq!(h.counters.errors.get(), 1);
+    }
+}
