@@ -64,14 +64,19 @@ fn seabios_usb_stick_boots_to_ready_and_powers_off() {
     boot_ready_poweroff("seabios-usb", Firmware::SeaBios, Medium::UsbStick);
 }
 
-/// The boot test's guest: the node's own kernel and the initramfs `tests/guest/build.sh` builds.
+/// The boot test's guest: the node's own kernel, the initramfs and the disk `tests/guest/build.sh`
+/// builds, virtio-rng, and a NIC on the node's management bridge (which enslaves the node's NIC,
+/// so QEMU's user network hands the guest a 10.0.2.x lease). Its /init checks the devices named
+/// by `hvnode-guest.expect`.
 const GUEST_SPEC: &str = r#"name = "testguest"
 vcpus = 1
 memory_mib = 256
 kernel = "test/vmlinuz"
 initrd = "test/initramfs.img"
-cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off"
-rng = false
+cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off hvnode-guest.expect=disk,rng,net"
+rng = true
+disks = [{ path = "test/disk.raw" }]
+nics = [{ bridge = "br0" }]
 "#;
 
 /// hvnodectl, built by the test command (`cargo build -p hvnodectl`).
@@ -272,10 +277,12 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         return;
     };
     let guest = repo_root().join("build/guest");
-    assert!(
-        guest.join("initramfs.img").is_file(),
-        "build/guest is missing: run tests/guest/build.sh"
-    );
+    for f in ["vmlinuz", "initramfs.img", "disk.raw"] {
+        assert!(
+            guest.join(f).is_file(),
+            "build/guest/{f} is missing: run tests/guest/build.sh"
+        );
+    }
     let dir = scratch_dir(name);
     let mut opts = Options::new(name, Firmware::SeaBios, Medium::Cd);
     opts.nested = true;
@@ -288,7 +295,7 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         info.contains("\"kvm\":true") || info.contains("\"kvm\": true"),
         "KVM is not usable inside the node: {info}"
     );
-    for f in ["vmlinuz", "initramfs.img"] {
+    for f in ["vmlinuz", "initramfs.img", "disk.raw"] {
         let local = guest.join(f);
         ok(
             &state,
@@ -331,6 +338,14 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         "guest reported a failure:\n{console}"
     );
     assert!(console.contains("hvnode-guest: started"), "{console}");
+    assert!(console.contains("hvnode-guest: disk ok"), "virtio-blk:\n{console}");
+    assert!(console.contains("hvnode-guest: rng ok "), "virtio-rng:\n{console}");
+    assert!(
+        console
+            .lines()
+            .any(|l| l.contains("hvnode-guest: net ") && l.contains(" 10.0.2.")),
+        "virtio-net on br0 got no 10.0.2.x lease:\n{console}"
+    );
     assert!(console.contains("hvnode-guest: kernel 6."), "{console}");
     // The guest powers itself off through ACPI; the VMM then exits and the guest is stopped.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -345,6 +360,16 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         );
         std::thread::sleep(Duration::from_secs(2));
     }
+    // Again, driven while it runs: pause, resume, and a stop that answers once the VMM is gone.
+    ok(&state, &["guest", "start", "node1", "testguest"]);
+    let paused = ok(&state, &["guest", "pause", "node1", "testguest"]);
+    assert!(paused.contains("paused"), "{paused}");
+    let resumed = ok(&state, &["guest", "resume", "node1", "testguest"]);
+    assert!(resumed.contains("running"), "{resumed}");
+    let stopped = ok(&state, &["guest", "stop", "node1", "testguest"]);
+    assert!(stopped.contains("stopped"), "{stopped}");
+    let show = ok(&state, &["--json", "guest", "show", "node1", "testguest"]);
+    assert!(show.contains("\"stopped\""), "{show}");
     let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
     assert!(status.success(), "QEMU exit status {status}");
     vm.assert_clean_console();
