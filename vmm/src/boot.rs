@@ -15,7 +15,7 @@ pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Initial stack top.
 pub const BOOT_STACK: u64 = 0x8ff0;
-/// PML4 of the identity map; the PDPT and PD follow it.
+/// PML4 of the identity map; the PDPT and four PDs follow it (up to 0xefff).
 pub const PML4: u64 = 0x9000;
 /// Kernel command line.
 pub const CMDLINE: u64 = 0x20000;
@@ -54,18 +54,22 @@ fn segment(index: u16, entry: u64) -> kvm_segment {
     }
 }
 
-/// Writes the GDT and identity page tables (first 1 GiB, 2 MiB pages).
+/// Writes the GDT and identity page tables (first 4 GiB, 2 MiB pages), so that a payload
+/// entered in 64-bit mode also reaches the 32-bit MMIO hole (virtio-mmio windows, IOAPIC).
 pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
     let pdpt = PML4 + 0x1000;
-    let pd = PML4 + 0x2000;
     mem.write_obj(pdpt | 0x3, GuestAddress(PML4))?;
-    mem.write_obj(pd | 0x3, GuestAddress(pdpt))?;
-    for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(pd + i * 8))?;
+    for gib in 0..4u64 {
+        let pd = PML4 + 0x2000 + gib * 0x1000;
+        mem.write_obj(pd | 0x3, GuestAddress(pdpt + gib * 8))?;
+        for i in 0..512u64 {
+            let addr = (gib << 30) | (i << 21);
+            mem.write_obj(addr | 0x83, GuestAddress(pd + i * 8))?;
+        }
     }
     Ok(())
 }
@@ -214,10 +218,18 @@ mod tests {
     }
 
     #[test]
-    fn identity_map_covers_the_first_gigabyte() {
+    fn identity_map_covers_the_first_four_gigabytes() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write_tables(&mem).unwrap();
         let pde: u64 = mem.read_obj(GuestAddress(PML4 + 0x2000 + 511 * 8)).unwrap();
         assert_eq!(pde, (511 << 21) | 0x83);
+        // 0xd000_0000 (the first virtio-mmio window): PDPT entry 3, PD entry 0x80.
+        let pdpte: u64 = mem.read_obj(GuestAddress(PML4 + 0x1000 + 3 * 8)).unwrap();
+        assert_eq!(pdpte, (PML4 + 0x5000) | 0x3);
+        let pde: u64 = mem
+            .read_obj(GuestAddress(PML4 + 0x5000 + 0x80 * 8))
+            .unwrap();
+        assert_eq!(pde, 0xd000_0000 | 0x83);
+        const { assert!(PML4 + 0x6000 <= CMDLINE) };
     }
 }
