@@ -120,7 +120,7 @@ pub enum GuestError {
         other: String,
     },
     /// The operation does not apply in the guest's state.
-    #[error("Guest {name:?} is {state}: cannot {op} it")]
+    #[error("Cannot {op} guest {name:?}: it is {state}")]
     State {
         /// Guest name.
         name: String,
@@ -932,7 +932,7 @@ impl Guests {
 
 /// The VMM's graceful shutdown request (the VMM sends the guest ctrl-alt-del).
 fn shutdown_request() -> VmmRequest {
-    VmmRequest::Shutdown
+    VmmRequest::Shutdown { timeout_secs: None }
 }
 
 #[cfg(test)]

@@ -198,6 +198,19 @@ pub struct GuestArg {
     pub name: String,
 }
 
+/// A node, a guest, and how long the guest may take to go down.
+#[derive(Debug, Args)]
+pub struct GuestTimeoutArg {
+    /// Node name.
+    pub node: String,
+    /// Guest name.
+    pub name: String,
+    /// Stop the guest if it is still up after this many seconds (the node's default: none for
+    /// shutdown, 60 for reboot).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
 /// A node and a guest definition file.
 #[derive(Debug, Args)]
 pub struct GuestFileArg {
@@ -222,14 +235,14 @@ pub enum GuestCommand {
     Start(GuestArg),
     /// Stop a guest at once.
     Stop(GuestArg),
-    /// Ask a guest to shut down.
-    Shutdown(GuestArg),
+    /// Ask a guest to shut down (ctrl-alt-del); it is stopped once it goes down.
+    Shutdown(GuestTimeoutArg),
     /// Pause a guest's vCPUs.
     Pause(GuestArg),
     /// Resume a paused guest.
     Resume(GuestArg),
-    /// Reboot a guest.
-    Reboot(GuestArg),
+    /// Reboot a guest: a shutdown, a stop if it is not down in time, a start.
+    Reboot(GuestTimeoutArg),
     /// Delete a stopped guest.
     Delete(GuestArg),
     /// Print the guest's serial console log.

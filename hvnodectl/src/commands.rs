@@ -181,6 +181,14 @@ pub fn human_secs(s: u64) -> String {
     }
 }
 
+/// A guest action with the node's `timeout_secs` parameter, when given.
+fn with_timeout(action: &str, timeout: Option<u64>) -> String {
+    match timeout {
+        Some(t) => format!("{action}?timeout_secs={t}"),
+        None => action.to_owned(),
+    }
+}
+
 fn state_name<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()
@@ -751,10 +759,16 @@ impl Ctx {
             }
             GuestCommand::Start(a) => self.guest_action(&a.node, &a.name, "start").await,
             GuestCommand::Stop(a) => self.guest_action(&a.node, &a.name, "stop").await,
-            GuestCommand::Shutdown(a) => self.guest_action(&a.node, &a.name, "shutdown").await,
+            GuestCommand::Shutdown(a) => {
+                let action = with_timeout("shutdown", a.timeout);
+                self.guest_action(&a.node, &a.name, &action).await
+            }
             GuestCommand::Pause(a) => self.guest_action(&a.node, &a.name, "pause").await,
             GuestCommand::Resume(a) => self.guest_action(&a.node, &a.name, "resume").await,
-            GuestCommand::Reboot(a) => self.guest_action(&a.node, &a.name, "reboot").await,
+            GuestCommand::Reboot(a) => {
+                let action = with_timeout("reboot", a.timeout);
+                self.guest_action(&a.node, &a.name, &action).await
+            }
             GuestCommand::Delete(a) => {
                 guest::validate_name(&a.name)?;
                 let c = self.client(&a.node)?;

@@ -333,6 +333,17 @@ fn manager_initiated_registration_guests_and_revocation() {
         &ctl(&a, &["guest", "define", "n1", spec.to_str().unwrap()]),
         "(",
     );
+    // Operations that need a running guest say why they cannot apply.
+    for op in ["pause", "resume", "shutdown", "reboot", "stop"] {
+        fails_with(
+            &ctl(&a, &["guest", op, "n1", "web"]),
+            "guest \"web\": it is stopped",
+        );
+    }
+    fails_with(
+        &ctl(&a, &["guest", "shutdown", "n1", "web", "--timeout", "5"]),
+        "Cannot shut down guest \"web\": it is stopped",
+    );
     let bad_spec = work.join("bad.toml");
     std::fs::write(&bad_spec, "name = \"Bad Name\"\nkernel = \"vmlinuz\"\n").unwrap();
     fails_with(
