@@ -93,8 +93,13 @@ pub enum VmmRequest {
     Pause,
     /// Resume all vCPUs.
     Resume,
-    /// Ask the guest to shut down (ctrl-alt-del through the i8042).
-    Shutdown,
+    /// Ask the guest to shut down (ctrl-alt-del through the i8042); answered at once. A paused
+    /// guest is resumed first. From then on a guest reset counts as powered off.
+    Shutdown {
+        /// Stop the guest if it is still up this many seconds later; `None` waits for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
     /// Stop the VM at once and exit the VMM.
     Stop,
     /// Counters.

@@ -30,6 +30,8 @@ pub const ACPI_END: u64 = 0x0010_0000;
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 /// The S5 sleep type the DSDT's `_S5_` object announces.
 pub const S5_SLEEP_TYPE: u8 = 5;
+/// IAPC_BOOT_ARCH bit: the machine has an 8042 keyboard controller.
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 /// Local APIC base address.
 const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// IOAPIC base address (the in-kernel IOAPIC's).
@@ -163,6 +165,9 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     // Reset through the i8042's reset line, which the VMM already handles.
     f.reset_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, 0x64);
     f.reset_value = 0xfe;
+    // IAPC_BOOT_ARCH "8042": without it Linux takes the i8042 for absent and never binds the
+    // keyboard driver (so ctrl-alt-del could not reach it).
+    f.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
     f.hypervisor_vendor_identity = u64::from_le_bytes(*b"HVNODEVM").into();
     to_bytes(&f.finalize())
 }
@@ -277,6 +282,11 @@ mod tests {
         assert_eq!(
             u64::from_le_bytes(fadt[140..148].try_into().unwrap()),
             addr_of(b"DSDT")
+        );
+        // IAPC_BOOT_ARCH at offset 109 announces the i8042.
+        assert_eq!(
+            u16::from_le_bytes(fadt[109..111].try_into().unwrap()),
+            IAPC_BOOT_ARCH_8042
         );
         // Hardware-reduced flag (bit 20) at offset 112.
         assert_ne!(

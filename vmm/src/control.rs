@@ -1,16 +1,149 @@
-//! The control socket: one JSON request per line in, one response per line out.
+//! The control side: the control socket (one JSON request per line in, one response per line
+//! out) and the termination signals, both acting through one [`Controller`].
+//!
+//! SIGTERM asks the guest to shut down and stops it if it is still up after
+//! [`SIGTERM_SHUTDOWN_LIMIT`]; a second SIGTERM, or SIGINT, stops it at once.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hvnode_api::vmm::{VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
+use vmm_sys_util::signal::{block_signal, create_sigset};
 
-use crate::vcpu::Counters;
-use crate::vm::ExitReason;
+use crate::vcpu::{PauseError, Vcpus};
+use crate::vm::{ExitReason, Keyboard, VmError};
+
+/// Longest request line; a longer one is refused and its connection closed.
+pub const MAX_REQUEST_LINE: usize = 64 << 10;
+/// Clients served at the same time; more are refused.
+const MAX_CLIENTS: usize = 8;
+/// A client that does not read its answers for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a guest has to go down after SIGTERM. init waits 30 s after its SIGTERM before it
+/// kills what is left; stopping the guest a little earlier lets the VMM still write its exit
+/// file.
+pub const SIGTERM_SHUTDOWN_LIMIT: Duration = Duration::from_secs(25);
+
+/// Counters of devices, reported under `stats.devices`.
+pub trait DeviceStats: Send + Sync {
+    /// Counters by device name (`serial`, `virtio-blk0`, ...), then by counter name.
+    fn device_stats(&self) -> BTreeMap<String, BTreeMap<String, u64>>;
+}
+
+/// What the control socket and the signals act on.
+pub(crate) struct Controller {
+    /// The launch configuration, for `describe`.
+    pub config: VmConfig,
+    /// When the VM started.
+    pub started: Instant,
+    /// The vCPUs: pause gate, exit counters, shutdown flag.
+    pub vcpus: Arc<Vcpus>,
+    /// The keyboard controller, for ctrl-alt-del.
+    pub keyboard: Arc<Mutex<Keyboard>>,
+    /// Every device with counters.
+    pub devices: Vec<Arc<dyn DeviceStats>>,
+    /// Where the reason the VM ended goes.
+    pub exit: mpsc::Sender<ExitReason>,
+}
+
+fn error(code: &str, message: impl Into<String>) -> VmmResponse {
+    VmmResponse::Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+impl Controller {
+    /// Answers one request.
+    pub(crate) fn handle(&self, req: VmmRequest) -> VmmResponse {
+        match req {
+            VmmRequest::Describe => VmmResponse::Description {
+                config: self.config.clone(),
+                state: self.state(),
+                uptime_secs: self.started.elapsed().as_secs(),
+            },
+            VmmRequest::Stats => VmmResponse::Stats {
+                stats: self.stats(),
+            },
+            VmmRequest::Pause if self.vcpus.shutdown_requested() => {
+                error("invalid_state", "The guest is shutting down")
+            }
+            VmmRequest::Pause => self.pause_result(self.vcpus.pause()),
+            VmmRequest::Resume => self.pause_result(self.vcpus.resume()),
+            VmmRequest::Shutdown { timeout_secs } => {
+                self.shutdown(timeout_secs.map(Duration::from_secs));
+                VmmResponse::Ok
+            }
+            VmmRequest::Stop => {
+                self.stop("stopped by a control request".into());
+                VmmResponse::Ok
+            }
+        }
+    }
+
+    fn pause_result(&self, r: Result<(), PauseError>) -> VmmResponse {
+        match r {
+            Ok(()) => VmmResponse::Ok,
+            Err(e @ PauseError::InvalidState(_)) => error("invalid_state", e.to_string()),
+            Err(e @ PauseError::Timeout(_)) => error("internal", e.to_string()),
+        }
+    }
+
+    fn state(&self) -> VmRunState {
+        if self.vcpus.shutdown_requested() {
+            VmRunState::Stopping
+        } else if self.vcpus.is_paused() {
+            VmRunState::Paused
+        } else {
+            VmRunState::Running
+        }
+    }
+
+    fn stats(&self) -> VmStats {
+        let mut devices = BTreeMap::new();
+        for d in &self.devices {
+            devices.extend(d.device_stats());
+        }
+        VmStats {
+            vcpu_exits: self.vcpus.exit_counters(),
+            devices,
+            memory_bytes: self.config.memory_mib << 20,
+            rss_bytes: rss_bytes(),
+        }
+    }
+
+    /// Presses ctrl-alt-del for the guest (resuming it first if paused); from then on a guest
+    /// reset counts as powered off. With `limit`, a guest still up after it is stopped.
+    pub(crate) fn shutdown(&self, limit: Option<Duration>) {
+        self.vcpus.request_shutdown();
+        // A paused guest cannot see the keys; "already running" is fine too.
+        let _ = self.vcpus.resume();
+        self.keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .press_ctrl_alt_del();
+        if let Some(limit) = limit {
+            let exit = self.exit.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(limit);
+                let why = format!(
+                    "stopped: the guest did not shut down within {} s",
+                    limit.as_secs()
+                );
+                let _ = exit.send(ExitReason::Stopped(why));
+            });
+        }
+    }
+
+    /// Ends the VM at once.
+    pub(crate) fn stop(&self, why: String) {
+        let _ = self.exit.send(ExitReason::Stopped(why));
+    }
+}
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -24,60 +157,192 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn control_loop(
-    listener: UnixListener,
-    config: VmConfig,
-    started: Instant,
-    counters: Arc<Counters>,
-    exit: mpsc::Sender<ExitReason>,
-) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let Ok(mut w) = conn.try_clone() else {
-            continue;
-        };
-        for line in BufReader::new(conn).lines() {
-            let Ok(line) = line else { break };
-            let resp = match serde_json::from_str::<VmmRequest>(&line) {
-                Err(e) => VmmResponse::Error {
-                    code: "bad_request".into(),
-                    message: format!("Invalid request: {e}"),
-                },
-                Ok(VmmRequest::Describe) => VmmResponse::Description {
-                    config: config.clone(),
-                    state: VmRunState::Running,
-                    uptime_secs: started.elapsed().as_secs(),
-                },
-                Ok(VmmRequest::Stats) => {
-                    let mut exits = std::collections::BTreeMap::new();
-                    exits.insert("io".to_owned(), counters.io.load(Ordering::Relaxed));
-                    exits.insert("mmio".to_owned(), counters.mmio.load(Ordering::Relaxed));
-                    let mut serial = std::collections::BTreeMap::new();
-                    serial.insert("tx_bytes".to_owned(), counters.serial_bytes.load(Ordering::Relaxed));
-                    let mut devices = std::collections::BTreeMap::new();
-                    devices.insert("serial".to_owned(), serial);
-                    VmmResponse::Stats {
-                        stats: VmStats {
-                            vcpu_exits: vec![exits],
-                            devices,
-                            memory_bytes: config.memory_mib << 20,
-                            rss_bytes: rss_bytes(),
-                        },
-                    }
-                }
-                Ok(VmmRequest::Stop) => {
-                    let _ = writeln!(w, "{}", serde_json::to_string(&VmmResponse::Ok).unwrap_or_default());
-                    let _ = exit.send(ExitReason::PowerOff);
-                    return;
-                }
-                Ok(op @ (VmmRequest::Pause | VmmRequest::Resume | VmmRequest::Shutdown)) => VmmResponse::Error {
-                    code: "unsupported".into(),
-                    message: format!("{op:?} is not supported by this VMM yet (no vCPU parking, no i8042 keyboard); use stop"),
-                },
-            };
-            if writeln!(w, "{}", serde_json::to_string(&resp).unwrap_or_default()).is_err() {
-                break;
-            }
+/// A line read from a client.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Request(Vec<u8>),
+    TooLong,
+    End,
+}
+
+fn read_line(r: &mut impl BufRead) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    r.by_ref()
+        .take(MAX_REQUEST_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)?;
+    if buf.is_empty() {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
         }
+    } else if buf.len() > MAX_REQUEST_LINE {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Request(buf))
+}
+
+/// The request on `line`, or what is wrong with it.
+fn parse(line: &[u8]) -> Result<VmmRequest, String> {
+    serde_json::from_slice(line).map_err(|e| {
+        format!(
+            "Invalid request: {e}; send one JSON object per line such as {{\"op\":\"describe\"}}"
+        )
+    })
+}
+
+fn send(w: &mut impl Write, resp: &VmmResponse) -> std::io::Result<()> {
+    let mut text = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    w.write_all(&text)
+}
+
+/// Serves one client until it hangs up, sends garbage longer than a line, or stops the VM.
+fn serve_client(ctl: &Controller, conn: UnixStream) -> std::io::Result<()> {
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    loop {
+        let line = match read_line(&mut r)? {
+            Line::End => return Ok(()),
+            Line::TooLong => {
+                let msg = format!("Request line longer than {MAX_REQUEST_LINE} bytes");
+                return send(&mut w, &error("bad_request", msg));
+            }
+            Line::Request(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
+            Line::Request(l) => l,
+        };
+        let resp = match parse(&line) {
+            Ok(req) => ctl.handle(req),
+            Err(message) => error("bad_request", message),
+        };
+        send(&mut w, &resp)?;
+    }
+}
+
+/// Accepts control clients, each on its own thread, at most [`MAX_CLIENTS`] at a time.
+pub(crate) fn control_loop(listener: UnixListener, ctl: Arc<Controller>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
+            let msg = format!("Too many control clients (at most {MAX_CLIENTS})");
+            let _ = send(&mut conn, &error("busy", msg));
+            continue;
+        }
+        let (client_ctl, client_active) = (Arc::clone(&ctl), Arc::clone(&active));
+        let spawned = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                // A client that went away mid-answer is nothing to report.
+                let _ = serve_client(&client_ctl, conn);
+                client_active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread it starts after:
+/// [`signal_loop`] takes them with sigwait instead. Call before starting any thread.
+pub(crate) fn block_termination_signals() -> Result<(), VmError> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        block_signal(sig).map_err(|e| VmError::Signals(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM and SIGINT and acts on them (see the module documentation).
+pub(crate) fn signal_loop(ctl: Arc<Controller>) {
+    let Ok(set) = create_sigset(&[libc::SIGTERM, libc::SIGINT]) else {
+        return;
+    };
+    let mut shutting_down = false;
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised signal set and `sig` a valid place for the result.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        if sig == libc::SIGTERM && !shutting_down {
+            shutting_down = true;
+            eprintln!(
+                "hvnode-vmm: {}: SIGTERM: shutting the guest down (stopped after {} s)",
+                ctl.config.name,
+                SIGTERM_SHUTDOWN_LIMIT.as_secs()
+            );
+            ctl.shutdown(Some(SIGTERM_SHUTDOWN_LIMIT));
+        } else {
+            let name = if sig == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "a second SIGTERM"
+            };
+            ctl.stop(format!("stopped by {name}"));
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_lines_and_refuses_one_longer_than_64_kib() {
+        let mut input = b"{\"op\":\"stats\"}\r\n\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_REQUEST_LINE + 1));
+        input.extend_from_slice(b"\n");
+        let mut r = BufReader::new(&input[..]);
+        assert_eq!(
+            read_line(&mut r).unwrap(),
+            Line::Request(b"{\"op\":\"stats\"}".to_vec())
+        );
+        assert_eq!(read_line(&mut r).unwrap(), Line::Request(Vec::new()));
+        assert_eq!(read_line(&mut r).unwrap(), Line::TooLong);
+    }
+
+    #[test]
+    fn accepts_a_line_of_exactly_64_kib() {
+        let mut input = vec![b' '; MAX_REQUEST_LINE];
+        input.push(b'\n');
+        let mut r = BufReader::new(&input[..]);
+        assert!(
+            matches!(read_line(&mut r).unwrap(), Line::Request(l) if l.len() == MAX_REQUEST_LINE)
+        );
+        assert_eq!(read_line(&mut r).unwrap(), Line::End);
+    }
+
+    #[test]
+    fn refuses_unknown_ops_and_garbage() {
+        for line in [
+            &b"{\"op\":\"frobnicate\"}"[..],
+            b"nonsense",
+            b"\xff\xfe",
+            b"[]",
+        ] {
+            let message = parse(line).unwrap_err();
+            assert!(message.starts_with("Invalid request"), "{message}");
+        }
+        let message = parse(b"{\"op\":\"frobnicate\"}").unwrap_err();
+        assert!(
+            message.contains("unknown variant `frobnicate`"),
+            "{message}"
+        );
+        assert_eq!(
+            parse(b"{\"op\":\"shutdown\"}").unwrap(),
+            VmmRequest::Shutdown { timeout_secs: None }
+        );
+        assert_eq!(
+            parse(b"{\"op\":\"shutdown\",\"timeout_secs\":5}").unwrap(),
+            VmmRequest::Shutdown {
+                timeout_secs: Some(5)
+            }
+        );
     }
 }

@@ -10,8 +10,9 @@
 
 pub mod acpi;
 pub mod boot;
-mod control;
+pub mod control;
 pub mod devices;
+pub mod i8042;
 pub mod payload;
 pub mod serial;
 mod vcpu;

@@ -1,26 +1,59 @@
 //! The serial console's output side: a bounded log file plus every client attached to the
 //! console socket. Whatever the guest writes is stored and forwarded, never interpreted.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use crate::control::DeviceStats;
 
 /// The log file is cut back to its last [`KEEP`] bytes when it grows past [`LIMIT`].
 pub const LIMIT: u64 = 4 << 20;
 /// See [`LIMIT`].
 pub const KEEP: usize = 1 << 20;
 
+/// The serial console's counters.
+#[derive(Debug, Default)]
+pub struct SerialStats {
+    tx_bytes: AtomicU64,
+    rx_bytes: AtomicU64,
+}
+
+impl SerialStats {
+    /// Counts `n` bytes a console client sent to the guest.
+    pub fn received(&self, n: usize) {
+        self.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl DeviceStats for SerialStats {
+    fn device_stats(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let counters = [
+            ("tx_bytes".to_owned(), self.tx_bytes.load(Ordering::Relaxed)),
+            ("rx_bytes".to_owned(), self.rx_bytes.load(Ordering::Relaxed)),
+        ];
+        BTreeMap::from([("serial".to_owned(), BTreeMap::from(counters))])
+    }
+}
+
 /// Where serial output goes.
 #[derive(Debug, Default)]
 pub struct SerialOut {
     log: Option<(File, std::path::PathBuf, u64)>,
     clients: Arc<Mutex<Vec<UnixStream>>>,
+    stats: Arc<SerialStats>,
 }
 
 impl SerialOut {
-    /// Output to `log` (appended) and to the clients in `clients`.
-    pub fn new(log: Option<&str>, clients: Arc<Mutex<Vec<UnixStream>>>) -> std::io::Result<Self> {
+    /// Output to `log` (appended) and to the clients in `clients`, counted in `stats`.
+    pub fn new(
+        log: Option<&str>,
+        clients: Arc<Mutex<Vec<UnixStream>>>,
+        stats: Arc<SerialStats>,
+    ) -> std::io::Result<Self> {
         let log = match log {
             Some(path) => {
                 let f = std::fs::OpenOptions::new()
@@ -32,7 +65,11 @@ impl SerialOut {
             }
             None => None,
         };
-        Ok(SerialOut { log, clients })
+        Ok(SerialOut {
+            log,
+            clients,
+            stats,
+        })
     }
 
     fn trim_log(&mut self) {
@@ -56,6 +93,9 @@ impl SerialOut {
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stats
+            .tx_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         if let Some((f, _, len)) = self.log.as_mut() {
             if f.write_all(buf).is_ok() {
                 *len += buf.len() as u64;
@@ -86,8 +126,10 @@ mod tests {
         let (a, mut b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let clients = Arc::new(Mutex::new(vec![a]));
-        let mut out = SerialOut::new(log.to_str(), clients.clone()).unwrap();
+        let stats = Arc::new(SerialStats::default());
+        let mut out = SerialOut::new(log.to_str(), clients.clone(), Arc::clone(&stats)).unwrap();
         out.write_all(b"hello").unwrap();
+        assert_eq!(stats.device_stats()["serial"]["tx_bytes"], 5);
         let mut buf = [0u8; 5];
         std::io::Read::read_exact(&mut b, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");

@@ -1,30 +1,283 @@
-//! vCPU threads: setting each vCPU up and running it, dispatching its port and MMIO exits.
+//! vCPU threads: setting each vCPU up, running it and dispatching its port and MMIO exits, and
+//! parking it outside KVM_RUN while the VM is paused.
+//!
+//! Pausing sets a flag and kicks every vCPU thread with a real-time signal whose handler is
+//! empty but for setting `immediate_exit` in that vCPU's `kvm_run`: a signal that lands
+//! between the flag check and the KVM_RUN ioctl then makes KVM_RUN return EINTR at once
+//! instead of being lost. The thread sees the flag and waits on a condition variable until
+//! resumed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::vm::{Console, ExitReason, VmError};
+use crate::i8042::{self, WriteOutcome};
+use crate::vm::{Console, ExitReason, Keyboard, VmError};
 use crate::{acpi, boot};
 
 const SERIAL_BASE: u16 = 0x3f8;
-const I8042_COMMAND: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
 
-/// Counters the control socket reports.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) io: AtomicU64,
-    pub(crate) mmio: AtomicU64,
-    pub(crate) serial_bytes: AtomicU64,
+/// How long a pause request waits for every vCPU to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
 }
 
-pub(crate) fn setup_vcpu(kvm: &Kvm, vm: &VmFd, id: u32, entry: u64) -> Result<VcpuFd, VmError> {
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal's handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only a thread-local read and a byte store: async-signal-safe.
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer is this thread's own vCPU `kvm_run` mapping, set by
+        // `Vcpu::run` before its first KVM_RUN; the VcpuFd (and the mapping) outlives the
+        // loop, and the pointer is cleared before the loop returns.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// Installs the kick signal's handler; once per process, before any vCPU runs.
+pub(crate) fn install_kick_handler() -> Result<(), VmError> {
+    register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| VmError::File("vCPU kick signal handler".into(), e.into()))
+}
+
+/// One vCPU's exit counters.
+#[derive(Debug, Default)]
+pub(crate) struct ExitCounters {
+    io: AtomicU64,
+    mmio: AtomicU64,
+    hlt: AtomicU64,
+    interrupted: AtomicU64,
+}
+
+impl ExitCounters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters by exit reason, as the control socket reports them.
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, u64> {
+        [
+            ("io", &self.io),
+            ("mmio", &self.mmio),
+            ("hlt", &self.hlt),
+            ("interrupted", &self.interrupted),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    paused: bool,
+    /// vCPU threads parked while paused.
+    parked: usize,
+    /// vCPU threads still in their loop.
+    alive: usize,
+}
+
+/// Why a pause or resume was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PauseError {
+    /// Pause while paused, or resume while running.
+    #[error("{0}")]
+    InvalidState(&'static str),
+    /// A vCPU did not leave KVM_RUN in time; the VM was left running.
+    #[error("vCPUs did not stop within {0:?}; the VM keeps running")]
+    Timeout(Duration),
+}
+
+/// What the vCPU threads share with the control side: the pause gate, the threads to kick,
+/// their exit counters, and whether a graceful shutdown was asked for.
+#[derive(Debug)]
+pub(crate) struct Vcpus {
+    state: Mutex<RunState>,
+    changed: Condvar,
+    /// Read before every KVM_RUN without taking the lock.
+    pause_requested: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    exits: Box<[ExitCounters]>,
+    shutdown_requested: AtomicBool,
+}
+
+impl Vcpus {
+    /// Shared state for `count` vCPUs.
+    pub(crate) fn new(count: usize) -> Self {
+        Vcpus {
+            state: Mutex::new(RunState::default()),
+            changed: Condvar::new(),
+            pause_requested: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+            exits: (0..count).map(|_| ExitCounters::default()).collect(),
+            shutdown_requested: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts vCPU `vcpu` on its own thread.
+    pub(crate) fn spawn(self: &Arc<Self>, vcpu: Vcpu) -> Result<(), VmError> {
+        self.lock().alive += 1;
+        let name = format!("vcpu{}", vcpu.index);
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || vcpu.run())
+            .map_err(|e| VmError::File("vCPU thread".into(), e))?;
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+        Ok(())
+    }
+
+    /// Whether every vCPU is parked.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns once all are parked.
+    pub(crate) fn pause(&self) -> Result<(), PauseError> {
+        let mut st = self.lock();
+        if st.paused {
+            return Err(PauseError::InvalidState("The VM is already paused"));
+        }
+        st.paused = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // Fails only for a thread that has already ended, which no longer counts as alive.
+            let _ = t.kill(kick_signal());
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while st.parked < st.alive {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(st);
+                self.unpause();
+                return Err(PauseError::Timeout(PAUSE_TIMEOUT));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub(crate) fn resume(&self) -> Result<(), PauseError> {
+        if !self.lock().paused {
+            return Err(PauseError::InvalidState("The VM is not paused"));
+        }
+        self.unpause();
+        Ok(())
+    }
+
+    fn unpause(&self) {
+        let mut st = self.lock();
+        st.paused = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    fn park_while_paused(&self) {
+        if !self.pause_requested.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut st = self.lock();
+        if !st.paused {
+            return;
+        }
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.paused {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+    }
+
+    fn exited(&self) {
+        self.lock().alive -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Exit counters of every vCPU, by vCPU index.
+    pub(crate) fn exit_counters(&self) -> Vec<BTreeMap<String, u64>> {
+        self.exits.iter().map(ExitCounters::snapshot).collect()
+    }
+
+    /// From now on a guest reset (or triple fault) means the guest went down as asked: the
+    /// VMM exits as powered off, not as reboot.
+    pub(crate) fn request_shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Vcpus::request_shutdown`] was called.
+    pub(crate) fn shutdown_requested(&self) -> bool {
+        self.shutdown_requested.load(Ordering::SeqCst)
+    }
+
+    fn reset_reason(&self) -> ExitReason {
+        if self.shutdown_requested() {
+            ExitReason::PowerOff
+        } else {
+            ExitReason::Reboot
+        }
+    }
+}
+
+/// The port devices a vCPU exit can reach.
+#[derive(Debug)]
+pub(crate) struct PortDevices {
+    /// COM1.
+    pub console: Arc<Mutex<Console>>,
+    /// The keyboard controller.
+    pub i8042: Arc<Mutex<Keyboard>>,
+}
+
+/// One vCPU and what its exits reach.
+#[derive(Debug)]
+pub(crate) struct Vcpu {
+    /// The vCPU.
+    pub fd: VcpuFd,
+    /// Its index (and APIC id).
+    pub index: usize,
+    /// Port I/O devices.
+    pub ports: Arc<PortDevices>,
+    /// Pause gate and counters.
+    pub vcpus: Arc<Vcpus>,
+    /// Where the reason the VM ended goes.
+    pub exit: mpsc::Sender<ExitReason>,
+}
+
+/// Creates vCPU `id` entering the kernel at `entry` in 64-bit mode, with `cpuid` (KVM's
+/// supported CPUID, read once for all vCPUs) made its own.
+pub(crate) fn setup_vcpu(vm: &VmFd, cpuid: &CpuId, id: u32, entry: u64) -> Result<VcpuFd, VmError> {
     let vcpu = vm.create_vcpu(u64::from(id))?;
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let mut cpuid = cpuid.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -57,70 +310,127 @@ pub(crate) fn setup_vcpu(kvm: &Kvm, vm: &VmFd, id: u32, entry: u64) -> Result<Vc
     Ok(vcpu)
 }
 
-pub(crate) fn vcpu_loop(
-    mut vcpu: VcpuFd,
-    console: Arc<Mutex<Console>>,
-    counters: Arc<Counters>,
-    exit: mpsc::Sender<ExitReason>,
-) {
-    let reason = loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                counters.io.fetch_add(1, Ordering::Relaxed);
-                let value = data.first().copied().unwrap_or(0);
-                match port {
-                    p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => {
-                        if p == SERIAL_BASE {
-                            counters.serial_bytes.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = console
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .write((p - SERIAL_BASE) as u8, value);
+impl Vcpu {
+    fn run(mut self) {
+        let vcpus = Arc::clone(&self.vcpus);
+        let exit = self.exit.clone();
+        let flag = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|c| c.set(flag));
+        let reason = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()))
+            .unwrap_or_else(|_| ExitReason::Crash("vCPU thread panicked".into()));
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        vcpus.exited();
+        let _ = exit.send(reason);
+    }
+
+    fn run_loop(&mut self) -> ExitReason {
+        let exits = &self.vcpus.exits[self.index];
+        loop {
+            self.vcpus.park_while_paused();
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    ExitCounters::bump(&exits.io);
+                    let value = data.first().copied().unwrap_or(0);
+                    match self.ports.write(port, value) {
+                        Some(PortExit::Reset) => return self.vcpus.reset_reason(),
+                        Some(PortExit::PowerOff) => return ExitReason::PowerOff,
+                        None => {}
                     }
-                    I8042_COMMAND if value == I8042_RESET => break ExitReason::Reboot,
-                    acpi::SLEEP_CONTROL_PORT if acpi::is_poweroff_request(value) => {
-                        break ExitReason::PowerOff
-                    }
-                    _ => {}
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    ExitCounters::bump(&exits.io);
+                    data.fill(self.ports.read(port));
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    ExitCounters::bump(&exits.mmio);
+                    data.fill(0xff);
+                }
+                Ok(VcpuExit::MmioWrite(..)) => {
+                    ExitCounters::bump(&exits.mmio);
+                }
+                Ok(VcpuExit::Hlt) => ExitCounters::bump(&exits.hlt),
+                Ok(VcpuExit::Shutdown) if self.vcpus.shutdown_requested() => {
+                    // A guest whose reset did not take falls back to a triple fault.
+                    return ExitReason::PowerOff;
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    return ExitReason::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    return ExitReason::Crash(format!(
+                        "VM entry failed on cpu {cpu}: reason {reason:#x}"
+                    ))
+                }
+                Ok(VcpuExit::InternalError) => {
+                    return ExitReason::Crash("KVM internal error (emulation failure)".into())
+                }
+                Ok(other) => return ExitReason::Crash(format!("unexpected vCPU exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR => {
+                    // The kick: clear the flag the handler may have set, then park.
+                    ExitCounters::bump(&exits.interrupted);
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) if e.errno() == libc::EAGAIN => {}
+                Err(e) => return ExitReason::Crash(format!("KVM_RUN: {e}")),
+            }
+        }
+    }
+}
+
+/// A port write that ends the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortExit {
+    /// The i8042 reset line.
+    Reset,
+    /// ACPI S5.
+    PowerOff,
+}
+
+impl PortDevices {
+    /// A guest write to `port`; `Some` when it ends the VM.
+    fn write(&self, port: u16, value: u8) -> Option<PortExit> {
+        match port {
+            p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => {
+                let _ = self
+                    .console
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write((p - SERIAL_BASE) as u8, value);
+            }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => {
+                let outcome = self
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(port, value);
+                if outcome == WriteOutcome::Reset {
+                    return Some(PortExit::Reset);
                 }
             }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                counters.io.fetch_add(1, Ordering::Relaxed);
-                let value = match port {
-                    p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => console
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .read((p - SERIAL_BASE) as u8),
-                    // CMOS reads as zero so that probes of absent hardware fail fast.
-                    0x70 | 0x71 => 0,
-                    _ => 0xff,
-                };
-                data.fill(value);
+            acpi::SLEEP_CONTROL_PORT if acpi::is_poweroff_request(value) => {
+                return Some(PortExit::PowerOff)
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                counters.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
-            }
-            Ok(VcpuExit::MmioWrite(..)) => {
-                counters.mmio.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => {
-                break ExitReason::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                break ExitReason::Crash(format!(
-                    "VM entry failed on cpu {cpu}: reason {reason:#x}"
-                ))
-            }
-            Ok(VcpuExit::InternalError) => {
-                break ExitReason::Crash("KVM internal error (emulation failure)".into())
-            }
-            Ok(other) => break ExitReason::Crash(format!("unexpected vCPU exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => break ExitReason::Crash(format!("KVM_RUN: {e}")),
+            _ => {}
         }
-    };
-    let _ = exit.send(reason);
+        None
+    }
+
+    /// A guest read of `port`.
+    fn read(&self, port: u16) -> u8 {
+        match port {
+            p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => self
+                .console
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read((p - SERIAL_BASE) as u8),
+            i8042::DATA_PORT | i8042::COMMAND_PORT => self
+                .i8042
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(port),
+            // CMOS reads as zero so that probes of absent hardware fail fast.
+            0x70 | 0x71 => 0,
+            _ => 0xff,
+        }
+    }
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hvnode_api::vmm::VmConfig;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
@@ -16,12 +18,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::control_loop;
-use crate::serial::SerialOut;
-use crate::vcpu::{setup_vcpu, vcpu_loop, Counters};
+use crate::control::{self, control_loop, signal_loop, Controller, DeviceStats};
+use crate::i8042::I8042;
+use crate::serial::{SerialOut, SerialStats};
+use crate::vcpu::{install_kick_handler, setup_vcpu, PortDevices, Vcpu, Vcpus};
 use crate::{acpi, boot};
 
 const SERIAL_IRQ: u32 = 4;
+const KEYBOARD_IRQ: u32 = 1;
 
 /// Errors setting up or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -44,21 +48,37 @@ pub enum VmError {
     /// ACPI tables.
     #[error("ACPI tables: {0}")]
     Acpi(#[from] acpi::AcpiError),
+    /// Signal masks or handlers.
+    #[error("Signals: {0}")]
+    Signals(String),
 }
 
 /// Why the VM ended; the binary maps it to its exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest powered off, or a client asked to stop (exit 0).
+    /// The guest powered off, or reset after a shutdown request (exit 0).
     PowerOff,
+    /// The VMM stopped the guest: a stop request, a signal, or a shutdown that took too long
+    /// (exit 0).
+    Stopped(String),
     /// The guest asked for a reset (exit 3: the agent starts it again).
     Reboot,
     /// The guest crashed or KVM failed (exit 2).
     Crash(String),
 }
 
-/// An eventfd wired to a GSI with KVM_IRQFD: the serial port's interrupt line.
+/// An eventfd wired to a GSI with KVM_IRQFD: a device's interrupt line.
+#[derive(Debug)]
 pub(crate) struct IrqLine(EventFd);
+
+impl IrqLine {
+    fn new(vm: &kvm_ioctls::VmFd, gsi: u32) -> Result<Self, VmError> {
+        let fd =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::File("eventfd".into(), e))?;
+        vm.register_irqfd(&fd, gsi)?;
+        Ok(IrqLine(fd))
+    }
+}
 
 impl Trigger for IrqLine {
     type E = std::io::Error;
@@ -68,6 +88,7 @@ impl Trigger for IrqLine {
 }
 
 pub(crate) type Console = Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
+pub(crate) type Keyboard = I8042<IrqLine>;
 
 fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -119,13 +140,14 @@ fn console_loop(
     listener: UnixListener,
     clients: Arc<Mutex<Vec<UnixStream>>>,
     console: Arc<Mutex<Console>>,
+    stats: Arc<SerialStats>,
 ) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let Ok(out) = conn.try_clone() else { continue };
         let _ = out.set_nonblocking(true);
         clients.lock().unwrap_or_else(|e| e.into_inner()).push(out);
-        let console = Arc::clone(&console);
+        let (console, stats) = (Arc::clone(&console), Arc::clone(&stats));
         std::thread::spawn(move || {
             let mut conn = conn;
             let mut buf = [0u8; 64];
@@ -133,6 +155,7 @@ fn console_loop(
                 if n == 0 {
                     break;
                 }
+                stats.received(n);
                 let _ = console
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -168,6 +191,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             "virtio devices (disks, nets, rng) are not implemented in this VMM yet".into(),
         ));
     }
+    // Before any thread starts, so that every thread inherits the mask.
+    control::block_termination_signals()?;
+    install_kick_handler()?;
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
@@ -227,32 +253,51 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     .map_err(|e| VmError::Kernel(format!("zero page: {e}")))?;
 
     let clients = Arc::new(Mutex::new(Vec::new()));
-    let out = SerialOut::new(config.serial_log.as_deref(), Arc::clone(&clients))
-        .map_err(|e| VmError::File("serial log".into(), e))?;
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::File("eventfd".into(), e))?;
-    vm.register_irqfd(&irq, SERIAL_IRQ)?;
-    let console = Arc::new(Mutex::new(Serial::new(IrqLine(irq), out)));
-    let counters = Arc::new(Counters::default());
+    let serial_stats = Arc::new(SerialStats::default());
+    let out = SerialOut::new(
+        config.serial_log.as_deref(),
+        Arc::clone(&clients),
+        Arc::clone(&serial_stats),
+    )
+    .map_err(|e| VmError::File("serial log".into(), e))?;
+    let console = Arc::new(Mutex::new(Serial::new(IrqLine::new(&vm, SERIAL_IRQ)?, out)));
+    let keyboard = Arc::new(Mutex::new(I8042::new(IrqLine::new(&vm, KEYBOARD_IRQ)?)));
+    let ports = Arc::new(PortDevices {
+        console: Arc::clone(&console),
+        i8042: Arc::clone(&keyboard),
+    });
+    let devices: Vec<Arc<dyn DeviceStats>> = vec![Arc::clone(&serial_stats) as _];
+    let vcpus = Arc::new(Vcpus::new(config.vcpus as usize));
     let (exit_tx, exit_rx) = mpsc::channel();
+    let controller = Arc::new(Controller {
+        config: config.clone(),
+        started: Instant::now(),
+        vcpus: Arc::clone(&vcpus),
+        keyboard,
+        devices,
+        exit: exit_tx.clone(),
+    });
 
     if let Some(path) = &config.serial_socket {
         let l = bind(path)?;
-        let (c, s) = (Arc::clone(&clients), Arc::clone(&console));
-        std::thread::spawn(move || console_loop(l, c, s));
+        let (c, s, st) = (Arc::clone(&clients), Arc::clone(&console), serial_stats);
+        std::thread::spawn(move || console_loop(l, c, s, st));
     }
     if let Some(path) = &config.control_socket {
         let l = bind(path)?;
-        let (cfg, cnt, tx) = (config.clone(), Arc::clone(&counters), exit_tx.clone());
-        let started = Instant::now();
-        std::thread::spawn(move || control_loop(l, cfg, started, cnt, tx));
+        let ctl = Arc::clone(&controller);
+        std::thread::spawn(move || control_loop(l, ctl));
     }
+    std::thread::spawn(move || signal_loop(controller));
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     for id in 0..config.vcpus {
-        let vcpu = setup_vcpu(&kvm, &vm, id, entry)?;
-        let (c, n, tx) = (Arc::clone(&console), Arc::clone(&counters), exit_tx.clone());
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, c, n, tx))
-            .map_err(|e| VmError::File("vCPU thread".into(), e))?;
+        vcpus.spawn(Vcpu {
+            fd: setup_vcpu(&vm, &cpuid, id, entry)?,
+            index: id as usize,
+            ports: Arc::clone(&ports),
+            vcpus: Arc::clone(&vcpus),
+            exit: exit_tx.clone(),
+        })?;
     }
     drop(exit_tx);
     // The VM and its fds stay alive until the process exits with the reason.
