@@ -188,12 +188,14 @@ impl Control {
     }
 }
 
-/// Starts the VMM on `code` with the test config plus an exit file.
-fn start(dir: &Path, code: &[u8]) -> std::process::Child {
+/// Starts the VMM on `code` with the test config plus an exit file, on `vcpus` vCPUs (each
+/// runs `code`).
+fn start(dir: &Path, code: &[u8], vcpus: u32) -> std::process::Child {
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(code)).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&config(dir, &kernel)).unwrap();
     cfg["exit_file"] = dir.join("exit.json").to_str().unwrap().into();
+    cfg["vcpus"] = vcpus.into();
     Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
         .args(["--config-json", &cfg.to_string()])
         .stderr(Stdio::piped())
@@ -251,7 +253,7 @@ fn pause_parks_the_vcpus_and_resume_lets_them_run_again() {
         return;
     }
     let dir = scratch("pause");
-    let mut child = start(&dir, &COUNTER);
+    let mut child = start(&dir, &COUNTER, 2);
     let mut ctl = Control::connect(&dir);
     wait_for_log(&dir, "counter started", |l| l.len() >= 2);
     assert_eq!(ctl.ask(r#"{"op":"pause"}"#)["result"], "ok");
@@ -261,13 +263,10 @@ fn pause_parks_the_vcpus_and_resume_lets_them_run_again() {
     assert_eq!(log_len(&dir), paused_at, "the guest ran while paused");
     assert_eq!(ctl.ask(r#"{"op":"pause"}"#)["code"], "invalid_state");
     let stats = ctl.ask(r#"{"op":"stats"}"#);
-    assert!(
-        stats["stats"]["vcpu_exits"][0]["interrupted"]
-            .as_u64()
-            .unwrap()
-            >= 1,
-        "{stats}"
-    );
+    for vcpu in 0..2 {
+        let kicks = &stats["stats"]["vcpu_exits"][vcpu]["interrupted"];
+        assert!(kicks.as_u64().unwrap() >= 1, "{stats}");
+    }
     assert_eq!(ctl.ask(r#"{"op":"resume"}"#)["result"], "ok");
     assert_eq!(ctl.ask(r#"{"op":"describe"}"#)["state"], "running");
     wait_for_log(&dir, "counter resumed", |l| l.len() as u64 > paused_at + 2);
@@ -286,7 +285,7 @@ fn shutdown_presses_ctrl_alt_del_and_the_reset_after_it_is_a_power_off() {
         return;
     }
     let dir = scratch("shutdown");
-    let mut child = start(&dir, &SCANCODE_ECHO);
+    let mut child = start(&dir, &SCANCODE_ECHO, 1);
     let mut ctl = Control::connect(&dir);
     // The controller self test answered: the guest is polling the keyboard now.
     wait_for_log(&dir, "self test", |l| l == "55 ");
@@ -312,7 +311,7 @@ fn shutdown_timeout_stops_a_guest_that_ignores_ctrl_alt_del() {
     let dir = scratch("shutdown-timeout");
     let mut code = print("up\n");
     code.extend_from_slice(&SPIN);
-    let mut child = start(&dir, &code);
+    let mut child = start(&dir, &code, 1);
     let mut ctl = Control::connect(&dir);
     let asked = Instant::now();
     let ok = ctl.ask(r#"{"op":"shutdown","timeout_secs":1}"#);
@@ -335,7 +334,7 @@ fn sigterm_shuts_the_guest_down_and_sigint_stops_it() {
         return;
     }
     let dir = scratch("sigterm");
-    let mut child = start(&dir, &SCANCODE_ECHO);
+    let mut child = start(&dir, &SCANCODE_ECHO, 1);
     wait_for_log(&dir, "self test", |l| l == "55 ");
     // SAFETY: kill has no memory preconditions; the pid is our child's, not yet reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
@@ -346,7 +345,7 @@ fn sigterm_shuts_the_guest_down_and_sigint_stops_it() {
         .ends_with("53 "));
 
     let dir = scratch("sigint");
-    let mut child = start(&dir, &SPIN);
+    let mut child = start(&dir, &SPIN, 1);
     let _ctl = Control::connect(&dir);
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
