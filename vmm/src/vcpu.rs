@@ -18,6 +18,7 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::devices::MmioBus;
 use crate::i8042::{self, WriteOutcome};
 use crate::vm::{Console, ExitReason, Keyboard, VmError};
 use crate::{acpi, boot};
@@ -267,6 +268,8 @@ pub(crate) struct Vcpu {
     pub index: usize,
     /// Port I/O devices.
     pub ports: Arc<PortDevices>,
+    /// The virtio-mmio device windows.
+    pub mmio: Arc<MmioBus>,
     /// Pause gate and counters.
     pub vcpus: Arc<Vcpus>,
     /// Where the reason the VM ended goes.
@@ -341,12 +344,15 @@ impl Vcpu {
                     ExitCounters::bump(&exits.io);
                     data.fill(self.ports.read(port));
                 }
-                Ok(VcpuExit::MmioRead(_, data)) => {
+                Ok(VcpuExit::MmioRead(addr, data)) => {
                     ExitCounters::bump(&exits.mmio);
-                    data.fill(0xff);
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
                 }
-                Ok(VcpuExit::MmioWrite(..)) => {
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
                     ExitCounters::bump(&exits.mmio);
+                    self.mmio.write(addr, data);
                 }
                 Ok(VcpuExit::Hlt) => ExitCounters::bump(&exits.hlt),
                 Ok(VcpuExit::Shutdown) if self.vcpus.shutdown_requested() => {

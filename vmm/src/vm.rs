@@ -51,6 +51,9 @@ pub enum VmError {
     /// Signal masks or handlers.
     #[error("Signals: {0}")]
     Signals(String),
+    /// virtio devices (disk images, taps).
+    #[error("virtio devices: {0}")]
+    Devices(#[from] crate::devices::bus::SetupError),
 }
 
 /// Why the VM ended; the binary maps it to its exit code.
@@ -186,11 +189,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             boot::MAX_RAM >> 20
         )));
     }
-    if !config.disks.is_empty() || !config.nets.is_empty() || config.rng {
-        return Err(VmError::Config(
-            "virtio devices (disks, nets, rng) are not implemented in this VMM yet".into(),
-        ));
-    }
+    // Before KVM, so that a bad image, tap or bridge fails the start with its name.
+    let virtio = crate::devices::DeviceSet::open(config)?;
     // Before any thread starts, so that every thread inherits the mask.
     control::block_termination_signals()?;
     install_kick_handler()?;
@@ -220,6 +220,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         ..Default::default()
     })?;
     let mem = Box::leak(Box::new(mem));
+    let mmio = Arc::new(virtio.attach(&vm, mem)?);
 
     let (entry, kernel_end, header) = load_kernel(mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -234,7 +235,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let cmdline_len = config.cmdline.len();
     linux_loader::loader::load_cmdline(mem, GuestAddress(boot::CMDLINE), &cmdline)
         .map_err(|e| VmError::Kernel(e.to_string()))?;
-    let tables = acpi::build_tables(config.vcpus, &[])?;
+    let tables = acpi::build_tables(config.vcpus, &mmio.acpi_devices())?;
     for (addr, blob) in &tables.blobs {
         mem.write_slice(blob, GuestAddress(*addr))
             .map_err(|e| VmError::Memory(e.to_string()))?;
@@ -266,7 +267,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         console: Arc::clone(&console),
         i8042: Arc::clone(&keyboard),
     });
-    let devices: Vec<Arc<dyn DeviceStats>> = vec![Arc::clone(&serial_stats) as _];
+    let devices: Vec<Arc<dyn DeviceStats>> =
+        vec![Arc::clone(&serial_stats) as _, Arc::clone(&mmio) as _];
     let vcpus = Arc::new(Vcpus::new(config.vcpus as usize));
     let (exit_tx, exit_rx) = mpsc::channel();
     let controller = Arc::new(Controller {
@@ -295,6 +297,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             fd: setup_vcpu(&vm, &cpuid, id, entry)?,
             index: id as usize,
             ports: Arc::clone(&ports),
+            mmio: Arc::clone(&mmio),
             vcpus: Arc::clone(&vcpus),
             exit: exit_tx.clone(),
         })?;

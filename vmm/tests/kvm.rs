@@ -387,3 +387,310 @@ fn exit_file_reports_setup_errors_with_code_1() {
         .contains(".tmp")));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Base of the first virtio-mmio window (`hvnode_vmm::devices::bus::MMIO_BASE`).
+const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+
+/// Code that prints, for the virtio-mmio window at `base`, the four bytes of its MagicValue
+/// register as characters ("virt"), then '0' + Version and '0' + DeviceID, then a newline.
+fn print_virtio_window(base: u64) -> Vec<u8> {
+    let mut code = vec![0x48, 0xbe]; // mov rsi, imm64
+    code.extend_from_slice(&base.to_le_bytes());
+    code.extend_from_slice(&[
+        0x8b, 0x06, // mov eax, [rsi]          MagicValue
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al                     byte 0
+        0xc1, 0xe8, 0x08, // shr eax, 8
+        0xee, // out dx, al                     byte 1
+        0xc1, 0xe8, 0x08, // shr eax, 8
+        0xee, // out dx, al                     byte 2
+        0xc1, 0xe8, 0x08, // shr eax, 8
+        0xee, // out dx, al                     byte 3
+        0x8b, 0x46, 0x04, // mov eax, [rsi+4]   Version
+        0x04, 0x30, // add al, '0'
+        0xee, // out dx, al
+        0x8b, 0x46, 0x08, // mov eax, [rsi+8]   DeviceID
+        0x04, 0x30, // add al, '0'
+        0xee, // out dx, al
+        0xb0, 0x0a, // mov al, '\n'
+        0xee, // out dx, al
+    ]);
+    code
+}
+
+/// A tap for the test, if this process may create one (root and /dev/net/tun present).
+fn throwaway_tap() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new("/dev/net/tun").exists() {
+        eprintln!("virtio-net window not tested: needs root and /dev/net/tun");
+        return None;
+    }
+    // The VMM creates it; it goes away with the VMM's fd (not persistent).
+    Some(format!("hvt{}", std::process::id() % 1_000_000))
+}
+
+#[test]
+fn payload_reads_the_virtio_mmio_identity_of_every_device() {
+    if !kvm_usable("payload_reads_the_virtio_mmio_identity_of_every_device") {
+        return;
+    }
+    let dir = scratch("virtio-ids");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let tap = throwaway_tap();
+    let mut expected = vec!["virt22"];
+    let mut nets = vec![];
+    if let Some(tap) = &tap {
+        expected.push("virt21");
+        nets.push(serde_json::json!({"tap": tap, "mac": "52:54:00:12:34:56"}));
+    }
+    expected.push("virt24");
+    let mut code = Vec::new();
+    for i in 0..expected.len() as u64 {
+        code.extend(print_virtio_window(VIRTIO_MMIO_BASE + i * 0x1000));
+    }
+    code.extend_from_slice(&RESET);
+    let kernel = dir.join("payload.elf");
+    std::fs::write(&kernel, elf(&code)).unwrap();
+    let cfg = serde_json::json!({
+        "name": "virtio-ids",
+        "vcpus": 1,
+        "memory_mib": 64,
+        "kernel": kernel,
+        "serial_log": dir.join("console.log"),
+        "disks": [{"path": disk, "read_only": true}],
+        "nets": nets,
+        "rng": true,
+    })
+    .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+        .args(["--config-json", &cfg])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines, expected,
+        "magic 0x74726976 (\"virt\"), version 2, device id"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn refuses_a_disk_image_of_partial_sectors_naming_it() {
+    let dir = scratch("oddisk");
+    let disk = dir.join("odd-size.img");
+    std::fs::write(&disk, vec![0u8; 1000]).unwrap();
+    let cfg = serde_json::json!({
+        "name": "x", "vcpus": 1, "memory_mib": 64, "kernel": "/nonexistent",
+        "disks": [{"path": disk}],
+    })
+    .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+        .args(["--config-json", &cfg])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("odd-size.img") && err.contains("multiple of 512"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Hand-assembled driver steps for [`payload_drives_virtio_rng_and_blk_queues_and_stats_count_them`]. Guest RAM
+/// addresses stay below 2 GiB so that an absolute disp32 reaches them; device registers are
+/// addressed through `rsi`, which holds the window base (a disp32 of 0xd000_0000 would be
+/// sign-extended).
+mod asm {
+    /// `mov rsi, base`.
+    pub fn window(base: u64) -> Vec<u8> {
+        let mut c = vec![0x48, 0xbe];
+        c.extend_from_slice(&base.to_le_bytes());
+        c
+    }
+
+    /// `mov dword [rsi + reg], value`: a device register write.
+    pub fn reg_write(reg: u32, value: u32) -> Vec<u8> {
+        let mut c = vec![0xc7, 0x86];
+        c.extend_from_slice(&reg.to_le_bytes());
+        c.extend_from_slice(&value.to_le_bytes());
+        c
+    }
+
+    /// `mov dword [addr], value`: a guest RAM write.
+    pub fn store32(addr: u32, value: u32) -> Vec<u8> {
+        let mut c = vec![0xc7, 0x04, 0x25];
+        c.extend_from_slice(&addr.to_le_bytes());
+        c.extend_from_slice(&value.to_le_bytes());
+        c
+    }
+
+    /// `mov word [addr], value`.
+    pub fn store16(addr: u32, value: u16) -> Vec<u8> {
+        let mut c = vec![0x66, 0xc7, 0x04, 0x25];
+        c.extend_from_slice(&addr.to_le_bytes());
+        c.extend_from_slice(&value.to_le_bytes());
+        c
+    }
+
+    /// `pause; cmp word [addr], 0; je <back to pause>`: spins until the word is non-zero.
+    pub fn wait_nonzero16(addr: u32) -> Vec<u8> {
+        let mut c = vec![0xf3, 0x90, 0x66, 0x83, 0x3c, 0x25];
+        c.extend_from_slice(&addr.to_le_bytes());
+        // imm8 0, then je rel8 back over the 2 + 9 + 2 bytes of the loop.
+        c.extend_from_slice(&[0x00, 0x74, 0xf3]);
+        c
+    }
+
+    /// `mov al, [addr]; add al, offset; mov dx, 0x3f8; out dx, al`: prints a guest byte.
+    pub fn print_byte(addr: u32, offset: u8) -> Vec<u8> {
+        let mut c = vec![0x8a, 0x04, 0x25];
+        c.extend_from_slice(&addr.to_le_bytes());
+        c.extend_from_slice(&[0x04, offset, 0x66, 0xba, 0xf8, 0x03, 0xee]);
+        c
+    }
+
+    /// A split-queue descriptor at `table + 16 * index`.
+    pub fn descriptor(
+        table: u32,
+        index: u32,
+        addr: u32,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> Vec<u8> {
+        let d = table + 16 * index;
+        let mut c = store32(d, addr);
+        c.extend(store32(d + 4, 0));
+        c.extend(store32(d + 8, len));
+        c.extend(store32(d + 12, u32::from(flags) | (u32::from(next) << 16)));
+        c
+    }
+
+    /// The virtio 1.x driver start-up with one queue of 4 at `desc`/`avail`/`used`, ending
+    /// with DRIVER_OK.
+    pub fn start_device(base: u64, desc: u32, avail: u32, used: u32) -> Vec<u8> {
+        let mut c = window(base);
+        for (reg, value) in [
+            (0x70, 1),   // Status: ACKNOWLEDGE
+            (0x70, 3),   // Status: DRIVER
+            (0x24, 1),   // DriverFeaturesSel: bits 32-63
+            (0x20, 1),   // DriverFeatures: VIRTIO_F_VERSION_1
+            (0x70, 0xb), // Status: FEATURES_OK
+            (0x30, 0),   // QueueSel
+            (0x38, 4),   // QueueNum
+            (0x80, desc),
+            (0x84, 0),
+            (0x90, avail),
+            (0x94, 0),
+            (0xa0, used),
+            (0xa4, 0),
+            (0x44, 1),   // QueueReady
+            (0x70, 0xf), // Status: DRIVER_OK
+        ] {
+            c.extend(reg_write(reg, value));
+        }
+        c
+    }
+}
+
+#[test]
+fn payload_drives_virtio_rng_and_blk_queues_and_stats_count_them() {
+    if !kvm_usable("payload_drives_virtio_rng_and_blk_queues_and_stats_count_them") {
+        return;
+    }
+    const WRITE: u16 = 2;
+    const NEXT: u16 = 1;
+    let dir = scratch("virtio-queues");
+    let disk = dir.join("disk.img");
+    let mut image = b"hv".to_vec();
+    image.resize(1 << 20, 0);
+    std::fs::write(&disk, image).unwrap();
+    let (blk, rng) = (VIRTIO_MMIO_BASE, VIRTIO_MMIO_BASE + 0x1000);
+    let mut code = Vec::new();
+    // rng: one 8-byte device-writable buffer.
+    code.extend(asm::start_device(rng, 0x20_0000, 0x20_1000, 0x20_2000));
+    code.extend(asm::descriptor(0x20_0000, 0, 0x20_3000, 8, WRITE, 0));
+    code.extend(asm::store16(0x20_1002, 1)); // avail idx (ring[0] = 0 already)
+    code.extend(asm::reg_write(0x50, 0)); // QueueNotify
+    code.extend(asm::wait_nonzero16(0x20_2002)); // used idx
+    code.extend(print("rng "));
+    code.extend(asm::print_byte(0x20_2008, b'0')); // used len: '0' + 8
+    code.extend(print("\n"));
+    // blk: read sector 0 (header type 0 = IN, sector 0: zero memory) into 512 bytes.
+    code.extend(asm::start_device(blk, 0x21_0000, 0x21_1000, 0x21_2000));
+    code.extend(asm::descriptor(0x21_0000, 0, 0x21_3000, 16, NEXT, 1));
+    code.extend(asm::descriptor(
+        0x21_0000,
+        1,
+        0x21_4000,
+        512,
+        WRITE | NEXT,
+        2,
+    ));
+    code.extend(asm::descriptor(0x21_0000, 2, 0x21_5000, 1, WRITE, 0));
+    code.extend(asm::store32(0x21_5000, 0xff)); // status, until the device writes it
+    code.extend(asm::store16(0x21_1002, 1));
+    code.extend(asm::window(blk));
+    code.extend(asm::reg_write(0x50, 0));
+    code.extend(asm::wait_nonzero16(0x21_2002));
+    code.extend(print("blk "));
+    code.extend(asm::print_byte(0x21_5000, b'0')); // status: '0' + VIRTIO_BLK_S_OK
+    code.extend(asm::print_byte(0x21_4000, 0)); // the image's first two bytes
+    code.extend(asm::print_byte(0x21_4001, 0));
+    code.extend(print("\n"));
+    code.extend_from_slice(&SPIN);
+    let kernel = dir.join("payload.elf");
+    std::fs::write(&kernel, elf(&code)).unwrap();
+    let cfg = serde_json::json!({
+        "name": "virtio-queues",
+        "vcpus": 1,
+        "memory_mib": 64,
+        "kernel": kernel,
+        "serial_log": dir.join("console.log"),
+        "control_socket": dir.join("control.sock"),
+        "disks": [{"path": disk}],
+        "rng": true,
+    })
+    .to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+        .args(["--config-json", &cfg])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A device that never answers leaves the payload spinning before its last line.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+        if log.ends_with("blk 0hv\n") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stats = UnixStream::connect(dir.join("control.sock")).map(|sock| {
+        let mut w = sock.try_clone().unwrap();
+        writeln!(w, r#"{{"op":"stats"}}"#).unwrap();
+        let mut line = String::new();
+        BufReader::new(sock).read_line(&mut line).unwrap();
+        writeln!(w, r#"{{"op":"stop"}}"#).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(log, "rng 8\nblk 0hv\n");
+    let devices = &stats.unwrap()["stats"]["devices"];
+    assert_eq!(devices["virtio-rng"]["bytes"], 8, "{devices}");
+    assert_eq!(devices["virtio-rng"]["requests"], 1, "{devices}");
+    assert_eq!(devices["virtio-blk0"]["read_bytes"], 512, "{devices}");
+    assert_eq!(devices["virtio-blk0"]["errors"], 0, "{devices}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -125,6 +125,12 @@ impl MmioBus {
     }
 }
 
+impl crate::control::DeviceStats for MmioBus {
+    fn device_stats(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.stats()
+    }
+}
+
 /// The devices `config` asks for, opened but not yet wired to a VM.
 pub struct DeviceSet {
     devices: Vec<(String, Box<dyn VirtioDevice>)>,
