@@ -635,15 +635,17 @@ impl Guests {
     /// Ends incarnation `id` now: the VMM's `stop`, or SIGKILL when it does not answer or does
     /// not exit within [`STOP_WAIT`]. Returns once it is gone (or given up on after a kill).
     fn force(&self, name: &str, id: u64) {
-        let asked = matches!(
-            self.ask(name, "stop", &VmmRequest::Stop),
-            Ok(VmmResponse::Ok)
-        );
-        if !asked || !self.wait_gone(name, id, STOP_WAIT) {
-            eprintln!("agent: guest {name}: the VMM did not stop; killing it");
-            self.kill(name, id);
-            self.wait_gone(name, id, Duration::from_secs(5));
-        }
+        let why = match self.ask(name, "stop", &VmmRequest::Stop) {
+            Ok(VmmResponse::Ok) if self.wait_gone(name, id, STOP_WAIT) => return,
+            // It may have exited on its own between the last check and the request.
+            _ if self.gone(name, id) => return,
+            Ok(VmmResponse::Ok) => format!("it did not exit within {} s", STOP_WAIT.as_secs()),
+            Ok(other) => format!("it answered {other:?}"),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("agent: guest {name}: the VMM did not stop ({why}); killing it");
+        self.kill(name, id);
+        self.wait_gone(name, id, Duration::from_secs(5));
     }
 
     /// Runs [`Guests::force`] on incarnation `id` after `delay` unless it is gone by then.
@@ -715,7 +717,7 @@ impl Guests {
     }
 
     /// Asks the guest to shut down (ctrl-alt-del); it is `shutting_down` until the VMM exits.
-    /// With `timeout`, a guest still up after it is stopped.
+    /// With `timeout`, a guest still up after it is stopped (and for a reboot, started again).
     fn graceful(
         self: &Arc<Self>,
         name: &str,
@@ -723,7 +725,9 @@ impl Guests {
         intent: Intent,
         timeout: Option<Duration>,
     ) -> Result<(), GuestError> {
-        let id = self.current(name, &[GuestState::Running], op)?;
+        // The VMM resumes a paused guest before it presses the keys.
+        let id = self.current(name, &[GuestState::Running, GuestState::Paused], op)?;
+        let before = self.state(name).0;
         // Set before asking: the VMM may exit before the answer is read.
         self.update(name, id, |r| {
             r.state = GuestState::ShuttingDown;
@@ -731,7 +735,7 @@ impl Guests {
         });
         if let Err(e) = self.ask(name, op, &shutdown_request()) {
             self.update(name, id, |r| {
-                r.state = GuestState::Running;
+                r.state = before;
                 r.intent = Intent::None;
             });
             return Err(e);
@@ -758,20 +762,9 @@ impl Guests {
     }
 
     /// Reboots the guest: a graceful shutdown, a stop if it is not down within `timeout`, then
-    /// a start. A paused guest cannot take the shutdown request, so it is stopped at once.
+    /// a start.
     pub fn reboot(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<(), GuestError> {
-        let id = self.current(name, &[GuestState::Running, GuestState::Paused], "reboot")?;
-        let paused = self.state(name).0 == GuestState::Paused;
-        if !paused {
-            return self.graceful(name, "reboot", Intent::Reboot, Some(timeout));
-        }
-        self.update(name, id, |r| {
-            r.state = GuestState::ShuttingDown;
-            r.intent = Intent::Reboot;
-        });
-        self.emit(name, "paused: stopping it to reboot".to_owned());
-        self.force(name, id);
-        Ok(())
+        self.graceful(name, "reboot", Intent::Reboot, Some(timeout))
     }
 
     /// The VMM's counters.
