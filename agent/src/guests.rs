@@ -25,6 +25,8 @@ use crate::Paths;
 
 /// How long a VMM has to answer one control request.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a control request waits for the socket of a VMM that has just started.
+const CONNECT_GRACE: Duration = Duration::from_secs(1);
 /// How long a stop waits for the VMM to exit before it kills it.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long a reboot waits for the guest to go down before it stops it.
@@ -179,7 +181,22 @@ pub fn control(
     timeout: Duration,
 ) -> Result<VmmResponse, ControlError> {
     let io = |e| ControlError::Io(socket.display().to_string(), e);
-    let mut s = UnixStream::connect(socket).map_err(io)?;
+    let deadline = Instant::now() + CONNECT_GRACE.min(timeout);
+    let mut s = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            // A VMM that has just started may not listen yet.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(io(e)),
+        }
+    };
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(ControlError::Answer)?;
@@ -635,14 +652,18 @@ impl Guests {
     /// Ends incarnation `id` now: the VMM's `stop`, or SIGKILL when it does not answer or does
     /// not exit within [`STOP_WAIT`]. Returns once it is gone (or given up on after a kill).
     fn force(&self, name: &str, id: u64) {
-        let why = match self.ask(name, "stop", &VmmRequest::Stop) {
-            Ok(VmmResponse::Ok) if self.wait_gone(name, id, STOP_WAIT) => return,
-            // It may have exited on its own between the last check and the request.
-            _ if self.gone(name, id) => return,
-            Ok(VmmResponse::Ok) => format!("it did not exit within {} s", STOP_WAIT.as_secs()),
-            Ok(other) => format!("it answered {other:?}"),
-            Err(e) => e.to_string(),
+        let (wait, why) = match self.ask(name, "stop", &VmmRequest::Stop) {
+            Ok(VmmResponse::Ok) => (
+                STOP_WAIT,
+                format!("it did not exit within {} s", STOP_WAIT.as_secs()),
+            ),
+            Ok(other) => (Duration::ZERO, format!("it answered {other:?}")),
+            // Also what a VMM that exits before its answer is written looks like.
+            Err(e) => (Duration::from_millis(500), e.to_string()),
         };
+        if self.wait_gone(name, id, wait) {
+            return;
+        }
         eprintln!("agent: guest {name}: the VMM did not stop ({why}); killing it");
         self.kill(name, id);
         self.wait_gone(name, id, Duration::from_secs(5));

@@ -850,6 +850,16 @@ async fn a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it() {
         "stopped",
         "not ours yet"
     );
+    // Paused by the previous agent: the new one learns it from the VMM's description.
+    let paused = guests::control(
+        &dir.join("control.sock"),
+        &hvnode_api::vmm::VmmRequest::Pause,
+        Duration::from_secs(5),
+    );
+    assert!(
+        matches!(paused, Ok(hvnode_api::vmm::VmmResponse::Ok)),
+        "{paused:?}"
+    );
 
     let fresh = Arc::new(Agent::new(a.paths.clone()).unwrap());
     let me = Arc::clone(&fresh);
@@ -857,16 +867,46 @@ async fn a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it() {
         .await
         .unwrap();
     let g = guest_state(&fresh, "p").await;
-    assert_eq!(g["state"], "running", "{g}");
+    assert_eq!(g["state"], "paused", "{g}");
     assert_eq!(g["pid"].as_u64(), Some(u64::from(vmm_process.id())));
+    let (s, g) = op(&fresh, "p", "resume").await;
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{g}"
+    );
+    // Ended behind the agent's back: not its child, so the pidfd tells it and the exit file
+    // says how (0, stopped; without the file it would be a crash).
+    let stopped = guests::control(
+        &dir.join("control.sock"),
+        &hvnode_api::vmm::VmmRequest::Stop,
+        Duration::from_secs(5),
+    );
+    assert!(
+        matches!(stopped, Ok(hvnode_api::vmm::VmmResponse::Ok)),
+        "{stopped:?}"
+    );
+    wait_guest(&fresh, "p", "stopped", |g| g["state"] == "stopped").await;
+    assert!(vmm_process.wait().unwrap().success());
+    assert!(!dir.join("pid").exists());
+    assert!(dir.join("exit.json").exists());
+
+    // The agent's own stop of a reattached VMM.
+    let a = Arc::new(Agent::new(a.paths.clone()).unwrap());
+    let (_, g) = op(&a, "p", "start").await;
+    assert_eq!(g["state"], "running", "{g}");
+    let fresh = Arc::new(Agent::new(a.paths.clone()).unwrap());
+    let me = Arc::clone(&fresh);
+    tokio::task::spawn_blocking(move || me.start_guests())
+        .await
+        .unwrap();
+    assert_eq!(guest_state(&fresh, "p").await["pid"], g["pid"]);
     let (s, g) = op(&fresh, "p", "stop").await;
     assert_eq!(
         (s, g["state"].as_str()),
         (StatusCode::OK, Some("stopped")),
         "{g}"
     );
-    assert!(vmm_process.wait().is_ok());
-    assert!(!dir.join("pid").exists());
 }
 
 #[tokio::test]
