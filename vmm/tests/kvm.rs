@@ -576,9 +576,9 @@ mod asm {
         c
     }
 
-    /// The virtio 1.x driver start-up with one queue of 4 at `desc`/`avail`/`used`, ending
-    /// with DRIVER_OK.
-    pub fn start_device(base: u64, desc: u32, avail: u32, used: u32) -> Vec<u8> {
+    /// The virtio 1.x driver start-up with queue `i` of 4 entries at `queues[i]` (descriptor
+    /// table, available ring, used ring), ending with DRIVER_OK.
+    pub fn start_device(base: u64, queues: &[(u32, u32, u32)]) -> Vec<u8> {
         let mut c = window(base);
         for (reg, value) in [
             (0x70, 1),   // Status: ACKNOWLEDGE
@@ -586,21 +586,55 @@ mod asm {
             (0x24, 1),   // DriverFeaturesSel: bits 32-63
             (0x20, 1),   // DriverFeatures: VIRTIO_F_VERSION_1
             (0x70, 0xb), // Status: FEATURES_OK
-            (0x30, 0),   // QueueSel
-            (0x38, 4),   // QueueNum
-            (0x80, desc),
-            (0x84, 0),
-            (0x90, avail),
-            (0x94, 0),
-            (0xa0, used),
-            (0xa4, 0),
-            (0x44, 1),   // QueueReady
-            (0x70, 0xf), // Status: DRIVER_OK
         ] {
             c.extend(reg_write(reg, value));
         }
+        for (i, &(desc, avail, used)) in queues.iter().enumerate() {
+            for (reg, value) in [
+                (0x30, i as u32), // QueueSel
+                (0x38, 4),        // QueueNum
+                (0x80, desc),
+                (0x84, 0),
+                (0x90, avail),
+                (0x94, 0),
+                (0xa0, used),
+                (0xa4, 0),
+                (0x44, 1), // QueueReady
+            ] {
+                c.extend(reg_write(reg, value));
+            }
+        }
+        c.extend(reg_write(0x70, 0xf)); // Status: DRIVER_OK
         c
     }
+
+    /// Sends descriptor 0 on the transmit queue (1, rings at 0x23_1000 and 0x23_2000) forever,
+    /// with `rsi` at the device window:
+    ///
+    /// ```text
+    /// 1:  inc word [0x231002]             ; avail idx: one more chain (every ring entry is 0)
+    ///     mov dword [rsi + 0x50], 1       ; QueueNotify 1
+    /// 2:  pause
+    ///     mov ax, [0x232002]              ; used idx
+    ///     cmp ax, [0x231002]
+    ///     jne 2b                          ; until the device returned it
+    ///     mov ecx, 0x10000
+    /// 3:  dec ecx                         ; tens of milliseconds on the nested KVM here
+    ///     jnz 3b
+    ///     jmp 1b
+    /// ```
+    pub const RESEND_FOREVER: [u8; 46] = [
+        0x66, 0xff, 0x04, 0x25, 0x02, 0x10, 0x23, 0x00, // inc word [0x231002]
+        0xc7, 0x46, 0x50, 0x01, 0x00, 0x00, 0x00, // mov dword [rsi + 0x50], 1
+        0xf3, 0x90, // pause
+        0x66, 0x8b, 0x04, 0x25, 0x02, 0x20, 0x23, 0x00, // mov ax, [0x232002]
+        0x66, 0x3b, 0x04, 0x25, 0x02, 0x10, 0x23, 0x00, // cmp ax, [0x231002]
+        0x75, 0xec, // jne 2b (-20)
+        0xb9, 0x00, 0x00, 0x01, 0x00, // mov ecx, 0x10000
+        0xff, 0xc9, // dec ecx
+        0x75, 0xfc, // jnz 3b (-4)
+        0xeb, 0xd2, // jmp 1b (-46)
+    ];
 }
 
 #[test]
@@ -618,7 +652,7 @@ fn payload_drives_virtio_rng_and_blk_queues_and_stats_count_them() {
     let (blk, rng) = (VIRTIO_MMIO_BASE, VIRTIO_MMIO_BASE + 0x1000);
     let mut code = Vec::new();
     // rng: one 8-byte device-writable buffer.
-    code.extend(asm::start_device(rng, 0x20_0000, 0x20_1000, 0x20_2000));
+    code.extend(asm::start_device(rng, &[(0x20_0000, 0x20_1000, 0x20_2000)]));
     code.extend(asm::descriptor(0x20_0000, 0, 0x20_3000, 8, WRITE, 0));
     code.extend(asm::store16(0x20_1002, 1)); // avail idx (ring[0] = 0 already)
     code.extend(asm::reg_write(0x50, 0)); // QueueNotify
@@ -627,7 +661,7 @@ fn payload_drives_virtio_rng_and_blk_queues_and_stats_count_them() {
     code.extend(asm::print_byte(0x20_2008, b'0')); // used len: '0' + 8
     code.extend(print("\n"));
     // blk: read sector 0 (header type 0 = IN, sector 0: zero memory) into 512 bytes.
-    code.extend(asm::start_device(blk, 0x21_0000, 0x21_1000, 0x21_2000));
+    code.extend(asm::start_device(blk, &[(0x21_0000, 0x21_1000, 0x21_2000)]));
     code.extend(asm::descriptor(0x21_0000, 0, 0x21_3000, 16, NEXT, 1));
     code.extend(asm::descriptor(
         0x21_0000,
@@ -692,5 +726,138 @@ fn payload_drives_virtio_rng_and_blk_queues_and_stats_count_them() {
     assert_eq!(devices["virtio-rng"]["requests"], 1, "{devices}");
     assert_eq!(devices["virtio-blk0"]["read_bytes"], 512, "{devices}");
     assert_eq!(devices["virtio-blk0"]["errors"], 0, "{devices}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A raw packet socket on interface `ifindex`, seeing every frame in both directions.
+fn packet_socket(ifindex: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes is valid before the fields are set.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = ifindex as i32;
+    use std::os::fd::AsRawFd;
+    // SAFETY: bind reads a sockaddr_ll of the given length from `addr`, which outlives it.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO reads a timeval of the given length from `timeout`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(r, 0);
+    fd
+}
+
+#[test]
+fn payload_transmits_a_frame_through_a_real_tap() {
+    if !kvm_usable("payload_transmits_a_frame_through_a_real_tap") {
+        return;
+    }
+    let Some(tap) = throwaway_tap() else { return };
+    let dir = scratch("virtio-tap");
+    // Broadcast, from the guest's MAC, an ethertype for local experiments, then a payload.
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x88, 0xb5]);
+    frame.extend_from_slice(b"hvnode virtio-net tx test");
+    frame.resize(60, 0);
+    // The virtio_net_hdr_v1 (all zero: no offloads) and the frame, in one buffer.
+    let mut buffer = vec![0u8; 12];
+    buffer.extend_from_slice(&frame);
+    let mut code = asm::start_device(
+        VIRTIO_MMIO_BASE,
+        &[
+            (0x22_0000, 0x22_1000, 0x22_2000), // receive: no buffers offered
+            (0x23_0000, 0x23_1000, 0x23_2000), // transmit
+        ],
+    );
+    for (i, word) in buffer.chunks(4).enumerate() {
+        let v = u32::from_le_bytes(word.try_into().unwrap());
+        code.extend(asm::store32(0x23_3000 + 4 * i as u32, v));
+    }
+    let len = buffer.len() as u32;
+    code.extend(asm::descriptor(0x23_0000, 0, 0x23_3000, len, 0, 0));
+    // The test can only listen on the tap once the VMM has created it, so the guest sends the
+    // frame again and again (rsi still holds the window base).
+    code.extend_from_slice(&asm::RESEND_FOREVER);
+    let kernel = dir.join("payload.elf");
+    std::fs::write(&kernel, elf(&code)).unwrap();
+    let cfg = serde_json::json!({
+        "name": "virtio-tap",
+        "vcpus": 1,
+        "memory_mib": 64,
+        "kernel": kernel,
+        "serial_log": dir.join("console.log"),
+        "control_socket": dir.join("control.sock"),
+        "nets": [{"tap": tap, "mac": "52:54:00:12:34:56"}],
+    })
+    .to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+        .args(["--config-json", &cfg])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let name = std::ffi::CString::new(tap.clone()).unwrap();
+    let index = loop {
+        // SAFETY: if_nametoindex reads the NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index != 0 || Instant::now() > deadline {
+            break index;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let mut captured = Vec::new();
+    if index != 0 {
+        let mut sock = std::fs::File::from(packet_socket(index));
+        while Instant::now() < deadline {
+            let mut buf = [0u8; 2048];
+            if let Ok(n) = std::io::Read::read(&mut sock, &mut buf) {
+                if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+                    captured = buf[..n].to_vec();
+                    break;
+                }
+            }
+        }
+    }
+    let stats = UnixStream::connect(dir.join("control.sock")).map(|sock| {
+        let mut w = sock.try_clone().unwrap();
+        writeln!(w, r#"{{"op":"stats"}}"#).unwrap();
+        let mut line = String::new();
+        BufReader::new(sock).read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(index, 0, "the VMM created no tap {tap}");
+    let stats = stats.unwrap();
+    assert_eq!(
+        captured, frame,
+        "the frame as the host sees it, header stripped; {stats}"
+    );
+    let net = &stats["stats"]["devices"]["virtio-net0"];
+    assert!(net["tx_packets"].as_u64().unwrap() >= 1, "{net}");
+    assert_eq!(net["errors"], 0, "{net}");
     let _ = std::fs::remove_dir_all(&dir);
 }
