@@ -5,8 +5,10 @@
 //! the hypervisor bit set, the in-kernel irqchip and PIT, ACPI tables (MADT for the APICs, a
 //! hardware-reduced FADT whose sleep register powers the guest off, a DSDT with the COM1 serial
 //! port), and a 16550 serial console to a log file and to clients of a unix socket. Reboot is
-//! the i8042 reset line (`reboot=k`). virtio-blk, virtio-net and virtio-rng sit on the
-//! virtio-mmio transport ([`devices`]), described to the guest in the DSDT.
+//! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the [`i8042`]
+//! keyboard. virtio-blk, virtio-net and virtio-rng sit on the virtio-mmio transport
+//! ([`devices`]), described to the guest in the DSDT. The [`control`] socket and the
+//! termination signals pause, resume, shut down, stop and count.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod acpi;
