@@ -111,6 +111,16 @@ impl VirtioDevice for Net {
     }
 }
 
+/// What became of a receive buffer.
+enum Rx {
+    /// The frame went in: bytes written.
+    Put(usize),
+    /// The buffer cannot hold the frame.
+    TooSmall,
+    /// Device-readable, outside guest memory, or otherwise unusable.
+    Malformed,
+}
+
 /// The queues and the tap. A frame read from the tap while the guest has no receive buffer is
 /// kept (one at most) and the tap is not watched until the guest adds buffers.
 struct NetHandler {
@@ -122,6 +132,7 @@ struct NetHandler {
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
     rx_blocked: bool,
+    tap_failed: bool,
     tx_frame: Vec<u8>,
     used: bool,
 }
@@ -143,6 +154,7 @@ impl NetHandler {
             rx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
             rx_pending: None,
             rx_blocked: false,
+            tap_failed: false,
             tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
             used: false,
         }
@@ -168,33 +180,38 @@ impl NetHandler {
                 return Ok(false);
             };
             let head = c.head_index();
-            let written = match chain::parse(c) {
+            let outcome = match chain::parse(c) {
                 Ok(c) if c.fault.is_none() && c.readable.is_empty() => {
                     if c.writable_len() >= len as u64 {
-                        chain::scatter(&self.mem, &c.writable, frame)
+                        chain::scatter(&self.mem, &c.writable, frame).map_or(Rx::Malformed, Rx::Put)
                     } else {
-                        // A buffer too small for the frame: the frame is dropped, not cut.
-                        self.counters.rx_dropped.inc();
-                        Some(0)
+                        Rx::TooSmall
                     }
                 }
-                _ => None,
+                _ => Rx::Malformed,
             };
-            chain::complete(&mut self.rx, &self.mem, head, written.unwrap_or(0) as u32)?;
+            let written = if let Rx::Put(n) = outcome {
+                n as u32
+            } else {
+                0
+            };
+            chain::complete(&mut self.rx, &self.mem, head, written)?;
             self.used = true;
-            match written {
-                Some(0) => {
-                    self.rx_pending = None;
-                    return Ok(true);
-                }
-                Some(n) => {
+            match outcome {
+                Rx::Put(n) => {
                     self.counters.rx_packets.inc();
                     self.counters.rx_bytes.add((n - VNET_HDR_LEN) as u64);
                     self.rx_pending = None;
                     return Ok(true);
                 }
-                // A malformed buffer is returned empty and the frame tried on the next one.
-                None => self.counters.errors.inc(),
+                // The frame is dropped, not cut to fit.
+                Rx::TooSmall => {
+                    self.counters.rx_dropped.inc();
+                    self.rx_pending = None;
+                    return Ok(true);
+                }
+                // Returned empty; the frame is tried on the next buffer.
+                Rx::Malformed => self.counters.errors.inc(),
             }
         }
         // The guest keeps offering malformed buffers: drop the frame rather than spin.
@@ -215,7 +232,10 @@ impl NetHandler {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(self.progress(false)),
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(_) => {
+                        // A tap that errors (its interface deleted) stays readable for epoll:
+                        // stop watching it rather than spin.
                         self.counters.errors.inc();
+                        self.tap_failed = true;
                         return Ok(self.progress(false));
                     }
                 }
@@ -284,7 +304,7 @@ impl Handler for NetHandler {
     }
 
     fn input(&self) -> Option<(RawFd, bool)> {
-        Some((self.tap.as_raw_fd(), !self.rx_blocked))
+        Some((self.tap.as_raw_fd(), !self.rx_blocked && !self.tap_failed))
     }
 
     fn input_event(&mut self) -> Result<Progress, QueueFault> {
@@ -419,6 +439,29 @@ mod tests {
         assert!(p.used);
         assert_eq!(used(&rxq, &mem, 0), (0, 72));
         assert_eq!(h.input().map(|(_, watch)| watch), Some(true));
+    }
+
+    #[test]
+    fn stops_watching_a_tap_that_fails() {
+        let mem = memory();
+        // A write-only fd: every read fails with EBADF, as a dead tap's would fail.
+        let dir = std::env::temp_dir().join(format!("hvnode-net-fail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wo_file = File::create(dir.join("sink")).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        let mut h = NetHandler::new(
+            mem.clone(),
+            queue(&rxq),
+            queue(&txq),
+            Arc::new(wo_file),
+            Arc::default(),
+        );
+        assert_eq!(h.input().map(|(_, watch)| watch), Some(true));
+        h.receive().unwrap();
+        assert_eq!(h.input().map(|(_, watch)| watch), Some(false));
+        assert_eq!(h.counters.errors.get(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
