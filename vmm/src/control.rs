@@ -1,5 +1,5 @@
 //! The control side: the control socket (one JSON request per line in, one response per line
-//! out) and the termination signals, both acting through one [`Controller`].
+//! out) and the termination signals, both acting through one controller.
 //!
 //! SIGTERM asks the guest to shut down and stops it if it is still up after
 //! [`SIGTERM_SHUTDOWN_LIMIT`]; a second SIGTERM, or SIGINT, stops it at once.

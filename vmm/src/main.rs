@@ -67,12 +67,15 @@ fn main() {
         Ok(c) => c,
         Err((msg, exit_file)) => finish("-", exit_file.as_deref(), 1, msg),
     };
-    let (code, reason) = match hvnode_vmm::run(&config) {
-        Ok(ExitReason::PowerOff) => (0, "guest powered off".to_owned()),
-        Ok(ExitReason::Stopped(why)) => (0, why),
-        Ok(ExitReason::Reboot) => (3, "guest asked for a reboot".to_owned()),
-        Ok(ExitReason::Crash(why)) => (2, format!("guest crashed: {why}")),
-        Err(e) => (1, error_chain(&e)),
+    // A panic on the main thread is a VMM bug; it still ends with an exit file.
+    let run = std::panic::catch_unwind(|| hvnode_vmm::run(&config));
+    let (code, reason) = match run {
+        Ok(Ok(ExitReason::PowerOff)) => (0, "guest powered off".to_owned()),
+        Ok(Ok(ExitReason::Stopped(why))) => (0, why),
+        Ok(Ok(ExitReason::Reboot)) => (3, "guest asked for a reboot".to_owned()),
+        Ok(Ok(ExitReason::Crash(why))) => (2, format!("guest crashed: {why}")),
+        Ok(Err(e)) => (1, error_chain(&e)),
+        Err(_) => (2, "the VMM panicked".to_owned()),
     };
     finish(&config.name, config.exit_file.as_deref(), code, reason);
 }

@@ -175,6 +175,9 @@ fn bind(path: &str) -> Result<UnixListener, VmError> {
 
 /// Builds the VM described by `config` and runs it until it ends.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
+    // Before any thread starts, so that every thread inherits the mask.
+    control::block_termination_signals()?;
+    install_kick_handler()?;
     if config.vcpus == 0 || config.vcpus > 254 {
         return Err(VmError::Config(format!(
             "vcpus {}: use 1-254",
@@ -191,9 +194,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     }
     // Before KVM, so that a bad image, tap or bridge fails the start with its name.
     let virtio = crate::devices::DeviceSet::open(config)?;
-    // Before any thread starts, so that every thread inherits the mask.
-    control::block_termination_signals()?;
-    install_kick_handler()?;
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
