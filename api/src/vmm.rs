@@ -22,7 +22,7 @@ pub struct VmConfig {
     /// Optional initrd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
-    /// Kernel command line; the VMM appends its virtio-mmio device parameters.
+    /// Kernel command line, passed as it is (the guest finds the virtio-mmio devices in ACPI).
     #[serde(default)]
     pub cmdline: String,
     /// Block devices.
