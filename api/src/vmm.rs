@@ -139,8 +139,8 @@ pub enum VmmResponse {
     Ok,
     /// Answer to `describe`.
     Description {
-        /// The launch config.
-        config: VmConfig,
+        /// The launch config (boxed: it dwarfs the other answers).
+        config: Box<VmConfig>,
         /// Current state.
         state: VmRunState,
         /// Seconds since the VM started.

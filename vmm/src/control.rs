@@ -62,7 +62,7 @@ impl Controller {
     pub(crate) fn handle(&self, req: VmmRequest) -> VmmResponse {
         match req {
             VmmRequest::Describe => VmmResponse::Description {
-                config: self.config.clone(),
+                config: Box::new(self.config.clone()),
                 state: self.state(),
                 uptime_secs: self.started.elapsed().as_secs(),
             },
