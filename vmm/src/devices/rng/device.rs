@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 use crate::devices::chain::{self, Chain, QueueFault};
@@ -110,7 +110,7 @@ fn process(
     counters: &Counters,
 ) -> Result<Progress, QueueFault> {
     let mut progress = Progress::default();
-    for _ in 0..virtio_queue::QueueT::size(queue) {
+    for _ in 0..queue.size() {
         let Some(c) = chain::pop(queue, mem)? else {
             return Ok(progress);
         };
