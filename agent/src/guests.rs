@@ -390,6 +390,12 @@ impl Guests {
         self.lock().running.contains_key(name)
     }
 
+    /// Drops what is remembered of a deleted guest (its crash), so that a new guest of the same
+    /// name starts out stopped.
+    pub fn forget(&self, name: &str) {
+        self.lock().crashed.remove(name);
+    }
+
     /// Number of guests with a VMM.
     pub fn running_count(&self) -> usize {
         self.lock().running.len()

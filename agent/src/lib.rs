@@ -1242,6 +1242,7 @@ impl Agent {
                 format!("No guest named {name:?}"),
             )
         })?;
+        self.running.forget(name);
         self.events.emit("guest_deleted", Some(name), "deleted");
         Ok(text_response(
             StatusCode::NO_CONTENT,

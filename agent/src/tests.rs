@@ -950,6 +950,11 @@ async fn stale_run_dirs_are_cleaned_and_a_crash_while_away_is_reported() {
         vms.join("crashy/console.log").exists(),
         "logs stay for the admin"
     );
+    // A guest defined anew under a crashed guest's name starts out stopped.
+    call(&a, req("DELETE", "/v1/guests/crashy", ""), Origin::Local).await;
+    let spec = r#"{"name":"crashy","kernel":"k","rng":false}"#;
+    call(&a, req("POST", "/v1/guests", spec), Origin::Local).await;
+    assert_eq!(guest_state(&a, "crashy").await["state"], "stopped");
     let _ = std::fs::remove_dir_all(&root);
 }
 
