@@ -1073,6 +1073,74 @@ mod tests {
         let _ = std::fs::remove_dir_all(run.parent().unwrap());
     }
 
+    /// A fake control socket: answers each connection's first line with `answer` (or never,
+    /// holding the connection open, when it is `None`); returns the lines it received.
+    fn fake_vmm(sock: &Path, answer: Option<&'static str>) -> std::sync::mpsc::Receiver<String> {
+        let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming().flatten() {
+                let mut line = String::new();
+                let _ = BufReader::new(&conn).read_line(&mut line);
+                let _ = tx.send(line);
+                match answer {
+                    Some(a) => {
+                        let _ = (&conn).write_all(a.as_bytes());
+                    }
+                    None => held.push(conn),
+                }
+            }
+        });
+        rx
+    }
+
+    #[test]
+    fn agent_protocol_sends_one_json_line_and_reads_an_error_answer() {
+        let dir = scratch("ctl-error");
+        let sock = dir.join("control.sock");
+        let seen = fake_vmm(
+            &sock,
+            Some("{\"result\":\"error\",\"code\":\"invalid_state\",\"message\":\"The guest is shutting down\"}\n"),
+        );
+        let answer = control(&sock, &VmmRequest::Pause, CONTROL_TIMEOUT).unwrap();
+        assert_eq!(seen.recv().unwrap(), "{\"op\":\"pause\"}\n");
+        assert_eq!(
+            answer,
+            VmmResponse::Error {
+                code: "invalid_state".into(),
+                message: "The guest is shutting down".into()
+            }
+        );
+        control(&sock, &shutdown_request(), CONTROL_TIMEOUT).unwrap();
+        assert_eq!(
+            seen.recv().unwrap(),
+            "{\"op\":\"shutdown\"}\n",
+            "a plain shutdown, the agent keeps the timeout"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn agent_protocol_gives_up_on_a_vmm_that_never_answers() {
+        let dir = scratch("ctl-stuck");
+        let sock = dir.join("control.sock");
+        let _seen = fake_vmm(&sock, None);
+        let start = Instant::now();
+        let e = control(&sock, &VmmRequest::Describe, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, ControlError::Io(..)), "{e:?}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        // No socket at all: refused after the grace for a VMM that is starting.
+        let e = control(
+            &dir.join("none.sock"),
+            &VmmRequest::Describe,
+            CONTROL_TIMEOUT,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ControlError::Io(..)), "{e:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_dead_pid_is_not_a_live_vmm() {
         let dir = scratch("stale");
