@@ -215,18 +215,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     // slot added after KVM_CREATE_IRQCHIP costs 4-7 ms, the same slot added before it 0.2 ms.
     vm.set_tss_address(0xfffb_d000)?;
     vm.create_irq_chip()?;
-    // KVM_CREATE_PIT2 starts a kernel worker thread and waits for it to run, up to a few ms on
-    // a busy host; it needs only the irqchip, so it goes on while the kernel loads.
-    let vm = Arc::new(vm);
-    let pit = {
-        let vm = Arc::clone(&vm);
-        std::thread::spawn(move || {
-            vm.create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-        })
-    };
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })?;
     let mem = Box::leak(Box::new(mem));
     let mmio = Arc::new(virtio.attach(&vm, mem)?);
 
@@ -300,8 +292,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     }
     std::thread::spawn(move || signal_loop(controller));
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-    pit.join()
-        .unwrap_or_else(|_| Err(kvm_ioctls::Error::new(libc::EIO)))?;
     for id in 0..config.vcpus {
         vcpus.spawn(Vcpu {
             fd: setup_vcpu(&vm, &cpuid, id, entry)?,
