@@ -440,3 +440,77 @@ impl PortDevices {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for a vCPU thread: passes the gate in a loop, counting turns.
+    fn gate_loop(vcpus: Arc<Vcpus>, turns: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::SeqCst) {
+            vcpus.park_while_paused();
+            turns.fetch_add(1, Ordering::SeqCst);
+            std::thread::yield_now();
+        }
+        vcpus.exited();
+    }
+
+    #[test]
+    fn pause_returns_once_every_thread_is_parked_and_resume_releases_them() {
+        let vcpus = Arc::new(Vcpus::new(2));
+        let (turns, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                vcpus.lock().alive += 1;
+                let (v, t, s) = (Arc::clone(&vcpus), Arc::clone(&turns), Arc::clone(&stop));
+                std::thread::spawn(move || gate_loop(v, t, s))
+            })
+            .collect();
+        while turns.load(Ordering::SeqCst) < 10 {
+            std::thread::yield_now();
+        }
+        vcpus.pause().unwrap();
+        assert!(vcpus.is_paused());
+        assert_eq!(vcpus.lock().parked, 2);
+        let at_pause = turns.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(turns.load(Ordering::SeqCst), at_pause);
+        assert_eq!(
+            vcpus.pause(),
+            Err(PauseError::InvalidState("The VM is already paused"))
+        );
+        vcpus.resume().unwrap();
+        while turns.load(Ordering::SeqCst) < at_pause + 10 {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            vcpus.resume(),
+            Err(PauseError::InvalidState("The VM is not paused"))
+        );
+        stop.store(true, Ordering::SeqCst);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(vcpus.lock().alive, 0);
+    }
+
+    #[test]
+    fn pause_does_not_wait_for_threads_that_have_ended() {
+        let vcpus = Vcpus::new(1);
+        vcpus.lock().alive = 1;
+        vcpus.exited();
+        vcpus.pause().unwrap();
+        vcpus.resume().unwrap();
+    }
+
+    #[test]
+    fn a_reset_after_a_shutdown_request_is_a_power_off() {
+        let vcpus = Vcpus::new(1);
+        assert_eq!(vcpus.reset_reason(), ExitReason::Reboot);
+        vcpus.request_shutdown();
+        assert_eq!(vcpus.reset_reason(), ExitReason::PowerOff);
+    }
+}
