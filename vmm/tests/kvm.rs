@@ -304,6 +304,26 @@ fn shutdown_presses_ctrl_alt_del_and_the_reset_after_it_is_a_power_off() {
 }
 
 #[test]
+fn shutdown_of_a_paused_guest_resumes_it_first() {
+    if !kvm_usable("shutdown_of_a_paused_guest_resumes_it_first") {
+        return;
+    }
+    let dir = scratch("shutdown-paused");
+    let mut child = start(&dir, &SCANCODE_ECHO, 1);
+    let mut ctl = Control::connect(&dir);
+    wait_for_log(&dir, "self test", |l| l == "55 ");
+    assert_eq!(ctl.ask(r#"{"op":"pause"}"#)["result"], "ok");
+    assert_eq!(ctl.ask(r#"{"op":"shutdown"}"#)["result"], "ok");
+    let (code, exit) = wait_exit(&mut child, &dir, Duration::from_secs(10));
+    assert_eq!((code, &exit["reason"]), (0, &"guest powered off".into()));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("console.log")).unwrap(),
+        "55 1D 38 53 "
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn shutdown_timeout_stops_a_guest_that_ignores_ctrl_alt_del() {
     if !kvm_usable("shutdown_timeout_stops_a_guest_that_ignores_ctrl_alt_del") {
         return;
