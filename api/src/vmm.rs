@@ -153,7 +153,7 @@ pub enum VmmResponse {
     },
     /// The request was refused or failed.
     Error {
-        /// Stable code: `bad_request`, `invalid_state`, `internal`.
+        /// Stable code: `bad_request`, `invalid_state`, `busy` (too many clients), `internal`.
         code: String,
         /// What went wrong.
         message: String,

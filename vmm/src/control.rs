@@ -23,6 +23,9 @@ pub const MAX_REQUEST_LINE: usize = 64 << 10;
 const MAX_CLIENTS: usize = 8;
 /// A client that does not read its answers for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that sends nothing for this long is dropped, so that idle clients cannot hold
+/// every slot.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a guest has to go down after SIGTERM. init waits 30 s after its SIGTERM before it
 /// kills what is left; stopping the guest a little earlier lets the VMM still write its exit
 /// file.
@@ -202,6 +205,7 @@ fn send(w: &mut impl Write, resp: &VmmResponse) -> std::io::Result<()> {
 /// Serves one client until it hangs up, sends garbage longer than a line, or stops the VM.
 fn serve_client(ctl: &Controller, conn: UnixStream) -> std::io::Result<()> {
     conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    conn.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     loop {
