@@ -338,8 +338,14 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         "guest reported a failure:\n{console}"
     );
     assert!(console.contains("hvnode-guest: started"), "{console}");
-    assert!(console.contains("hvnode-guest: disk ok"), "virtio-blk:\n{console}");
-    assert!(console.contains("hvnode-guest: rng ok "), "virtio-rng:\n{console}");
+    assert!(
+        console.contains("hvnode-guest: disk ok"),
+        "virtio-blk:\n{console}"
+    );
+    assert!(
+        console.contains("hvnode-guest: rng ok "),
+        "virtio-rng:\n{console}"
+    );
     assert!(
         console
             .lines()

@@ -81,10 +81,8 @@ impl Controller {
                 self.shutdown(timeout_secs.map(Duration::from_secs));
                 VmmResponse::Ok
             }
-            VmmRequest::Stop => {
-                self.stop("stopped by a control request".into());
-                VmmResponse::Ok
-            }
+            // serve_client ends the VM once the answer is written: the client must see it.
+            VmmRequest::Stop => VmmResponse::Ok,
         }
     }
 
@@ -218,11 +216,18 @@ fn serve_client(ctl: &Controller, conn: UnixStream) -> std::io::Result<()> {
             Line::Request(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
             Line::Request(l) => l,
         };
-        let resp = match parse(&line) {
+        let req = parse(&line);
+        let stop = matches!(req, Ok(VmmRequest::Stop));
+        let resp = match req {
             Ok(req) => ctl.handle(req),
             Err(message) => error("bad_request", message),
         };
-        send(&mut w, &resp)?;
+        let sent = send(&mut w, &resp);
+        if stop {
+            ctl.stop("stopped by a control request".into());
+            return sent;
+        }
+        sent?;
     }
 }
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,31 @@ impl SerialOut {
     }
 }
 
+/// Writes all of `buf` to `client` without blocking; false if it could not take it all. The
+/// socket itself stays blocking: its other half is read by the thread that feeds serial input,
+/// and O_NONBLOCK would be shared with it.
+fn send_nowait(client: &UnixStream, buf: &[u8]) -> bool {
+    let mut rest = buf;
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a live, initialised slice of `rest.len()` bytes and the fd belongs to
+        // `client`, which outlives the call; send only reads from the buffer.
+        let n = unsafe {
+            libc::send(
+                client.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => rest = &rest[n..],
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.stats
@@ -104,7 +130,7 @@ impl Write for SerialOut {
         self.trim_log();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         // A client that cannot take the output (gone or stuck) is dropped, never waited for.
-        clients.retain_mut(|c| c.write_all(buf).is_ok());
+        clients.retain(|c| send_nowait(c, buf));
         Ok(buf.len())
     }
 
@@ -124,7 +150,6 @@ mod tests {
         let log = dir.join("console.log");
         let _ = std::fs::remove_file(&log);
         let (a, mut b) = UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
         let clients = Arc::new(Mutex::new(vec![a]));
         let stats = Arc::new(SerialStats::default());
         let mut out = SerialOut::new(log.to_str(), clients.clone(), Arc::clone(&stats)).unwrap();
@@ -139,5 +164,28 @@ mod tests {
         }
         assert!(std::fs::metadata(&log).unwrap().len() <= LIMIT);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_dropped_and_its_socket_stays_blocking() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let reader = a.try_clone().unwrap();
+        let clients = Arc::new(Mutex::new(vec![a]));
+        let stats = Arc::new(SerialStats::default());
+        let mut out = SerialOut::new(None, clients.clone(), stats).unwrap();
+        // Far more than a socket buffer holds; nobody reads `b`, yet no write blocks.
+        let chunk = vec![b'y'; 64 << 10];
+        for _ in 0..64 {
+            out.write_all(&chunk).unwrap();
+        }
+        assert!(clients.lock().unwrap().is_empty(), "stuck client kept");
+        // The input side (the same open socket) must still block rather than fail with EAGAIN.
+        // SAFETY: F_GETFL on an fd `reader` owns only reads its flags.
+        let flags = unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_GETFL) };
+        assert!(
+            flags >= 0 && flags & libc::O_NONBLOCK == 0,
+            "flags {flags:#x}"
+        );
+        drop(b);
     }
 }

@@ -148,7 +148,6 @@ fn console_loop(
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let Ok(out) = conn.try_clone() else { continue };
-        let _ = out.set_nonblocking(true);
         clients.lock().unwrap_or_else(|e| e.into_inner()).push(out);
         let (console, stats) = (Arc::clone(&console), Arc::clone(&stats));
         std::thread::spawn(move || {
