@@ -15,6 +15,7 @@ pub mod tls;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,6 +60,11 @@ pub struct Paths {
 impl Paths {
     fn registration(&self) -> PathBuf {
         self.data.join("registration.toml")
+    }
+    /// The unconfirmed network change, on tmpfs: a reboot forgets it together with the change
+    /// itself (init applies node.toml at boot), an agent restart does not.
+    fn pending_network(&self) -> PathBuf {
+        self.run.join("network-pending.json")
     }
     fn node_config(&self) -> PathBuf {
         self.data.join("node.toml")
@@ -221,6 +227,8 @@ pub struct Agent {
     running: Arc<guests::Guests>,
     /// An applied network change waiting for confirmation.
     pending_network: Mutex<Option<PendingNetwork>>,
+    /// The last network change token handed out (see `next_network_token`).
+    network_token: AtomicU64,
     /// Events for `GET /v1/events`.
     events: Arc<events::EventLog>,
     /// `GET /v1/node`.
@@ -230,12 +238,26 @@ pub struct Agent {
 /// How long an applied network change waits for confirmation before it rolls back.
 pub const NETWORK_ROLLBACK: Duration = Duration::from_secs(60);
 
-#[derive(Debug)]
+/// An applied, unconfirmed network change. It is kept in [`Paths::pending_network`] too, so that
+/// an agent that crashes or restarts before the deadline still rolls it back: the point of the
+/// rollback is a change that cut the node off, and a lost timer would make it permanent.
+#[derive(Debug, Serialize, Deserialize)]
 struct PendingNetwork {
     token: u64,
     new: hvnode_api::config::NetworkConfig,
     previous: hvnode_api::config::NetworkConfig,
-    deadline: std::time::Instant,
+    /// CLOCK_BOOTTIME in milliseconds: it survives agent restarts and ignores clock changes.
+    deadline_ms: u64,
+}
+
+/// CLOCK_BOOTTIME in milliseconds.
+fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000
+        })
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for Agent {
@@ -272,6 +294,7 @@ impl Agent {
             running: Arc::new(guests::Guests::new(Arc::clone(&events), paths.clone())),
             events,
             pending_network: Mutex::new(None),
+            network_token: AtomicU64::new(0),
             info: node::InfoCache::new(&paths.run),
             paths,
         })
@@ -556,25 +579,22 @@ impl Agent {
                         .pending_network
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    let token = p.as_ref().map_or(1, |x| x.token + 1);
-                    *p = Some(PendingNetwork {
+                    let token = self.next_network_token();
+                    let pending = PendingNetwork {
                         token,
                         new: network,
                         previous: saved,
-                        deadline: std::time::Instant::now() + NETWORK_ROLLBACK,
-                    });
+                        deadline_ms: boottime_ms() + NETWORK_ROLLBACK.as_millis() as u64,
+                    };
+                    self.save_pending_network(Some(&pending));
+                    *p = Some(pending);
                     token
                 };
                 eprintln!(
                     "agent: network change applied; rolls back in {} s unless confirmed",
                     NETWORK_ROLLBACK.as_secs()
                 );
-                let me = Arc::clone(self);
-                tokio::spawn(async move {
-                    tokio::time::sleep(NETWORK_ROLLBACK).await;
-                    let _ =
-                        tokio::task::spawn_blocking(move || me.rollback_network(Some(token))).await;
-                });
+                self.arm_network_rollback(token, NETWORK_ROLLBACK);
                 Ok(json_response(StatusCode::OK, &self.network_view()?))
             }
             (&Method::POST, "/v1/network/confirm") => {
@@ -598,6 +618,7 @@ impl Agent {
                     0o644,
                 )
                 .map_err(|e| Error::internal("Saving node.toml", e))?;
+                self.save_pending_network(None);
                 eprintln!("agent: network change confirmed and saved");
                 self.events
                     .emit("network", None, "network change confirmed and saved");
@@ -984,10 +1005,7 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|p| {
-                let left = p
-                    .deadline
-                    .saturating_duration_since(std::time::Instant::now())
-                    .as_secs();
+                let left = p.deadline_ms.saturating_sub(boottime_ms()) / 1000;
                 (Some(left), Some(p.new.clone()))
             })
             .unwrap_or_default();
@@ -997,6 +1015,79 @@ impl Agent {
             rollback_in_secs,
             pending,
         })
+    }
+
+    /// A token no earlier change of this boot used, so that an old timer never rolls back a
+    /// newer change (tokens survive agent restarts through the pending file).
+    fn next_network_token(&self) -> u64 {
+        let now = boottime_ms();
+        let last = self.network_token.fetch_max(now, Ordering::SeqCst);
+        if last >= now {
+            self.network_token.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            now
+        }
+    }
+
+    /// Writes (or with `None` removes) the pending change's file. A failure is logged: the
+    /// in-memory timer still rolls back, only a restart of the agent would lose it.
+    fn save_pending_network(&self, pending: Option<&PendingNetwork>) {
+        let path = self.paths.pending_network();
+        let result = match pending {
+            Some(p) => serde_json::to_vec(p)
+                .map_err(std::io::Error::other)
+                .and_then(|b| store::write_atomic(&path, &b, 0o600)),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            eprintln!("agent: {}: {e}", path.display());
+        }
+    }
+
+    fn arm_network_rollback(self: &Arc<Self>, token: u64, after: Duration) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let result =
+                tokio::task::spawn_blocking(move || me.rollback_network(Some(token))).await;
+            if let Ok(Err(e)) = result {
+                eprintln!("agent: network rollback failed: {}", e.2);
+            }
+        });
+    }
+
+    /// Takes over a network change that an earlier agent applied and that is still
+    /// unconfirmed: its rollback happens at the original deadline, or at once if that passed.
+    pub fn resume_network_rollback(self: &Arc<Self>) {
+        let Ok(bytes) = std::fs::read(self.paths.pending_network()) else {
+            return;
+        };
+        let pending = match serde_json::from_slice::<PendingNetwork>(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!(
+                    "agent: {} is unreadable ({e}); the network stays as it is",
+                    self.paths.pending_network().display()
+                );
+                self.save_pending_network(None);
+                return;
+            }
+        };
+        let left = Duration::from_millis(pending.deadline_ms.saturating_sub(boottime_ms()));
+        eprintln!(
+            "agent: an unconfirmed network change is pending; it rolls back in {} s",
+            left.as_secs()
+        );
+        let token = pending.token;
+        self.network_token.fetch_max(token, Ordering::SeqCst);
+        *self
+            .pending_network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(pending);
+        self.arm_network_rollback(token, left);
     }
 
     /// Re-applies the saved network configuration if a change is pending (and, when `token` is
@@ -1016,6 +1107,7 @@ impl Agent {
         let Some(pending) = pending else {
             return Ok(false);
         };
+        self.save_pending_network(None);
         eprintln!("agent: rolling the network back to the saved configuration");
         self.events
             .emit("network", None, "network change rolled back");

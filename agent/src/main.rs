@@ -146,6 +146,7 @@ async fn run(args: Args) -> Result<(), String> {
         agent.fingerprint()
     );
     agent.resume_pending();
+    agent.resume_network_rollback();
     // Before serving, so that the first answers already know the guests that kept running.
     let starter = Arc::clone(&agent);
     tokio::task::spawn_blocking(move || starter.start_guests())

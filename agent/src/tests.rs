@@ -393,6 +393,48 @@ async fn network_changes_wait_for_confirmation_and_roll_back() {
 }
 
 #[tokio::test]
+async fn an_unconfirmed_network_change_still_rolls_back_after_an_agent_restart() {
+    let (a, root) = agent();
+    let seen = fake_init(&root);
+    let net = r#"{"interfaces":[{"name":"eth0","mode":"static","addresses":["192.0.2.10/24"]}]}"#;
+    let (s, v) = call(&a, req("PUT", "/v1/network", net), Origin::Local).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    drop(a);
+
+    // A new agent on the same run directory (the old one crashed) takes the change over.
+    let b = Arc::new(Agent::new(paths_under(&root)).unwrap());
+    b.resume_network_rollback();
+    let (_, v) = call(&b, req("GET", "/v1/network", ""), Origin::Local).await;
+    let left = v["rollback_in_secs"].as_u64().expect("still pending");
+    assert!((50..=60).contains(&left), "{v}");
+    assert!(v["pending"]["interfaces"].is_array(), "{v}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing re-applied yet");
+
+    // Past its deadline (as if the agent was down for longer than a minute) it rolls back at once.
+    let file = root.join("run/network-pending.json");
+    let mut pending: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    pending["deadline_ms"] = 0.into();
+    std::fs::write(&file, pending.to_string()).unwrap();
+    let c = Arc::new(Agent::new(paths_under(&root)).unwrap());
+    c.resume_network_rollback();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no rollback");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!file.exists(), "the pending file outlived the rollback");
+    let (_, v) = call(&c, req("GET", "/v1/network", ""), Origin::Local).await;
+    assert!(v["rollback_in_secs"].is_null(), "{v}");
+
+    // A confirmed change leaves nothing behind for the next agent.
+    call(&c, req("PUT", "/v1/network", net), Origin::Local).await;
+    assert!(file.exists());
+    call(&c, req("POST", "/v1/network/confirm", ""), Origin::Local).await;
+    assert!(!file.exists());
+}
+
+#[tokio::test]
 async fn events_stream_replays_and_follows_as_server_sent_events() {
     let (a, _) = agent();
     let spec = r#"{"name":"ev","kernel":"vmlinuz","rng":false}"#;
