@@ -81,6 +81,19 @@ impl Table {
     }
 }
 
+/// What the agent knows of a guest at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runtime {
+    /// Its state.
+    pub state: GuestState,
+    /// The VMM's pid, while one runs.
+    pub pid: Option<u32>,
+    /// Seconds since its VMM started.
+    pub uptime_secs: Option<u64>,
+    /// Why it crashed, when it is `crashed`.
+    pub crash_reason: Option<String>,
+}
+
 /// How a watched VMM ended.
 #[derive(Debug, Clone, Copy)]
 enum Ended {
@@ -88,18 +101,6 @@ enum Ended {
     Signal(i32),
     /// Not our child: only its exit file can tell.
     Unknown,
-}
-
-/// The snake_case name of a state, as the API spells it.
-pub fn state_name(state: GuestState) -> &'static str {
-    match state {
-        GuestState::Stopped => "stopped",
-        GuestState::Starting => "starting",
-        GuestState::Running => "running",
-        GuestState::Paused => "paused",
-        GuestState::ShuttingDown => "shutting_down",
-        GuestState::Crashed => "crashed",
-    }
 }
 
 /// Errors of guest operations.
@@ -366,7 +367,7 @@ impl Guests {
     fn state_error(&self, t: &Table, name: &str, op: &'static str) -> GuestError {
         GuestError::State {
             name: name.to_owned(),
-            state: state_name(t.state(name)),
+            state: t.state(name).as_str(),
             op,
         }
     }
@@ -377,11 +378,21 @@ impl Guests {
     }
 
     /// The state, VMM pid and uptime of a guest.
-    pub fn state(&self, name: &str) -> (GuestState, Option<u32>, Option<u64>) {
+    pub fn state(&self, name: &str) -> Runtime {
         let t = self.lock();
         match t.running.get(name) {
-            Some(r) => (r.state, Some(r.pid), Some(r.started.elapsed().as_secs())),
-            None => (t.state(name), None, None),
+            Some(r) => Runtime {
+                state: r.state,
+                pid: Some(r.pid),
+                uptime_secs: Some(r.started.elapsed().as_secs()),
+                crash_reason: None,
+            },
+            None => Runtime {
+                state: t.state(name),
+                pid: None,
+                uptime_secs: None,
+                crash_reason: t.crashed.get(name).cloned(),
+            },
         }
     }
 
@@ -717,7 +728,7 @@ impl Guests {
         let id = self.current(name, &[from], op)?;
         self.ask(name, op, &request)?;
         self.update(name, id, |r| r.state = to);
-        self.emit(name, state_name(to).to_owned());
+        self.emit(name, to.as_str().to_owned());
         Ok(())
     }
 
@@ -754,7 +765,7 @@ impl Guests {
     ) -> Result<(), GuestError> {
         // The VMM resumes a paused guest before it presses the keys.
         let id = self.current(name, &[GuestState::Running, GuestState::Paused], op)?;
-        let before = self.state(name).0;
+        let before = self.state(name).state;
         // Set before asking: the VMM may exit before the answer is read.
         self.update(name, id, |r| {
             r.state = GuestState::ShuttingDown;
@@ -767,7 +778,7 @@ impl Guests {
             });
             return Err(e);
         }
-        self.emit(name, state_name(GuestState::ShuttingDown).to_owned());
+        self.emit(name, GuestState::ShuttingDown.as_str().to_owned());
         if let Some(t) = timeout {
             let forced = if intent == Intent::Reboot {
                 Intent::Reboot
@@ -887,7 +898,7 @@ impl Guests {
         };
         self.emit(
             name,
-            format!("{} (reattached to vmm pid {})", state_name(state), live.pid),
+            format!("{} (reattached to vmm pid {})", state.as_str(), live.pid),
         );
         let me = Arc::clone(self);
         let name = name.clone();

@@ -1254,12 +1254,13 @@ impl Agent {
         })?;
         let spec: GuestSpec =
             toml::from_str(&text).map_err(|e| Error::internal("Guest definition", e))?;
-        let (state, pid, uptime_secs) = self.running.state(name);
+        let rt = self.running.state(name);
         Ok(hvnode_api::guest::GuestStatus {
             spec,
-            state,
-            pid,
-            uptime_secs,
+            state: rt.state,
+            pid: rt.pid,
+            uptime_secs: rt.uptime_secs,
+            crash_reason: rt.crash_reason,
         })
     }
 

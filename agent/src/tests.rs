@@ -979,7 +979,13 @@ async fn stale_run_dirs_are_cleaned_and_a_crash_while_away_is_reported() {
     .unwrap();
     a.start_guests();
     assert_eq!(guest_state(&a, "gone").await["state"], "stopped");
-    assert_eq!(guest_state(&a, "crashy").await["state"], "crashed");
+    let crashy = guest_state(&a, "crashy").await;
+    assert_eq!(crashy["state"], "crashed");
+    assert_eq!(
+        crashy["crash_reason"], "vCPU 0: KVM_EXIT_INTERNAL_ERROR",
+        "{crashy}"
+    );
+    assert!(guest_state(&a, "gone").await.get("crash_reason").is_none());
     assert!(event_messages(&a, "crashy")
         .iter()
         .any(|m| m.contains("KVM_EXIT_INTERNAL_ERROR")));

@@ -210,6 +210,20 @@ pub enum GuestState {
     Crashed,
 }
 
+impl GuestState {
+    /// The name the API spells it with (snake_case, as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestState::Stopped => "stopped",
+            GuestState::Starting => "starting",
+            GuestState::Running => "running",
+            GuestState::Paused => "paused",
+            GuestState::ShuttingDown => "shutting_down",
+            GuestState::Crashed => "crashed",
+        }
+    }
+}
+
 /// A guest with its runtime status, as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestStatus {
@@ -223,6 +237,9 @@ pub struct GuestStatus {
     /// Seconds since the guest was started, when running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_secs: Option<u64>,
+    /// Why the guest is `crashed`: the VMM's last word (its exit file or log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_reason: Option<String>,
 }
 
 #[cfg(test)]
@@ -247,6 +264,23 @@ mod tests {
             }],
             rng: true,
             autostart: false,
+        }
+    }
+
+    #[test]
+    fn state_names_are_the_serialised_names() {
+        for st in [
+            GuestState::Stopped,
+            GuestState::Starting,
+            GuestState::Running,
+            GuestState::Paused,
+            GuestState::ShuttingDown,
+            GuestState::Crashed,
+        ] {
+            assert_eq!(
+                serde_json::to_value(st).unwrap(),
+                serde_json::Value::from(st.as_str())
+            );
         }
     }
 

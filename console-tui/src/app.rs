@@ -792,7 +792,7 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
                     "{} {:<24} {:<13} {:>5} {:>6} MiB",
                     if i == app.selected { '>' } else { ' ' },
                     g.spec.name,
-                    format!("{:?}", g.state).to_lowercase(),
+                    g.state.as_str(),
                     g.spec.vcpus,
                     g.spec.memory_mib
                 );
@@ -805,6 +805,14 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
             }
             if d.guests.is_empty() {
                 l.push(Line::raw("  No guests defined."));
+            }
+            if let Some(why) = d
+                .guests
+                .get(app.selected)
+                .and_then(|g| g.crash_reason.as_deref())
+            {
+                l.push(Line::raw(""));
+                l.push(Line::raw(format!("  Crashed: {why}")));
             }
             l.push(Line::raw(""));
             l.push(Line::raw(

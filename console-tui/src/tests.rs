@@ -35,6 +35,7 @@ fn snapshot() -> Snapshot {
         state,
         pid: None,
         uptime_secs: None,
+        crash_reason: None,
     };
     Snapshot {
         registration: RegistrationStatus {
@@ -527,5 +528,27 @@ fn hostname_field_clears_with_ctrl_u_and_ignores_other_control_keys() {
     assert_eq!(
         a.on_key(key(KeyCode::Enter)),
         vec![Action::SetHostname("node7".into())]
+    );
+}
+
+#[test]
+fn guests_screen_shows_why_the_selected_guest_crashed() {
+    let mut a = app();
+    if let Some(d) = a.data.as_mut() {
+        d.guests[1].state = GuestState::Crashed;
+        d.guests[1].crash_reason = Some("vCPU 0: KVM_EXIT_INTERNAL_ERROR".into());
+    }
+    a.on_key(key(KeyCode::Char('4')));
+    let s = render(&a);
+    assert!(s.contains("crashed"), "{s}");
+    assert!(
+        !s.contains("KVM_EXIT_INTERNAL_ERROR"),
+        "shown for an unselected guest:\n{s}"
+    );
+    a.on_key(key(KeyCode::Down));
+    let s = render(&a);
+    assert!(
+        s.contains("Crashed: vCPU 0: KVM_EXIT_INTERNAL_ERROR"),
+        "{s}"
     );
 }

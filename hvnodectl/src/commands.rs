@@ -1092,6 +1092,9 @@ fn format_guest(g: &GuestStatus) -> String {
     if let Some(u) = g.uptime_secs {
         s.push_str(&format!("uptime: {}\n", human_secs(u)));
     }
+    if let Some(why) = &g.crash_reason {
+        s.push_str(&format!("crashed: {why}\n"));
+    }
     s.push('\n');
     s.push_str(&spec);
     s
