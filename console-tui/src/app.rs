@@ -1,6 +1,11 @@
 //! The console's state, its key handling and its rendering. Pure: no I/O here, so tests drive
 //! it with key events and render it into ratatui's TestBackend.
+//!
+//! Keys and the clock produce [`Action`]s, which the caller hands to the worker that talks to the
+//! agent; the worker's [`Done`] comes back through [`App::apply`]. The App never waits for the
+//! agent, so the screen keeps answering keys whatever the agent does.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use hvnode_api::config::{AddressMode, NetworkConfig};
@@ -15,7 +20,11 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
+use crate::client::ClientError;
 use crate::netform::{self, NetForm, Outcome};
+
+/// How long after the last refresh's answer the next one is sent.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 /// ASCII borders: readable on a plain serial terminal and on the Linux console alike.
 const ASCII: border::Set = border::Set {
@@ -73,9 +82,14 @@ pub struct Snapshot {
     pub storage: StorageView,
 }
 
-/// A request for the agent, produced by a key.
+/// A request for the agent, produced by a key or, for [`Action::Refresh`], by the clock.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
+    /// The periodic GETs behind every screen; with `node_log`, GET /v1/logs too.
+    Refresh {
+        /// Whether the Logs screen shows the node log, which is then read as well.
+        node_log: bool,
+    },
     /// PUT /v1/node/hostname.
     SetHostname(String),
     /// POST /v1/power.
@@ -102,6 +116,80 @@ pub enum Action {
     ConfirmNetwork,
     /// POST /v1/network/rollback.
     RollbackNetwork,
+}
+
+impl Action {
+    /// What the banner says while the agent works on it.
+    pub fn label(&self) -> String {
+        match self {
+            Action::Refresh { .. } => "Reading the node's state...".into(),
+            Action::SetHostname(h) => format!("Setting the host name to {h}..."),
+            Action::Power(PowerAction::Reboot) => "Asking the node to reboot...".into(),
+            Action::Power(PowerAction::Poweroff) => "Asking the node to power off...".into(),
+            Action::Guest(name, op) => {
+                let doing = match *op {
+                    "start" => "Starting",
+                    "stop" => "Stopping",
+                    "shutdown" => "Shutting down",
+                    "pause" => "Pausing",
+                    "resume" => "Resuming",
+                    "reboot" => "Rebooting",
+                    other => other,
+                };
+                format!("{doing} {name}...")
+            }
+            Action::GuestConsole(name) => format!("Reading the console log of {name}..."),
+            Action::NewPairingCode => "Asking for a new pairing code...".into(),
+            Action::Unregister => "Unregistering from the manager...".into(),
+            Action::FetchManager(url) => format!("Fetching the manager's CA from {url}..."),
+            Action::AcceptManager(_) => "Sending the join request to the manager...".into(),
+            Action::RejectManager => "Rejecting the manager...".into(),
+            Action::InitStorage(dev) => {
+                format!("Initialising {dev} as the data partition (this takes a while)...")
+            }
+            Action::ApplyNetwork(_) => "Applying the network change...".into(),
+            Action::ConfirmNetwork => "Keeping the network change...".into(),
+            Action::RollbackNetwork => "Rolling back the network change...".into(),
+        }
+    }
+}
+
+/// What a refresh read. After an unreachable agent the worker reads nothing more, so that a
+/// hung agent costs one timeout per refresh, not one per GET.
+#[derive(Debug)]
+pub struct Refreshed {
+    /// Registration, node, stats, guests and storage.
+    pub snapshot: Result<Snapshot, ClientError>,
+    /// The network view.
+    pub network: Result<NetworkView, ClientError>,
+    /// The node log, when asked for.
+    pub node_log: Option<Result<String, ClientError>>,
+}
+
+/// The useful part of an answer.
+#[derive(Debug)]
+pub enum Answer {
+    /// Nothing beyond success.
+    Done,
+    /// The answer to [`Action::Refresh`].
+    Refreshed(Box<Refreshed>),
+    /// The network view after a change.
+    Network(Box<NetworkView>),
+    /// The manager fetched for node-initiated registration.
+    Candidate(ManagerCandidate),
+    /// A guest after an operation.
+    Guest(Box<GuestStatus>),
+    /// A guest's console log.
+    Text(String),
+}
+
+/// An action and how the agent answered it.
+#[derive(Debug)]
+pub struct Done {
+    /// The action, as [`App::on_key`] or [`App::poll`] returned it.
+    pub action: Action,
+    /// The answer, or why there is none.
+    pub result: Result<Answer, ClientError>,
 }
 
 /// How the last network change ended.
@@ -174,6 +262,12 @@ pub struct App {
     net_watch: Option<NetworkConfig>,
     /// How the last pending change ended.
     pub net_outcome: Option<NetOutcome>,
+    /// Actions sent to the agent and not answered yet, oldest first.
+    pending: VecDeque<Action>,
+    /// Whether a refresh is on its way, so that a slow agent never gets a second one.
+    refreshing: bool,
+    /// When the next refresh is due; `None` is now.
+    next_refresh: Option<Instant>,
 }
 
 impl App {
@@ -199,6 +293,115 @@ impl App {
             rollback_left: None,
             net_watch: None,
             net_outcome: None,
+            pending: VecDeque::new(),
+            refreshing: false,
+            next_refresh: None,
+        }
+    }
+
+    /// What the agent is working on for the user, if anything: the oldest unanswered action.
+    pub fn busy(&self) -> Option<&Action> {
+        self.pending.front()
+    }
+
+    /// The refresh, when one is due and none is on its way. Every action returned here and by
+    /// [`App::on_key`] must reach the worker, and its [`Done`] come back to [`App::apply`].
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        if self.refreshing || self.next_refresh.is_some_and(|t| now < t) {
+            return Vec::new();
+        }
+        self.refreshing = true;
+        vec![Action::Refresh {
+            node_log: self.screen == Screen::Logs && self.log_title == "Node log",
+        }]
+    }
+
+    /// Takes the agent's answer to an action at `now`.
+    pub fn apply(&mut self, done: Done, now: Instant) {
+        if let Action::Refresh { .. } = done.action {
+            self.refreshing = false;
+            self.next_refresh = Some(now + REFRESH_EVERY);
+            match done.result {
+                Ok(Answer::Refreshed(r)) => self.refreshed(*r, now),
+                Ok(_) => {}
+                Err(e) => self.failed_refresh(e),
+            }
+            return;
+        }
+        if let Some(i) = self.pending.iter().position(|a| *a == done.action) {
+            self.pending.remove(i);
+        }
+        // The worker answers in order, so a refresh still on its way was sent after this
+        // action and shows its effect; otherwise the next one goes out at once.
+        self.next_refresh = None;
+        let answer = match done.result {
+            Ok(a) => a,
+            Err(e) => {
+                self.message = Some(format!("Failed: {e}"));
+                return;
+            }
+        };
+        let mut text = match &done.action {
+            Action::ApplyNetwork(_) => {
+                "Applied: it rolls back in 60 s unless you press c to keep it.".to_owned()
+            }
+            Action::ConfirmNetwork => "Kept: the change is saved in node.toml.".to_owned(),
+            Action::RollbackNetwork => "Rolled back to the saved configuration.".to_owned(),
+            _ => "Done.".to_owned(),
+        };
+        match answer {
+            Answer::Network(view) => self.set_network(*view, now),
+            Answer::Candidate(c) => self.candidate = Some(c),
+            Answer::Guest(g) => {
+                text = format!("Done: {} is {}.", g.spec.name, g.state.as_str());
+                if let Some(old) = self
+                    .data
+                    .as_mut()
+                    .and_then(|d| d.guests.iter_mut().find(|o| o.spec.name == g.spec.name))
+                {
+                    *old = *g;
+                }
+            }
+            Answer::Text(t) => {
+                if let Action::GuestConsole(name) = &done.action {
+                    self.log_title = format!("Console of {name}");
+                }
+                self.log_text = t;
+                self.scroll = 0;
+                self.screen = Screen::Logs;
+            }
+            Answer::Done | Answer::Refreshed(_) => {}
+        }
+        self.message = Some(text);
+    }
+
+    fn refreshed(&mut self, r: Refreshed, now: Instant) {
+        self.unreachable = None;
+        match r.snapshot {
+            Ok(s) => {
+                let n = s.guests.len();
+                self.data = Some(s);
+                self.selected = self.selected.min(n.saturating_sub(1));
+            }
+            Err(e) => self.failed_refresh(e),
+        }
+        match r.network {
+            Ok(v) => self.set_network(v, now),
+            Err(ClientError::Unreachable(_, why)) => self.unreachable = Some(why),
+            Err(e) => self.network_error = Some(e.to_string()),
+        }
+        // A console log opened meanwhile is not replaced by the node log.
+        if let Some(Ok(t)) = r.node_log {
+            if self.log_title == "Node log" {
+                self.log_text = t;
+            }
+        }
+    }
+
+    fn failed_refresh(&mut self, e: ClientError) {
+        match e {
+            ClientError::Unreachable(_, why) => self.unreachable = Some(why),
+            e => self.message = Some(e.to_string()),
         }
     }
 
@@ -255,6 +458,7 @@ impl App {
     fn switch(&mut self, screen: Screen) {
         self.screen = screen;
         self.message = None;
+        self.next_refresh = None;
         if screen == Screen::Logs {
             self.log_title = "Node log".into();
         }
@@ -262,6 +466,12 @@ impl App {
 
     /// Handles a key; returns the agent requests it causes.
     pub fn on_key(&mut self, key: KeyEvent) -> Vec<Action> {
+        let actions = self.key(key);
+        self.pending.extend(actions.iter().cloned());
+        actions
+    }
+
+    fn key(&mut self, key: KeyEvent) -> Vec<Action> {
         if let Some(c) = self.confirm.take() {
             return match key.code {
                 KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => vec![c.action],
@@ -398,17 +608,33 @@ impl App {
                     return vec![Action::Guest(g, "start")];
                 }
             }
-            (Screen::Guests, KeyCode::Char(c @ ('t' | 'd'))) => {
+            (Screen::Guests, KeyCode::Char(c @ ('t' | 'd' | 'r'))) => {
                 if let Some(g) = self.selected_guest() {
-                    let (op, what) = if c == 't' {
-                        ("stop", "Stop (power off at once)")
-                    } else {
-                        ("shutdown", "Shut down")
+                    let (op, text) = match c {
+                        't' => ("stop", format!("Stop (power off at once) guest {g}?")),
+                        'd' => ("shutdown", format!("Shut down guest {g}?")),
+                        _ => (
+                            "reboot",
+                            format!("Reboot guest {g}? It shuts down and starts again."),
+                        ),
                     };
                     self.confirm = Some(Confirm {
-                        text: format!("{what} guest {g}?"),
+                        text,
                         action: Action::Guest(g, op),
                     });
+                }
+            }
+            (Screen::Guests, KeyCode::Char('p')) => {
+                let guest = self.data.as_ref().and_then(|d| d.guests.get(self.selected));
+                if let Some(g) = guest {
+                    // Anything but a paused guest is asked to pause: the agent says why a
+                    // stopped one cannot.
+                    let op = if g.state == GuestState::Paused {
+                        "resume"
+                    } else {
+                        "pause"
+                    };
+                    return vec![Action::Guest(g.spec.name.clone(), op)];
                 }
             }
             (Screen::Guests, KeyCode::Enter) => {
@@ -806,17 +1032,13 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
             if d.guests.is_empty() {
                 l.push(Line::raw("  No guests defined."));
             }
-            if let Some(why) = d
-                .guests
-                .get(app.selected)
-                .and_then(|g| g.crash_reason.as_deref())
-            {
+            if let Some(g) = d.guests.get(app.selected) {
                 l.push(Line::raw(""));
-                l.push(Line::raw(format!("  Crashed: {why}")));
+                l.extend(guest_detail(g));
             }
             l.push(Line::raw(""));
             l.push(Line::raw(
-                "s: start  t: stop  d: shut down  Enter: console log",
+                "s: start  t: stop  d: shut down  r: reboot  p: pause/resume  Enter: console",
             ));
             l
         }
@@ -873,6 +1095,70 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
     }
 }
 
+/// The selected guest's definition and runtime facts, below the list.
+fn guest_detail(g: &GuestStatus) -> Vec<Line<'static>> {
+    let label = |k: &str| {
+        Span::styled(
+            format!("  {k:<8}"),
+            Style::default().add_modifier(Modifier::BOLD),
+        )
+    };
+    let uptime = match g.uptime_secs {
+        Some(s) if s >= 86400 => format!(
+            "up {}d {:02}:{:02}:{:02}",
+            s / 86400,
+            s / 3600 % 24,
+            s / 60 % 60,
+            s % 60
+        ),
+        Some(s) => format!("up {:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60),
+        None => "not running".into(),
+    };
+    let disks: Vec<String> = g
+        .spec
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            // The VMM names them in order, as the guest sees them.
+            let dev = char::from(b'a' + (i % 26) as u8);
+            let ro = if d.read_only { " (read-only)" } else { "" };
+            format!("vd{dev} {}{ro}", d.path)
+        })
+        .collect();
+    let nics: Vec<String> = g
+        .spec
+        .nics
+        .iter()
+        .map(|n| match &n.mac {
+            Some(mac) => format!("{} {mac}", n.bridge),
+            None => format!("{} (MAC from the name)", n.bridge),
+        })
+        .collect();
+    let none = |v: Vec<String>| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let mut l = vec![
+        Line::from(vec![
+            label(&g.spec.name),
+            Span::raw(format!(
+                " {} vCPU(s), {} MiB, {uptime}",
+                g.spec.vcpus, g.spec.memory_mib
+            )),
+        ]),
+        Line::from(vec![label("Disks"), Span::raw(none(disks))]),
+        Line::from(vec![label("NICs"), Span::raw(none(nics))]),
+    ];
+    if let Some(why) = &g.crash_reason {
+        l.push(Line::raw(format!("  Crashed: {why}")));
+    }
+    l
+}
+
 /// Draws the whole console.
 pub fn draw(frame: &mut Frame, app: &App) {
     let area = frame.area();
@@ -898,9 +1184,10 @@ pub fn draw(frame: &mut Frame, app: &App) {
         spans.push(Span::styled(text, style));
     }
     frame.render_widget(Paragraph::new(Line::from(spans)), tabs);
-    let banner_text = match &app.unreachable {
-        Some(why) => format!("Agent unreachable at {}: retrying... ({why})", app.socket),
-        None => app.message.clone().unwrap_or_default(),
+    let banner_text = match (&app.unreachable, app.busy()) {
+        (Some(why), _) => format!("Agent unreachable at {}: retrying... ({why})", app.socket),
+        (None, Some(action)) => action.label(),
+        (None, None) => app.message.clone().unwrap_or_default(),
     };
     let banner_style = if app.unreachable.is_some() {
         Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD)

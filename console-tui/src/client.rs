@@ -148,7 +148,16 @@ impl Client {
             s.write_all(b).map_err(unreachable)?;
         }
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(unreachable)?;
+        s.read_to_end(&mut raw).map_err(|e| match e.kind() {
+            // An agent that accepts and never answers is as unreachable as a missing one.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ClientError::Unreachable(
+                    self.socket.display().to_string(),
+                    format!("no answer within {} s", timeout.as_secs()),
+                )
+            }
+            _ => unreachable(e),
+        })?;
         let resp = parse_response(&raw)?;
         if resp.status >= 400 {
             return Err(

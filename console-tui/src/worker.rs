@@ -1,0 +1,159 @@
+//! The thread that talks to the agent. It owns the blocking [`Client`], takes [`Action`]s from
+//! a channel, one at a time in the order sent, and posts each [`Done`] back; the UI thread only
+//! ever polls the answers, so an agent that never answers cannot freeze the screen.
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread;
+use std::time::Duration;
+
+use hvnode_api::config::NetworkConfig;
+use hvnode_api::node::{Hostname, NetworkView, StorageInit};
+use hvnode_api::registration::{AcceptManager, ManagerUrl};
+
+use crate::app::{Action, Answer, Done, Refreshed, Snapshot};
+use crate::client::{Client, ClientError};
+
+/// The worker thread is gone: it can only have panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("The agent worker thread stopped")]
+pub struct WorkerGone;
+
+/// The UI thread's end of the worker.
+#[derive(Debug)]
+pub struct Worker {
+    requests: Sender<Action>,
+    answers: Receiver<Done>,
+}
+
+impl Worker {
+    /// Starts the thread. It ends once the `Worker` is dropped and the action at hand is done.
+    pub fn spawn(client: Client) -> std::io::Result<Worker> {
+        let (requests, inbox) = mpsc::channel::<Action>();
+        let (outbox, answers) = mpsc::channel();
+        thread::Builder::new()
+            .name("agent-client".into())
+            .spawn(move || {
+                for action in inbox {
+                    let result = perform(&client, &action);
+                    if outbox.send(Done { action, result }).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Worker { requests, answers })
+    }
+
+    /// Queues an action; never waits for the agent.
+    pub fn send(&self, action: Action) -> Result<(), WorkerGone> {
+        self.requests.send(action).map_err(|_| WorkerGone)
+    }
+
+    /// An answer, if one has arrived; never waits.
+    pub fn try_recv(&self) -> Result<Option<Done>, WorkerGone> {
+        match self.answers.try_recv() {
+            Ok(d) => Ok(Some(d)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(WorkerGone),
+        }
+    }
+}
+
+/// Guest operations: `stop` answers once the VMM is gone, which the agent forces after 10 s.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A network change init applies (bonds, VLANs, a bridge) can take longer than a read.
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Formatting the data partition: the agent waits up to 120 s for init.
+const STORAGE_TIMEOUT: Duration = Duration::from_secs(130);
+
+fn refresh(c: &Client, node_log: bool) -> Result<Answer, ClientError> {
+    let snapshot = (|| -> Result<Snapshot, ClientError> {
+        Ok(Snapshot {
+            registration: c.get("/v1/registration")?,
+            info: c.get("/v1/node")?,
+            stats: c.get("/v1/stats")?,
+            guests: c.get("/v1/guests")?,
+            storage: c.get("/v1/storage")?,
+        })
+    })();
+    if let Err(e @ ClientError::Unreachable(..)) = snapshot {
+        return Err(e);
+    }
+    let network = c.get("/v1/network");
+    let node_log = node_log.then(|| c.get_text("/v1/logs?lines=500"));
+    Ok(Answer::Refreshed(Box::new(Refreshed {
+        snapshot,
+        network,
+        node_log,
+    })))
+}
+
+fn network(
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&NetworkConfig>,
+) -> Result<Answer, ClientError> {
+    let view: NetworkView = c.call(method, path, body, NETWORK_TIMEOUT)?;
+    Ok(Answer::Network(Box::new(view)))
+}
+
+/// Carries out one action against the agent.
+fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
+    let done = |r: Result<(), ClientError>| r.map(|()| Answer::Done);
+    match action {
+        Action::Refresh { node_log } => refresh(c, *node_log),
+        Action::SetHostname(h) => done(c.send(
+            "PUT",
+            "/v1/node/hostname",
+            Some(&Hostname {
+                hostname: h.clone(),
+            }),
+        )),
+        Action::Power(p) => done(c.send("POST", "/v1/power", Some(p))),
+        Action::Guest(name, op) => c
+            .call::<(), _>(
+                "POST",
+                &format!("/v1/guests/{name}/{op}"),
+                None,
+                GUEST_TIMEOUT,
+            )
+            .map(|g| Answer::Guest(Box::new(g))),
+        Action::GuestConsole(name) => c
+            .get_text(&format!("/v1/guests/{name}/console"))
+            .map(Answer::Text),
+        Action::NewPairingCode => done(c.send::<()>("POST", "/v1/registration/pairing-code", None)),
+        Action::Unregister => done(c.send::<()>("DELETE", "/v1/registration", None)),
+        Action::FetchManager(url) => c
+            .call(
+                "POST",
+                "/v1/registration/manager",
+                Some(&ManagerUrl { url: url.clone() }),
+                Duration::from_secs(5),
+            )
+            .map(Answer::Candidate),
+        Action::AcceptManager(fp) => done(c.send(
+            "POST",
+            "/v1/registration/manager/accept",
+            Some(&AcceptManager {
+                ca_fingerprint: fp.clone(),
+            }),
+        )),
+        Action::RejectManager => {
+            done(c.send::<()>("POST", "/v1/registration/manager/reject", None))
+        }
+        Action::InitStorage(dev) => c
+            .call::<_, serde_json::Value>(
+                "POST",
+                "/v1/storage/init",
+                Some(&StorageInit {
+                    device: dev.clone(),
+                    confirm: dev.clone(),
+                }),
+                STORAGE_TIMEOUT,
+            )
+            .map(|_| Answer::Done),
+        Action::ApplyNetwork(config) => network(c, "PUT", "/v1/network", Some(config)),
+        Action::ConfirmNetwork => network(c, "POST", "/v1/network/confirm", None),
+        Action::RollbackNetwork => network(c, "POST", "/v1/network/rollback", None),
+    }
+}
