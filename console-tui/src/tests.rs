@@ -2,9 +2,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::app::{self, Action, App, Screen, Snapshot};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::app::{self, Action, Answer, App, Done, Refreshed, Screen, Snapshot};
+use crate::client::{Client, ClientError};
+use crate::worker::Worker;
 use hvnode_api::config::{AddressMode, InterfaceConfig, NetworkConfig};
-use hvnode_api::guest::{GuestSpec, GuestState, GuestStatus};
+use hvnode_api::guest::{DiskSpec, GuestSpec, GuestState, GuestStatus, NicSpec};
 use hvnode_api::node::{
     AddressSource, NetworkStatus, NetworkView, NicStatus, NodeInfo, NodeStats, PowerAction,
     StorageStatus, StorageView,
@@ -551,4 +558,402 @@ fn guests_screen_shows_why_the_selected_guest_crashed() {
         s.contains("Crashed: vCPU 0: KVM_EXIT_INTERNAL_ERROR"),
         "{s}"
     );
+}
+
+/// The banner, the screen's second row.
+fn banner(a: &App) -> String {
+    render(a)
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned()
+}
+
+fn guests_app() -> App {
+    let mut a = app();
+    a.on_key(key(KeyCode::Char('4')));
+    a
+}
+
+fn set_state(a: &mut App, i: usize, state: GuestState) {
+    if let Some(d) = a.data.as_mut() {
+        d.guests[i].state = state;
+    }
+}
+
+#[test]
+fn p_pauses_a_running_guest_and_resumes_a_paused_one() {
+    let mut a = guests_app();
+    assert_eq!(
+        a.on_key(key(KeyCode::Char('p'))),
+        vec![Action::Guest("web-1".into(), "pause")]
+    );
+    set_state(&mut a, 0, GuestState::Paused);
+    assert_eq!(
+        a.on_key(key(KeyCode::Char('p'))),
+        vec![Action::Guest("web-1".into(), "resume")]
+    );
+    assert!(
+        render(&a).contains("p: pause/resume"),
+        "key help:\n{}",
+        render(&a)
+    );
+}
+
+#[test]
+fn rebooting_a_guest_needs_confirmation() {
+    let mut a = guests_app();
+    a.on_key(key(KeyCode::Down));
+    assert!(a.on_key(key(KeyCode::Char('r'))).is_empty());
+    let s = render(&a);
+    assert!(
+        s.contains("Reboot guest db-1? It shuts down and starts again."),
+        "{s}"
+    );
+    assert!(a.on_key(key(KeyCode::Char('n'))).is_empty());
+    assert!(a.confirm.is_none());
+    a.on_key(key(KeyCode::Char('r')));
+    assert_eq!(
+        a.on_key(key(KeyCode::Char('y'))),
+        vec![Action::Guest("db-1".into(), "reboot")]
+    );
+    assert!(
+        render(&a).contains("s: start  t: stop  d: shut down  r: reboot"),
+        "{}",
+        render(&a)
+    );
+}
+
+#[test]
+fn guests_screen_shows_the_selected_guests_devices_and_uptime() {
+    let mut a = guests_app();
+    if let Some(d) = a.data.as_mut() {
+        let web = &mut d.guests[0];
+        web.uptime_secs = Some(90_061);
+        web.spec.disks = vec![
+            DiskSpec {
+                path: "disks/web-1.raw".into(),
+                read_only: false,
+            },
+            DiskSpec {
+                path: "iso/tools.iso".into(),
+                read_only: true,
+            },
+        ];
+        web.spec.nics = vec![
+            NicSpec {
+                mac: Some("52:54:00:00:00:01".into()),
+                bridge: "br0".into(),
+            },
+            NicSpec {
+                mac: None,
+                bridge: "br-storage".into(),
+            },
+        ];
+    }
+    let s = render(&a);
+    for want in [
+        "web-1    2 vCPU(s), 512 MiB, up 1d 01:01:01",
+        "Disks   vda disks/web-1.raw, vdb iso/tools.iso (read-only)",
+        "NICs    br0 52:54:00:00:00:01, br-storage (MAC from the name)",
+    ] {
+        assert!(s.contains(want), "{want:?} missing:\n{s}");
+    }
+    a.on_key(key(KeyCode::Down));
+    let s = render(&a);
+    for want in [
+        "db-1     2 vCPU(s), 512 MiB, not running",
+        "Disks   none",
+        "NICs    none",
+    ] {
+        assert!(s.contains(want), "{want:?} missing:\n{s}");
+    }
+    assert!(
+        !s.contains("disks/web-1.raw"),
+        "only the selected guest:\n{s}"
+    );
+}
+
+#[test]
+fn an_action_shows_while_it_runs_and_its_answer_updates_the_guest() {
+    let mut a = guests_app();
+    let sent = a.on_key(key(KeyCode::Char('s')));
+    assert_eq!(sent, vec![Action::Guest("web-1".into(), "start")]);
+    assert_eq!(banner(&a), "Starting web-1...");
+    // Keys keep working: another screen and back, and the banner stays.
+    a.on_key(key(KeyCode::Char('1')));
+    assert_eq!(banner(&a), "Starting web-1...");
+    a.on_key(key(KeyCode::Char('4')));
+    let mut g = snapshot().guests[0].clone();
+    g.uptime_secs = Some(1);
+    a.apply(
+        Done {
+            action: sent[0].clone(),
+            result: Ok(Answer::Guest(Box::new(g))),
+        },
+        Instant::now(),
+    );
+    assert_eq!(banner(&a), "Done: web-1 is running.");
+    assert!(a.busy().is_none());
+    assert!(render(&a).contains("up 00:00:01"), "{}", render(&a));
+}
+
+#[test]
+fn an_invalid_state_answer_shows_as_a_message_line() {
+    let mut a = guests_app();
+    a.on_key(key(KeyCode::Down));
+    let sent = a.on_key(key(KeyCode::Char('p')));
+    assert_eq!(sent, vec![Action::Guest("db-1".into(), "pause")]);
+    a.apply(
+        Done {
+            action: sent[0].clone(),
+            result: Err(ClientError::Api {
+                code: "invalid_guest_state".into(),
+                message: "Guest db-1 is stopped; pause needs running".into(),
+            }),
+        },
+        Instant::now(),
+    );
+    assert_eq!(
+        banner(&a),
+        "Failed: Guest db-1 is stopped; pause needs running (invalid_guest_state)"
+    );
+    assert!(a.unreachable.is_none());
+    assert_eq!(a.screen, Screen::Guests);
+    assert!(render(&a).contains("> db-1"), "{}", render(&a));
+}
+
+#[test]
+fn only_one_refresh_is_on_its_way_and_the_next_follows_its_answer() {
+    let mut a = App::new("/run/hvnode/agent.sock");
+    let t = Instant::now();
+    assert_eq!(a.poll(t), vec![Action::Refresh { node_log: false }]);
+    assert!(
+        a.poll(t + Duration::from_secs(30)).is_empty(),
+        "a second refresh"
+    );
+    a.on_key(key(KeyCode::Char('6')));
+    assert!(a.poll(t).is_empty(), "a switch does not add one either");
+    a.apply(
+        Done {
+            action: Action::Refresh { node_log: false },
+            result: Err(ClientError::Unreachable(
+                "/run/hvnode/agent.sock".into(),
+                "no answer within 5 s".into(),
+            )),
+        },
+        t,
+    );
+    assert!(banner(&a).contains("retrying... (no answer within 5 s)"));
+    assert!(a.poll(t + Duration::from_millis(1900)).is_empty());
+    assert_eq!(
+        a.poll(t + Duration::from_secs(2)),
+        vec![Action::Refresh { node_log: true }],
+        "the Logs screen reads the node log"
+    );
+    a.apply(
+        Done {
+            action: Action::Refresh { node_log: true },
+            result: Ok(Answer::Refreshed(Box::new(Refreshed {
+                snapshot: Ok(snapshot()),
+                network: Ok(network_view()),
+                node_log: Some(Ok("init: started agent\n".into())),
+            }))),
+        },
+        t + Duration::from_secs(3),
+    );
+    assert!(a.unreachable.is_none());
+    assert!(render(&a).contains("init: started agent"));
+    a.on_key(key(KeyCode::Char('1')));
+    assert_eq!(
+        a.poll(t + Duration::from_secs(3)),
+        vec![Action::Refresh { node_log: false }],
+        "a screen switch refreshes at once"
+    );
+}
+
+/// A scripted agent on a unix socket: answers the refresh's GETs from `snapshot()`, and a start
+/// of web-1 after `delay`, as a slow VMM would.
+struct FakeAgent {
+    path: PathBuf,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeAgent {
+    fn start(name: &str, delay: Duration) -> FakeAgent {
+        let dir =
+            std::env::temp_dir().join(format!("hvnode-console-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            let mut snap = snapshot();
+            set_guest(&mut snap, GuestState::Stopped, None);
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().unwrap().push(line.clone());
+                let json = |v: serde_json::Result<String>| (200, v.unwrap());
+                let (status, body) = match line.split(' ').take(2).collect::<Vec<_>>()[..] {
+                    ["GET", "/v1/registration"] => json(serde_json::to_string(&snap.registration)),
+                    ["GET", "/v1/node"] => json(serde_json::to_string(&snap.info)),
+                    ["GET", "/v1/stats"] => json(serde_json::to_string(&snap.stats)),
+                    ["GET", "/v1/guests"] => json(serde_json::to_string(&snap.guests)),
+                    ["GET", "/v1/storage"] => json(serde_json::to_string(&snap.storage)),
+                    ["GET", "/v1/network"] => json(serde_json::to_string(&network_view())),
+                    ["POST", "/v1/guests/web-1/start"] => {
+                        std::thread::sleep(delay);
+                        set_guest(&mut snap, GuestState::Running, Some(5));
+                        json(serde_json::to_string(&snap.guests[0]))
+                    }
+                    _ => (
+                        404,
+                        r#"{"code":"not_found","message":"No such route"}"#.to_owned(),
+                    ),
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakeAgent { path, requests }
+    }
+
+    fn seen(&self, line: &str) -> usize {
+        let r = self.requests.lock().unwrap();
+        r.iter().filter(|l| l.starts_with(line)).count()
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn set_guest(s: &mut Snapshot, state: GuestState, uptime: Option<u64>) {
+    s.guests[0].state = state;
+    s.guests[0].uptime_secs = uptime;
+}
+
+/// Runs loop turns without keys until `done` holds, for at most `limit`.
+fn turns_until(a: &mut App, w: &Worker, limit: Duration, done: impl Fn(&App) -> bool) {
+    let start = Instant::now();
+    while !done(a) {
+        assert!(
+            start.elapsed() < limit,
+            "not within {limit:?}:\n{}",
+            render(a)
+        );
+        crate::turn(a, w, None, Instant::now()).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn keys_keep_working_while_the_agent_takes_two_seconds_to_answer() {
+    let agent = FakeAgent::start("slow", Duration::from_secs(2));
+    let worker = Worker::spawn(Client::new(&agent.path)).unwrap();
+    let mut a = App::new(&agent.path.display().to_string());
+    turns_until(&mut a, &worker, Duration::from_secs(5), |a| {
+        a.data.is_some()
+    });
+    crate::turn(
+        &mut a,
+        &worker,
+        Some(key(KeyCode::Char('4'))),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(render(&a).contains("stopped"), "{}", render(&a));
+    let sent = Instant::now();
+    crate::turn(
+        &mut a,
+        &worker,
+        Some(key(KeyCode::Char('s'))),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_millis(100),
+        "sending waited {:?} for the agent",
+        sent.elapsed()
+    );
+
+    // For most of the agent's two seconds: every key is handled at once, the screen says what
+    // the agent is doing, and nothing has been applied yet.
+    let keys = [
+        key(KeyCode::Char('1')),
+        key(KeyCode::Char('4')),
+        key(KeyCode::Char('t')),
+        key(KeyCode::Esc),
+    ];
+    let mut turns = 0;
+    while sent.elapsed() < Duration::from_millis(1700) {
+        let k = keys[turns % keys.len()];
+        let before = Instant::now();
+        crate::turn(&mut a, &worker, Some(k), Instant::now()).unwrap();
+        assert!(
+            before.elapsed() < Duration::from_millis(100),
+            "a turn waited {:?} for the agent",
+            before.elapsed()
+        );
+        let s = render(&a);
+        assert_eq!(banner(&a), "Starting web-1...", "{s}");
+        match k.code {
+            KeyCode::Char('1') => {
+                assert_eq!(a.screen, Screen::Status);
+                assert!(s.contains("rack7-node1"), "{s}");
+            }
+            KeyCode::Char('t') => assert!(s.contains("Stop (power off at once) guest web-1?")),
+            KeyCode::Esc => assert!(a.confirm.is_none() && a.screen == Screen::Guests),
+            _ => assert_eq!(a.screen, Screen::Guests),
+        }
+        turns += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(turns > 20, "only {turns} turns in 1.7 s");
+    crate::turn(
+        &mut a,
+        &worker,
+        Some(key(KeyCode::Char('4'))),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(render(&a).contains("> web-1"), "{}", render(&a));
+    assert!(render(&a).contains("not running"), "{}", render(&a));
+
+    turns_until(&mut a, &worker, Duration::from_secs(5), |a| {
+        a.busy().is_none()
+    });
+    assert!(sent.elapsed() >= Duration::from_secs(2));
+    assert_eq!(banner(&a), "Done: web-1 is running.");
+    let s = render(&a);
+    assert!(s.contains("running") && s.contains("up 00:00:05"), "{s}");
+    assert_eq!(agent.seen("POST /v1/guests/web-1/start "), 1);
+    // The refresh that fell due meanwhile waited behind the start: one, not one per 2 s.
+    turns_until(&mut a, &worker, Duration::from_secs(5), |_| {
+        agent.seen("GET /v1/registration ") >= 2
+    });
+    assert!(agent.seen("GET /v1/registration ") <= 3);
 }
