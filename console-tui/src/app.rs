@@ -960,7 +960,8 @@ fn network_lines(app: &App, d: &Snapshot) -> Vec<Line<'static>> {
     l
 }
 
-fn body_lines(app: &App) -> Vec<Line<'static>> {
+/// The body of the current screen, for a text area of `rows` by `cols`.
+fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
     let Some(d) = &app.data else {
         return vec![Line::raw("No data from the agent yet.")];
     };
@@ -1008,40 +1009,7 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
             }
             l
         }
-        Screen::Guests => {
-            let mut l = vec![Line::raw(format!(
-                "  {:<24} {:<13} {:>5} {:>9}",
-                "NAME", "STATE", "VCPUS", "MEMORY"
-            ))];
-            for (i, g) in d.guests.iter().enumerate() {
-                let text = format!(
-                    "{} {:<24} {:<13} {:>5} {:>6} MiB",
-                    if i == app.selected { '>' } else { ' ' },
-                    g.spec.name,
-                    g.state.as_str(),
-                    g.spec.vcpus,
-                    g.spec.memory_mib
-                );
-                let style = if i == app.selected {
-                    Style::default().add_modifier(Modifier::REVERSED)
-                } else {
-                    Style::default()
-                };
-                l.push(Line::styled(text, style));
-            }
-            if d.guests.is_empty() {
-                l.push(Line::raw("  No guests defined."));
-            }
-            if let Some(g) = d.guests.get(app.selected) {
-                l.push(Line::raw(""));
-                l.extend(guest_detail(g));
-            }
-            l.push(Line::raw(""));
-            l.push(Line::raw(
-                "s: start  t: stop  d: shut down  r: reboot  p: pause/resume  Enter: console",
-            ));
-            l
-        }
+        Screen::Guests => guest_lines(app, d, rows, cols),
         Screen::Storage => {
             let s = &d.storage.status;
             let mut l = if s.persistent {
@@ -1093,6 +1061,52 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
             Line::raw("Guests are shut down first; both ask for confirmation."),
         ],
     }
+}
+
+/// The guest list, the selected guest's detail and the keys, in `rows` by `cols`: a list longer
+/// than what the detail leaves shows a window that keeps the selected guest in view.
+fn guest_lines(app: &App, d: &Snapshot, rows: usize, cols: usize) -> Vec<Line<'static>> {
+    let help =
+        Line::raw("s: start  t: stop  d: shut down  r: reboot  p: pause/resume  Enter: console");
+    let detail = d
+        .guests
+        .get(app.selected)
+        .map(guest_detail)
+        .unwrap_or_default();
+    let tall = |l: &Line| l.width().div_ceil(cols.max(1)).max(1);
+    let fixed: usize = 3 + usize::from(!detail.is_empty()) + detail.iter().map(tall).sum::<usize>();
+    let room = rows.saturating_sub(fixed).max(1);
+    let first = (app.selected + 1).saturating_sub(room);
+    let mut l = vec![Line::raw(format!(
+        "  {:<24} {:<13} {:>5} {:>9}",
+        "NAME", "STATE", "VCPUS", "MEMORY"
+    ))];
+    for (i, g) in d.guests.iter().enumerate().skip(first).take(room) {
+        let text = format!(
+            "{} {:<24} {:<13} {:>5} {:>6} MiB",
+            if i == app.selected { '>' } else { ' ' },
+            g.spec.name,
+            g.state.as_str(),
+            g.spec.vcpus,
+            g.spec.memory_mib
+        );
+        let style = if i == app.selected {
+            Style::default().add_modifier(Modifier::REVERSED)
+        } else {
+            Style::default()
+        };
+        l.push(Line::styled(text, style));
+    }
+    if d.guests.is_empty() {
+        l.push(Line::raw("  No guests defined."));
+    }
+    if !detail.is_empty() {
+        l.push(Line::raw(""));
+        l.extend(detail);
+    }
+    l.push(Line::raw(""));
+    l.push(help);
+    l
 }
 
 /// The selected guest's definition and runtime facts, below the list.
@@ -1213,9 +1227,13 @@ pub fn draw(frame: &mut Frame, app: &App) {
         .border_set(ASCII)
         .title(format!(" hvnode: {title} "));
     frame.render_widget(
-        Paragraph::new(body_lines(app))
-            .block(block)
-            .wrap(Wrap { trim: false }),
+        Paragraph::new(body_lines(
+            app,
+            usize::from(body.height.saturating_sub(2)),
+            usize::from(body.width.saturating_sub(2)),
+        ))
+        .block(block)
+        .wrap(Wrap { trim: false }),
         body,
     );
     let help = if app.net_form.is_some() {

@@ -957,3 +957,32 @@ fn keys_keep_working_while_the_agent_takes_two_seconds_to_answer() {
     });
     assert!(agent.seen("GET /v1/registration ") <= 3);
 }
+
+#[test]
+fn a_long_guest_list_scrolls_to_keep_the_selection_detail_and_keys_on_screen() {
+    let mut a = guests_app();
+    if let Some(d) = a.data.as_mut() {
+        let one = d.guests[0].clone();
+        d.guests = (0..20)
+            .map(|i| {
+                let mut g = one.clone();
+                g.spec.name = format!("vm-{i:02}");
+                g
+            })
+            .collect();
+    }
+    let s = render(&a);
+    assert!(s.contains("> vm-00") && !s.contains("vm-19"), "{s}");
+    for _ in 0..19 {
+        a.on_key(key(KeyCode::Down));
+    }
+    let s = render(&a);
+    for want in [
+        "> vm-19",
+        "vm-19    2 vCPU(s)",
+        "p: pause/resume  Enter: console",
+    ] {
+        assert!(s.contains(want), "{want:?} missing:\n{s}");
+    }
+    assert!(!s.contains("vm-00"), "{s}");
+}
