@@ -24,7 +24,7 @@ use crate::client::ClientError;
 use crate::netform::{self, NetForm, Outcome};
 
 /// How long after the last refresh's answer the next one is sent.
-pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 /// ASCII borders: readable on a plain serial terminal and on the Linux console alike.
 const ASCII: border::Set = border::Set {

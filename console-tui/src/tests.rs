@@ -895,13 +895,14 @@ fn keys_keep_working_while_the_agent_takes_two_seconds_to_answer() {
     )
     .unwrap();
     assert!(
-        sent.elapsed() < Duration::from_millis(100),
+        sent.elapsed() < Duration::from_millis(500),
         "sending waited {:?} for the agent",
         sent.elapsed()
     );
 
-    // For most of the agent's two seconds: every key is handled at once, the screen says what
-    // the agent is doing, and nothing has been applied yet.
+    // For most of the agent's two seconds: every key is handled at once (the bound leaves room
+    // for a loaded machine, far below the agent's delay), the screen says what the agent is
+    // doing, and nothing has been applied yet.
     let keys = [
         key(KeyCode::Char('1')),
         key(KeyCode::Char('4')),
@@ -914,7 +915,7 @@ fn keys_keep_working_while_the_agent_takes_two_seconds_to_answer() {
         let before = Instant::now();
         crate::turn(&mut a, &worker, Some(k), Instant::now()).unwrap();
         assert!(
-            before.elapsed() < Duration::from_millis(100),
+            before.elapsed() < Duration::from_millis(500),
             "a turn waited {:?} for the agent",
             before.elapsed()
         );
@@ -932,7 +933,7 @@ fn keys_keep_working_while_the_agent_takes_two_seconds_to_answer() {
         turns += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(turns > 20, "only {turns} turns in 1.7 s");
+    assert!(turns > 10, "only {turns} turns in 1.7 s");
     crate::turn(
         &mut a,
         &worker,
