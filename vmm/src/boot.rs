@@ -15,7 +15,8 @@ pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Initial stack top.
 pub const BOOT_STACK: u64 = 0x8ff0;
-/// PML4 of the identity map; the PDPT and four PDs follow it (up to 0xefff).
+/// PML4 of the identity map; the PDPT and the page directories follow it (up to 0xefff with
+/// 1 GiB pages above 4 GiB, up to 0x12fff without them).
 pub const PML4: u64 = 0x9000;
 /// Kernel command line.
 pub const CMDLINE: u64 = 0x20000;
@@ -26,8 +27,19 @@ pub const HIMEM: u64 = 0x10_0000;
 /// End of the low RAM the e820 map reports (the EBDA and BIOS area above it are reserved; the
 /// ACPI tables live there).
 pub const LOW_RAM_END: u64 = 0x9_fc00;
-/// Guest RAM must end below the 32-bit MMIO hole.
-pub const MAX_RAM: u64 = 0xc000_0000;
+/// Start of the 32-bit MMIO hole (virtio-mmio windows, IOAPIC, local APICs, the TSS KVM
+/// needs): RAM below 4 GiB ends here, the rest of a larger guest's RAM starts at
+/// [`HIGH_RAM_START`].
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// Where the RAM above the MMIO hole starts.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// The smallest guest.
+pub const MIN_RAM: u64 = 16 << 20;
+/// The identity map at entry uses 2 MiB pages up to here; with 1 GiB pages (CPUID pdpe1gb) it
+/// goes on to [`IDENTITY_MAP_END_1G`].
+pub const IDENTITY_MAP_END_2M: u64 = 8 << 30;
+/// End of the identity map at entry with 1 GiB pages: one full PDPT.
+pub const IDENTITY_MAP_END_1G: u64 = 512 << 30;
 
 const GDT: [u64; 4] = [
     0,
@@ -54,24 +66,48 @@ fn segment(index: u16, entry: u64) -> kvm_segment {
     }
 }
 
-/// Writes the GDT and identity page tables (first 4 GiB, 2 MiB pages), so that a payload
-/// entered in 64-bit mode also reaches the 32-bit MMIO hole (virtio-mmio windows, IOAPIC).
-pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+/// Writes the GDT and the identity page tables, so that a payload entered in 64-bit mode also
+/// reaches the 32-bit MMIO hole (virtio-mmio windows, IOAPIC) and RAM above 4 GiB: the first
+/// 4 GiB with 2 MiB pages, then with 1 GiB pages up to [`IDENTITY_MAP_END_1G`] if the vCPUs
+/// have them (`gib_pages`, CPUID pdpe1gb), else with 2 MiB pages up to [`IDENTITY_MAP_END_2M`].
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    gib_pages: bool,
+) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
-    let pdpt = PML4 + 0x1000;
-    mem.write_obj(pdpt | 0x3, GuestAddress(PML4))?;
-    for gib in 0..4u64 {
-        let pd = PML4 + 0x2000 + gib * 0x1000;
-        mem.write_obj(pd | 0x3, GuestAddress(pdpt + gib * 8))?;
+    mem.write_slice(&identity_map(gib_pages), GuestAddress(PML4))
+}
+
+/// The identity map's PML4, PDPT and page directories, laid out from [`PML4`]; built in one
+/// buffer and written at once, since thousands of small guest writes cost start-up time.
+fn identity_map(gib_pages: bool) -> Vec<u8> {
+    const PAGE: u64 = 0x1000;
+    const PRESENT_RW: u64 = 0x3;
+    const HUGE: u64 = 0x83; // present, writable, page size
+    let two_mib_gibs = if gib_pages {
+        4
+    } else {
+        IDENTITY_MAP_END_2M >> 30
+    };
+    let mut entries = vec![0u64; ((2 + two_mib_gibs) * 512) as usize];
+    let pdpt = PML4 + PAGE;
+    entries[0] = pdpt | PRESENT_RW;
+    for gib in 0..two_mib_gibs {
+        let pd = pdpt + PAGE + gib * PAGE;
+        entries[(512 + gib) as usize] = pd | PRESENT_RW;
         for i in 0..512u64 {
-            let addr = (gib << 30) | (i << 21);
-            mem.write_obj(addr | 0x83, GuestAddress(pd + i * 8))?;
+            entries[((2 + gib) * 512 + i) as usize] = (gib << 30) | (i << 21) | HUGE;
         }
     }
-    Ok(())
+    if gib_pages {
+        for gib in two_mib_gibs..512 {
+            entries[(512 + gib) as usize] = (gib << 30) | HUGE;
+        }
+    }
+    entries.iter().flat_map(|e| e.to_le_bytes()).collect()
 }
 
 /// Special registers for 64-bit mode with the tables of [`write_tables`].
@@ -118,21 +154,69 @@ pub fn fpu() -> kvm_fpu {
     }
 }
 
-/// The e820 map: low RAM, then RAM from 1 MiB to the end of guest memory.
+/// One contiguous range of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRange {
+    /// Guest-physical start.
+    pub start: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl RamRange {
+    /// The first address past the range.
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
+/// Where `mem_size` bytes of guest RAM go: from 0 up to the MMIO hole, and whatever does not
+/// fit there from 4 GiB on. `mem_size` must be at least [`MIN_RAM`]; the caller checks that the
+/// end does not overflow (see [`ram_end`]).
+pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
+    let low = mem_size.min(MMIO_HOLE_START);
+    let mut ranges = vec![RamRange {
+        start: 0,
+        size: low,
+    }];
+    if mem_size > low {
+        ranges.push(RamRange {
+            start: HIGH_RAM_START,
+            size: mem_size - low,
+        });
+    }
+    ranges
+}
+
+/// The first guest-physical address past the RAM of a `mem_size`-byte guest; `None` on overflow.
+pub fn ram_end(mem_size: u64) -> Option<u64> {
+    match mem_size.checked_sub(MMIO_HOLE_START) {
+        Some(high) if high > 0 => HIGH_RAM_START.checked_add(high),
+        _ => Some(mem_size),
+    }
+}
+
+/// The e820 map: low RAM up to the EBDA, RAM from 1 MiB to the MMIO hole (or the end of a
+/// smaller guest), and RAM above 4 GiB for the rest. What is not listed (the EBDA and BIOS
+/// area with the ACPI tables, the MMIO hole) the guest leaves alone.
 pub fn e820(mem_size: u64) -> Vec<boot_e820_entry> {
     const RAM: u32 = 1;
-    vec![
-        boot_e820_entry {
-            addr: 0,
-            size: LOW_RAM_END,
-            r#type: RAM,
-        },
-        boot_e820_entry {
-            addr: HIMEM,
-            size: mem_size - HIMEM,
-            r#type: RAM,
-        },
-    ]
+    let mut map = vec![boot_e820_entry {
+        addr: 0,
+        size: LOW_RAM_END,
+        r#type: RAM,
+    }];
+    for r in ram_ranges(mem_size) {
+        let start = r.start.max(HIMEM);
+        if r.end() > start {
+            map.push(boot_e820_entry {
+                addr: start,
+                size: r.end() - start,
+                r#type: RAM,
+            });
+        }
+    }
+    map
 }
 
 /// Everything the zero page needs.
@@ -181,9 +265,20 @@ pub fn write_zero_page(
     )
 }
 
-/// Where the initrd goes: page-aligned at the top of RAM, above the kernel.
-pub fn initrd_addr(mem_size: u64, kernel_end: u64, size: u64) -> Option<u64> {
-    let addr = mem_size.checked_sub(size)? & !0xfff;
+/// Where the initrd goes: page-aligned at the top of the RAM below the MMIO hole (the zero
+/// page holds a 32-bit address), under the kernel's `initrd_addr_max` if its setup header gives
+/// one, and above the kernel.
+pub fn initrd_addr(
+    mem_size: u64,
+    initrd_addr_max: Option<u32>,
+    kernel_end: u64,
+    size: u64,
+) -> Option<u64> {
+    let mut top = mem_size.min(MMIO_HOLE_START);
+    if let Some(max) = initrd_addr_max.filter(|&m| m != 0) {
+        top = top.min(u64::from(max) + 1);
+    }
+    let addr = top.checked_sub(size)? & !0xfff;
     (addr >= kernel_end).then_some(addr)
 }
 
@@ -199,37 +294,193 @@ mod tests {
         assert_ne!(s.efer & 0x400, 0);
     }
 
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn ranges(mem_size: u64) -> Vec<(u64, u64)> {
+        ram_ranges(mem_size)
+            .iter()
+            .map(|r| (r.start, r.end()))
+            .collect()
+    }
+
+    fn map(mem_size: u64) -> Vec<(u64, u64)> {
+        e820(mem_size)
+            .iter()
+            .map(|e| {
+                assert_eq!({ e.r#type }, 1, "every entry is RAM");
+                (e.addr, e.addr + e.size)
+            })
+            .collect()
+    }
+
     #[test]
-    fn e820_leaves_the_bios_area_out_of_ram() {
-        let m = e820(256 << 20);
-        assert_eq!(m[0].addr + m[0].size, LOW_RAM_END);
-        assert_eq!((m[1].addr, m[1].addr + m[1].size), (HIMEM, 256 << 20));
+    fn a_guest_below_the_hole_is_one_range() {
+        assert_eq!(ranges(256 * MIB), [(0, 256 * MIB)]);
+        assert_eq!(
+            map(256 * MIB),
+            [(0, LOW_RAM_END), (HIMEM, 256 * MIB)],
+            "the BIOS area stays out of RAM"
+        );
+        assert_eq!(ram_end(256 * MIB), Some(256 * MIB));
         const { assert!(crate::acpi::ACPI_START >= LOW_RAM_END && crate::acpi::ACPI_END <= HIMEM) };
+    }
+
+    #[test]
+    fn a_guest_of_exactly_3_gib_ends_at_the_hole_with_nothing_above_4_gib() {
+        assert_eq!(ranges(3 * GIB), [(0, MMIO_HOLE_START)]);
+        assert_eq!(map(3 * GIB), [(0, LOW_RAM_END), (HIMEM, MMIO_HOLE_START)]);
+        assert_eq!(ram_end(3 * GIB), Some(MMIO_HOLE_START));
+    }
+
+    #[test]
+    fn memory_past_3_gib_goes_above_4_gib() {
+        let size = 3 * GIB + MIB;
+        assert_eq!(
+            ranges(size),
+            [(0, MMIO_HOLE_START), (HIGH_RAM_START, HIGH_RAM_START + MIB)]
+        );
+        assert_eq!(
+            map(size),
+            [
+                (0, LOW_RAM_END),
+                (HIMEM, MMIO_HOLE_START),
+                (HIGH_RAM_START, HIGH_RAM_START + MIB)
+            ]
+        );
+        assert_eq!(ram_end(size), Some(HIGH_RAM_START + MIB));
+    }
+
+    #[test]
+    fn a_64_gib_guest_has_61_gib_above_the_hole() {
+        let r = ram_ranges(64 * GIB);
+        assert_eq!(r.iter().map(|r| r.size).sum::<u64>(), 64 * GIB);
+        assert_eq!(
+            ranges(64 * GIB),
+            [(0, 3 * GIB), (4 * GIB, 65 * GIB)],
+            "the hole is skipped, not eaten"
+        );
+        assert_eq!(
+            map(64 * GIB),
+            [(0, LOW_RAM_END), (HIMEM, 3 * GIB), (4 * GIB, 65 * GIB)]
+        );
+        assert_eq!(ram_end(64 * GIB), Some(65 * GIB));
+        assert_eq!(ram_end(u64::MAX), None);
+    }
+
+    #[test]
+    fn no_range_touches_the_mmio_hole_or_the_device_windows() {
+        for size in [MIN_RAM, 3 * GIB, 3 * GIB + MIB, 64 * GIB] {
+            for r in ram_ranges(size) {
+                assert!(
+                    r.end() <= MMIO_HOLE_START || r.start >= HIGH_RAM_START,
+                    "{r:?}"
+                );
+            }
+        }
+        const { assert!(crate::devices::bus::MMIO_BASE >= MMIO_HOLE_START) };
     }
 
     #[test]
     fn initrd_sits_page_aligned_at_the_top_and_never_over_the_kernel() {
         assert_eq!(
-            initrd_addr(256 << 20, 16 << 20, 5000),
-            Some((256 << 20) - 8192)
+            initrd_addr(256 * MIB, None, 16 * MIB, 5000),
+            Some(256 * MIB - 8192)
         );
-        assert_eq!(initrd_addr(32 << 20, 30 << 20, 4 << 20), None);
-        assert_eq!(initrd_addr(1 << 20, 0, 2 << 20), None);
+        assert_eq!(initrd_addr(32 * MIB, None, 30 * MIB, 4 * MIB), None);
+        assert_eq!(initrd_addr(MIB, None, 0, 2 * MIB), None);
     }
 
     #[test]
-    fn identity_map_covers_the_first_four_gigabytes() {
+    fn initrd_stays_below_the_hole_and_the_kernels_initrd_addr_max() {
+        // A large guest: the top of the RAM below 4 GiB, never above 4 GiB.
+        assert_eq!(
+            initrd_addr(64 * GIB, None, 16 * MIB, 4096),
+            Some(MMIO_HOLE_START - 4096)
+        );
+        // A bzImage that takes initrds up to 2 GiB - 1 (x86-64's 0x7fffffff).
+        assert_eq!(
+            initrd_addr(64 * GIB, Some(0x7fff_ffff), 16 * MIB, 4096),
+            Some(2 * GIB - 4096)
+        );
+        assert_eq!(
+            initrd_addr(GIB, Some(0x7fff_ffff), 16 * MIB, 4096),
+            Some(GIB - 4096),
+            "a limit above the RAM changes nothing"
+        );
+        // An unset field (0) is no limit.
+        assert_eq!(initrd_addr(GIB, Some(0), 16 * MIB, 4096), Some(GIB - 4096));
+    }
+
+    /// Translates `va` through the identity map in `mem`, as the MMU would.
+    fn walk(mem: &GuestMemoryMmap, va: u64) -> Option<u64> {
+        const ADDR: u64 = 0x000f_ffff_ffff_f000;
+        let entry = |table: u64, index: u64| -> u64 {
+            mem.read_obj(GuestAddress((table & ADDR) + index * 8))
+                .unwrap()
+        };
+        let pml4e = entry(PML4, (va >> 39) & 511);
+        if pml4e & 1 == 0 {
+            return None;
+        }
+        let pdpte = entry(pml4e, (va >> 30) & 511);
+        if pdpte & 1 == 0 {
+            return None;
+        }
+        if pdpte & 0x80 != 0 {
+            return Some((pdpte & ADDR & !(GIB - 1)) | (va & (GIB - 1)));
+        }
+        let pde = entry(pdpte, (va >> 21) & 511);
+        if pde & 1 == 0 {
+            return None;
+        }
+        assert_ne!(pde & 0x80, 0, "only 2 MiB pages in the page directories");
+        Some((pde & ADDR & !(2 * MIB - 1)) | (va & (2 * MIB - 1)))
+    }
+
+    fn tables(gib_pages: bool) -> GuestMemoryMmap {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        write_tables(&mem).unwrap();
-        let pde: u64 = mem.read_obj(GuestAddress(PML4 + 0x2000 + 511 * 8)).unwrap();
-        assert_eq!(pde, (511 << 21) | 0x83);
-        // 0xd000_0000 (the first virtio-mmio window): PDPT entry 3, PD entry 0x80.
-        let pdpte: u64 = mem.read_obj(GuestAddress(PML4 + 0x1000 + 3 * 8)).unwrap();
-        assert_eq!(pdpte, (PML4 + 0x5000) | 0x3);
+        write_tables(&mem, gib_pages).unwrap();
+        mem
+    }
+
+    #[test]
+    fn identity_map_with_1_gib_pages_covers_512_gib() {
+        let mem = tables(true);
+        for va in [
+            0,
+            0x10_0123,
+            0xd000_0000,
+            0xfee0_0020,
+            HIGH_RAM_START + 0x1234,
+            5 * GIB + 7,
+            IDENTITY_MAP_END_1G - 1,
+        ] {
+            assert_eq!(walk(&mem, va), Some(va), "{va:#x}");
+        }
+        assert_eq!(walk(&mem, IDENTITY_MAP_END_1G), None);
+        // The first 4 GiB keep 2 MiB pages: 0xd000_0000 is PDPT entry 3, PD entry 0x80.
         let pde: u64 = mem
             .read_obj(GuestAddress(PML4 + 0x5000 + 0x80 * 8))
             .unwrap();
         assert_eq!(pde, 0xd000_0000 | 0x83);
         const { assert!(PML4 + 0x6000 <= CMDLINE) };
+    }
+
+    #[test]
+    fn identity_map_with_2_mib_pages_covers_8_gib() {
+        let mem = tables(false);
+        for va in [
+            0,
+            0xd000_0000,
+            HIGH_RAM_START,
+            5 * GIB + 0x20_0001,
+            IDENTITY_MAP_END_2M - 1,
+        ] {
+            assert_eq!(walk(&mem, va), Some(va), "{va:#x}");
+        }
+        assert_eq!(walk(&mem, IDENTITY_MAP_END_2M), None);
+        // Ten pages of tables, still below the command line.
+        const { assert!(PML4 + 0x2000 + (IDENTITY_MAP_END_2M >> 30) * 0x1000 <= CMDLINE) };
     }
 }

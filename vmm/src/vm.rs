@@ -9,12 +9,13 @@ use std::time::Instant;
 
 use hvnode_api::vmm::VmConfig;
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -125,13 +126,15 @@ fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &str,
     mem_size: u64,
+    initrd_addr_max: Option<u32>,
     kernel_end: u64,
 ) -> Result<(u64, u64), VmError> {
     let data = std::fs::read(path).map_err(|e| VmError::File(format!("initrd {path}"), e))?;
-    let addr = boot::initrd_addr(mem_size, kernel_end, data.len() as u64).ok_or_else(|| {
+    let size = data.len() as u64;
+    let addr = boot::initrd_addr(mem_size, initrd_addr_max, kernel_end, size).ok_or_else(|| {
         VmError::Config(format!(
-            "initrd {path} ({} bytes) does not fit in guest memory above the kernel",
-            data.len()
+            "initrd {path} ({size} bytes) does not fit in guest memory between the kernel and \
+             the MMIO hole (or the kernel's initrd_addr_max)"
         ))
     })?;
     mem.write_slice(&data, GuestAddress(addr))
@@ -172,6 +175,75 @@ fn bind(path: &str) -> Result<UnixListener, VmError> {
     UnixListener::bind(path).map_err(|e| VmError::File(format!("socket {path}"), e))
 }
 
+/// Maps `mem_size` bytes of guest RAM (around the MMIO hole, see [`boot::ram_ranges`]) and
+/// registers each range with KVM as its own memory slot.
+///
+/// The mappings are anonymous, private and MAP_NORESERVE (vm-memory's default): the host
+/// commits a page only when the guest or a device first touches it, so a guest costs what it
+/// uses, not its size. A size the host cannot map at all fails here.
+fn guest_memory(
+    vm: &kvm_ioctls::VmFd,
+    memory_mib: u64,
+    mem_size: u64,
+) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = boot::ram_ranges(mem_size)
+        .iter()
+        .map(|r| usize::try_from(r.size).map(|size| (GuestAddress(r.start), size)))
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            VmError::Memory(format!(
+                "memory_mib {memory_mib} does not fit the host's address space"
+            ))
+        })?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| {
+        VmError::Memory(format!(
+            "memory_mib {memory_mib} cannot be mapped on this host: {e}"
+        ))
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the slot is exactly one mmap of `mem`, which the caller keeps until the
+        // process exits (vCPU threads run until then and `run` never returns while they do).
+        unsafe { vm.set_user_memory_region(region)? };
+    }
+    Ok(mem)
+}
+
+/// Refuses a guest whose RAM would end above what its vCPUs can address (CPUID 0x8000_0008):
+/// the guest could never reach it.
+fn check_phys_bits(cpuid: &CpuId, memory_mib: u64, mem_size: u64) -> Result<(), VmError> {
+    let Some(bits) = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| e.eax & 0xff)
+        .filter(|&b| (32..64).contains(&b))
+    else {
+        return Ok(());
+    };
+    match boot::ram_end(mem_size) {
+        Some(end) if end <= 1 << bits => Ok(()),
+        _ => Err(VmError::Config(format!(
+            "memory_mib {memory_mib}: guest RAM would end above the vCPUs' {bits}-bit physical \
+             address space"
+        ))),
+    }
+}
+
+/// Whether the vCPUs have 1 GiB pages (CPUID 0x8000_0001 EDX bit 26, pdpe1gb).
+fn has_gib_pages(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0)
+}
+
 /// Builds the VM described by `config` and runs it until it ends.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     // Before any thread starts, so that every thread inherits the mask.
@@ -183,35 +255,31 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             config.vcpus
         )));
     }
-    let mem_size = config.memory_mib << 20;
-    if !(16 << 20..=boot::MAX_RAM).contains(&mem_size) {
-        return Err(VmError::Config(format!(
-            "memory_mib {}: use 16-{} (larger guests need the MMIO hole split, not done yet)",
-            config.memory_mib,
-            boot::MAX_RAM >> 20
-        )));
-    }
+    let mem_size = match config.memory_mib.checked_mul(1 << 20) {
+        Some(size) if size < boot::MIN_RAM => {
+            return Err(VmError::Config(format!(
+                "memory_mib {}: use at least {}",
+                config.memory_mib,
+                boot::MIN_RAM >> 20
+            )))
+        }
+        Some(size) if boot::ram_end(size).is_some() => size,
+        _ => {
+            return Err(VmError::Config(format!(
+                "memory_mib {}: more than any host can map",
+                config.memory_mib
+            )))
+        }
+    };
     // Before KVM, so that a bad image, tap or bridge fails the start with its name.
     let virtio = crate::devices::DeviceSet::open(config)?;
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .map_err(|e| VmError::Memory(e.to_string()))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| VmError::Memory(e.to_string()))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem_size,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: the region is the whole mmap of `mem`, which lives until the process exits
-    // (vCPU threads run until then and `run` never returns while they do).
-    unsafe { vm.set_user_memory_region(region)? };
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    check_phys_bits(&cpuid, config.memory_mib, mem_size)?;
     // Guest memory is registered before the irqchip exists: on this nested KVM the first memory
     // slot added after KVM_CREATE_IRQCHIP costs 4-7 ms, the same slot added before it 0.2 ms.
+    let mem = guest_memory(&vm, config.memory_mib, mem_size)?;
     vm.set_tss_address(0xfffb_d000)?;
     vm.create_irq_chip()?;
     vm.create_pit2(kvm_pit_config {
@@ -223,7 +291,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let (entry, kernel_end, header) = load_kernel(mem, &config.kernel)?;
     let initrd = match &config.initrd {
-        Some(p) => Some(load_initrd(mem, p, mem_size, kernel_end)?),
+        Some(p) => {
+            let addr_max = header.map(|h| h.initrd_addr_max);
+            Some(load_initrd(mem, p, mem_size, addr_max, kernel_end)?)
+        }
         None => None,
     };
     let mut cmdline =
@@ -239,7 +310,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         mem.write_slice(blob, GuestAddress(*addr))
             .map_err(|e| VmError::Memory(e.to_string()))?;
     }
-    boot::write_tables(mem).map_err(|e| VmError::Memory(e.to_string()))?;
+    boot::write_tables(mem, has_gib_pages(&cpuid)).map_err(|e| VmError::Memory(e.to_string()))?;
     boot::write_zero_page(
         mem,
         &boot::ZeroPage {
@@ -290,7 +361,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         std::thread::spawn(move || control_loop(l, ctl));
     }
     std::thread::spawn(move || signal_loop(controller));
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     for id in 0..config.vcpus {
         vcpus.spawn(Vcpu {
             fd: setup_vcpu(&vm, &cpuid, id, entry)?,
@@ -308,4 +378,38 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .unwrap_or(ExitReason::Crash("all vCPU threads ended".into()));
     std::mem::forget(vm);
     Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn cpuid(function: u32, eax: u32, edx: u32) -> CpuId {
+        CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function,
+            eax,
+            edx,
+            ..Default::default()
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn refuses_ram_beyond_the_vcpus_physical_address_bits() {
+        let bits39 = cpuid(0x8000_0008, 0x3027, 0);
+        // 39 bits: 512 GiB. A 510 GiB guest ends at 511 GiB (past the hole), a 512 GiB one at 513.
+        assert!(check_phys_bits(&bits39, 510 << 10, 510 << 30).is_ok());
+        let err = check_phys_bits(&bits39, 512 << 10, 512 << 30).unwrap_err();
+        assert!(err.to_string().contains("39-bit"), "{err}");
+        // No leaf 0x8000_0008: nothing to check against.
+        assert!(check_phys_bits(&cpuid(0, 0, 0), 512 << 10, 512 << 30).is_ok());
+    }
+
+    #[test]
+    fn reads_1_gib_pages_from_cpuid() {
+        assert!(has_gib_pages(&cpuid(0x8000_0001, 0, 1 << 26)));
+        assert!(!has_gib_pages(&cpuid(0x8000_0001, 0, !(1 << 26))));
+        assert!(!has_gib_pages(&cpuid(0x8000_0008, 0, 1 << 26)));
+    }
 }

@@ -881,3 +881,106 @@ fn payload_transmits_a_frame_through_a_real_tap() {
     assert_eq!(net["errors"], 0, "{net}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_5_gib_guest_reaches_ram_above_4_gib_from_vcpu_and_virtio_blk() {
+    if !kvm_usable("a_5_gib_guest_reaches_ram_above_4_gib_from_vcpu_and_virtio_blk") {
+        return;
+    }
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    // The last page of a 5 GiB guest: its RAM above the hole is [4 GiB, 6 GiB).
+    const HIGH: u64 = (6 << 30) - 0x1000;
+    const PATTERN: u64 = 0x2167_6968_2065_646f; // "ode high!"
+    let dir = scratch("high-ram");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut code = Vec::new();
+    // mov rdi, HIGH; mov rax, PATTERN; mov ecx, 64; rep stosq: 512 bytes of the pattern.
+    code.extend_from_slice(&[0x48, 0xbf]);
+    code.extend_from_slice(&HIGH.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xb8]);
+    code.extend_from_slice(&PATTERN.to_le_bytes());
+    code.extend_from_slice(&[0xb9, 0x40, 0x00, 0x00, 0x00, 0xf3, 0x48, 0xab]);
+    // mov rdi, HIGH; mov ecx, 64; repe scasq: read them back (ZF clear at the first mismatch).
+    code.extend_from_slice(&[0x48, 0xbf]);
+    code.extend_from_slice(&HIGH.to_le_bytes());
+    code.extend_from_slice(&[0xb9, 0x40, 0x00, 0x00, 0x00, 0xf3, 0x48, 0xaf]);
+    // The device side: virtio-blk writes those 512 bytes from above 4 GiB to sector 1.
+    let mut ok = print("OK\n");
+    ok.extend(asm::start_device(
+        VIRTIO_MMIO_BASE,
+        &[(0x21_0000, 0x21_1000, 0x21_2000)],
+    ));
+    ok.extend(asm::store32(0x21_3000, 1)); // VIRTIO_BLK_T_OUT
+    ok.extend(asm::store32(0x21_3008, 1)); // sector 1
+    ok.extend(asm::descriptor(0x21_0000, 0, 0x21_3000, 16, NEXT, 1));
+    ok.extend(asm::descriptor(0x21_0000, 1, HIGH as u32, 512, NEXT, 2));
+    ok.extend(asm::store32(0x21_0000 + 16 + 4, (HIGH >> 32) as u32));
+    ok.extend(asm::descriptor(0x21_0000, 2, 0x21_5000, 1, WRITE, 0));
+    ok.extend(asm::store32(0x21_5000, 0xff));
+    ok.extend(asm::store16(0x21_1002, 1));
+    ok.extend(asm::reg_write(0x50, 0)); // rsi still holds the window
+    ok.extend(asm::wait_nonzero16(0x21_2002));
+    ok.extend(print("blk "));
+    ok.extend(asm::print_byte(0x21_5000, b'0'));
+    ok.extend(print("\n"));
+    ok.extend_from_slice(&RESET);
+    // jne rel32 over the OK branch.
+    code.extend_from_slice(&[0x0f, 0x85]);
+    code.extend_from_slice(&(ok.len() as u32).to_le_bytes());
+    code.extend(ok);
+    code.extend(print("BAD\n"));
+    code.extend_from_slice(&RESET);
+    let kernel = dir.join("payload.elf");
+    std::fs::write(&kernel, elf(&code)).unwrap();
+    let cfg = serde_json::json!({
+        "name": "high-ram",
+        "vcpus": 1,
+        "memory_mib": 5 << 10,
+        "kernel": kernel,
+        "serial_log": dir.join("console.log"),
+        "exit_file": dir.join("exit.json"),
+        "disks": [{"path": disk}],
+    })
+    .to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+        .args(["--config-json", &cfg])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, exit) = wait_exit(&mut child, &dir, Duration::from_secs(20));
+    let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    assert_eq!(log, "OK\nblk 0\n", "exit {code}: {exit}");
+    assert_eq!(code, 3, "the payload resets: {exit}");
+    let image = std::fs::read(&disk).unwrap();
+    let expected: Vec<u8> = std::iter::repeat_n(PATTERN.to_le_bytes(), 64)
+        .flatten()
+        .collect();
+    assert!(
+        image[512..1024] == expected[..],
+        "sector 1 holds the pattern"
+    );
+    assert!(image[..512].iter().all(|&b| b == 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn refuses_a_guest_larger_than_the_host_can_map() {
+    if !kvm_usable("refuses_a_guest_larger_than_the_host_can_map") {
+        return;
+    }
+    // 128 TiB: the whole 47-bit user address space, never mappable (or, on a host whose vCPUs
+    // address less, beyond their physical address bits); refused before anything is touched.
+    let cfg = serde_json::json!({
+        "name": "huge", "vcpus": 1, "memory_mib": 128u64 << 20, "kernel": "/nonexistent",
+    })
+    .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+        .args(["--config-json", &cfg])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("memory_mib 134217728"), "{err}");
+}

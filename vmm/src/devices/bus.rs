@@ -21,8 +21,9 @@ use super::rng::Rng;
 use super::{Interrupt, VirtioDevice};
 use crate::acpi::AcpiMmioDevice;
 
-/// Guest-physical address of the first device window: above RAM (which ends below
-/// [`crate::boot::MAX_RAM`]) and well below the IOAPIC at 0xfec0_0000.
+/// Guest-physical address of the first device window: in the MMIO hole above the RAM below
+/// 4 GiB (which ends at [`crate::boot::MMIO_HOLE_START`]) and well below the IOAPIC at
+/// 0xfec0_0000.
 pub const MMIO_BASE: u64 = 0xd000_0000;
 /// The first device's GSI. 0-4 are the PIT, the i8042 and COM1 territory.
 pub const FIRST_GSI: u32 = 5;

@@ -225,6 +225,19 @@ pub(crate) mod testing {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
+    /// Guest memory with a hole, as a guest larger than 3 GiB has: 16 MiB at 0 and 16 MiB at
+    /// [`HIGH`].
+    pub fn two_regions() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 16 << 20),
+            (GuestAddress(HIGH), 16 << 20),
+        ])
+        .unwrap()
+    }
+
+    /// Start of the second region of [`two_regions`].
+    pub const HIGH: u64 = 32 << 20;
+
     /// A readable descriptor.
     pub fn ro(addr: u64, len: u32) -> RawDescriptor {
         RawDescriptor::from(Descriptor::new(addr, len, 0, 0))
@@ -441,6 +454,39 @@ mod tests {
             parse_first(&q, &mem).unwrap().fault,
             Some(ChainError::Order)
         );
+    }
+
+    #[test]
+    fn refuses_a_buffer_that_runs_off_a_region_into_the_hole() {
+        let mem = two_regions();
+        let low_end = 16u64 << 20;
+        // The queue itself lives in the second region.
+        let q = MockSplitQueue::create(&mem, GuestAddress(HIGH), 16);
+        offer(&q, 0, &[ro(low_end - 8, 16), wo(HIGH + 0x1_0000, 1)]);
+        offer(
+            &q,
+            2,
+            &[ro(HIGH + (16 << 20) - 8, 16), wo(HIGH + 0x1_0000, 1)],
+        );
+        offer(&q, 4, &[ro(low_end - 16, 16), wo(HIGH + 0x1_0000, 1)]);
+        offer(&q, 6, &[ro(HIGH, 4096), wo(HIGH + (16 << 20) - 1, 1)]);
+        let mut queue = queue(&q);
+        assert!(queue.is_valid(&mem));
+        for addr in [low_end - 8, HIGH + (16 << 20) - 8] {
+            let c = parse(pop(&mut queue, &mem).unwrap().unwrap()).unwrap();
+            assert_eq!(c.fault, Some(ChainError::OutOfRange(addr, 16)), "{c:?}");
+            assert!(c.readable.is_empty());
+            assert!(
+                c.tail_writable,
+                "the status byte in the second region survives"
+            );
+        }
+        // Up to the last byte of either region is fine.
+        for _ in 0..2 {
+            let c = parse(pop(&mut queue, &mem).unwrap().unwrap()).unwrap();
+            assert_eq!(c.fault, None, "{c:?}");
+            assert_eq!(c.readable.len(), 1);
+        }
     }
 
     #[test]

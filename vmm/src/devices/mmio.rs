@@ -324,6 +324,7 @@ mod tests {
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
 
     const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
     const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
@@ -492,6 +493,39 @@ mod tests {
             r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS),
             2,
             "config change"
+        );
+    }
+
+    #[test]
+    fn a_queue_above_the_hole_activates_and_one_running_into_it_does_not() {
+        let mem = two_regions();
+        let (mut t, _) = transport(&mem);
+        let q = MockSplitQueue::create(&mem, GuestAddress(HIGH), 16);
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 16);
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.active);
+        // The same queue with its used ring over the end of the first region.
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 16);
+        assert!(!t.active && t.queues[0].ready());
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, (16 << 20) - 64);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(!t.active);
+        assert_ne!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
         );
     }
 
