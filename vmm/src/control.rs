@@ -7,14 +7,15 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hvnode_api::vmm::{VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
-use crate::vcpu::{PauseError, Vcpus};
+use crate::devices::MmioBus;
+use crate::vcpu::{PauseError, Vcpus, PAUSE_TIMEOUT};
 use crate::vm::{ExitReason, Keyboard, VmError};
 
 /// Longest request line; a longer one is refused and its connection closed.
@@ -40,17 +41,23 @@ pub trait DeviceStats: Send + Sync {
 /// What the control socket and the signals act on.
 pub(crate) struct Controller {
     /// The launch configuration, for `describe`.
-    pub config: VmConfig,
+    config: VmConfig,
     /// When the VM started.
-    pub started: Instant,
+    started: Instant,
     /// The vCPUs: pause gate, exit counters, shutdown flag.
-    pub vcpus: Arc<Vcpus>,
+    vcpus: Arc<Vcpus>,
+    /// The virtio devices, whose workers a pause parks too.
+    virtio: Arc<MmioBus>,
     /// The keyboard controller, for ctrl-alt-del.
-    pub keyboard: Arc<Mutex<Keyboard>>,
+    keyboard: Arc<Mutex<Keyboard>>,
     /// Every device with counters.
-    pub devices: Vec<Arc<dyn DeviceStats>>,
+    devices: Vec<Arc<dyn DeviceStats>>,
     /// Where the reason the VM ended goes.
-    pub exit: mpsc::Sender<ExitReason>,
+    exit: mpsc::Sender<ExitReason>,
+    /// Held for a whole pause or resume, so that two never interleave.
+    pausing: Mutex<()>,
+    /// Set once the vCPUs and every device worker are parked, cleared as a resume starts.
+    paused: AtomicBool,
 }
 
 fn error(code: &str, message: impl Into<String>) -> VmmResponse {
@@ -61,6 +68,28 @@ fn error(code: &str, message: impl Into<String>) -> VmmResponse {
 }
 
 impl Controller {
+    /// The controller of a VM started now.
+    pub(crate) fn new(
+        config: VmConfig,
+        vcpus: Arc<Vcpus>,
+        virtio: Arc<MmioBus>,
+        keyboard: Arc<Mutex<Keyboard>>,
+        devices: Vec<Arc<dyn DeviceStats>>,
+        exit: mpsc::Sender<ExitReason>,
+    ) -> Self {
+        Controller {
+            config,
+            started: Instant::now(),
+            vcpus,
+            virtio,
+            keyboard,
+            devices,
+            exit,
+            pausing: Mutex::new(()),
+            paused: AtomicBool::new(false),
+        }
+    }
+
     /// Answers one request.
     pub(crate) fn handle(&self, req: VmmRequest) -> VmmResponse {
         match req {
@@ -72,11 +101,8 @@ impl Controller {
             VmmRequest::Stats => VmmResponse::Stats {
                 stats: self.stats(),
             },
-            VmmRequest::Pause if self.vcpus.shutdown_requested() => {
-                error("invalid_state", "The guest is shutting down")
-            }
-            VmmRequest::Pause => self.pause_result(self.vcpus.pause()),
-            VmmRequest::Resume => self.pause_result(self.vcpus.resume()),
+            VmmRequest::Pause => self.pause_result(self.pause()),
+            VmmRequest::Resume => self.pause_result(self.resume()),
             VmmRequest::Shutdown { timeout_secs } => {
                 self.shutdown(timeout_secs.map(Duration::from_secs));
                 VmmResponse::Ok
@@ -84,6 +110,43 @@ impl Controller {
             // serve_client ends the VM once the answer is written: the client must see it.
             VmmRequest::Stop => VmmResponse::Ok,
         }
+    }
+
+    /// Freezes the guest: parks the vCPUs, then every device worker once its request in flight
+    /// is answered, so that neither guest memory nor device state changes until [`resume`].
+    /// Anything that fails to stop by [`PAUSE_TIMEOUT`] fails the pause and the VM runs on.
+    ///
+    /// [`resume`]: Controller::resume
+    fn pause(&self) -> Result<(), PauseError> {
+        let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock: a shutdown asks first and resumes after, so a pause can never
+        // freeze a guest that was told to go down.
+        if self.vcpus.shutdown_requested() {
+            return Err(PauseError::InvalidState("The guest is shutting down"));
+        }
+        if self.paused.load(Ordering::SeqCst) {
+            return Err(PauseError::InvalidState("The VM is already paused"));
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        // vCPUs first: with them parked no driver can notify a queue or reset a device.
+        self.vcpus.pause(deadline)?;
+        if let Err(e) = self.virtio.pause(deadline) {
+            let _ = self.vcpus.resume();
+            return Err(PauseError::Timeout(format!("device {}", e.0)));
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Lets the devices and then the vCPUs run again; notifications and frames that arrived
+    /// during the pause are served now.
+    fn resume(&self) -> Result<(), PauseError> {
+        let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.paused.swap(false, Ordering::SeqCst) {
+            return Err(PauseError::InvalidState("The VM is not paused"));
+        }
+        self.virtio.resume();
+        self.vcpus.resume()
     }
 
     fn pause_result(&self, r: Result<(), PauseError>) -> VmmResponse {
@@ -97,7 +160,7 @@ impl Controller {
     fn state(&self) -> VmRunState {
         if self.vcpus.shutdown_requested() {
             VmRunState::Stopping
-        } else if self.vcpus.is_paused() {
+        } else if self.paused.load(Ordering::SeqCst) {
             VmRunState::Paused
         } else {
             VmRunState::Running
@@ -121,8 +184,9 @@ impl Controller {
     /// reset counts as powered off. With `limit`, a guest still up after it is stopped.
     pub(crate) fn shutdown(&self, limit: Option<Duration>) {
         self.vcpus.request_shutdown();
-        // A paused guest cannot see the keys; "already running" is fine too.
-        let _ = self.vcpus.resume();
+        // A paused guest cannot see the keys, nor shut down without its disks; "already
+        // running" is fine too.
+        let _ = self.resume();
         self.keyboard
             .lock()
             .unwrap_or_else(|e| e.into_inner())

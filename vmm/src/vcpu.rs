@@ -25,8 +25,9 @@ use crate::{acpi, boot};
 
 const SERIAL_BASE: u16 = 0x3f8;
 
-/// How long a pause request waits for every vCPU to leave KVM_RUN.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pause request waits for every vCPU to leave KVM_RUN and every device worker to
+/// park, all together.
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> libc::c_int {
@@ -98,9 +99,10 @@ pub(crate) enum PauseError {
     /// Pause while paused, or resume while running.
     #[error("{0}")]
     InvalidState(&'static str),
-    /// A vCPU did not leave KVM_RUN in time; the VM was left running.
-    #[error("vCPUs did not stop within {0:?}; the VM keeps running")]
-    Timeout(Duration),
+    /// A vCPU did not leave KVM_RUN, or a device worker did not park, in time (what did not
+    /// stop is named); the VM was left running.
+    #[error("{0} did not stop within {limit:?}; the VM keeps running", limit = PAUSE_TIMEOUT)]
+    Timeout(String),
 }
 
 /// What the vCPU threads share with the control side: the pause gate, the threads to kick,
@@ -148,13 +150,9 @@ impl Vcpus {
         Ok(())
     }
 
-    /// Whether every vCPU is parked.
-    pub(crate) fn is_paused(&self) -> bool {
-        self.lock().paused
-    }
-
-    /// Parks every vCPU outside KVM_RUN; returns once all are parked.
-    pub(crate) fn pause(&self) -> Result<(), PauseError> {
+    /// Parks every vCPU outside KVM_RUN; returns once all are parked, or fails at `deadline`
+    /// with every vCPU running again.
+    pub(crate) fn pause(&self, deadline: Instant) -> Result<(), PauseError> {
         let mut st = self.lock();
         if st.paused {
             return Err(PauseError::InvalidState("The VM is already paused"));
@@ -170,13 +168,12 @@ impl Vcpus {
             // Fails only for a thread that has already ended, which no longer counts as alive.
             let _ = t.kill(kick_signal());
         }
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
         while st.parked < st.alive {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 drop(st);
                 self.unpause();
-                return Err(PauseError::Timeout(PAUSE_TIMEOUT));
+                return Err(PauseError::Timeout("vCPUs".into()));
             }
             st = self
                 .changed
@@ -445,6 +442,10 @@ impl PortDevices {
 mod tests {
     use super::*;
 
+    fn soon() -> Instant {
+        Instant::now() + PAUSE_TIMEOUT
+    }
+
     /// A stand-in for a vCPU thread: passes the gate in a loop, counting turns.
     fn gate_loop(vcpus: Arc<Vcpus>, turns: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::SeqCst) {
@@ -472,14 +473,14 @@ mod tests {
         while turns.load(Ordering::SeqCst) < 10 {
             std::thread::yield_now();
         }
-        vcpus.pause().unwrap();
-        assert!(vcpus.is_paused());
+        vcpus.pause(soon()).unwrap();
+        assert!(vcpus.lock().paused);
         assert_eq!(vcpus.lock().parked, 2);
         let at_pause = turns.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(turns.load(Ordering::SeqCst), at_pause);
         assert_eq!(
-            vcpus.pause(),
+            vcpus.pause(soon()),
             Err(PauseError::InvalidState("The VM is already paused"))
         );
         vcpus.resume().unwrap();
@@ -502,8 +503,25 @@ mod tests {
         let vcpus = Vcpus::new(1);
         vcpus.lock().alive = 1;
         vcpus.exited();
-        vcpus.pause().unwrap();
+        vcpus.pause(soon()).unwrap();
         vcpus.resume().unwrap();
+    }
+
+    #[test]
+    fn a_pause_that_times_out_leaves_the_vcpus_running() {
+        let vcpus = Vcpus::new(1);
+        // A vCPU that never reaches the gate.
+        vcpus.lock().alive = 1;
+        let err = vcpus
+            .pause(Instant::now() + Duration::from_millis(50))
+            .unwrap_err();
+        assert_eq!(err, PauseError::Timeout("vCPUs".into()));
+        assert!(
+            err.to_string().starts_with("vCPUs did not stop within 5s"),
+            "{err}"
+        );
+        assert!(!vcpus.lock().paused);
+        assert!(!vcpus.pause_requested.load(Ordering::SeqCst));
     }
 
     #[test]

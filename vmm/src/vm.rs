@@ -5,7 +5,6 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use hvnode_api::vmm::VmConfig;
 use kvm_bindings::{
@@ -341,14 +340,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         vec![Arc::clone(&serial_stats) as _, Arc::clone(&mmio) as _];
     let vcpus = Arc::new(Vcpus::new(config.vcpus as usize));
     let (exit_tx, exit_rx) = mpsc::channel();
-    let controller = Arc::new(Controller {
-        config: config.clone(),
-        started: Instant::now(),
-        vcpus: Arc::clone(&vcpus),
+    let controller = Arc::new(Controller::new(
+        config.clone(),
+        Arc::clone(&vcpus),
+        Arc::clone(&mmio),
         keyboard,
         devices,
-        exit: exit_tx.clone(),
-    });
+        exit_tx.clone(),
+    ));
 
     if let Some(path) = &config.serial_socket {
         let l = bind(path)?;

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use hvnode_api::vmm::VmConfig;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -18,7 +19,7 @@ use super::blk::{Block, BlockError};
 use super::mmio::{MmioTransport, WINDOW_SIZE};
 use super::net::{tap, Net};
 use super::rng::Rng;
-use super::{Interrupt, VirtioDevice};
+use super::{DeviceError, Interrupt, VirtioDevice};
 use crate::acpi::AcpiMmioDevice;
 
 /// Guest-physical address of the first device window: in the MMIO hole above the RAM below
@@ -52,6 +53,11 @@ pub enum SetupError {
     #[error("{0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
 }
+
+/// A device that did not park by the pause deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: {1}")]
+pub struct PauseError(pub String, pub DeviceError);
 
 struct Slot {
     name: String,
@@ -112,6 +118,34 @@ impl MmioBus {
                 (s.name.clone(), t.stats())
             })
             .collect()
+    }
+
+    /// Parks every device's worker (see [`crate::devices::VirtioDevice::pause`]); returns once
+    /// all are parked. A device still busy at `deadline` fails the pause, and every device runs
+    /// again.
+    pub fn pause(&self, deadline: Instant) -> Result<(), PauseError> {
+        for slot in &self.slots {
+            let paused = slot
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pause(deadline);
+            if let Err(e) = paused {
+                self.resume();
+                return Err(PauseError(slot.name.clone(), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every device's worker run again.
+    pub fn resume(&self) {
+        for slot in &self.slots {
+            slot.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resume();
+        }
     }
 
     /// The windows and GSIs, for the DSDT.

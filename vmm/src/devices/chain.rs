@@ -297,6 +297,18 @@ pub(crate) mod testing {
         )
     }
 
+    /// Waits up to 5 s for `done`, failing the test with `what` after that.
+    pub fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// The used ring's idx.
     pub fn used_idx(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(q.used_addr().0 + 2)).unwrap()

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
@@ -19,7 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, ActiveQueue, Interrupt, VirtioDevice};
+use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};
 
 /// Size of one device's register window.
 pub const WINDOW_SIZE: u64 = 0x1000;
@@ -95,6 +96,16 @@ impl MmioTransport {
     /// The device's counters.
     pub fn stats(&self) -> BTreeMap<String, u64> {
         self.device.stats()
+    }
+
+    /// Parks the device's worker, if it runs (see [`VirtioDevice::pause`]).
+    pub fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
+        self.device.pause(deadline)
+    }
+
+    /// Lets the device's worker run again.
+    pub fn resume(&self) {
+        self.device.resume();
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {

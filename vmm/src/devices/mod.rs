@@ -23,6 +23,7 @@ mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
@@ -124,6 +125,9 @@ pub enum DeviceError {
     /// The backend could not be duplicated for the worker or the thread not started.
     #[error("Starting the device worker: {0}")]
     Worker(std::io::Error),
+    /// The worker was still busy with a request at the pause deadline.
+    #[error("The device worker did not stop in time")]
+    PauseTimeout,
 }
 
 /// A virtio device as the transport sees it.
@@ -140,6 +144,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError>;
     /// Stops processing (joins the worker); the transport resets the queues.
     fn reset(&mut self);
+    /// Parks the worker, if one runs, once its request in flight is done: from then on the
+    /// device neither reads its queues and backend nor writes guest memory. Fails at `deadline`
+    /// with the pause still asked for, which [`VirtioDevice::resume`] ends.
+    fn pause(&self, deadline: Instant) -> Result<(), DeviceError>;
+    /// Lets a parked worker run again; what arrived meanwhile is served then.
+    fn resume(&self);
     /// The device's counters.
     fn stats(&self) -> BTreeMap<String, u64>;
 }

@@ -3,6 +3,7 @@ use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -123,6 +124,16 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
+        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
+    }
+
+    fn resume(&self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {

@@ -323,6 +323,59 @@ mod tests {
     }
 
     #[test]
+    fn a_request_posted_while_paused_is_served_after_resume() {
+        use crate::devices::worker::Worker;
+        use crate::devices::Interrupt;
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        use vmm_sys_util::eventfd::EventFd;
+
+        let f = fixture("paused", false);
+        let mem = memory();
+        let q = MockSplitQueue::new(&mem, 16);
+        let handler = BlkHandler {
+            mem: mem.clone(),
+            queue: queue(&q),
+            disk: Arc::new(Disk {
+                file: f.disk.file.try_clone().unwrap(),
+                ..f.disk
+            }),
+            counters: Arc::default(),
+        };
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let mut worker = Worker::spawn(
+            "test-blk",
+            handler,
+            vec![notify.try_clone().unwrap()],
+            interrupt,
+        )
+        .unwrap();
+        worker
+            .pause(Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        // The driver posts a read of sector 5 and notifies, as KVM's ioeventfd would.
+        header(&mem, VIRTIO_BLK_T_IN, 5);
+        offer(&q, 0, &[ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]);
+        notify.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(used_idx(&q, &mem), 0, "served while paused");
+        assert_eq!(status(&mem), 0xff);
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [0; 512], "guest memory changed while paused");
+        assert!(irq.read().is_err(), "no interrupt while paused");
+        worker.resume();
+        wait_for("the request after resume", || used_idx(&q, &mem) == 1);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [5; 512]);
+        assert_eq!(irq.read().unwrap(), 1);
+        worker.stop();
+    }
+
+    #[test]
     fn writes_sectors_to_the_image_and_flushes() {
         let f = fixture("write", false);
         let mem = memory();

@@ -3,6 +3,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -95,6 +96,16 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
+        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
+    }
+
+    fn resume(&self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {
@@ -316,10 +327,13 @@ impl Handler for NetHandler {
 mod tests {
     use super::*;
     use crate::devices::chain::testing::*;
+    use crate::devices::Interrupt;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
+    use std::time::Instant;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     /// A handler whose "tap" is one end of a datagram socket pair (frames keep their
     /// boundaries, as on a tap); the other end plays the host side.
@@ -439,6 +453,43 @@ mod tests {
         assert!(p.used);
         assert_eq!(used(&rxq, &mem, 0), (0, 72));
         assert_eq!(h.input().map(|(_, watch)| watch), Some(true));
+    }
+
+    #[test]
+    fn a_paused_worker_leaves_frames_in_the_tap_until_resumed() {
+        let mem = memory();
+        let (h, host, rxq, _txq) = handler(&mem);
+        let events = [(); 2].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let clones = events.iter().map(|e| e.try_clone().unwrap()).collect();
+        let mut worker = Worker::spawn("test-net", h, clones, interrupt).unwrap();
+        let deadline = || Instant::now() + std::time::Duration::from_secs(5);
+        offer(&rxq, 0, &[wo(0x10_0000, 1526)]);
+        offer(&rxq, 1, &[wo(0x20_0000, 1526)]);
+        // Running: a frame goes straight in.
+        host.send(&frame(60, 0x11)).unwrap();
+        wait_for("the first frame", || used_idx(&rxq, &mem) == 1);
+        worker.pause(deadline()).unwrap();
+        let _ = irq.read();
+        host.send(&frame(80, 0x22)).unwrap();
+        events[RX].write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(
+            used_idx(&rxq, &mem),
+            1,
+            "a frame was delivered while paused"
+        );
+        let mut buf = [0u8; 92];
+        mem.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(buf, [0; 92], "guest memory changed while paused");
+        assert!(irq.read().is_err(), "no interrupt while paused");
+        worker.resume();
+        wait_for("the frame after resume", || used_idx(&rxq, &mem) == 2);
+        assert_eq!(used(&rxq, &mem, 1), (1, 92));
+        mem.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(buf[12..], [0x22; 80]);
+        worker.stop();
     }
 
     #[test]

@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -78,6 +79,16 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
+        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
+    }
+
+    fn resume(&self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {
