@@ -17,6 +17,7 @@ pub mod control;
 pub mod devices;
 pub mod i8042;
 pub mod payload;
+pub mod seccomp;
 pub mod serial;
 mod vcpu;
 pub mod vm;

@@ -5,7 +5,8 @@
 //! `exit_file` in the configuration, the code and reason are also written there as a
 //! [`VmExit`], for a supervisor that is not the VMM's parent.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 use hvnode_api::vmm::{VmConfig, VmExit};
 use hvnode_vmm::ExitReason;
@@ -32,14 +33,40 @@ fn config() -> Result<VmConfig, (String, Option<String>)> {
     })
 }
 
-/// Writes `exit` to `path` through a temporary file and a rename, so that a reader never sees
-/// half of it.
-fn write_exit_file(path: &Path, exit: &VmExit) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let text = serde_json::to_vec(exit).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+/// The exit file, created (empty) as the VMM starts: once the sandbox is on no file can be
+/// opened, so the report goes through this descriptor, which a forbidden syscall's report
+/// (see [`hvnode_vmm::seccomp`]) uses too. The whole JSON goes in one write, so a reader sees
+/// nothing or all of it; the agent reads it once the process is gone.
+struct ExitFile {
+    path: String,
+    file: std::io::Result<&'static File>,
+}
+
+impl ExitFile {
+    fn create(path: &str) -> ExitFile {
+        // Leaked: the SIGSYS handler may write through it until the process exits.
+        let file = File::create(path).map(|f| &*Box::leak(Box::new(f)));
+        if let Ok(f) = file {
+            hvnode_vmm::seccomp::report_violations_to(f);
+        }
+        ExitFile {
+            path: path.to_owned(),
+            file,
+        }
+    }
+
+    fn write(&self, exit: &VmExit) -> std::io::Result<()> {
+        let file = self
+            .file
+            .as_ref()
+            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+        if !hvnode_vmm::seccomp::claim_exit_file() {
+            return Ok(());
+        }
+        let text = serde_json::to_vec(exit).map_err(std::io::Error::other)?;
+        file.set_len(0)?;
+        file.write_all_at(&text, 0)
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -52,11 +79,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-fn finish(name: &str, exit_file: Option<&str>, code: i32, reason: String) -> ! {
+fn finish(name: &str, exit_file: Option<&ExitFile>, code: i32, reason: String) -> ! {
     eprintln!("hvnode-vmm: {name}: {reason}");
-    if let Some(path) = exit_file {
-        if let Err(e) = write_exit_file(Path::new(path), &VmExit { code, reason }) {
-            eprintln!("hvnode-vmm: {name}: writing the exit file {path}: {e}");
+    if let Some(f) = exit_file {
+        if let Err(e) = f.write(&VmExit { code, reason }) {
+            eprintln!("hvnode-vmm: {name}: writing the exit file {}: {e}", f.path);
         }
     }
     std::process::exit(code);
@@ -65,8 +92,12 @@ fn finish(name: &str, exit_file: Option<&str>, code: i32, reason: String) -> ! {
 fn main() {
     let config = match config() {
         Ok(c) => c,
-        Err((msg, exit_file)) => finish("-", exit_file.as_deref(), 1, msg),
+        Err((msg, exit_file)) => {
+            let exit_file = exit_file.as_deref().map(ExitFile::create);
+            finish("-", exit_file.as_ref(), 1, msg)
+        }
     };
+    let exit_file = config.exit_file.as_deref().map(ExitFile::create);
     // A panic on the main thread is a VMM bug; it still ends with an exit file.
     let run = std::panic::catch_unwind(|| hvnode_vmm::run(&config));
     let (code, reason) = match run {
@@ -77,5 +108,5 @@ fn main() {
         Ok(Err(e)) => (1, error_chain(&e)),
         Err(_) => (2, "the VMM panicked".to_owned()),
     };
-    finish(&config.name, config.exit_file.as_deref(), code, reason);
+    finish(&config.name, exit_file.as_ref(), code, reason);
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +44,7 @@ impl DeviceStats for SerialStats {
 /// Where serial output goes.
 #[derive(Debug, Default)]
 pub struct SerialOut {
-    log: Option<(File, std::path::PathBuf, u64)>,
+    log: Option<(File, u64)>,
     clients: Arc<Mutex<Vec<UnixStream>>>,
     stats: Arc<SerialStats>,
 }
@@ -57,12 +58,14 @@ impl SerialOut {
     ) -> std::io::Result<Self> {
         let log = match log {
             Some(path) => {
+                // Readable too: the trim reads the tail back through this descriptor.
                 let f = std::fs::OpenOptions::new()
                     .create(true)
+                    .read(true)
                     .append(true)
                     .open(path)?;
                 let len = f.metadata()?.len();
-                Some((f, path.into(), len))
+                Some((f, len))
             }
             None => None,
         };
@@ -73,20 +76,26 @@ impl SerialOut {
         })
     }
 
+    /// Cuts the log back to its last [`KEEP`] bytes, through the open descriptor: the sandbox
+    /// allows no file to be opened once the guest runs.
     fn trim_log(&mut self) {
-        let Some((file, path, len)) = self.log.as_mut() else {
+        let Some((file, len)) = self.log.as_mut() else {
             return;
         };
         if *len <= LIMIT {
             return;
         }
-        if let Ok(data) = std::fs::read(&*path) {
-            let tail = &data[data.len().saturating_sub(KEEP)..];
-            if std::fs::write(&*path, tail).is_ok() {
-                if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&*path) {
-                    *file = f;
-                    *len = tail.len() as u64;
-                }
+        let mut tail = vec![0u8; KEEP];
+        let kept = match file.read_exact_at(&mut tail, *len - KEEP as u64) {
+            Ok(()) => &tail[..],
+            // Shorter than counted (cut by someone else): start afresh.
+            Err(_) => &[][..],
+        };
+        // Appends land at the new end, so the tail goes back to the start.
+        if file.set_len(0).is_ok() {
+            *len = 0;
+            if file.write_all(kept).is_ok() {
+                *len = kept.len() as u64;
             }
         }
     }
@@ -122,7 +131,7 @@ impl Write for SerialOut {
         self.stats
             .tx_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if let Some((f, _, len)) = self.log.as_mut() {
+        if let Some((f, len)) = self.log.as_mut() {
             if f.write_all(buf).is_ok() {
                 *len += buf.len() as u64;
             }

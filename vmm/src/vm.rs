@@ -54,6 +54,9 @@ pub enum VmError {
     /// virtio devices (disk images, taps).
     #[error("virtio devices: {0}")]
     Devices(#[from] crate::devices::bus::SetupError),
+    /// Dropping privileges or installing the seccomp filter.
+    #[error("Sandbox: {0}")]
+    Sandbox(#[from] crate::seccomp::SandboxError),
 }
 
 /// Why the VM ended; the binary maps it to its exit code.
@@ -360,10 +363,16 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         std::thread::spawn(move || control_loop(l, ctl));
     }
     std::thread::spawn(move || signal_loop(controller));
-    for id in 0..config.vcpus {
+    let vcpu_fds = (0..config.vcpus)
+        .map(|id| setup_vcpu(&vm, &cpuid, id, entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Everything the VM needs is open and mapped: the guest runs in the sandbox from its first
+    // instruction.
+    crate::seccomp::lock_down(&config.name)?;
+    for (index, fd) in vcpu_fds.into_iter().enumerate() {
         vcpus.spawn(Vcpu {
-            fd: setup_vcpu(&vm, &cpuid, id, entry)?,
-            index: id as usize,
+            fd,
+            index,
             ports: Arc::clone(&ports),
             mmio: Arc::clone(&mmio),
             vcpus: Arc::clone(&vcpus),
