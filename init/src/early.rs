@@ -1,6 +1,7 @@
 //! Early stage, `/init` in the initrd: API filesystems, the initrd's modules, the boot
-//! medium (ISO9660 volume `HVNODE`), the squashfs root on a loop device, switch root, and
-//! exec of the main stage.
+//! medium (ISO9660 volume `HVNODE`), the squashfs root verified by dm-verity (image and hash
+//! tree on two loop devices, the expected root hash from the initrd), switch root, and exec
+//! of the main stage.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::mount::MsFlags;
 
 use crate::cmdline::Cmdline;
-use crate::{kmod, loopdev, out, sys};
+use crate::{dm, kmod, loopdev, out, sys};
 
 /// Volume id of the hvnode ISO.
 pub const VOLUME_ID: &str = "HVNODE";
@@ -18,6 +19,14 @@ pub const VOLUME_ID: &str = "HVNODE";
 pub const MEDIA_DIR: &str = "/run/hvnode/media";
 /// The squashfs root image on the boot medium.
 const ROOT_IMAGE: &str = "live/root.squashfs";
+/// Its dm-verity hash tree (`veritysetup format`), next to it.
+const ROOT_HASH_TREE: &str = "live/root.verity";
+/// The expected root hash and the tree's geometry, written into the initrd by the image build.
+/// The initrd, not the command line, is what a signature will cover, and an edit at the boot
+/// prompt must not switch verification off: there is no argument that does.
+const VERITY_PARAMS: &str = "/etc/hvnode-root.verity";
+/// The device-mapper name of the verified root.
+const DM_NAME: &str = "hvnode-root";
 const NEWROOT: &str = "/newroot";
 const MAIN_INIT: &str = "/usr/bin/hvnode-init";
 const MODULE_LIST: &str = "/etc/hvnode-initrd-modules";
@@ -39,6 +48,22 @@ pub enum EarlyError {
     /// The root image could not be attached.
     #[error("Cannot attach the root image: {0}")]
     Loop(#[from] loopdev::LoopError),
+    /// The initrd carries no usable verity parameters.
+    #[error(
+        "The initrd holds no valid root hash ({VERITY_PARAMS}: {0}): the image build is broken"
+    )]
+    VerityParams(String),
+    /// Device-mapper is not usable.
+    #[error("Cannot verify the root image: {0}")]
+    DeviceMapper(#[from] dm::DmError),
+    /// The verity target is not in the kernel.
+    #[error(
+        "Cannot verify the root image: the dm-verity module is not loaded (the initrd lacks it)"
+    )]
+    NoVerityTarget,
+    /// The root image or its hash tree does not match the root hash in the initrd.
+    #[error("The root image failed verification ({0}): the boot medium is corrupt or was modified. Write the ISO again.")]
+    Verification(String),
     /// Switching root failed.
     #[error("Cannot switch to the new root: {0}")]
     SwitchRoot(nix::Error),
@@ -178,17 +203,15 @@ fn run_inner() -> Result<std::convert::Infallible, EarlyError> {
         source,
     })?;
     sys::do_mount(&medium_s, MEDIA_DIR, "iso9660", MsFlags::MS_RDONLY, None)?;
-    let image = Path::new(MEDIA_DIR).join(ROOT_IMAGE);
-    let loopdev = loopdev::attach_read_only(&image)?;
-    let _ = std::fs::create_dir_all(NEWROOT);
-    sys::do_mount(
-        &loopdev.to_string_lossy(),
-        NEWROOT,
-        "squashfs",
-        MsFlags::MS_RDONLY,
-        None,
-    )?;
-    out::say(&format!("root: {} from {medium_s}", loopdev.display()));
+    let root = VerifiedRoot::attach(Path::new(MEDIA_DIR))?;
+    root.mount(NEWROOT)?;
+    out::say(&format!(
+        "root: {} (dm-verity, root hash {}) over {} + {} from {medium_s}",
+        root.node.display(),
+        root.root_hash,
+        root.data.display(),
+        root.hash.display()
+    ));
     for m in ["/dev", "/proc", "/sys", "/run"] {
         sys::move_mount(m, &format!("{NEWROOT}{m}"))?;
     }
@@ -197,6 +220,86 @@ fn run_inner() -> Result<std::convert::Infallible, EarlyError> {
     let path = c"/usr/bin/hvnode-init";
     let Err(e) = nix::unistd::execv(path, &[path]);
     Err(EarlyError::Exec(e))
+}
+
+/// The root image and its hash tree on two read-only loop devices under a dm-verity device.
+struct VerifiedRoot {
+    control: dm::Control,
+    /// The verity device (`/dev/dm-N`).
+    node: PathBuf,
+    /// Loop device of the squashfs.
+    data: PathBuf,
+    /// Loop device of the hash tree.
+    hash: PathBuf,
+    root_hash: String,
+}
+
+impl VerifiedRoot {
+    /// Attaches `live/root.squashfs` and `live/root.verity` of the medium mounted at `media`
+    /// and creates the verity device over them with the initrd's root hash. The kernel checks
+    /// blocks as they are read, so a tampered image shows at the mount, not here; a table the
+    /// kernel refuses (an image shorter than the tree covers, for one) already fails here.
+    fn attach(media: &Path) -> Result<Self, EarlyError> {
+        let text = std::fs::read_to_string(VERITY_PARAMS)
+            .map_err(|e| EarlyError::VerityParams(e.to_string()))?;
+        let params =
+            dm::VerityParams::parse(&text).map_err(|e| EarlyError::VerityParams(e.to_string()))?;
+        let image = media.join(ROOT_IMAGE);
+        let tree = media.join(ROOT_HASH_TREE);
+        if !tree.is_file() {
+            return Err(EarlyError::Verification(format!(
+                "{ROOT_HASH_TREE} is missing"
+            )));
+        }
+        // The tree covers the whole image as built: any other size is another image.
+        if let Ok(md) = std::fs::metadata(&image) {
+            if md.len() != params.data_bytes() {
+                return Err(EarlyError::Verification(format!(
+                    "{ROOT_IMAGE} has {} bytes, the root hash covers {}",
+                    md.len(),
+                    params.data_bytes()
+                )));
+            }
+        }
+        let data = loopdev::attach_read_only(&image)?;
+        let hash = loopdev::attach_read_only(&tree)?;
+        let control = dm::Control::open()?;
+        if !Path::new("/sys/module/dm_verity").exists() {
+            return Err(EarlyError::NoVerityTarget);
+        }
+        control.create(DM_NAME)?;
+        control
+            .load_read_only(DM_NAME, &[params.target(&data, &hash)])
+            .map_err(|e| {
+                EarlyError::Verification(format!("the kernel refused the verity table: {e}"))
+            })?;
+        let node = control.resume(DM_NAME)?;
+        Ok(VerifiedRoot {
+            control,
+            node,
+            data,
+            hash,
+            root_hash: params.root_hash,
+        })
+    }
+
+    /// Mounts the verified squashfs read-only at `target`. A mount that fails because a block
+    /// failed its hash (dm-verity's status says `C`) is a verification failure.
+    fn mount(&self, target: &str) -> Result<(), EarlyError> {
+        let _ = std::fs::create_dir_all(target);
+        let node = self.node.to_string_lossy();
+        let Err(e) = sys::do_mount(&node, target, "squashfs", MsFlags::MS_RDONLY, None) else {
+            return Ok(());
+        };
+        match self.control.status(DM_NAME) {
+            Ok(lines) if lines.iter().any(|l| dm::verity_corrupted(l)) => {
+                Err(EarlyError::Verification(format!(
+                    "a block of {ROOT_IMAGE} does not match its hash"
+                )))
+            }
+            _ => Err(e.into()),
+        }
+    }
 }
 
 /// Deletes the initramfs files (they would pin memory forever), staying on the rootfs

@@ -8,6 +8,7 @@
 
 mod cmdline;
 mod control;
+mod dm;
 mod early;
 mod hostname;
 mod kmod;
