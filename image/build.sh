@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds build/hvnode.iso: static Rust binaries -> mkosi root tree (mkosi.conf) -> initrd with our
-# PID 1 -> squashfs root -> hybrid BIOS+UEFI ISO. See image/README.md for why the last three
-# steps happen here rather than in mkosi.
+# Builds build/hvnode.iso: static Rust binaries -> mkosi root tree (mkosi.conf) -> squashfs root and
+# its dm-verity hash tree -> initrd with our PID 1 and the root hash -> hybrid BIOS+UEFI ISO. See
+# image/README.md for why the last steps happen here rather than in mkosi.
 #
 # Environment:
 #   HVNODE_CACHE   cache directory outside the checkout (default /var/cache/hvnode): mkosi itself,
@@ -20,7 +20,7 @@ step() { printf '==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "the image build needs root (mkosi unpacks packages as root); run: sudo $0"
-for tool in python3 mksquashfs grub-mkrescue xorriso mformat cpio zstd modprobe cargo; do
+for tool in python3 mksquashfs veritysetup grub-mkrescue xorriso mformat cpio zstd modprobe cargo; do
     command -v "$tool" >/dev/null || die "$tool is missing: run image/setup-host.sh first"
 done
 
@@ -60,7 +60,46 @@ rm -rf "$iso"
 install -d "$iso/boot/grub" "$iso/live"
 install -m 0644 "$root/usr/lib/modules/$kver/vmlinuz" "$iso/boot/vmlinuz"
 
-step "initrd: our PID 1 as /init and the modules that find the root"
+step "squashfs root ($(du -sh "$root" | cut -f1) tree)"
+comp=${HVNODE_SQUASHFS_COMP:-zstd -Xcompression-level 19}
+# The kernel and its initrd live on the ISO; the root keeps the kernel as the guest kernel.
+# shellcheck disable=SC2086
+mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
+    -e boot efi initrd.img initrd.img.old vmlinuz vmlinuz.old >/dev/null
+
+step "dm-verity hash tree of the root (veritysetup format)"
+# mksquashfs pads to 4 KiB, so every byte of the image is in a data block the tree covers.
+[ $(($(stat -c %s "$iso/live/root.squashfs") % 4096)) = 0 ] || die "the squashfs is not a multiple of 4 KiB"
+# The superblock veritysetup writes at the start of the tree lets an admin check a medium with
+# `veritysetup verify`; the kernel table skips it (hash start block 1).
+verity_out=$(veritysetup format --hash=sha256 --data-block-size=4096 --hash-block-size=4096 \
+    "$iso/live/root.squashfs" "$iso/live/root.verity")
+field() { printf '%s\n' "$verity_out" | sed -n "s/^$1:[[:space:]]*//p" | head -n1; }
+root_hash=$(field "Root hash"); salt=$(field "Salt"); data_blocks=$(field "Data blocks")
+[ -n "$root_hash" ] && [ -n "$salt" ] && [ -n "$data_blocks" ] ||
+    die "cannot read the root hash, salt and data blocks from veritysetup format:
+$verity_out"
+[ "$(field "Hash type")" = 1 ] && [ "$(field "Hash algorithm")" = sha256 ] &&
+    [ "$(field "Data block size")" = 4096 ] && [ "$(field "Hash block size")" = 4096 ] ||
+    die "veritysetup format made another tree than asked:
+$verity_out"
+verity_params="# dm-verity parameters of /live/root.squashfs on the ISO, read by hvnode-init's early stage.
+hash_type=1
+data_block_size=4096
+hash_block_size=4096
+data_blocks=$data_blocks
+hash_start_block=1
+hash_algorithm=sha256
+root_hash=$root_hash
+salt=$salt"
+# Check the tree against exactly what the initrd will tell the kernel, superblock ignored.
+veritysetup verify --no-superblock --format=1 --hash=sha256 --data-block-size=4096 \
+    --hash-block-size=4096 --data-blocks="$data_blocks" --hash-offset=4096 --salt="$salt" \
+    "$iso/live/root.squashfs" "$iso/live/root.verity" "$root_hash" ||
+    die "veritysetup verify rejects the tree it just made"
+chmod 0644 "$iso/live/root.verity"
+
+step "initrd: our PID 1 as /init, the root hash and the modules that find and verify the root"
 initrd=$build/initrd
 rm -rf "$initrd"
 install -d "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/run" "$initrd/newroot" "$initrd/etc" \
@@ -70,8 +109,11 @@ install -m 0755 "$bindir/hvnode-init" "$initrd/init"
 mknod -m 0600 "$initrd/dev/console" c 5 1
 mknod -m 0666 "$initrd/dev/null" c 1 3
 : > "$initrd/etc/hvnode-initrd"
+printf '%s\n' "$verity_params" > "$initrd/etc/hvnode-root.verity"
+# dm_verity pulls in dm-mod, dm-bufio and reed_solomon; sha256_ssse3 is the fast SHA-256 the
+# verity target picks when the CPU has SSSE3/AVX2/SHA-NI (it fails harmlessly without).
 initrd_modules="loop squashfs isofs sr_mod sd_mod ata_piix ata_generic ahci virtio_pci virtio_blk virtio_scsi
-    xhci_pci ehci_pci uhci_hcd ohci_pci usb_storage uas nvme"
+    xhci_pci ehci_pci uhci_hcd ohci_pci usb_storage uas nvme sha256_ssse3 dm_verity"
 : > "$initrd/etc/hvnode-initrd-modules"
 for m in $initrd_modules; do
     modprobe -d "$root" -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}' |
@@ -84,15 +126,10 @@ for m in $initrd_modules; do
         done
 done
 [ -s "$initrd/etc/hvnode-initrd-modules" ] || die "no initrd modules resolved (modprobe --show-depends)"
+grep -q '/dm-verity\.ko' "$initrd/etc/hvnode-initrd-modules" ||
+    die "dm-verity is not among the initrd modules: the node could not verify its root"
 (cd "$initrd" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) |
     zstd -q -19 -T0 > "$iso/boot/initrd.img"
-
-step "squashfs root ($(du -sh "$root" | cut -f1) tree)"
-comp=${HVNODE_SQUASHFS_COMP:-zstd -Xcompression-level 19}
-# The kernel and its initrd live on the ISO; the root keeps the kernel as the guest kernel.
-# shellcheck disable=SC2086
-mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
-    -e boot efi initrd.img initrd.img.old vmlinuz vmlinuz.old >/dev/null
 
 step "hybrid BIOS+UEFI ISO (grub-mkrescue)"
 install -m 0644 "$top/image/grub.cfg" "$iso/boot/grub/grub.cfg"
@@ -101,4 +138,4 @@ grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNODE >"$build/grub-m
 mv "$build/hvnode.iso.tmp" "$build/hvnode.iso"
 
 size=$(stat -c %s "$build/hvnode.iso")
-step "done: build/hvnode.iso, $((size / 1048576)) MiB (kernel $kver)"
+step "done: build/hvnode.iso, $((size / 1048576)) MiB (kernel $kver, root hash $root_hash)"
