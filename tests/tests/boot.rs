@@ -380,3 +380,114 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
     assert!(status.success(), "QEMU exit status {status}");
     vm.assert_clean_console();
 }
+
+/// Where `/live/root.squashfs` lies in the ISO: its first 2 KiB block and its size, from
+/// xorriso's report (`File data lba:  0 , <start> , <blocks> , <size> , '/live/root.squashfs'`).
+fn squashfs_extent(iso: &Path) -> (u64, u64) {
+    let out = Command::new("xorriso")
+        .arg("-indev")
+        .arg(iso)
+        .args(["-find", "/live/root.squashfs", "-exec", "report_lba", "--"])
+        .output()
+        .expect("run xorriso (install it with image/setup-host.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("File data lba:") && l.ends_with("'/live/root.squashfs'"))
+        .unwrap_or_else(|| panic!("xorriso reports no /live/root.squashfs in the ISO:\n{text}"))
+        .trim_start_matches("File data lba:")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        fields[0], "0",
+        "the root image is in one extent: {fields:?}"
+    );
+    let number = |i: usize| -> u64 {
+        fields[i]
+            .parse()
+            .unwrap_or_else(|_| panic!("bad xorriso field {i}: {fields:?}"))
+    };
+    (number(1), number(3))
+}
+
+/// A copy of the ISO whose root image differs in one superblock field that squashfs itself
+/// never checks (mkfs_time, bytes 8-11): without dm-verity this copy would boot to ready.
+/// Nothing is mounted: the bytes are patched where the ISO keeps the file.
+fn tampered_copy(iso: &Path, dir: &Path) -> PathBuf {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let (lba, size) = squashfs_extent(iso);
+    assert!(size > 4096, "the root image is only {size} bytes");
+    let copy = dir.join("tampered.iso");
+    std::fs::copy(iso, &copy).expect("copy the ISO");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&copy)
+        .expect("open the copy");
+    let at = lba * 2048;
+    let mut superblock = [0u8; 12];
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut superblock)
+        .expect("read the squashfs superblock");
+    assert_eq!(
+        &superblock[..4],
+        b"hsqs",
+        "no squashfs at block {lba} of the ISO"
+    );
+    let flipped: Vec<u8> = superblock[8..12].iter().map(|b| !b).collect();
+    f.seek(SeekFrom::Start(at + 8)).expect("seek");
+    f.write_all(&flipped).expect("tamper with the copy");
+    f.sync_all().expect("sync the copy");
+    copy
+}
+
+#[test]
+fn seabios_cd_with_a_modified_root_image_stops_before_ready() {
+    let name = "seabios-cd-tampered";
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let dir = scratch_dir(name);
+    let tampered = tampered_copy(&iso, &dir);
+    let vm = Qemu::start(
+        &tampered,
+        &Options::new(name, Firmware::SeaBios, Medium::Cd),
+        &dir,
+    );
+    // Whichever comes first: an unverified root would reach the main stage and ready.
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    let text = loop {
+        let text = vm.serial_text();
+        if text.contains("press ctrl-alt-del to reboot")
+            || text.contains("hvnode: main stage")
+            || text.contains("hvnode: ready")
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tampered node neither stopped nor booted within {BOOT_TIMEOUT:?} (log: {})",
+            vm.log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        text.contains("hvnode: fatal: The root image failed verification"),
+        "the console does not say the root failed verification (log: {})",
+        vm.log_path.display()
+    );
+    assert!(
+        text.contains("Write the ISO again"),
+        "the console does not tell the admin what to do"
+    );
+    for bad in ["hvnode: main stage", "hvnode: ready", "Kernel panic"] {
+        assert!(
+            !text.contains(bad),
+            "a modified root image got as far as {bad:?} (log: {})",
+            vm.log_path.display()
+        );
+    }
+    drop(vm);
+    let _ = std::fs::remove_file(&tampered);
+}
