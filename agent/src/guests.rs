@@ -554,6 +554,7 @@ impl Guests {
             .map(|e| e.reason)
             .filter(|r| !r.trim().is_empty())
             .unwrap_or_else(|| match ended {
+                Ended::Signal(31) => "the VMM was killed by SIGSYS (seccomp)".to_owned(),
                 Ended::Signal(sig) => format!("the VMM was killed by signal {sig}"),
                 Ended::Code(c) => {
                     let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();

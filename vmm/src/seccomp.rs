@@ -443,6 +443,7 @@ mod tests {
             ])
             .env(CHILD_ACTION, action)
             .env(CHILD_DIR, &dir)
+            .env_remove("RUST_BACKTRACE")
             .output()
             .unwrap();
         (out, dir)
@@ -506,6 +507,14 @@ mod tests {
             "signal-other" => {
                 // SAFETY: signal 0 only checks that the target exists.
                 unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+            }
+            "panic" => {
+                // A VMM bug on a vCPU thread is caught and reported as a crash.
+                let caught = std::panic::catch_unwind(|| panic!("a bug"));
+                assert!(caught.is_err());
+                say("survived\n");
+                // SAFETY: ends the process without the test harness, which the filter would stop.
+                unsafe { libc::_exit(0) };
             }
             "allowed" => {
                 // What the run phase does: threads come and go, eventfds, the serial log
@@ -593,6 +602,16 @@ mod tests {
     #[test]
     fn signals_to_other_processes_are_forbidden() {
         assert_stopped("signal-other", libc::SYS_tgkill);
+    }
+
+    #[test]
+    fn a_panic_is_caught_and_printed_under_the_filter() {
+        let (out, dir) = sandboxed("panic");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("a bug"), "{stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("survived\n"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
