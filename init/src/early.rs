@@ -237,8 +237,8 @@ struct VerifiedRoot {
 impl VerifiedRoot {
     /// Attaches `live/root.squashfs` and `live/root.verity` of the medium mounted at `media`
     /// and creates the verity device over them with the initrd's root hash. The kernel checks
-    /// blocks as they are read, so a tampered image shows at the mount, not here; a table the
-    /// kernel refuses (an image shorter than the tree covers, for one) already fails here.
+    /// blocks as they are read, so a tampered image or tree shows at the mount, not here; a
+    /// table the kernel refuses (geometry it rejects, a device too small) already fails here.
     fn attach(media: &Path) -> Result<Self, EarlyError> {
         let text = std::fs::read_to_string(VERITY_PARAMS)
             .map_err(|e| EarlyError::VerityParams(e.to_string()))?;
@@ -293,8 +293,9 @@ impl VerifiedRoot {
         };
         match self.control.status(DM_NAME) {
             Ok(lines) if lines.iter().any(|l| dm::verity_corrupted(l)) => {
+                // The kernel log names the block and whether data or tree was wrong.
                 Err(EarlyError::Verification(format!(
-                    "a block of {ROOT_IMAGE} does not match its hash"
+                    "{ROOT_IMAGE} does not match {ROOT_HASH_TREE} and the root hash"
                 )))
             }
             _ => Err(e.into()),
