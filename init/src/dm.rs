@@ -67,20 +67,10 @@ const SPEC: usize = size_of::<DmTargetSpec>();
 const _: () = assert!(HEADER.is_multiple_of(8));
 
 impl DmIoctl {
-    fn write_to(&self, buf: &mut [u8]) {
-        assert!(
-            buf.len() >= HEADER,
-            "request buffer shorter than its header"
-        );
-        // SAFETY: DmIoctl is repr(C) without padding (asserted above), so all HEADER bytes of
-        // `self` are initialised; `buf` holds at least HEADER bytes and does not overlap it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (self as *const Self).cast::<u8>(),
-                buf.as_mut_ptr(),
-                HEADER,
-            )
-        };
+    fn to_bytes(self) -> [u8; HEADER] {
+        // SAFETY: DmIoctl is repr(C) without padding (asserted above), so all of its bytes are
+        // initialised; transmute checks at compile time that the sizes agree.
+        unsafe { std::mem::transmute::<Self, [u8; HEADER]>(self) }
     }
 
     fn read_from(buf: &[u8]) -> Option<Self> {
@@ -94,20 +84,10 @@ impl DmIoctl {
 }
 
 impl DmTargetSpec {
-    fn write_to(&self, buf: &mut [u8]) {
-        assert!(
-            buf.len() >= SPEC,
-            "request buffer shorter than a target spec"
-        );
-        // SAFETY: DmTargetSpec is repr(C) without padding (asserted above), so all SPEC bytes
-        // of `self` are initialised; `buf` holds at least SPEC bytes and does not overlap it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (self as *const Self).cast::<u8>(),
-                buf.as_mut_ptr(),
-                SPEC,
-            )
-        };
+    fn to_bytes(self) -> [u8; SPEC] {
+        // SAFETY: DmTargetSpec is repr(C) without padding (asserted above), so all of its
+        // bytes are initialised; transmute checks at compile time that the sizes agree.
+        unsafe { std::mem::transmute::<Self, [u8; SPEC]>(self) }
     }
 
     fn read_from(buf: &[u8]) -> Option<Self> {
@@ -221,7 +201,7 @@ fn encode(name: &str, flags: u32, targets: &[Target], room: usize) -> Result<Vec
         };
         let at = body.len();
         body.resize(at + len, 0);
-        spec.write_to(&mut body[at..]);
+        body[at..at + SPEC].copy_from_slice(&spec.to_bytes());
         body[at + SPEC..at + SPEC + t.params.len()].copy_from_slice(t.params.as_bytes());
     }
     let total = HEADER + body.len() + room;
@@ -242,7 +222,7 @@ fn encode(name: &str, flags: u32, targets: &[Target], room: usize) -> Result<Vec
     };
     header.name[..name.len()].copy_from_slice(name.as_bytes());
     let mut buf = vec![0u8; total];
-    header.write_to(&mut buf);
+    buf[..HEADER].copy_from_slice(&header.to_bytes());
     buf[HEADER..HEADER + body.len()].copy_from_slice(&body);
     Ok(buf)
 }
@@ -678,7 +658,7 @@ mod tests {
                 next: (at + len - HEADER) as u32,
                 target_type: *b"verity\0\0\0\0\0\0\0\0\0\0",
             };
-            spec.write_to(&mut buf[at..]);
+            buf[at..at + SPEC].copy_from_slice(&spec.to_bytes());
             buf[at + SPEC..at + SPEC + line.len()].copy_from_slice(line.as_bytes());
             at += len;
         }
@@ -686,7 +666,7 @@ mod tests {
             DmIoctl::read_from(&encode("hvnode-root", flags, &[], 256).expect("encode"))
                 .expect("header");
         header.target_count = lines.len() as u32;
-        header.write_to(&mut buf);
+        buf[..HEADER].copy_from_slice(&header.to_bytes());
         buf
     }
 
