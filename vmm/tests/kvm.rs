@@ -944,12 +944,14 @@ fn a_5_gib_guest_reaches_ram_above_4_gib_from_vcpu_and_virtio_blk() {
         "disks": [{"path": disk}],
     })
     .to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (code, exit) = wait_exit(&mut child, &dir, Duration::from_secs(20));
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &cfg])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (code, exit) = wait_exit(&mut child.0, &dir, Duration::from_secs(20));
     let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
     assert_eq!(log, "OK\nblk 0\n", "exit {code}: {exit}");
     assert_eq!(code, 3, "the payload resets: {exit}");
@@ -983,4 +985,113 @@ fn refuses_a_guest_larger_than_the_host_can_map() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("memory_mib 134217728"), "{err}");
+}
+
+/// A VMM that is killed if the test fails before it exits, so that no paused VMM outlives the
+/// test (and holds its output pipe open).
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_paused_guest_receives_no_frame_until_resumed() {
+    if !kvm_usable("a_paused_guest_receives_no_frame_until_resumed") {
+        return;
+    }
+    let Some(tap) = throwaway_tap() else { return };
+    let dir = scratch("pause-rx");
+    let mut code = asm::start_device(
+        VIRTIO_MMIO_BASE,
+        &[
+            (0x22_0000, 0x22_1000, 0x22_2000), // receive
+            (0x23_0000, 0x23_1000, 0x23_2000), // transmit: unused
+        ],
+    );
+    // Four receive buffers, so that a frame of the host's own link-up chatter still leaves the
+    // device one; "up" once they are offered, so that a pause after it finds them there.
+    for i in 0..4 {
+        code.extend(asm::descriptor(
+            0x22_0000,
+            i,
+            0x22_3000 + i * 0x1000,
+            0x1000,
+            2,
+            0,
+        ));
+        code.extend(asm::store16(0x22_1004 + 2 * i, i as u16));
+    }
+    code.extend(asm::store16(0x22_1002, 4));
+    code.extend(asm::reg_write(0x50, 0));
+    code.extend(print("up\n"));
+    code.extend_from_slice(&SPIN);
+    let kernel = dir.join("payload.elf");
+    std::fs::write(&kernel, elf(&code)).unwrap();
+    let cfg = serde_json::json!({
+        "name": "pause-rx",
+        "vcpus": 1,
+        "memory_mib": 64,
+        "kernel": kernel,
+        "serial_log": dir.join("console.log"),
+        "control_socket": dir.join("control.sock"),
+        "exit_file": dir.join("exit.json"),
+        "nets": [{"tap": tap, "mac": "52:54:00:12:34:56"}],
+    })
+    .to_string();
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &cfg])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ctl = Control::connect(&dir);
+    // The host's own IPv6 chatter on a new link would only add frames; keep it off.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    wait_for_log(&dir, "payload up", |l| l == "up\n");
+    let name = std::ffi::CString::new(tap.clone()).unwrap();
+    // SAFETY: if_nametoindex reads the NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no tap {tap}");
+    let mut host = std::fs::File::from(packet_socket(index));
+    // To the guest's MAC, an ethertype for local experiments, 1000 bytes of payload.
+    let mut frame = vec![
+        0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5,
+    ];
+    frame.resize(14 + 1000, 0x5a);
+    let rx = |ctl: &mut Control| {
+        let s = ctl.ask(r#"{"op":"stats"}"#);
+        let net = &s["stats"]["devices"]["virtio-net0"];
+        (
+            net["rx_packets"].as_u64().unwrap(),
+            net["rx_bytes"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(ctl.ask(r#"{"op":"pause"}"#)["result"], "ok");
+    assert_eq!(ctl.ask(r#"{"op":"describe"}"#)["state"], "paused");
+    let before = rx(&mut ctl);
+    assert_eq!(Write::write(&mut host, &frame).unwrap(), frame.len());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx(&mut ctl), before, "the device received while paused");
+    assert_eq!(ctl.ask(r#"{"op":"resume"}"#)["result"], "ok");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = rx(&mut ctl);
+        if now.1 >= before.1 + frame.len() as u64 || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        after.0 > before.0 && after.1 >= before.1 + frame.len() as u64,
+        "the frame that waited in the tap reached the guest after resume: {before:?} -> {after:?}"
+    );
+    assert_eq!(ctl.ask(r#"{"op":"stop"}"#)["result"], "ok");
+    let (code, _) = wait_exit(&mut child.0, &dir, Duration::from_secs(10));
+    assert_eq!(code, 0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
