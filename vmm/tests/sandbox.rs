@@ -4,6 +4,7 @@
 //! missing they say so and pass.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -138,6 +139,14 @@ fn every_thread_of_a_running_vmm_is_filtered_unprivileged_and_without_capabiliti
                 assert_eq!(field(t, caps), "0000000000000000", "{name}: {caps}");
             }
         }
+    }
+    if root {
+        // Undumpable since it changed uid: its /proc files stay root's, no core file of guest
+        // memory, no ptrace by another process of uid 65534.
+        let owner = std::fs::metadata(format!("/proc/{}/status", child.id()))
+            .unwrap()
+            .uid();
+        assert_eq!(owner, 0);
     }
     stop(child, &dir);
     let _ = std::fs::remove_dir_all(&dir);
