@@ -118,6 +118,32 @@ fn drop_privileges() -> Result<(), SandboxError> {
     check(unsafe { libc::setresuid(id, id, id) }, "setresuid")
 }
 
+/// Empties the capability bounding set of a VMM started as root, keeping the capabilities it
+/// holds: the set is per thread and only limits what `execve` could grant, so it is emptied
+/// before any thread starts (every thread inherits it) while set-up still needs
+/// CAP_NET_ADMIN for the taps. Nothing the VMM or its guest does later can gain a capability
+/// back through a setuid or file-capability binary, even with the filter off.
+pub fn empty_capability_bounding_set() -> Result<(), SandboxError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    // PR_CAPBSET_READ fails (EINVAL) past the last capability this kernel knows.
+    for cap in 0..libc::c_ulong::from(u32::MAX) {
+        // SAFETY: PR_CAPBSET_READ and PR_CAPBSET_DROP take a capability number and no pointer.
+        match unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap) } {
+            0 => {}
+            1 => check(
+                // SAFETY: as above.
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap) },
+                "dropping the capability bounding set",
+            )?,
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// Installs the SIGSYS handler and the filters on every thread (with no_new_privs, which
 /// seccompiler sets first).
 fn install() -> Result<(), SandboxError> {

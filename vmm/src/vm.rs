@@ -251,6 +251,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     // Before any thread starts, so that every thread inherits the mask.
     control::block_termination_signals()?;
     install_kick_handler()?;
+    crate::seccomp::empty_capability_bounding_set()?;
     if config.vcpus == 0 || config.vcpus > 254 {
         return Err(VmError::Config(format!(
             "vcpus {}: use 1-254",

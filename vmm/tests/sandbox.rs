@@ -135,7 +135,7 @@ fn every_thread_of_a_running_vmm_is_filtered_unprivileged_and_without_capabiliti
             assert_eq!(field(t, "Uid"), ids, "{name}");
             assert_eq!(field(t, "Gid"), ids, "{name}");
             assert_eq!(field(t, "Groups"), "", "{name}");
-            for caps in ["CapEff", "CapPrm", "CapAmb"] {
+            for caps in ["CapEff", "CapPrm", "CapAmb", "CapBnd"] {
                 assert_eq!(field(t, caps), "0000000000000000", "{name}: {caps}");
             }
         }
