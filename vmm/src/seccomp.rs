@@ -497,6 +497,13 @@ mod tests {
         let mut serial =
             crate::serial::SerialOut::new(log.to_str(), Default::default(), Default::default())
                 .unwrap();
+        // The 32-bit syscall is killed with a core dump otherwise.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: setrlimit reads the struct it is given, which `no_core` is.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) }, 0);
         install().unwrap();
         say("sandboxed\n");
         match action.as_str() {
@@ -535,6 +542,11 @@ mod tests {
             "signal-other" => {
                 // SAFETY: signal 0 only checks that the target exists.
                 unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) };
+            }
+            "int80" => {
+                // SAFETY: getpid through the 32-bit entry: no memory is touched; eax is
+                // clobbered with the result.
+                unsafe { std::arch::asm!("int 0x80", inout("eax") 20 => _) };
             }
             "panic" => {
                 // A VMM bug on a vCPU thread is caught and reported as a crash.
@@ -630,6 +642,19 @@ mod tests {
     #[test]
     fn signals_to_other_processes_are_forbidden() {
         assert_stopped("signal-other", libc::SYS_tgkill);
+    }
+
+    #[test]
+    fn a_32_bit_syscall_is_killed_by_sigsys() {
+        use std::os::unix::process::ExitStatusExt;
+        let (out, dir) = sandboxed("int80");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
