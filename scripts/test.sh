@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up and runs every test: unit tests, host KVM integration tests (they skip with a
 # message where /dev/kvm is missing), then builds the node image and the guest payload and runs
-# the QEMU boot tests (four boots: UEFI/BIOS x CD/USB stick; console, registration, a reboot; a
-# Linux guest run by our VMM nested inside the node).
+# the QEMU boot tests (six boots: UEFI/BIOS x CD/USB stick; console, registration, a reboot; a
+# Linux guest run by our VMM nested inside the node; a modified root that dm-verity refuses).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"

@@ -164,16 +164,6 @@ pub enum ControlError {
     Closed,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
-}
-
 /// Sends one request to a VMM's control socket and reads its answer, each within `timeout`,
 /// so that a stuck VMM cannot hold the caller.
 pub fn control(
@@ -601,7 +591,10 @@ impl Guests {
                 Err(GuestError::Refused { op, code, message })
             }
             Ok(answer) => Ok(answer),
-            Err(e) => Err(GuestError::Unreachable(name.to_owned(), chain(&e))),
+            Err(e) => Err(GuestError::Unreachable(
+                name.to_owned(),
+                hvnode_api::error::chain(&e),
+            )),
         }
     }
 

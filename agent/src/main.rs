@@ -118,15 +118,7 @@ async fn serve_unix(agent: Arc<Agent>, listener: UnixListener) {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let agent = Arc::new(Agent::new(args.paths.clone()).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        msg
-    })?);
+    let agent = Arc::new(Agent::new(args.paths.clone()).map_err(|e| hvnode_api::error::chain(&e))?);
     let tcp = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;

@@ -11,3 +11,38 @@ pub struct ApiError {
     /// Human-readable message saying what failed and what to do.
     pub message: String,
 }
+
+/// An error and all its sources on one line, `outer: inner: innermost`, for logs and exit files.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chain_joins_every_source() {
+        let inner = std::io::Error::other("disk gone");
+        let outer = std::io::Error::other(Wrapped(inner));
+        assert_eq!(super::chain(&outer), "reading the image: disk gone");
+    }
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("reading the image")
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+}

@@ -43,8 +43,9 @@ pub struct VmConfig {
     /// Unix socket of the control protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<String>,
-    /// File the VMM writes its [`VmExit`] to (atomically) just before it exits, so that a
-    /// supervisor that is not its parent (an agent that restarted) learns how the guest ended.
+    /// File the VMM writes its [`VmExit`] to just before it exits, so that a supervisor that is
+    /// not its parent (an agent that restarted) learns how the guest ended. The VMM creates it
+    /// empty at start-up and writes it once at the end: a reader sees nothing or the whole of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_file: Option<String>,
 }
@@ -89,9 +90,10 @@ pub struct VmNet {
 pub enum VmmRequest {
     /// Describe the VM: config and state.
     Describe,
-    /// Pause all vCPUs.
+    /// Pause the guest: every vCPU and every device worker parked (a device finishes the request
+    /// it is serving first), so guest memory and device state stay still. Answered once all are.
     Pause,
-    /// Resume all vCPUs.
+    /// Resume what `pause` parked; notifications that arrived meanwhile are served then.
     Resume,
     /// Ask the guest to shut down (ctrl-alt-del through the i8042); answered at once. A paused
     /// guest is resumed first. From then on a guest reset counts as powered off.
@@ -112,7 +114,7 @@ pub enum VmmRequest {
 pub enum VmRunState {
     /// vCPUs running.
     Running,
-    /// vCPUs paused.
+    /// vCPUs and device workers parked.
     Paused,
     /// Shutting down or stopped.
     Stopping,

@@ -69,16 +69,6 @@ impl ExitFile {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
-}
-
 fn finish(name: &str, exit_file: Option<&ExitFile>, code: i32, reason: String) -> ! {
     eprintln!("hvnode-vmm: {name}: {reason}");
     if let Some(f) = exit_file {
@@ -105,7 +95,7 @@ fn main() {
         Ok(Ok(ExitReason::Stopped(why))) => (0, why),
         Ok(Ok(ExitReason::Reboot)) => (3, "guest asked for a reboot".to_owned()),
         Ok(Ok(ExitReason::Crash(why))) => (2, format!("guest crashed: {why}")),
-        Ok(Err(e)) => (1, error_chain(&e)),
+        Ok(Err(e)) => (1, hvnode_api::error::chain(&e)),
         Err(_) => (2, "the VMM panicked".to_owned()),
     };
     finish(&config.name, exit_file.as_ref(), code, reason);

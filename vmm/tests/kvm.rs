@@ -446,8 +446,11 @@ fn throwaway_tap() -> Option<String> {
         eprintln!("virtio-net window not tested: needs root and /dev/net/tun");
         return None;
     }
-    // The VMM creates it; it goes away with the VMM's fd (not persistent).
-    Some(format!("hvt{}", std::process::id() % 1_000_000))
+    // The VMM creates it; it goes away with the VMM's fd (not persistent). Tests run in parallel
+    // threads of one process, so the pid alone does not make the name unique.
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Some(format!("hvt{}x{n}", std::process::id() % 1_000_000))
 }
 
 #[test]
