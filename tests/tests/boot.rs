@@ -64,13 +64,13 @@ fn seabios_usb_stick_boots_to_ready_and_powers_off() {
     boot_ready_poweroff("seabios-usb", Firmware::SeaBios, Medium::UsbStick);
 }
 
-/// The boot test's guest: the node's own kernel, the initramfs and the disk `tests/guest/build.sh`
-/// builds, virtio-rng, and a NIC on the node's management bridge (which enslaves the node's NIC,
+/// The boot test's guest: 2 vCPUs and 4.5 GiB (RAM above the 32-bit MMIO hole too), the node's own
+/// kernel, the initramfs and the disk `tests/guest/build.sh` builds, virtio-rng, and a NIC on the node's management bridge (which enslaves the node's NIC,
 /// so QEMU's user network hands the guest a 10.0.2.x lease). Its /init checks the devices named
 /// by `hvnode-guest.expect`.
 const GUEST_SPEC: &str = r#"name = "testguest"
-vcpus = 1
-memory_mib = 256
+vcpus = 2
+memory_mib = 4608
 kernel = "test/vmlinuz"
 initrd = "test/initramfs.img"
 cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off hvnode-guest.expect=disk,rng,net"
@@ -353,6 +353,18 @@ fn nested_linux_guest_runs_in_the_vmm_inside_the_node() {
         "virtio-net on br0 got no 10.0.2.x lease:\n{console}"
     );
     assert!(console.contains("hvnode-guest: kernel 6."), "{console}");
+    // 2 vCPUs and 4.5 GiB: RAM on both sides of the 32-bit MMIO hole, in a 2 GiB node (guest
+    // memory is mapped lazily). The kernel keeps some for itself, so MemTotal is a little less.
+    let mib: u64 = console
+        .lines()
+        .find_map(|l| l.split(" with 2 cpu(s) and ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("the guest did not report 2 cpus and its memory:\n{console}"));
+    assert!(
+        mib > 4096,
+        "the guest sees {mib} MiB of its 4608:\n{console}"
+    );
     // The guest powers itself off through ACPI; the VMM then exits and the guest is stopped.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {

@@ -152,6 +152,16 @@ fn check_net() {
     net.stop();
 }
 
+/// MemTotal of /proc/meminfo in MiB (0 if absent): what the guest kernel made of its e820 map.
+fn mem_total_mib(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
 /// The devices the test expects, from `hvnode-guest.expect=disk,rng,net` on the command line.
 fn expected(cmdline: &str) -> Vec<String> {
     cmdline
@@ -182,10 +192,11 @@ fn main() {
         .filter(|l| l.starts_with("processor"))
         .count();
     say(&format!(
-        "kernel {} with {cpus} cpu(s)",
+        "kernel {} with {cpus} cpu(s) and {} MiB",
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
-            .trim()
+            .trim(),
+        mem_total_mib(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default())
     ));
     say("done");
     nix::unistd::sync();
@@ -198,6 +209,13 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::module_params;
+
+    #[test]
+    fn reads_mem_total_in_mib() {
+        let meminfo = "MemTotal:        4563412 kB\nMemFree:         4400000 kB\n";
+        assert_eq!(super::mem_total_mib(meminfo), 4456);
+        assert_eq!(super::mem_total_mib("nothing"), 0);
+    }
 
     #[test]
     fn reads_the_expected_devices_from_the_command_line() {
