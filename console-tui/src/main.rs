@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use app::App;
 use client::Client;
-use ratatui::crossterm::event::{self, Event, KeyEvent, KeyEventKind};
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::crossterm::{execute, terminal};
 use ratatui::layout::Rect;
 use ratatui::prelude::CrosstermBackend;
@@ -20,6 +20,14 @@ use worker::{Worker, WorkerGone};
 /// How long the loop waits for a key before it looks for answers again: the delay with which
 /// an answer reaches the screen.
 const KEY_WAIT: Duration = Duration::from_millis(50);
+/// How often the whole screen is repainted anyway: the kernel and init write to the same
+/// consoles (a DHCP lease, a kernel warning), and the TUI only redraws cells it changed.
+const REPAINT_EVERY: Duration = Duration::from_secs(30);
+
+/// Ctrl-L, the terminal convention for "repaint the screen".
+fn is_repaint_key(k: &KeyEvent) -> bool {
+    k.code == KeyCode::Char('l') && k.modifiers.contains(KeyModifiers::CONTROL)
+}
 
 /// One turn of the UI loop at `now`: applies the answers that arrived, hands a key to the App,
 /// and sends the worker what they caused and any refresh that is due.
@@ -79,13 +87,21 @@ fn run(socket: &str) -> std::io::Result<()> {
         Terminal::with_options(CrosstermBackend::new(out), TerminalOptions { viewport })?;
     term.clear()?;
     let mut drawn = app.screen;
+    let mut painted = Instant::now();
     let mut key = None;
     loop {
-        turn(&mut app, &worker, key.take(), Instant::now()).map_err(std::io::Error::other)?;
-        if app.screen != drawn {
-            // A full redraw, so a terminal that missed output shows the whole screen.
+        let now = Instant::now();
+        let repaint = key.as_ref().is_some_and(is_repaint_key);
+        if repaint {
+            key = None;
+        }
+        turn(&mut app, &worker, key.take(), now).map_err(std::io::Error::other)?;
+        if app.screen != drawn || repaint || now.duration_since(painted) >= REPAINT_EVERY {
+            // A full redraw, so a terminal that missed output or was written over by the kernel
+            // shows the whole screen.
             term.clear()?;
             drawn = app.screen;
+            painted = now;
         }
         term.draw(|f| app::draw(f, &app))?;
         if event::poll(KEY_WAIT)? {

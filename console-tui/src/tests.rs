@@ -987,3 +987,10 @@ fn a_long_guest_list_scrolls_to_keep_the_selection_detail_and_keys_on_screen() {
     }
     assert!(!s.contains("vm-00"), "{s}");
 }
+
+#[test]
+fn ctrl_l_repaints_and_a_plain_l_does_not() {
+    let ctrl_l = KeyEvent::new(KeyCode::Char('l'), KeyModifiers::CONTROL);
+    assert!(crate::is_repaint_key(&ctrl_l));
+    assert!(!crate::is_repaint_key(&key(KeyCode::Char('l'))));
+}
