@@ -385,6 +385,25 @@ impl Agent {
         }
     }
 
+    /// Serves one HTTP/1.1 connection (TLS or the local socket) with the router, upgrades
+    /// included: the console attach outlives its request on the same connection.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, origin: Origin)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let agent = Arc::clone(&self);
+            async move { Ok::<_, std::convert::Infallible>(agent.handle(req, origin).await) }
+        });
+        // One buffer per response: headers and body go out in one TLS record and one write
+        // instead of two.
+        let _ = hyper::server::conn::http1::Builder::new()
+            .writev(false)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .with_upgrades()
+            .await;
+    }
+
     /// Handles one request.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>, origin: Origin) -> Resp
     where
@@ -406,6 +425,14 @@ impl Agent {
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or("").to_owned();
         self.authorize(origin, &method, &path)?;
+        if method == Method::GET {
+            let attach = path
+                .strip_prefix("/v1/guests/")
+                .and_then(|p| p.strip_suffix("/console/attach"));
+            if let Some(name) = attach {
+                return self.attach_console(name, req).await;
+            }
+        }
         if method == Method::PUT {
             if let Some(rel) = path.strip_prefix("/v1/images/") {
                 return self.upload_image(rel, req.into_body()).await;
@@ -1451,6 +1478,78 @@ impl Agent {
         Ok(json_response(StatusCode::OK, &self.guest(name)?))
     }
 
+    /// `GET /v1/guests/{name}/console/attach`: answers `101 Switching Protocols`, then joins
+    /// the connection to the guest's serial console socket, replaying the end of the console
+    /// log first so that the current prompt shows.
+    async fn attach_console<B>(&self, name: &str, mut req: Request<B>) -> Result<Resp, Error> {
+        let status = self.guest(name)?;
+        if !self.running.is_active(name) {
+            return Err(guests::GuestError::State {
+                name: name.to_owned(),
+                state: status.state.as_str(),
+                op: "attach to the console of",
+            }
+            .into());
+        }
+        let has_token = |header, token: &str| {
+            req.headers()
+                .get_all(header)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        if !has_token(hyper::header::CONNECTION, "upgrade")
+            || !has_token(hyper::header::UPGRADE, CONSOLE_PROTOCOL)
+        {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                "upgrade_required",
+                format!(
+                    "Attaching needs an HTTP/1.1 upgrade: send Connection: Upgrade and Upgrade: {CONSOLE_PROTOCOL}"
+                ),
+            ));
+        }
+        let dir = self.paths.run.join("vms").join(name);
+        // Connected before answering, so that a VMM that does not listen is an error response
+        // rather than a connection that closes at once.
+        let console = tokio::net::UnixStream::connect(dir.join("console.sock"))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    StatusCode::BAD_GATEWAY,
+                    "vmm_unreachable",
+                    format!("The console of guest {name:?} does not answer ({e}): is the guest stopping?"),
+                )
+            })?;
+        // Read after connecting: output in between shows twice rather than not at all.
+        let replay = console_tail(&dir.join("console.log"), CONSOLE_REPLAY);
+        let upgrade = hyper::upgrade::on(&mut req);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    if let Err(e) = join_console(upgraded, console, &replay).await {
+                        eprintln!("agent: console of guest {name}: {e}");
+                    }
+                }
+                Err(e) => eprintln!("agent: console of guest {name}: upgrade failed: {e}"),
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        h.insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static(CONSOLE_PROTOCOL),
+        );
+        Ok(r)
+    }
+
     fn images(&self) -> Vec<serde_json::Value> {
         fn walk(root: &Path, dir: &Path, out: &mut Vec<serde_json::Value>) {
             let Ok(rd) = std::fs::read_dir(dir) else {
@@ -1537,6 +1636,55 @@ impl Agent {
             &serde_json::json!({"path": rel, "size_bytes": total}),
         ))
     }
+}
+
+/// The `Upgrade` protocol of `GET /v1/guests/{name}/console/attach`: raw serial bytes both ways.
+pub const CONSOLE_PROTOCOL: &str = "hvnode-console";
+/// How much of the console log an attach replays, at most.
+const CONSOLE_REPLAY: u64 = 4 << 10;
+
+/// The last `max` bytes of the console log, from the first line start in them (a cut escape
+/// sequence would garble the terminal); nothing if there is no log.
+fn console_tail(log: &Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    let mut data = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut data).is_err() {
+        return Vec::new();
+    }
+    if start > 0 {
+        let from = data
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(data.len(), |i| i + 1);
+        data.drain(..from);
+    }
+    data
+}
+
+/// Copies bytes between an upgraded client connection and a guest console socket until either
+/// side closes. Not `copy_bidirectional`: the VMM never closes a console client itself, so a
+/// client that goes away must end the session, not just half-close it.
+async fn join_console(
+    upgraded: hyper::upgrade::Upgraded,
+    console: tokio::net::UnixStream,
+    replay: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (mut client_rx, mut client_tx) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+    let (mut guest_rx, mut guest_tx) = console.into_split();
+    client_tx.write_all(replay).await?;
+    client_tx.flush().await?;
+    let result = tokio::select! {
+        r = tokio::io::copy(&mut client_rx, &mut guest_tx) => r,
+        r = tokio::io::copy(&mut guest_rx, &mut client_tx) => r,
+    };
+    let _ = client_tx.shutdown().await;
+    result.map(drop)
 }
 
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {

@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hvnode_agent::{Agent, Origin, Paths};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 
 const USAGE: &str = "usage: hvnode-agent [--listen ADDR:PORT] [--socket PATH] [--data-dir DIR] \
@@ -84,16 +82,8 @@ async fn serve_tcp(agent: Arc<Agent>, listener: TcpListener) {
             // rustls has verified any presented certificate against the manager CA of this
             // generation; a connection without one is anonymous.
             let client_generation = tls.get_ref().1.peer_certificates().map(|_| generation);
-            let origin = Origin::Tcp { client_generation };
-            let service = service_fn(move |req| {
-                let agent = Arc::clone(&agent);
-                async move { Ok::<_, std::convert::Infallible>(agent.handle(req, origin).await) }
-            });
-            // One buffer per response: headers and body go out in one TLS record and one write
-            // instead of two.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .writev(false)
-                .serve_connection(TokioIo::new(tls), service)
+            agent
+                .serve_connection(tls, Origin::Tcp { client_generation })
                 .await;
         });
     }
@@ -104,16 +94,7 @@ async fn serve_unix(agent: Arc<Agent>, listener: UnixListener) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let agent = Arc::clone(&agent);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let agent = Arc::clone(&agent);
-                async move { Ok::<_, std::convert::Infallible>(agent.handle(req, Origin::Local).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(Arc::clone(&agent).serve_connection(stream, Origin::Local));
     }
 }
 

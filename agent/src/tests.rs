@@ -1064,3 +1064,139 @@ async fn autostart_starts_marked_guests_once_per_boot_and_survives_one_failing()
         .unwrap();
     assert_eq!(guest_state(&fresh, "p").await["state"], "stopped");
 }
+
+/// After `ready`, echoes every serial input byte: `1: mov dx, 0x3fd; in al, dx; test al, 1;
+/// jz 1b; mov dx, 0x3f8; in al, dx; out dx, al; jmp 1b`.
+const SERIAL_ECHO: [u8; 17] = [
+    0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, 0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, 0xeb,
+    0xef,
+];
+
+fn attach_req(name: &str, upgrade: bool) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method("GET")
+        .uri(format!("/v1/guests/{name}/console/attach"))
+        .header("host", "localhost");
+    if upgrade {
+        b = b
+            .header("connection", "Upgrade")
+            .header("upgrade", CONSOLE_PROTOCOL);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// Reads from `io` until `want` has appeared, for at most 20 s; returns everything read.
+async fn read_until<R: tokio::io::AsyncRead + Unpin>(io: &mut R, want: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout_at(deadline, io.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{want:?} never came, got {:?}",
+                    String::from_utf8_lossy(&seen)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {want:?}: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn console_attach_refuses_unknown_stopped_and_plain_requests() {
+    let (a, _root) = agent();
+    let (s, e) = call(&a, attach_req("nope", true), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("guest_not_found"))
+    );
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    let (s, e) = call(&a, attach_req("p", true), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state")),
+        "{e}"
+    );
+    let (s, e) = call(&a, attach_req("p", true), ANON).await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "unregistered TCP clients cannot attach: {e}"
+    );
+}
+
+#[tokio::test]
+async fn console_attach_carries_input_to_a_real_guest_and_its_echo_back() {
+    let Some(vmm) = vmm_for("console_attach_carries_input_to_a_real_guest_and_its_echo_back")
+    else {
+        return;
+    };
+    use tokio::io::AsyncWriteExt;
+    let (a, scratch) = vmm_agent(&vmm);
+    let mut code = hvnode_vmm::payload::serial_print("ready\n");
+    code.extend_from_slice(&SERIAL_ECHO);
+    std::fs::write(
+        scratch.0.join("images/payload.elf"),
+        hvnode_vmm::payload::elf64(&code),
+    )
+    .unwrap();
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    let (s, g) = op(&a, "p", "start").await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    wait_console(&a, "p", "ready").await;
+
+    // A plain GET of the attach route is refused before anything is upgraded.
+    let (s, e) = call(&a, attach_req("p", false), Origin::Local).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("upgrade_required")),
+        "{e}"
+    );
+
+    // Upgrades need a real connection: serve the agent on a unix socket as main.rs does.
+    let sock = scratch.0.join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let server = Arc::clone(&a);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(Arc::clone(&server).serve_connection(stream, Origin::Local));
+        }
+    });
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let resp = sender.send_request(attach_req("p", true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers()["upgrade"], CONSOLE_PROTOCOL);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    // The replayed log shows what the guest printed before the attach.
+    read_until(&mut io, "ready\n").await;
+    io.write_all(b"hello").await.unwrap();
+    io.flush().await.unwrap();
+    let echoed = read_until(&mut io, "hello").await;
+    assert!(!echoed.contains("ready"), "replayed twice: {echoed:?}");
+
+    // Stopping the guest closes the attached connection.
+    let (s, g) = op(&a, "p", "stop").await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut io, &mut rest),
+    )
+    .await
+    .expect("the console connection stays open after the guest stopped");
+    assert!(n.is_ok(), "{n:?}");
+}
