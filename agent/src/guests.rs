@@ -226,14 +226,6 @@ pub fn tap_name(guest: &str, index: usize) -> String {
     format!("hv{:02x}{:02x}{:02x}{:02x}n{index}", h[0], h[1], h[2], h[3])
 }
 
-/// The MAC address of NIC `index` of a guest whose spec names none: `52:54:00` (locally
-/// administered, unicast) and three bytes of a hash of the name and index, so that it stays the
-/// same across restarts and DHCP leases follow the guest.
-pub fn derived_mac(guest: &str, index: usize) -> String {
-    let h = Sha256::digest(format!("{guest}/{index}").as_bytes());
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])
-}
-
 /// The VMM's network devices for a spec; every bridge must exist under `sys_class_net`.
 pub fn vm_nets(spec: &GuestSpec, sys_class_net: &Path) -> Result<Vec<VmNet>, GuestError> {
     spec.nics
@@ -245,10 +237,7 @@ pub fn vm_nets(spec: &GuestSpec, sys_class_net: &Path) -> Result<Vec<VmNet>, Gue
             }
             Ok(VmNet {
                 tap: tap_name(&spec.name, i),
-                mac: nic
-                    .mac
-                    .clone()
-                    .unwrap_or_else(|| derived_mac(&spec.name, i)),
+                mac: nic.mac_for(&spec.name, i),
                 bridge: Some(nic.bridge.clone()),
             })
         })
@@ -1001,17 +990,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn derived_macs_are_stable_locally_administered_unicast() {
-        let a = derived_mac("web-1", 0);
-        assert_eq!(a, derived_mac("web-1", 0));
-        assert_ne!(a, derived_mac("web-1", 1));
-        assert_ne!(a, derived_mac("web-2", 0));
-        let bytes = hvnode_api::guest::parse_mac(&a).unwrap();
-        assert_eq!(&bytes[..3], &[0x52, 0x54, 0x00]);
-        assert_eq!(bytes[0] & 0b11, 0b10, "locally administered, unicast");
-    }
-
     fn spec_with_nics(nics: &[(Option<&str>, &str)]) -> GuestSpec {
         GuestSpec {
             name: "web-1".into(),
@@ -1045,7 +1023,7 @@ mod tests {
             vec![
                 VmNet {
                     tap: tap_name("web-1", 0),
-                    mac: derived_mac("web-1", 0),
+                    mac: hvnode_api::guest::derived_mac("web-1", 0),
                     bridge: Some("br0".into()),
                 },
                 VmNet {

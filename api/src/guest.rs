@@ -137,6 +137,25 @@ pub fn validate_image_path(path: &str) -> Result<(), GuestSpecError> {
     Ok(())
 }
 
+/// The MAC address of NIC `index` of a guest whose spec names none: `52:54:00` (locally
+/// administered, unicast) and three bytes of a hash of the name and index, so that it stays the
+/// same across restarts and DHCP leases follow the guest. Here, not in the agent, so that every
+/// front end shows the address the guest really gets.
+pub fn derived_mac(guest: &str, index: usize) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("{guest}/{index}").as_bytes());
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])
+}
+
+impl NicSpec {
+    /// The MAC the guest's NIC number `index` gets: the spec's, or [`derived_mac`].
+    pub fn mac_for(&self, guest: &str, index: usize) -> String {
+        self.mac
+            .clone()
+            .unwrap_or_else(|| derived_mac(guest, index))
+    }
+}
+
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`, refusing multicast addresses.
 pub fn parse_mac(mac: &str) -> Result<[u8; 6], GuestSpecError> {
     let bad = || GuestSpecError::Mac(mac.to_owned());
@@ -265,6 +284,31 @@ mod tests {
             rng: true,
             autostart: false,
         }
+    }
+
+    #[test]
+    fn derived_macs_are_stable_locally_administered_unicast() {
+        let a = derived_mac("web-1", 0);
+        assert_eq!(a, derived_mac("web-1", 0));
+        assert_ne!(a, derived_mac("web-1", 1));
+        assert_ne!(a, derived_mac("web-2", 0));
+        let bytes = parse_mac(&a).unwrap();
+        assert_eq!(&bytes[..3], &[0x52, 0x54, 0x00]);
+        assert_eq!(bytes[0] & 0b11, 0b10, "locally administered, unicast");
+    }
+
+    #[test]
+    fn a_nic_gets_its_own_mac_or_the_derived_one() {
+        let given = NicSpec {
+            mac: Some("52:54:00:aa:bb:cc".into()),
+            bridge: "br0".into(),
+        };
+        assert_eq!(given.mac_for("web-1", 0), "52:54:00:aa:bb:cc");
+        let derived = NicSpec {
+            mac: None,
+            bridge: "br0".into(),
+        };
+        assert_eq!(derived.mac_for("web-1", 1), derived_mac("web-1", 1));
     }
 
     #[test]

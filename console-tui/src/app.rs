@@ -1144,10 +1144,8 @@ fn guest_detail(g: &GuestStatus) -> Vec<Line<'static>> {
         .spec
         .nics
         .iter()
-        .map(|n| match &n.mac {
-            Some(mac) => format!("{} {mac}", n.bridge),
-            None => format!("{} (MAC from the name)", n.bridge),
-        })
+        .enumerate()
+        .map(|(i, n)| format!("{} {}", n.bridge, n.mac_for(&g.spec.name, i)))
         .collect();
     let none = |v: Vec<String>| {
         if v.is_empty() {
