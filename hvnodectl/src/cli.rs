@@ -245,15 +245,18 @@ pub enum GuestCommand {
     Reboot(GuestTimeoutArg),
     /// Delete a stopped guest.
     Delete(GuestArg),
-    /// Print the guest's serial console log.
+    /// Print the guest's serial console log, or attach to the console interactively.
     Console {
         /// Node name.
         node: String,
         /// Guest name.
         name: String,
         /// Only the last N bytes.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "attach")]
         bytes: Option<u64>,
+        /// Attach interactively (input goes to the guest); Ctrl-] detaches.
+        #[arg(long)]
+        attach: bool,
     },
 }
 

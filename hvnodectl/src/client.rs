@@ -109,6 +109,16 @@ pub enum ClientError {
         /// The timeout.
         secs: u64,
     },
+    /// The agent answered an upgrade request without switching protocols.
+    #[error("node {node} answered HTTP {status} instead of switching to {protocol}: is the node running the same hvnode version?")]
+    UpgradeRefused {
+        /// Node name.
+        node: String,
+        /// HTTP status.
+        status: u16,
+        /// The protocol asked for.
+        protocol: String,
+    },
     /// The HTTP exchange broke off.
     #[error("request to node {node} failed")]
     Http {
@@ -328,8 +338,9 @@ impl NodeClient {
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
                 .map_err(|e| self.unreachable(e))?;
+            // With upgrades: the console attach takes the connection over after its answer.
             tokio::spawn(async move {
-                let _ = conn.await;
+                let _ = conn.with_upgrades().await;
             });
             Ok(sender)
         };
@@ -359,7 +370,8 @@ impl NodeClient {
             .send_request(req)
             .await
             .map_err(|e| self.map_hyper(e))?;
-        if resp.status().is_success() {
+        // 101 only answers an upgrade request, which asked for it.
+        if resp.status().is_success() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(resp);
         }
         let status = resp.status();
@@ -415,6 +427,48 @@ impl NodeClient {
                 .map_err(|e| self.map_hyper(e))?
                 .to_bytes();
             Ok(bytes)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                node: self.node.clone(),
+                secs: REQUEST_TIMEOUT.as_secs(),
+            })?
+    }
+
+    /// `GET path` as an HTTP/1.1 upgrade to `protocol`; after `101 Switching Protocols` the
+    /// connection is the caller's, both ways. Error answers become errors as for [`Self::send`].
+    pub async fn upgrade(
+        &self,
+        path: &str,
+        protocol: &'static str,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let empty: ReqBody = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed();
+        let mut req = self.request(Method::GET, path, empty);
+        let h = req.headers_mut();
+        h.insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        h.insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static(protocol),
+        );
+        let fut = async {
+            let resp = self.send(req).await?;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ClientError::UpgradeRefused {
+                    node: self.node.clone(),
+                    status: resp.status().as_u16(),
+                    protocol: protocol.to_owned(),
+                });
+            }
+            hyper::upgrade::on(resp)
+                .await
+                .map(TokioIo::new)
+                .map_err(|e| self.map_hyper(e))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await

@@ -16,15 +16,22 @@ use hyper::Method;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use crate::attach;
 use crate::cli::{Command, GuestCommand, ImageCommand, NodeCommand, PowerArg, WaitState};
 use crate::client::{self, ClientError, NodeClient, ReqBody};
 use crate::fingerprint::{self, FingerprintError};
 use crate::serve::{self, ServeError};
 use crate::state::{self, JoinRecord, NodeEntry, StateDir, StateError};
 
+/// The agent's console upgrade protocol (`hvnode_agent::CONSOLE_PROTOCOL`).
+const CONSOLE_PROTOCOL: &str = "hvnode-console";
+
 /// Errors of the commands.
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
+    /// The interactive console.
+    #[error(transparent)]
+    Attach(#[from] attach::AttachError),
     /// State directory.
     #[error(transparent)]
     State(#[from] StateError),
@@ -780,7 +787,35 @@ impl Ctx {
                 }
                 out(&format!("deleted guest {}", a.name))
             }
-            GuestCommand::Console { node, name, bytes } => {
+            GuestCommand::Console {
+                node,
+                name,
+                attach: true,
+                ..
+            } => {
+                guest::validate_name(&name)?;
+                let c = self.client(&node)?;
+                self.connecting(&c);
+                let conn = c
+                    .upgrade(
+                        &format!("/v1/guests/{name}/console/attach"),
+                        CONSOLE_PROTOCOL,
+                    )
+                    .await?;
+                let banner = format!("Connected to {name}; Ctrl-] detaches");
+                let end = attach::run(conn, &banner).await?;
+                match end {
+                    attach::End::Detached => eprintln!("\nDetached from {name}"),
+                    attach::End::Closed => eprintln!(
+                        "\nThe console of {name} closed: the guest stopped or node {node} ended the connection"
+                    ),
+                    attach::End::Signal => eprintln!("\nDetached from {name} (signal)"),
+                }
+                Ok(())
+            }
+            GuestCommand::Console {
+                node, name, bytes, ..
+            } => {
                 guest::validate_name(&name)?;
                 let c = self.client(&node)?;
                 self.connecting(&c);

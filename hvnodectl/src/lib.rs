@@ -4,6 +4,7 @@
 //! for the state directory and the pinned mutual-TLS client.
 #![forbid(unsafe_code)]
 
+pub mod attach;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -39,7 +39,11 @@ fn agent_binary() -> Result<PathBuf, String> {
             Command::new(p)
                 .arg("--help")
                 .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("--init-socket"))
+                // The agent prints its usage on stderr.
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout).contains("--init-socket")
+                        || String::from_utf8_lossy(&o.stderr).contains("--init-socket")
+                })
                 .unwrap_or(false)
         })
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
@@ -75,6 +79,11 @@ struct Agent {
 
 impl Agent {
     fn start(bin: &Path, tag: &str) -> Agent {
+        Agent::start_with(bin, tag, &[])
+    }
+
+    /// Started with `extra` flags after the usual ones.
+    fn start_with(bin: &Path, tag: &str, extra: &[&std::ffi::OsStr]) -> Agent {
         let dir = temp_dir(tag);
         for sub in ["data", "run", "images"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -94,6 +103,7 @@ impl Agent {
             .arg(dir.join("images"))
             .arg("--init-socket")
             .arg(dir.join("init.sock"))
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -504,5 +514,151 @@ fn node_initiated_registration_through_serve_and_approve() {
     }
     let info = ok(&ctl(&m, &["node", "info", "n2"]));
     assert!(info.contains("hostname:"), "{info}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Kills the VMMs still running under an agent's run directory when dropped: the agent leaves
+/// them running when it is killed, and a failed assertion would leave them up.
+struct Vmms(PathBuf);
+
+impl Drop for Vmms {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.join("run/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+/// Reads `from` on a thread until `want` appears in it, for at most 20 s; returns what it read.
+fn read_until(from: impl Read + Send + 'static, want: &str) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut from = from;
+        let mut buf = [0u8; 256];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.extend_from_slice(&chunk),
+            Err(_) => panic!("{want:?} never came: {:?}", String::from_utf8_lossy(&seen)),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[test]
+fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
+    let bin = agent_or_skip!();
+    let vmm = bin.with_file_name("hvnode-vmm");
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm || !vmm.is_file() {
+        eprintln!(
+            "SKIPPED: needs /dev/kvm and {} (cargo build -p hvnode-vmm)",
+            vmm.display()
+        );
+        return;
+    }
+    let agent = Agent::start_with(&bin, "attach", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let _vmms = Vmms(agent.dir.clone());
+    let work = temp_dir("attach-mgr");
+    let m = work.join("m");
+    ok(&ctl(&m, &["init", "--name", "manager"]));
+    let code = agent.pairing_code();
+    ok(&ctl(
+        &m,
+        &[
+            "register",
+            "n1",
+            "--url",
+            &agent.url(),
+            "--code",
+            &code,
+            "--yes",
+        ],
+    ));
+
+    // After `ready`: poll LSR.DR (0x3fd bit 0), read 0x3f8, write it back, loop.
+    let mut code = hvnode_vmm::payload::serial_print("ready\n");
+    code.extend_from_slice(&[
+        0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, 0x66, 0xba, 0xf8, 0x03, 0xec, 0xee,
+        0xeb, 0xef,
+    ]);
+    std::fs::write(
+        agent.dir.join("images/echo.elf"),
+        hvnode_vmm::payload::elf64(&code),
+    )
+    .unwrap();
+    let spec = work.join("echo.toml");
+    std::fs::write(
+        &spec,
+        "name = \"echo\"\nkernel = \"echo.elf\"\nmemory_mib = 64\nrng = false\n",
+    )
+    .unwrap();
+    ok(&ctl(&m, &["guest", "define", "n1", spec.to_str().unwrap()]));
+    fails_with(
+        &ctl(&m, &["guest", "console", "n1", "echo", "--attach"]),
+        "invalid_guest_state",
+    );
+    ok(&ctl(&m, &["guest", "start", "n1", "echo"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok(&ctl(&m, &["guest", "console", "n1", "echo"])).contains("ready") {
+        assert!(Instant::now() < deadline, "the guest never printed ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnodectl"))
+        .arg("--state-dir")
+        .arg(&m)
+        .args(["guest", "console", "n1", "echo", "--attach"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    stdin.write_all(b"hello").unwrap();
+    stdin.flush().unwrap();
+    // The replayed log, then the guest's echo of what went in on stdin.
+    let out = read_until(stdout, "ready\nhello");
+    assert_eq!(out.matches("hello").count(), 1, "{out:?}");
+
+    // Stopping the guest ends the session; hvnodectl says so and exits cleanly.
+    ok(&ctl(&m, &["guest", "stop", "n1", "echo"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hvnodectl stayed attached after the guest stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("Connected to echo; Ctrl-] detaches"), "{err}");
+    assert!(err.contains("The console of echo closed"), "{err}");
+    drop(stdin);
     let _ = std::fs::remove_dir_all(&work);
 }
