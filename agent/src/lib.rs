@@ -1529,8 +1529,11 @@ impl Agent {
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    if let Err(e) = join_console(upgraded, console, &replay).await {
-                        eprintln!("agent: console of guest {name}: {e}");
+                    match join_console(upgraded, console, &replay).await {
+                        // A client that went away without a TLS close_notify has still left.
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                        Err(e) => eprintln!("agent: console of guest {name}: {e}"),
                     }
                 }
                 Err(e) => eprintln!("agent: console of guest {name}: upgrade failed: {e}"),

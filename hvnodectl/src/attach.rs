@@ -86,17 +86,17 @@ pub async fn run<C: AsyncRead + AsyncWrite>(conn: C, banner: &str) -> Result<End
     let mut term = signal(SignalKind::terminate()).map_err(AttachError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AttachError::Signals)?;
     let tty = std::io::stdin().is_terminal();
-    eprint!("{banner}\r\n");
+    eprintln!("{banner}");
     let _raw = if tty { Some(RawMode::enable()?) } else { None };
     let (mut rx, mut tx) = tokio::io::split(conn);
     let mut input = stdin_chunks();
     let mut input_open = true;
     let mut stdout = tokio::io::stdout();
     let mut buf = vec![0u8; 4096];
-    loop {
+    let end = loop {
         tokio::select! {
             r = rx.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return Ok(End::Closed),
+                Ok(0) | Err(_) => break End::Closed,
                 Ok(n) => {
                     stdout.write_all(&buf[..n]).await.map_err(AttachError::Output)?;
                     stdout.flush().await.map_err(AttachError::Output)?;
@@ -109,15 +109,20 @@ pub async fn run<C: AsyncRead + AsyncWrite>(conn: C, banner: &str) -> Result<End
                     let send = &chunk[..detach.unwrap_or(chunk.len())];
                     let sent = async { tx.write_all(send).await?; tx.flush().await }.await;
                     if sent.is_err() {
-                        return Ok(End::Closed);
+                        break End::Closed;
                     }
                     if detach.is_some() {
-                        return Ok(End::Detached);
+                        break End::Detached;
                     }
                 }
             },
-            _ = term.recv() => return Ok(End::Signal),
-            _ = hup.recv() => return Ok(End::Signal),
+            _ = term.recv() => break End::Signal,
+            _ = hup.recv() => break End::Signal,
         }
+    };
+    if end != End::Closed {
+        // A TLS close_notify: the agent sees a detach, not a connection that broke off.
+        let _ = tx.shutdown().await;
     }
+    Ok(end)
 }
