@@ -1200,3 +1200,16 @@ async fn console_attach_carries_input_to_a_real_guest_and_its_echo_back() {
     .expect("the console connection stays open after the guest stopped");
     assert!(n.is_ok(), "{n:?}");
 }
+
+#[test]
+fn console_replay_starts_at_a_line_and_keeps_a_short_log_whole() {
+    let root = scratch_root();
+    std::fs::create_dir_all(&root).unwrap();
+    let log = root.join("console.log");
+    std::fs::write(&log, b"first\nsecond\nprompt$ ").unwrap();
+    assert_eq!(console_tail(&log, 100), b"first\nsecond\nprompt$ ");
+    // 12 bytes from the end start inside "second": the replay begins after its newline.
+    assert_eq!(console_tail(&log, 12), b"prompt$ ");
+    assert_eq!(console_tail(&root.join("missing.log"), 100), b"");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -350,6 +350,27 @@ mod tests {
                 ..
             })
         ));
+        let cli = Cli::try_parse_from(["hvnodectl", "guest", "console", "n1", "web", "--attach"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Guest(GuestCommand::Console {
+                attach: true,
+                bytes: None,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from([
+            "hvnodectl",
+            "guest",
+            "console",
+            "n1",
+            "web",
+            "--attach",
+            "--bytes",
+            "10"
+        ])
+        .is_err());
         let cli = Cli::try_parse_from([
             "hvnodectl",
             "wait",
