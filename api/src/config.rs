@@ -51,6 +51,9 @@ pub enum ConfigError {
     /// A bond has no members.
     #[error("Bond {0:?} has no member interfaces")]
     EmptyBond(String),
+    /// An MTU outside what Ethernet devices take.
+    #[error("Invalid MTU {0}: use 68-9216")]
+    Mtu(u32),
 }
 
 /// The whole node configuration.
@@ -274,6 +277,16 @@ pub fn validate_vlan(id: u16) -> Result<(), ConfigError> {
     }
 }
 
+/// Checks an MTU: 68 is the IPv4 minimum (RFC 791), 9216 the largest jumbo frame common
+/// NICs and switches take.
+pub fn validate_mtu(mtu: u32) -> Result<(), ConfigError> {
+    if (68..=9216).contains(&mtu) {
+        Ok(())
+    } else {
+        Err(ConfigError::Mtu(mtu))
+    }
+}
+
 /// Checks that a static interface can route through `gateway`: it must lie in the subnet of
 /// one of `addresses` of its family, and not be one of them. An IPv6 link-local gateway
 /// (`fe80::/10`, what routers advertise) is reachable on any link.
@@ -312,6 +325,9 @@ impl InterfaceConfig {
         if let Some(v) = self.vlan {
             validate_vlan(v)?;
             validate_ifname(&self.device_name())?;
+        }
+        if let Some(m) = self.mtu {
+            validate_mtu(m)?;
         }
         let cidrs = self.cidrs()?;
         if self.mode == AddressMode::Static && cidrs.is_empty() {
@@ -512,5 +528,18 @@ vlan = 100
         assert_eq!(validate_vlan(1), Ok(()));
         assert_eq!(validate_vlan(4094), Ok(()));
         assert_eq!(validate_vlan(4095), Err(ConfigError::Vlan(4095)));
+    }
+
+    #[test]
+    fn mtu_outside_68_to_9216_is_rejected() {
+        assert_eq!(validate_mtu(67), Err(ConfigError::Mtu(67)));
+        assert_eq!(validate_mtu(68), Ok(()));
+        assert_eq!(validate_mtu(9216), Ok(()));
+        let i = InterfaceConfig {
+            name: "eth1".into(),
+            mtu: Some(65536),
+            ..Default::default()
+        };
+        assert_eq!(i.validate(), Err(ConfigError::Mtu(65536)));
     }
 }
