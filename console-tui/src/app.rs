@@ -254,6 +254,9 @@ pub struct App {
     pub network_error: Option<String>,
     /// The network form, while open.
     pub net_form: Option<NetForm>,
+    /// The Network screen's selected line: 0 is the management network, `n` the n-th of
+    /// [`netform::selectable_nics`].
+    pub net_selected: usize,
     /// When the pending change rolls back, by our clock.
     rollback_deadline: Option<Instant>,
     /// Whole seconds left before the pending change rolls back, as of the last tick.
@@ -289,6 +292,7 @@ impl App {
             network: None,
             network_error: None,
             net_form: None,
+            net_selected: 0,
             rollback_deadline: None,
             rollback_left: None,
             net_watch: None,
@@ -545,10 +549,23 @@ impl App {
         }
         let pending = self.network.as_ref().is_some_and(|n| n.pending.is_some());
         match (self.screen, key.code) {
+            (Screen::Network, KeyCode::Up) => {
+                self.net_selected = self.net_selected.saturating_sub(1)
+            }
+            (Screen::Network, KeyCode::Down) => {
+                let n = self
+                    .network
+                    .as_ref()
+                    .map_or(0, |v| netform::selectable_nics(v).len());
+                self.net_selected = (self.net_selected + 1).min(n);
+            }
             (Screen::Network, KeyCode::Char('e') | KeyCode::Enter) => match &self.network {
                 Some(view) => {
                     self.message = None;
-                    self.net_form = Some(NetForm::new(view));
+                    self.net_form = Some(match selected_nic(view, self.net_selected) {
+                        Some(nic) => NetForm::for_interface(view, &nic),
+                        None => NetForm::new(view),
+                    });
                 }
                 None => {
                     self.message =
@@ -819,6 +836,14 @@ fn status_lines(d: &Snapshot) -> Vec<Line<'static>> {
     l
 }
 
+/// The NIC on the Network screen's selected line; `None` for the management line (also
+/// when the NIC list shrank under the selection).
+fn selected_nic(view: &NetworkView, selected: usize) -> Option<String> {
+    selected
+        .checked_sub(1)
+        .and_then(|i| netform::selectable_nics(view).into_iter().nth(i))
+}
+
 /// One line on a network configuration's management settings.
 fn summary(c: &NetworkConfig) -> String {
     let Some(m) = c.management.as_deref() else {
@@ -901,9 +926,26 @@ fn connectivity(c: &NetworkConfig, status: &NetworkStatus) -> String {
 
 fn network_lines(app: &App, d: &Snapshot) -> Vec<Line<'static>> {
     let mut l = vec![kv("Host name", d.info.hostname.clone())];
+    let selected = app
+        .network
+        .as_ref()
+        .and_then(|v| selected_nic(v, app.net_selected));
+    let selectable = app
+        .network
+        .as_ref()
+        .map(netform::selectable_nics)
+        .unwrap_or_default();
+    let marker = |on: bool| if on { "> " } else { "  " };
     let nics = match &app.network {
         Some(v) => {
-            l.push(kv("Management", summary(&v.config)));
+            l.push(Line::from(vec![
+                Span::raw(marker(selected.is_none())),
+                Span::styled(
+                    format!("{:<16}", "Management"),
+                    Style::default().add_modifier(Modifier::BOLD),
+                ),
+                Span::raw(summary(&v.config)),
+            ]));
             l.push(kv("Gateways", v.status.gateways.join(" ")));
             l.push(kv("DNS", v.status.dns.join(" ")));
             &v.status.interfaces
@@ -917,8 +959,15 @@ fn network_lines(app: &App, d: &Snapshot) -> Vec<Line<'static>> {
     };
     l.push(Line::raw(""));
     for n in nics {
+        let on = selected.as_deref() == Some(n.name.as_str());
+        let edit = if selectable.contains(&n.name) {
+            "e"
+        } else {
+            " "
+        };
         l.push(Line::raw(format!(
-            "{:<10} {:<5} {:<7} {}",
+            "{}{edit} {:<10} {:<5} {:<7} {}",
+            marker(on),
             n.name,
             if n.carrier { "up" } else { "down" },
             format!("{:?}", n.source).to_lowercase(),
@@ -954,9 +1003,15 @@ fn network_lines(app: &App, d: &Snapshot) -> Vec<Line<'static>> {
         }
     }
     l.push(Line::raw(""));
-    l.push(Line::raw(
-        "e/Enter: edit the management network   h: change the host name",
-    ));
+    if !selectable.is_empty() {
+        l.push(Line::raw(
+            "Up/Down: select the management network or a NIC marked e",
+        ));
+    }
+    l.push(Line::raw(match &selected {
+        Some(nic) => format!("e/Enter: edit {nic}   h: change the host name"),
+        None => "e/Enter: edit the management network   h: change the host name".to_owned(),
+    }));
     l
 }
 
@@ -1213,8 +1268,12 @@ pub fn draw(frame: &mut Frame, app: &App) {
         .map(|(_, n)| {
             if app.screen == Screen::Logs {
                 app.log_title.clone()
-            } else if app.screen == Screen::Network && app.net_form.is_some() {
-                "Network: edit the management network".to_owned()
+            } else if let Some(form) = app
+                .net_form
+                .as_ref()
+                .filter(|_| app.screen == Screen::Network)
+            {
+                form.title()
             } else {
                 (*n).to_owned()
             }
@@ -1235,7 +1294,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
         body,
     );
     let help = if app.net_form.is_some() {
-        "Tab/arrows: field  Space: DHCP/static  Enter/F10: apply  Esc: cancel"
+        "Tab/arrows: field  Space: mode  Enter/F10: apply  Esc: cancel"
     } else {
         "1-7/F1-F7/Tab: screens  arrows: select  Enter: open  Esc: cancel"
     };

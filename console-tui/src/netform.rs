@@ -1,6 +1,7 @@
 //! The Network screen's form: the management interface's settings (NIC or bond, VLAN,
-//! DHCP or static IPv4/IPv6 with gateways, DNS, the bridge) edited as text fields and turned
-//! into a whole [`NetworkConfig`] for `PUT /v1/network`.
+//! DHCP or static IPv4/IPv6 with gateways, DNS, the bridge), or those of one other NIC
+//! (VLAN, DHCP, static or off, gateways, MTU), edited as text fields and turned into a
+//! whole [`NetworkConfig`] for `PUT /v1/network`.
 //!
 //! Checking is pure and runs after every key, so each field carries its error beside it and
 //! the form refuses to produce a configuration while any field is invalid. The rules are the
@@ -9,8 +10,8 @@
 use std::net::IpAddr;
 
 use hvnode_api::config::{
-    validate_gateway, validate_ifname, validate_vlan, AddressMode, BondConfig, Cidr, ConfigError,
-    InterfaceConfig, NetworkConfig,
+    validate_gateway, validate_ifname, validate_mtu, validate_vlan, AddressMode, BondConfig, Cidr,
+    ConfigError, InterfaceConfig, NetworkConfig,
 };
 use hvnode_api::node::NetworkView;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -40,10 +41,12 @@ pub enum FieldId {
     Dns,
     /// Management bridge name; empty for none.
     Bridge,
+    /// MTU of another NIC's device; empty keeps the kernel's.
+    Mtu,
 }
 
 /// Every field with its label, in Tab order.
-pub const FIELDS: [(FieldId, &str); 10] = [
+pub const FIELDS: [(FieldId, &str); 11] = [
     (FieldId::Management, "Management NIC"),
     (FieldId::Bond, "Bond members"),
     (FieldId::Vlan, "VLAN id"),
@@ -54,6 +57,18 @@ pub const FIELDS: [(FieldId, &str); 10] = [
     (FieldId::Gateway6, "IPv6 gateway"),
     (FieldId::Dns, "DNS servers"),
     (FieldId::Bridge, "Bridge"),
+    (FieldId::Mtu, "MTU"),
+];
+
+/// The fields of the form for a NIC other than the management one.
+const INTERFACE_FIELDS: [FieldId; 7] = [
+    FieldId::Vlan,
+    FieldId::Mode,
+    FieldId::Ipv4,
+    FieldId::Gateway4,
+    FieldId::Ipv6,
+    FieldId::Gateway6,
+    FieldId::Mtu,
 ];
 
 /// Longest text a field takes.
@@ -88,8 +103,12 @@ pub struct FieldError {
 pub struct NetForm {
     /// The focused field.
     pub focus: FieldId,
-    /// Static (true) or DHCP.
-    pub static_mode: bool,
+    /// DHCP or static; an interface form also offers manual ("off": link up, no address).
+    pub mode: AddressMode,
+    /// The NIC an interface form edits; `None` for the management form.
+    nic: Option<String>,
+    /// The VLAN of the settings the interface form started from, which it replaces.
+    old_vlan: Option<u16>,
     text: [String; FIELDS.len()],
     /// The configuration the form started from: what it does not edit is kept.
     base: NetworkConfig,
@@ -125,6 +144,23 @@ pub fn physical_nics(view: &NetworkView) -> Vec<String> {
         .map(|i| i.name.clone())
         .filter(|n| !n.contains('.') && !virtual_names.contains(&n.as_str()))
         .collect()
+}
+
+/// NICs the Network screen lets one select for an interface form: the physical NICs but
+/// the management one (it is enslaved to the bridge, or is the management device) and bond
+/// members, in the saved or the pending configuration.
+pub fn selectable_nics(view: &NetworkView) -> Vec<String> {
+    let nics = physical_nics(view);
+    let mut taken: Vec<String> = Vec::new();
+    for c in std::iter::once(&view.config).chain(view.pending.iter()) {
+        taken.push(
+            c.management
+                .clone()
+                .unwrap_or_else(|| default_management(view, &nics)),
+        );
+        taken.extend(c.bonds.iter().flat_map(|b| b.members.iter().cloned()));
+    }
+    nics.into_iter().filter(|n| !taken.contains(n)).collect()
 }
 
 /// The device the management settings apply to: the bridge when there is one, plus the VLAN.
@@ -181,6 +217,13 @@ fn split_list(text: &str) -> Vec<&str> {
     text.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .collect()
+}
+
+fn bad(errors: &mut Vec<FieldError>, field: FieldId, message: String) {
+    errors.push(FieldError {
+        field,
+        message: fit(message),
+    })
 }
 
 fn fit(message: String) -> String {
@@ -248,7 +291,74 @@ fn parse_gateway(text: &str, v4: bool, address: Option<Cidr>) -> Result<IpAddr, 
     Ok(g)
 }
 
+/// The text of the VLAN, address and gateway fields for `entry`'s settings.
+fn fill_settings(text: &mut [String; FIELDS.len()], entry: Option<&InterfaceConfig>) {
+    let cidrs = entry.and_then(|e| e.cidrs().ok()).unwrap_or_default();
+    let first = |v4: bool| {
+        cidrs
+            .iter()
+            .find(|c| c.addr.is_ipv4() == v4)
+            .map(Cidr::to_string)
+            .unwrap_or_default()
+    };
+    let ip = |g: Option<IpAddr>| g.map(|g| g.to_string()).unwrap_or_default();
+    text[index(FieldId::Vlan)] = entry
+        .and_then(|e| e.vlan)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    text[index(FieldId::Ipv4)] = first(true);
+    text[index(FieldId::Gateway4)] = ip(entry.and_then(|e| e.gateway4));
+    text[index(FieldId::Ipv6)] = first(false);
+    text[index(FieldId::Gateway6)] = ip(entry.and_then(|e| e.gateway6));
+}
+
+/// The settings fields' values: VLAN, addresses and gateways.
+struct Settings {
+    vlan: Option<u16>,
+    addresses: Vec<String>,
+    gateway4: Option<IpAddr>,
+    gateway6: Option<IpAddr>,
+}
+
 impl NetForm {
+    /// The form for `nic`, a NIC other than the management one, filled from its settings in
+    /// the pending change if there is one, else in the saved config; DHCP when it has none.
+    pub fn for_interface(view: &NetworkView, nic: &str) -> NetForm {
+        let base = view.pending.clone().unwrap_or_else(|| view.config.clone());
+        let entry = management_entry(&base, nic).cloned();
+        let mut text: [String; FIELDS.len()] = Default::default();
+        fill_settings(&mut text, entry.as_ref());
+        text[index(FieldId::Mtu)] = entry
+            .as_ref()
+            .and_then(|e| e.mtu)
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let mut form = NetForm {
+            focus: FieldId::Mode,
+            mode: entry.as_ref().map_or(AddressMode::Dhcp, |e| e.mode),
+            nic: Some(nic.to_owned()),
+            old_vlan: entry.as_ref().and_then(|e| e.vlan),
+            text,
+            old_management: None,
+            nics: physical_nics(view),
+            bond_mode: String::new(),
+            mtu: None,
+            base,
+            errors: Vec::new(),
+            refused: false,
+        };
+        form.errors = form.check().err().unwrap_or_default();
+        form
+    }
+
+    /// The window title for the form.
+    pub fn title(&self) -> String {
+        match &self.nic {
+            Some(n) => format!("Network: edit {n}"),
+            None => "Network: edit the management network".to_owned(),
+        }
+    }
+
     /// A form filled from the pending change if there is one, else from the saved config.
     pub fn new(view: &NetworkView) -> NetForm {
         let base = view.pending.clone().unwrap_or_else(|| view.config.clone());
@@ -259,30 +369,10 @@ impl NetForm {
             .unwrap_or_else(|| default_management(view, &nics));
         let entry = management_entry(&base, &management).cloned();
         let bond = base.bonds.iter().find(|b| b.name == management);
-        let cidrs = entry
-            .as_ref()
-            .and_then(|e| e.cidrs().ok())
-            .unwrap_or_default();
-        let first = |v4: bool| {
-            cidrs
-                .iter()
-                .find(|c| c.addr.is_ipv4() == v4)
-                .map(Cidr::to_string)
-                .unwrap_or_default()
-        };
-        let ip = |g: Option<IpAddr>| g.map(|g| g.to_string()).unwrap_or_default();
         let mut text: [String; FIELDS.len()] = Default::default();
+        fill_settings(&mut text, entry.as_ref());
         text[index(FieldId::Management)] = management.clone();
         text[index(FieldId::Bond)] = bond.map(|b| b.members.join(" ")).unwrap_or_default();
-        text[index(FieldId::Vlan)] = entry
-            .as_ref()
-            .and_then(|e| e.vlan)
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        text[index(FieldId::Ipv4)] = first(true);
-        text[index(FieldId::Gateway4)] = ip(entry.as_ref().and_then(|e| e.gateway4));
-        text[index(FieldId::Ipv6)] = first(false);
-        text[index(FieldId::Gateway6)] = ip(entry.as_ref().and_then(|e| e.gateway6));
         text[index(FieldId::Dns)] = base
             .dns
             .iter()
@@ -292,9 +382,16 @@ impl NetForm {
         text[index(FieldId::Bridge)] = base.bridge.clone();
         let mut form = NetForm {
             focus: FieldId::Management,
-            static_mode: entry
+            mode: if entry
                 .as_ref()
-                .is_some_and(|e| e.mode == AddressMode::Static),
+                .is_some_and(|e| e.mode == AddressMode::Static)
+            {
+                AddressMode::Static
+            } else {
+                AddressMode::Dhcp
+            },
+            nic: None,
+            old_vlan: None,
             text,
             old_management: Some(management).filter(|m| !m.is_empty()),
             nics,
@@ -315,13 +412,38 @@ impl NetForm {
         &self.text[index(f)]
     }
 
-    /// Whether Tab stops at the field: DHCP has no addresses or gateways to type.
+    /// Whether the form has the field: the management form all but the MTU, an interface
+    /// form its own settings only.
+    fn shows(&self, f: FieldId) -> bool {
+        match self.nic {
+            Some(_) => INTERFACE_FIELDS.contains(&f),
+            None => f != FieldId::Mtu,
+        }
+    }
+
+    /// Whether Tab stops at the field: DHCP and off have no addresses or gateways to type.
     pub fn active(&self, f: FieldId) -> bool {
-        self.static_mode
-            || !matches!(
-                f,
-                FieldId::Ipv4 | FieldId::Gateway4 | FieldId::Ipv6 | FieldId::Gateway6
-            )
+        self.shows(f)
+            && (self.mode == AddressMode::Static
+                || !matches!(
+                    f,
+                    FieldId::Ipv4 | FieldId::Gateway4 | FieldId::Ipv6 | FieldId::Gateway6
+                ))
+    }
+
+    /// The next mode: DHCP and static, and for an interface form also off.
+    fn cycle_mode(&mut self, forward: bool) {
+        let modes: &[AddressMode] = match self.nic {
+            Some(_) => &[AddressMode::Dhcp, AddressMode::Static, AddressMode::Manual],
+            None => &[AddressMode::Dhcp, AddressMode::Static],
+        };
+        let n = modes.len();
+        let i = modes.iter().position(|m| *m == self.mode).unwrap_or(0);
+        self.mode = modes[if forward {
+            (i + 1) % n
+        } else {
+            (i + n - 1) % n
+        }];
     }
 
     /// The error beside a field, if it has one.
@@ -382,13 +504,20 @@ impl NetForm {
             KeyCode::Tab | KeyCode::Down => self.move_focus(true),
             KeyCode::BackTab | KeyCode::Up => self.move_focus(false),
             KeyCode::Left | KeyCode::Right | KeyCode::Char(' ') if self.focus == FieldId::Mode => {
-                self.static_mode = !self.static_mode
+                self.cycle_mode(key.code != KeyCode::Left)
             }
             KeyCode::Left | KeyCode::Right if self.focus == FieldId::Management => {
                 self.cycle_nic(key.code == KeyCode::Right)
             }
-            KeyCode::Char('d' | 'D') if self.focus == FieldId::Mode => self.static_mode = false,
-            KeyCode::Char('s' | 'S') if self.focus == FieldId::Mode => self.static_mode = true,
+            KeyCode::Char('d' | 'D') if self.focus == FieldId::Mode => {
+                self.mode = AddressMode::Dhcp
+            }
+            KeyCode::Char('s' | 'S') if self.focus == FieldId::Mode => {
+                self.mode = AddressMode::Static
+            }
+            KeyCode::Char('o' | 'O') if self.focus == FieldId::Mode && self.nic.is_some() => {
+                self.mode = AddressMode::Manual
+            }
             KeyCode::Backspace => {
                 self.text[i].pop();
             }
@@ -414,52 +543,15 @@ impl NetForm {
 
     /// Checks every field; the configuration to apply, or one error per invalid field.
     pub fn check(&self) -> Result<NetworkConfig, Vec<FieldError>> {
-        let mut errors = Vec::new();
-        let mut bad = |field: FieldId, message: String| {
-            errors.push(FieldError {
-                field,
-                message: fit(message),
-            })
-        };
-        let t = |f: FieldId| self.text(f).trim();
-
-        let bridge = t(FieldId::Bridge).to_owned();
-        if !bridge.is_empty() {
-            if validate_ifname(&bridge).is_err() {
-                bad(FieldId::Bridge, "not an interface name".into());
-            } else if self.nics.contains(&bridge) {
-                bad(FieldId::Bridge, format!("{bridge} is a NIC"));
-            }
+        match &self.nic {
+            Some(nic) => self.check_interface(nic),
+            None => self.check_management(),
         }
+    }
 
-        let members: Vec<String> = split_list(t(FieldId::Bond))
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        let management = t(FieldId::Management).to_owned();
-        if management.is_empty() {
-            bad(FieldId::Management, "required".into());
-        } else if validate_ifname(&management).is_err() {
-            bad(FieldId::Management, "not an interface name".into());
-        } else if management == bridge {
-            bad(FieldId::Management, "same name as the bridge".into());
-        } else if members.is_empty() && !self.nics.contains(&management) {
-            bad(FieldId::Management, format!("unknown NIC {management}"));
-        } else if !members.is_empty() && self.nics.contains(&management) {
-            bad(FieldId::Management, "a NIC: name the bond (bond0)".into());
-        }
-        for (n, m) in members.iter().enumerate() {
-            if !self.nics.contains(m) {
-                bad(FieldId::Bond, format!("unknown NIC {m}"));
-                break;
-            }
-            if members[..n].contains(m) {
-                bad(FieldId::Bond, format!("{m} listed twice"));
-                break;
-            }
-        }
-
-        let vlan = match t(FieldId::Vlan) {
+    /// The VLAN field; its error goes in `errors`.
+    fn vlan(&self, errors: &mut Vec<FieldError>) -> Option<u16> {
+        match self.text(FieldId::Vlan).trim() {
             "" => None,
             v => match v
                 .parse::<u16>()
@@ -468,58 +560,203 @@ impl NetForm {
             {
                 Ok(id) => Some(id),
                 Err(()) => {
-                    bad(FieldId::Vlan, "VLAN id must be 1-4094".into());
+                    bad(errors, FieldId::Vlan, "VLAN id must be 1-4094".into());
+                    None
+                }
+            },
+        }
+    }
+
+    /// The VLAN, address and gateway fields; their errors go in `errors`. DHCP and off take
+    /// no addresses, so their fields are not judged.
+    fn settings(&self, errors: &mut Vec<FieldError>) -> Settings {
+        let t = |f: FieldId| self.text(f).trim();
+        let mut s = Settings {
+            vlan: self.vlan(errors),
+            addresses: Vec::new(),
+            gateway4: None,
+            gateway6: None,
+        };
+        if self.mode != AddressMode::Static {
+            return s;
+        }
+        let v4 = match t(FieldId::Ipv4) {
+            "" => None,
+            a => parse_cidr(a, true)
+                .map_err(|e| bad(errors, FieldId::Ipv4, e))
+                .ok(),
+        };
+        let v6 = match t(FieldId::Ipv6) {
+            "" => None,
+            a => parse_cidr(a, false)
+                .map_err(|e| bad(errors, FieldId::Ipv6, e))
+                .ok(),
+        };
+        if t(FieldId::Ipv4).is_empty() && t(FieldId::Ipv6).is_empty() {
+            bad(errors, FieldId::Ipv4, "static needs an address".into());
+        }
+        // An invalid address has its own error and cannot judge its gateway's subnet.
+        let judge = |field: FieldId, v4: bool, addr: Option<Cidr>, addr_field: FieldId| {
+            let g = t(field);
+            if g.is_empty() {
+                Ok(None)
+            } else if addr.is_none() && !t(addr_field).is_empty() {
+                g.parse::<IpAddr>()
+                    .ok()
+                    .filter(|g| g.is_ipv4() == v4)
+                    .map(|_| None)
+                    .ok_or_else(|| format!("not an {} address", if v4 { "IPv4" } else { "IPv6" }))
+            } else {
+                parse_gateway(g, v4, addr).map(Some)
+            }
+        };
+        match judge(FieldId::Gateway4, true, v4, FieldId::Ipv4) {
+            Ok(g) => s.gateway4 = g,
+            Err(e) => bad(errors, FieldId::Gateway4, e),
+        }
+        match judge(FieldId::Gateway6, false, v6, FieldId::Ipv6) {
+            Ok(g) => s.gateway6 = g,
+            Err(e) => bad(errors, FieldId::Gateway6, e),
+        }
+        s.addresses
+            .extend(v4.iter().chain(v6.iter()).map(Cidr::to_string));
+        s
+    }
+
+    /// The interface form's configuration: the base with `nic`'s settings replaced, and
+    /// dropped when they are plain DHCP (what an unlisted NIC gets) so node.toml stays small.
+    fn check_interface(&self, nic: &str) -> Result<NetworkConfig, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let s = self.settings(&mut errors);
+        if let Some(v) = s.vlan {
+            if validate_ifname(&format!("{nic}.{v}")).is_err() {
+                bad(
+                    &mut errors,
+                    FieldId::Vlan,
+                    format!("{nic}.{v}: name too long"),
+                );
+            }
+        }
+        let mtu = match self.text(FieldId::Mtu).trim() {
+            "" => None,
+            m => match m.parse::<u32>().ok().filter(|m| validate_mtu(*m).is_ok()) {
+                Some(m) => Some(m),
+                None => {
+                    bad(&mut errors, FieldId::Mtu, "MTU must be 68-9216".into());
                     None
                 }
             },
         };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut config = self.base.clone();
+        let replaced = |i: &InterfaceConfig| {
+            i.name == nic && (i.vlan.is_none() || i.vlan == self.old_vlan || i.vlan == s.vlan)
+        };
+        let at = config
+            .interfaces
+            .iter()
+            .position(replaced)
+            .unwrap_or(config.interfaces.len());
+        config.interfaces.retain(|i| !replaced(i));
+        let settings = InterfaceConfig {
+            name: nic.to_owned(),
+            vlan: s.vlan,
+            mode: self.mode,
+            addresses: s.addresses,
+            gateway4: s.gateway4,
+            gateway6: s.gateway6,
+            mtu,
+        };
+        let mut new = Vec::new();
+        // With the settings on a VLAN the untagged device carries no address.
+        if s.vlan.is_some() {
+            new.push(InterfaceConfig {
+                name: nic.to_owned(),
+                mode: AddressMode::Manual,
+                mtu,
+                ..Default::default()
+            });
+        }
+        let plain_dhcp = InterfaceConfig {
+            name: nic.to_owned(),
+            ..Default::default()
+        };
+        if settings != plain_dhcp {
+            new.push(settings);
+        }
+        let at = at.min(config.interfaces.len());
+        config.interfaces.splice(at..at, new);
+        config.validate().map_err(|e| {
+            vec![FieldError {
+                field: FieldId::Mode,
+                message: fit(e.to_string()),
+            }]
+        })?;
+        Ok(config)
+    }
+
+    fn check_management(&self) -> Result<NetworkConfig, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let t = |f: FieldId| self.text(f).trim();
+
+        let bridge = t(FieldId::Bridge).to_owned();
+        if !bridge.is_empty() {
+            if validate_ifname(&bridge).is_err() {
+                bad(&mut errors, FieldId::Bridge, "not an interface name".into());
+            } else if self.nics.contains(&bridge) {
+                bad(&mut errors, FieldId::Bridge, format!("{bridge} is a NIC"));
+            }
+        }
+
+        let members: Vec<String> = split_list(t(FieldId::Bond))
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let management = t(FieldId::Management).to_owned();
+        let e = &mut errors;
+        if management.is_empty() {
+            bad(e, FieldId::Management, "required".into());
+        } else if validate_ifname(&management).is_err() {
+            bad(e, FieldId::Management, "not an interface name".into());
+        } else if management == bridge {
+            bad(e, FieldId::Management, "same name as the bridge".into());
+        } else if members.is_empty() && !self.nics.contains(&management) {
+            bad(e, FieldId::Management, format!("unknown NIC {management}"));
+        } else if !members.is_empty() && self.nics.contains(&management) {
+            bad(
+                e,
+                FieldId::Management,
+                "a NIC: name the bond (bond0)".into(),
+            );
+        }
+        for (n, m) in members.iter().enumerate() {
+            if !self.nics.contains(m) {
+                bad(e, FieldId::Bond, format!("unknown NIC {m}"));
+                break;
+            }
+            if members[..n].contains(m) {
+                bad(e, FieldId::Bond, format!("{m} listed twice"));
+                break;
+            }
+        }
+
+        let Settings {
+            vlan,
+            addresses,
+            gateway4,
+            gateway6,
+        } = self.settings(&mut errors);
         let mut device_config = self.base.clone();
         device_config.bridge = bridge.clone();
         let device = settings_device(&device_config, &management, vlan);
         if vlan.is_some() && validate_ifname(&device).is_err() {
-            bad(FieldId::Vlan, format!("{device}: name too long"));
-        }
-
-        let mut addresses = Vec::new();
-        let (mut gateway4, mut gateway6) = (None, None);
-        if self.static_mode {
-            let v4 = match t(FieldId::Ipv4) {
-                "" => None,
-                a => parse_cidr(a, true).map_err(|e| bad(FieldId::Ipv4, e)).ok(),
-            };
-            let v6 = match t(FieldId::Ipv6) {
-                "" => None,
-                a => parse_cidr(a, false).map_err(|e| bad(FieldId::Ipv6, e)).ok(),
-            };
-            if t(FieldId::Ipv4).is_empty() && t(FieldId::Ipv6).is_empty() {
-                bad(FieldId::Ipv4, "static needs an address".into());
-            }
-            // An invalid address has its own error and cannot judge its gateway's subnet.
-            let judge = |field: FieldId, v4: bool, addr: Option<Cidr>, addr_field: FieldId| {
-                let g = t(field);
-                if g.is_empty() {
-                    Ok(None)
-                } else if addr.is_none() && !t(addr_field).is_empty() {
-                    g.parse::<IpAddr>()
-                        .ok()
-                        .filter(|g| g.is_ipv4() == v4)
-                        .map(|_| None)
-                        .ok_or_else(|| {
-                            format!("not an {} address", if v4 { "IPv4" } else { "IPv6" })
-                        })
-                } else {
-                    parse_gateway(g, v4, addr).map(Some)
-                }
-            };
-            match judge(FieldId::Gateway4, true, v4, FieldId::Ipv4) {
-                Ok(g) => gateway4 = g,
-                Err(e) => bad(FieldId::Gateway4, e),
-            }
-            match judge(FieldId::Gateway6, false, v6, FieldId::Ipv6) {
-                Ok(g) => gateway6 = g,
-                Err(e) => bad(FieldId::Gateway6, e),
-            }
-            addresses.extend(v4.iter().chain(v6.iter()).map(Cidr::to_string));
+            bad(
+                &mut errors,
+                FieldId::Vlan,
+                format!("{device}: name too long"),
+            );
         }
 
         let mut dns = Vec::new();
@@ -527,7 +764,7 @@ impl NetForm {
             match d.parse::<IpAddr>() {
                 Ok(a) => dns.push(a),
                 Err(_) => {
-                    bad(FieldId::Dns, format!("not an IP address: {d}"));
+                    bad(&mut errors, FieldId::Dns, format!("not an IP address: {d}"));
                     break;
                 }
             }
@@ -554,11 +791,7 @@ impl NetForm {
         let settings = InterfaceConfig {
             name: management.clone(),
             vlan,
-            mode: if self.static_mode {
-                AddressMode::Static
-            } else {
-                AddressMode::Dhcp
-            },
+            mode: self.mode,
             addresses,
             gateway4,
             gateway6,
@@ -591,14 +824,22 @@ impl NetForm {
     /// The device the settings being typed apply to.
     fn device(&self) -> String {
         let mut c = self.base.clone();
-        c.bridge = self.text(FieldId::Bridge).trim().to_owned();
         let vlan = self
             .text(FieldId::Vlan)
             .trim()
             .parse()
             .ok()
             .filter(|v| validate_vlan(*v).is_ok());
-        settings_device(&c, self.text(FieldId::Management).trim(), vlan)
+        match &self.nic {
+            Some(nic) => {
+                c.bridge.clear();
+                settings_device(&c, nic, vlan)
+            }
+            None => {
+                c.bridge = self.text(FieldId::Bridge).trim().to_owned();
+                settings_device(&c, self.text(FieldId::Management).trim(), vlan)
+            }
+        }
     }
 
     fn hint(&self) -> String {
@@ -612,37 +853,53 @@ impl NetForm {
                 format!("A NIC (Left/Right cycles), or a bond's name. NICs: {nics}")
             }
             FieldId::Bond => "NICs to bond, e.g. eth1 eth2; empty: no bond".into(),
+            FieldId::Vlan if self.nic.is_some() => {
+                "802.1Q id 1-4094; the NIC itself then gets no address".into()
+            }
             FieldId::Vlan => "802.1Q id 1-4094 of the management network; empty: untagged".into(),
+            FieldId::Mode if self.nic.is_some() => {
+                "Space or Left/Right: DHCP, static or off (link up, no address)".into()
+            }
             FieldId::Mode => "Space or Left/Right: DHCP or static".into(),
             FieldId::Ipv4 => format!("ADDRESS/PREFIX, e.g. {}", example(true)),
             FieldId::Ipv6 => format!("ADDRESS/PREFIX, e.g. {}; empty: none", example(false)),
+            FieldId::Gateway4 | FieldId::Gateway6 if self.nic.is_some() => {
+                "Optional, in the address's subnet; a storage network needs none".into()
+            }
             FieldId::Gateway4 | FieldId::Gateway6 => {
                 "Default gateway, in the address's subnet; empty: none".into()
             }
             FieldId::Dns => "Comma-separated; empty: use DNS from DHCP".into(),
             FieldId::Bridge => "Guests' taps join it; empty: no bridge".into(),
+            FieldId::Mtu => "68-9216, e.g. 9000 for jumbo frames; empty: the kernel's".into(),
         }
     }
 
     /// The form's lines for the body of the Network screen (at most 17).
     pub fn lines(&self) -> Vec<Line<'static>> {
+        let what = match &self.nic {
+            Some(nic) => format!("Interface {nic}"),
+            None => "Management network".to_owned(),
+        };
         let mut l = vec![
-            Line::raw(format!(
-                "Management network: these settings apply to {}",
-                self.device()
-            )),
+            Line::raw(format!("{what}: these settings apply to {}", self.device())),
             Line::raw(""),
         ];
-        for (f, label) in FIELDS {
+        for (f, label) in FIELDS.into_iter().filter(|(f, _)| self.shows(*f)) {
             let focused = self.focus == f;
             let value = if f == FieldId::Mode {
-                if self.static_mode {
-                    "< static >".to_owned()
-                } else {
-                    "< DHCP >".to_owned()
+                match self.mode {
+                    AddressMode::Dhcp => "< DHCP >",
+                    AddressMode::Static => "< static >",
+                    AddressMode::Manual => "< off >",
                 }
+                .to_owned()
             } else if !self.active(f) {
-                "(from DHCP)".to_owned()
+                if self.mode == AddressMode::Manual {
+                    "(none)".to_owned()
+                } else {
+                    "(from DHCP)".to_owned()
+                }
             } else {
                 // The focused field shows its end, where the cursor is; others their start.
                 let mut v = self.text(f).to_owned();
@@ -729,7 +986,7 @@ mod tests {
 
     fn static_form() -> NetForm {
         let mut f = form();
-        f.static_mode = true;
+        f.mode = AddressMode::Static;
         set(&mut f, FieldId::Ipv4, "192.0.2.10/24");
         set(&mut f, FieldId::Gateway4, "192.0.2.1");
         f
@@ -740,7 +997,7 @@ mod tests {
         let f = form();
         assert_eq!(f.nics, ["eth0", "eth1"]);
         assert_eq!(f.text(FieldId::Management), "eth0");
-        assert!(!f.static_mode);
+        assert_eq!(f.mode, AddressMode::Dhcp);
         assert_eq!(f.errors, vec![]);
         let c = f.check().unwrap();
         assert_eq!(c.management.as_deref(), Some("eth0"));
@@ -824,7 +1081,7 @@ mod tests {
     fn dhcp_ignores_the_static_fields_even_when_invalid() {
         let mut f = static_form();
         set(&mut f, FieldId::Ipv4, "nonsense");
-        f.static_mode = false;
+        f.mode = AddressMode::Dhcp;
         let c = f.check().unwrap();
         assert!(c.interfaces[0].addresses.is_empty());
         assert_eq!(c.interfaces[0].gateway4, None);
@@ -909,7 +1166,7 @@ mod tests {
         );
         f.focus = FieldId::Mode;
         f.on_key(KeyEvent::new(KeyCode::Char(' '), KeyModifiers::NONE));
-        assert!(f.static_mode);
+        assert_eq!(f.mode, AddressMode::Static);
         f.on_key(tab);
         assert_eq!(f.focus, FieldId::Ipv4);
     }

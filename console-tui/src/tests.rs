@@ -409,6 +409,206 @@ fn esc_closes_the_network_form_without_sending_anything() {
     assert!(!s.contains("Pending change"), "{s}");
 }
 
+/// eth1 on a storage network: static, no gateway, jumbo frames.
+fn storage_eth1() -> InterfaceConfig {
+    InterfaceConfig {
+        name: "eth1".into(),
+        mode: AddressMode::Static,
+        addresses: vec!["198.51.100.5/24".into()],
+        mtu: Some(9000),
+        ..Default::default()
+    }
+}
+
+/// The Network screen with `config` saved, eth1 selected and its form open.
+fn eth1_form_app(config: NetworkConfig) -> App {
+    let mut a = app();
+    let mut v = network_view();
+    v.config = config;
+    a.set_network(v, Instant::now());
+    a.on_key(key(KeyCode::Char('2')));
+    a.on_key(key(KeyCode::Down));
+    assert!(a.on_key(key(KeyCode::Char('e'))).is_empty());
+    a
+}
+
+#[test]
+fn up_and_down_move_the_marker_over_the_nics_but_the_management_one() {
+    let mut a = net_app();
+    let s = render(&a);
+    assert!(row(&s, "Management").contains("> Management"), "{s}");
+    assert!(row(&s, " eth1 ").contains("  e eth1"), "{s}");
+    assert!(
+        !row(&s, " eth0 ").contains("e eth0"),
+        "enslaved to br0:\n{s}"
+    );
+    assert!(!row(&s, " br0 ").contains("e br0"), "the bridge:\n{s}");
+    assert!(s.contains("e/Enter: edit the management network"), "{s}");
+
+    a.on_key(key(KeyCode::Down));
+    let s = render(&a);
+    assert!(row(&s, " eth1 ").contains("> e eth1"), "{s}");
+    assert!(!row(&s, "Management").contains("> Management"), "{s}");
+    assert!(
+        s.contains("e/Enter: edit eth1   h: change the host name"),
+        "{s}"
+    );
+    a.on_key(key(KeyCode::Down));
+    assert!(
+        row(&render(&a), " eth1 ").contains("> e eth1"),
+        "stops at the last"
+    );
+    a.on_key(key(KeyCode::Up));
+    a.on_key(key(KeyCode::Up));
+    assert!(row(&render(&a), "Management").contains("> Management"));
+    a.on_key(key(KeyCode::Enter));
+    assert!(render(&a).contains("Management NIC"), "the management form");
+}
+
+#[test]
+fn bond_members_are_not_selectable() {
+    let mut a = app();
+    let mut v = network_view();
+    v.config.management = Some("bond0".into());
+    v.config.bonds = vec![hvnode_api::config::BondConfig {
+        name: "bond0".into(),
+        mode: "active-backup".into(),
+        members: vec!["eth0".into(), "eth1".into()],
+    }];
+    a.set_network(v, Instant::now());
+    a.on_key(key(KeyCode::Char('2')));
+    a.on_key(key(KeyCode::Down));
+    let s = render(&a);
+    assert!(row(&s, "Management").contains("> Management"), "{s}");
+    assert!(!s.contains("e eth"), "{s}");
+    assert!(!s.contains("Up/Down: select"), "{s}");
+}
+
+#[test]
+fn interface_form_is_prefilled_from_the_saved_settings_of_its_nic() {
+    let mut saved = static_config();
+    saved.interfaces.push(storage_eth1());
+    let a = eth1_form_app(saved);
+    let s = render(&a);
+    assert!(s.contains("hvnode: Network: edit eth1"), "{s}");
+    assert!(
+        s.contains("Interface eth1: these settings apply to eth1"),
+        "{s}"
+    );
+    for (label, value) in [
+        ("Mode", "< static >"),
+        ("IPv4 address", "198.51.100.5/24"),
+        ("MTU", "9000"),
+    ] {
+        assert!(row(&s, label).contains(value), "{label}: {value:?}\n{s}");
+    }
+    assert!(
+        row(&s, "Mode").contains(">Mode"),
+        "focus starts on the mode\n{s}"
+    );
+    for absent in ["Management NIC", "Bond members", "DNS servers", "Bridge"] {
+        assert!(!s.contains(absent), "{absent}\n{s}");
+    }
+    assert!(!s.contains(" ! "), "a valid form shows no error:\n{s}");
+}
+
+#[test]
+fn interface_form_without_settings_starts_on_dhcp() {
+    let s = render(&eth1_form_app(NetworkConfig::default()));
+    assert!(row(&s, "Mode").contains("< DHCP >"), "{s}");
+    assert!(row(&s, "IPv4 address").contains("(from DHCP)"), "{s}");
+    for empty in ["MTU", "VLAN id"] {
+        let r = row(&s, empty).trim_end_matches(['|', ' ']);
+        assert!(r.ends_with(empty), "{empty} is empty:\n{s}");
+    }
+}
+
+#[test]
+fn interface_form_shows_each_error_beside_its_field_and_sends_nothing() {
+    let mut saved = static_config();
+    saved.interfaces.push(storage_eth1());
+    let cases = [
+        ("IPv4 gateway", "192.0.2.1", "! not in 198.51.100.0/24"),
+        ("MTU", "10000", "! MTU must be 68-9216"),
+        ("MTU", "jumbo", "! MTU must be 68-9216"),
+        ("VLAN id", "4095", "! VLAN id must be 1-4094"),
+        ("IPv4 address", "198.51.100.5", "! needs /PREFIX, e.g. /24"),
+    ];
+    for (label, text, error) in cases {
+        let mut a = eth1_form_app(saved.clone());
+        focus(&mut a, label);
+        a.on_key(ctrl('u'));
+        typed(&mut a, text);
+        let s = render(&a);
+        let r = row(&s, label);
+        assert!(
+            r.contains(text) && r.contains(error),
+            "{label}: {error}\n{s}"
+        );
+        assert_eq!(s.matches(" ! ").count(), 1, "only {label} is wrong:\n{s}");
+        assert!(a.on_key(key(KeyCode::Enter)).is_empty(), "{label}: sent");
+        assert!(render(&a).contains("Not sent: 1 field(s) invalid"));
+        assert!(a.net_form.is_some(), "the form stays open");
+    }
+}
+
+#[test]
+fn editing_a_second_nic_to_static_changes_only_that_interface() {
+    let mut a = eth1_form_app(static_config());
+    a.on_key(key(KeyCode::Char(' ')));
+    a.on_key(key(KeyCode::Tab));
+    typed(&mut a, "198.51.100.5/24");
+    focus(&mut a, "MTU");
+    typed(&mut a, "9000");
+    let mut want = static_config();
+    want.interfaces.push(storage_eth1());
+    assert_eq!(
+        a.on_key(key(KeyCode::Enter)),
+        vec![Action::ApplyNetwork(want)]
+    );
+    assert!(a.net_form.is_none());
+    assert_eq!(a.screen, Screen::Network);
+}
+
+#[test]
+fn interface_form_edits_the_pending_change_rather_than_the_saved_config() {
+    let mut a = app();
+    let mut v = network_view();
+    let mut pending = static_config();
+    pending.interfaces.push(storage_eth1());
+    v.pending = Some(pending.clone());
+    v.rollback_in_secs = Some(50);
+    a.set_network(v, Instant::now());
+    a.on_key(key(KeyCode::Char('2')));
+    a.on_key(key(KeyCode::Down));
+    a.on_key(key(KeyCode::Enter));
+    assert!(row(&render(&a), "IPv4 address").contains("198.51.100.5/24"));
+    // Back to plain DHCP: the entry goes, the management settings stay.
+    a.on_key(key(KeyCode::Char('d')));
+    focus(&mut a, "MTU");
+    a.on_key(ctrl('u'));
+    assert_eq!(
+        a.on_key(key(KeyCode::Enter)),
+        vec![Action::ApplyNetwork(static_config())]
+    );
+}
+
+#[test]
+fn esc_closes_the_interface_form_without_sending_anything() {
+    let mut a = eth1_form_app(NetworkConfig::default());
+    a.on_key(key(KeyCode::Char('s')));
+    a.on_key(key(KeyCode::Tab));
+    typed(&mut a, "198.51.100.5/24");
+    assert!(a.on_key(key(KeyCode::Esc)).is_empty());
+    assert!(a.net_form.is_none());
+    let s = render(&a);
+    assert!(
+        s.contains("e/Enter: edit eth1"),
+        "the selection stays:\n{s}"
+    );
+    assert!(!s.contains("Pending change"), "{s}");
+}
+
 #[test]
 fn pending_change_counts_down_and_checks_the_new_addresses() {
     let mut a = net_app();
