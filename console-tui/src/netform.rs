@@ -1171,6 +1171,117 @@ mod tests {
         assert_eq!(f.focus, FieldId::Ipv4);
     }
 
+    fn eth1_form(saved: NetworkConfig) -> NetForm {
+        NetForm::for_interface(&view(saved), "eth1")
+    }
+
+    #[test]
+    fn only_nics_outside_the_management_device_are_selectable() {
+        assert_eq!(selectable_nics(&view(NetworkConfig::default())), ["eth1"]);
+        let mut v = view(NetworkConfig::default());
+        v.pending = Some(NetworkConfig {
+            management: Some("eth1".into()),
+            ..Default::default()
+        });
+        assert!(selectable_nics(&v).is_empty(), "eth0 saved, eth1 pending");
+    }
+
+    #[test]
+    fn interface_vlan_puts_the_settings_on_the_tagged_nic_and_reads_back() {
+        let mut f = eth1_form(NetworkConfig::default());
+        f.mode = AddressMode::Static;
+        set(&mut f, FieldId::Vlan, "30");
+        set(&mut f, FieldId::Ipv4, "198.51.100.5/24");
+        set(&mut f, FieldId::Mtu, "9000");
+        assert!(f.lines()[0].to_string().ends_with("apply to eth1.30"));
+        let c = f.check().unwrap();
+        assert_eq!(c.interfaces.len(), 2);
+        assert_eq!(
+            (c.interfaces[0].device_name(), c.interfaces[0].mode),
+            ("eth1".to_owned(), AddressMode::Manual)
+        );
+        assert_eq!(
+            c.interfaces[0].mtu,
+            Some(9000),
+            "the VLAN's MTU fits its NIC"
+        );
+        assert_eq!(c.interfaces[1].device_name(), "eth1.30");
+        assert_eq!(c.interfaces[1].gateway4, None);
+        let back = eth1_form(c.clone());
+        assert_eq!(back.text(FieldId::Vlan), "30");
+        assert_eq!(back.check().unwrap(), c);
+        // Dropping the VLAN drops both entries' old forms.
+        let mut f = back;
+        set(&mut f, FieldId::Vlan, "");
+        let c = f.check().unwrap();
+        assert_eq!(c.interfaces.len(), 1);
+        assert_eq!(c.interfaces[0].device_name(), "eth1");
+    }
+
+    #[test]
+    fn interface_off_keeps_the_link_up_without_addresses() {
+        let mut f = eth1_form(NetworkConfig::default());
+        f.focus = FieldId::Mode;
+        let right = KeyEvent::new(KeyCode::Right, KeyModifiers::NONE);
+        f.on_key(right);
+        assert_eq!(f.mode, AddressMode::Static);
+        f.on_key(right);
+        assert_eq!(f.mode, AddressMode::Manual);
+        assert!(!f.active(FieldId::Ipv4));
+        assert!(f.lines()[5].to_string().contains("(none)"));
+        let c = f.check().unwrap();
+        assert_eq!(c.interfaces[0].mode, AddressMode::Manual);
+        assert!(c.interfaces[0].addresses.is_empty());
+        f.on_key(right);
+        assert_eq!(f.mode, AddressMode::Dhcp, "wraps around");
+        assert_eq!(
+            f.check().unwrap().interfaces,
+            vec![],
+            "plain DHCP is unlisted"
+        );
+    }
+
+    #[test]
+    fn interface_form_keeps_the_other_interfaces_and_their_order() {
+        let eth0 = InterfaceConfig {
+            name: "eth0".into(),
+            mode: AddressMode::Static,
+            addresses: vec!["192.0.2.10/24".into()],
+            gateway4: Some("192.0.2.1".parse().unwrap()),
+            ..Default::default()
+        };
+        let eth1_vlan = |id: u16| InterfaceConfig {
+            name: "eth1".into(),
+            vlan: Some(id),
+            mode: AddressMode::Static,
+            addresses: vec![format!("198.51.{id}.5/24")],
+            ..Default::default()
+        };
+        let saved = NetworkConfig {
+            management: Some("eth0".into()),
+            dns: vec!["192.0.2.53".parse().unwrap()],
+            interfaces: vec![eth1_vlan(40), eth0.clone(), eth1_vlan(100)],
+            ..Default::default()
+        };
+        let mut f = eth1_form(saved.clone());
+        assert_eq!(f.text(FieldId::Vlan), "40", "the first tagged entry");
+        set(&mut f, FieldId::Mtu, "1400");
+        let c = f.check().unwrap();
+        let mut want = saved;
+        want.interfaces[0].mtu = Some(1400);
+        // The NIC under the VLAN now says it carries no address, rather than DHCP by default.
+        want.interfaces.insert(
+            0,
+            InterfaceConfig {
+                name: "eth1".into(),
+                mode: AddressMode::Manual,
+                mtu: Some(1400),
+                ..Default::default()
+            },
+        );
+        assert_eq!(c, want, "only eth1 and eth1.40 changed, in place");
+    }
+
     #[test]
     fn control_keys_edit_and_never_type_letters() {
         let mut f = form();
