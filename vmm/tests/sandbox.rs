@@ -32,8 +32,27 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// A VMM under test; killed if the test fails before [`stop`], so that no spinning guest
+/// outlives it.
+struct Vmm(Option<Child>);
+
+impl Vmm {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Starts a 2-vCPU guest that prints "up" and spins, with `env` set for the VMM.
-fn start(dir: &Path, env: &[(&str, &str)]) -> Child {
+fn start(dir: &Path, env: &[(&str, &str)]) -> Vmm {
     let mut code = serial_print("up\n");
     code.extend_from_slice(&SPIN);
     let kernel = dir.join("payload.elf");
@@ -47,12 +66,14 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> Child {
         "control_socket": dir.join("control.sock"),
         "exit_file": dir.join("exit.json"),
     });
-    Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
         .args(["--config-json", &cfg.to_string()])
         .envs(env.iter().copied())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Vmm(Some(child))
 }
 
 fn wait_for_up(dir: &Path) {
@@ -65,18 +86,21 @@ fn wait_for_up(dir: &Path) {
 
 fn ask(dir: &Path, req: &str) -> serde_json::Value {
     let sock = UnixStream::connect(dir.join("control.sock")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     writeln!(&sock, "{req}").unwrap();
     let mut line = String::new();
     BufReader::new(&sock).read_line(&mut line).unwrap();
     serde_json::from_str(&line).unwrap()
 }
 
-/// The `Name:\tvalue` lines of /proc/PID/task/TID/status, for every thread of `pid`.
+/// The `Name:\tvalue` lines of /proc/PID/task/TID/status, for every thread of `pid`. A thread
+/// that ends during the scan (a control client's, say) is left out.
 fn thread_status(pid: u32) -> Vec<Vec<(String, String)>> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .map(|t| {
-            let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|status| {
             status
                 .lines()
                 .filter_map(|l| l.split_once(':'))
@@ -94,8 +118,9 @@ fn field<'a>(status: &'a [(String, String)], name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} in {status:?}"))
 }
 
-fn stop(child: Child, dir: &Path) -> String {
+fn stop(mut vmm: Vmm, dir: &Path) -> String {
     assert_eq!(ask(dir, r#"{"op":"stop"}"#)["result"], "ok");
+    let child = vmm.0.take().expect("a running VMM");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stderr}");

@@ -20,6 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::Worker;
 use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};
 
 /// Size of one device's register window.
@@ -43,7 +44,8 @@ pub struct MmioTransport {
     driver_features_select: u32,
     driver_features: u64,
     status: u32,
-    active: bool,
+    /// The device's worker while it is active (from DRIVER_OK to reset).
+    worker: Option<Worker>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -51,7 +53,7 @@ impl std::fmt::Debug for MmioTransport {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.device.device_type())
             .field("status", &self.status)
-            .field("active", &self.active)
+            .field("active", &self.worker.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -83,7 +85,7 @@ impl MmioTransport {
             driver_features_select: 0,
             driver_features: 0,
             status: 0,
-            active: false,
+            worker: None,
         })
     }
 
@@ -98,14 +100,18 @@ impl MmioTransport {
         self.device.stats()
     }
 
-    /// Parks the device's worker, if it runs (see [`VirtioDevice::pause`]).
+    /// Parks the device's worker, if one runs, once its request in flight is done: from then on
+    /// the device neither reads its queues and backend nor writes guest memory. Fails at
+    /// `deadline` with the pause still asked for, which [`MmioTransport::resume`] ends.
     pub fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
-        self.device.pause(deadline)
+        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
     }
 
-    /// Lets the device's worker run again.
+    /// Lets a parked worker run again; what arrived meanwhile is served then.
     pub fn resume(&self) {
-        self.device.resume();
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {
@@ -186,7 +192,7 @@ impl MmioTransport {
             }
             reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_select = v,
             // Reached only when no ioeventfd took the write (tests, or a KVM without it).
-            reg::VIRTIO_MMIO_QUEUE_NOTIFY if self.active => {
+            reg::VIRTIO_MMIO_QUEUE_NOTIFY if self.worker.is_some() => {
                 if let Some(e) = self.queue_events.get(v as usize) {
                     let _ = e.write(1);
                 }
@@ -298,7 +304,7 @@ impl MmioTransport {
             features: self.driver_features,
         };
         match self.device.activate(activation) {
-            Ok(()) => self.active = true,
+            Ok(worker) => self.worker = Some(worker),
             Err(e) => {
                 eprintln!(
                     "hvnode-vmm: virtio device {}: activation: {e}",
@@ -310,7 +316,8 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        self.device.reset();
+        // Dropping the worker stops and joins it.
+        self.worker = None;
         for q in &mut self.queues {
             q.reset();
         }
@@ -323,7 +330,6 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.driver_features = 0;
         self.status = 0;
-        self.active = false;
     }
 }
 
@@ -456,7 +462,7 @@ mod tests {
             r(&mut t, reg::VIRTIO_MMIO_STATUS),
             ACK | DRIVER | FEATURES_OK | DRIVER_OK
         );
-        assert!(t.active);
+        assert!(t.worker.is_some());
         // Writes to the queue registers are ignored from now on.
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 4);
@@ -495,7 +501,7 @@ mod tests {
             reg::VIRTIO_MMIO_STATUS,
             ACK | DRIVER | FEATURES_OK | DRIVER_OK,
         );
-        assert!(!t.active);
+        assert!(t.worker.is_none());
         assert_ne!(
             r(&mut t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
             0
@@ -519,12 +525,12 @@ mod tests {
             reg::VIRTIO_MMIO_STATUS,
             ACK | DRIVER | FEATURES_OK | DRIVER_OK,
         );
-        assert!(t.active);
+        assert!(t.worker.is_some());
         // The same queue with its used ring over the end of the first region.
         w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
         negotiate(&mut t);
         setup_queue(&mut t, &q, 16);
-        assert!(!t.active && t.queues[0].ready());
+        assert!(t.worker.is_none() && t.queues[0].ready());
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, (16 << 20) - 64);
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
@@ -533,7 +539,7 @@ mod tests {
             reg::VIRTIO_MMIO_STATUS,
             ACK | DRIVER | FEATURES_OK | DRIVER_OK,
         );
-        assert!(!t.active);
+        assert!(t.worker.is_none());
         assert_ne!(
             r(&mut t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
             0
@@ -552,9 +558,9 @@ mod tests {
             reg::VIRTIO_MMIO_STATUS,
             ACK | DRIVER | FEATURES_OK | DRIVER_OK,
         );
-        assert!(t.active);
+        assert!(t.worker.is_some());
         w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
-        assert!(!t.active);
+        assert!(t.worker.is_none());
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), 0);
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
         assert_eq!(t.driver_features, 0);
@@ -567,7 +573,7 @@ mod tests {
             reg::VIRTIO_MMIO_STATUS,
             ACK | DRIVER | FEATURES_OK | DRIVER_OK,
         );
-        assert!(t.active);
+        assert!(t.worker.is_some());
         assert_eq!(t.queues[0].size(), 8);
     }
 
@@ -580,7 +586,7 @@ mod tests {
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), ACK | DRIVER);
         w(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER | DRIVER_OK);
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), ACK | DRIVER);
-        assert!(!t.active);
+        assert!(t.worker.is_none());
     }
 
     #[test]

@@ -19,11 +19,10 @@ mod chain;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-mod worker;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
@@ -140,16 +139,9 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// The device configuration space (read-only for the devices here).
     fn config(&self) -> &[u8];
-    /// Starts processing the queues.
-    fn activate(&mut self, activation: Activation) -> Result<(), DeviceError>;
-    /// Stops processing (joins the worker); the transport resets the queues.
-    fn reset(&mut self);
-    /// Parks the worker, if one runs, once its request in flight is done: from then on the
-    /// device neither reads its queues and backend nor writes guest memory. Fails at `deadline`
-    /// with the pause still asked for, which [`VirtioDevice::resume`] ends.
-    fn pause(&self, deadline: Instant) -> Result<(), DeviceError>;
-    /// Lets a parked worker run again; what arrived meanwhile is served then.
-    fn resume(&self);
+    /// Starts processing the queues: the worker that serves them. The transport owns it:
+    /// dropping it (reset) stops and joins it, and the transport parks it on pause.
+    fn activate(&mut self, activation: Activation) -> Result<worker::Worker, DeviceError>;
     /// The device's counters.
     fn stats(&self) -> BTreeMap<String, u64>;
 }

@@ -138,14 +138,14 @@ impl Drop for EndGuard<'_> {
 
 /// A running device worker thread.
 #[derive(Debug)]
-pub(crate) struct Worker {
+pub struct Worker {
     gate: Arc<Gate>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
     /// Starts `handler` on a thread named `name`, woken by `events` (queue `i` is `events[i]`).
-    pub fn spawn<H: Handler>(
+    pub(crate) fn spawn<H: Handler>(
         name: &str,
         handler: H,
         events: Vec<EventFd>,

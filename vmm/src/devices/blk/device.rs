@@ -3,7 +3,6 @@ use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -39,7 +38,6 @@ pub struct Block {
     config: [u8; 16],
     features: u64,
     counters: Arc<Counters>,
-    worker: Option<Worker>,
 }
 
 impl Block {
@@ -83,7 +81,6 @@ impl Block {
             config,
             features,
             counters: Arc::default(),
-            worker: None,
         })
     }
 }
@@ -105,7 +102,7 @@ impl VirtioDevice for Block {
         &self.config
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), DeviceError> {
+    fn activate(&mut self, a: Activation) -> Result<Worker, DeviceError> {
         let got = a.queues.len();
         let Ok([q]) = <[_; 1]>::try_from(a.queues) else {
             return Err(DeviceError::QueueCount { expected: 1, got });
@@ -116,24 +113,8 @@ impl VirtioDevice for Block {
             disk: Arc::clone(&self.disk),
             counters: Arc::clone(&self.counters),
         };
-        let worker = Worker::spawn("virtio-blk", handler, vec![q.event], a.interrupt)
-            .map_err(DeviceError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.worker = None;
-    }
-
-    fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
-        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
-    }
-
-    fn resume(&self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        Worker::spawn("virtio-blk", handler, vec![q.event], a.interrupt)
+            .map_err(DeviceError::Worker)
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {

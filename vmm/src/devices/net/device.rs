@@ -3,7 +3,6 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -39,7 +38,6 @@ pub struct Net {
     tap: Arc<File>,
     config: [u8; 8],
     counters: Arc<Counters>,
-    worker: Option<Worker>,
 }
 
 impl Net {
@@ -54,7 +52,6 @@ impl Net {
             tap: Arc::new(tap),
             config,
             counters: Arc::default(),
-            worker: None,
         }
     }
 }
@@ -76,7 +73,7 @@ impl VirtioDevice for Net {
         &self.config
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), DeviceError> {
+    fn activate(&mut self, a: Activation) -> Result<Worker, DeviceError> {
         let got = a.queues.len();
         let Ok([rx, tx]) = <[_; 2]>::try_from(a.queues) else {
             return Err(DeviceError::QueueCount { expected: 2, got });
@@ -88,24 +85,8 @@ impl VirtioDevice for Net {
             Arc::clone(&self.tap),
             Arc::clone(&self.counters),
         );
-        let worker = Worker::spawn("virtio-net", handler, vec![rx.event, tx.event], a.interrupt)
-            .map_err(DeviceError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.worker = None;
-    }
-
-    fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
-        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
-    }
-
-    fn resume(&self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        Worker::spawn("virtio-net", handler, vec![rx.event, tx.event], a.interrupt)
+            .map_err(DeviceError::Worker)
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {

@@ -2,7 +2,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Instant;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -29,7 +28,6 @@ struct Counters {
 pub struct Rng {
     source: Arc<File>,
     counters: Arc<Counters>,
-    worker: Option<Worker>,
 }
 
 impl Rng {
@@ -38,7 +36,6 @@ impl Rng {
         Ok(Rng {
             source: Arc::new(File::open("/dev/urandom")?),
             counters: Arc::default(),
-            worker: None,
         })
     }
 }
@@ -60,7 +57,7 @@ impl VirtioDevice for Rng {
         &[]
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), DeviceError> {
+    fn activate(&mut self, a: Activation) -> Result<Worker, DeviceError> {
         let got = a.queues.len();
         let Ok([q]) = <[_; 1]>::try_from(a.queues) else {
             return Err(DeviceError::QueueCount { expected: 1, got });
@@ -71,24 +68,8 @@ impl VirtioDevice for Rng {
             source: Arc::clone(&self.source),
             counters: Arc::clone(&self.counters),
         };
-        let worker = Worker::spawn("virtio-rng", handler, vec![q.event], a.interrupt)
-            .map_err(DeviceError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.worker = None;
-    }
-
-    fn pause(&self, deadline: Instant) -> Result<(), DeviceError> {
-        self.worker.as_ref().map_or(Ok(()), |w| w.pause(deadline))
-    }
-
-    fn resume(&self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        Worker::spawn("virtio-rng", handler, vec![q.event], a.interrupt)
+            .map_err(DeviceError::Worker)
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {
