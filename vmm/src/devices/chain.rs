@@ -11,6 +11,8 @@ use std::ops::Deref;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::worker::Progress;
+
 /// A guest buffer: one descriptor's address and length, checked to lie in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Segment {
@@ -86,6 +88,28 @@ pub(crate) fn pop<'a>(
         Some(c) if c.head_index() >= size => Err(QueueFault::Head(c.head_index(), size)),
         other => Ok(other),
     }
+}
+
+/// Serves up to one queue's worth of requests of a device that answers each chain at once:
+/// `serve` gets the chain parsed (or why it is malformed) and returns the bytes it wrote to the
+/// guest; the head goes back to the used ring whatever happened.
+pub(crate) fn serve_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve: impl FnMut(Result<Chain, ChainError>) -> u32,
+) -> Result<Progress, QueueFault> {
+    let mut progress = Progress::default();
+    for _ in 0..queue.size() {
+        let Some(c) = pop(queue, mem)? else {
+            return Ok(progress);
+        };
+        let head = c.head_index();
+        let len = serve(parse(c));
+        complete(queue, mem, head, len)?;
+        progress.used = true;
+    }
+    progress.more = true;
+    Ok(progress)
 }
 
 /// Returns a chain's head to the used ring with `len` bytes written.

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::SECTOR_SIZE;
@@ -84,25 +84,16 @@ pub(super) fn process(
     disk: &Disk,
     counters: &Counters,
 ) -> Result<Progress, QueueFault> {
-    let mut progress = Progress::default();
-    for _ in 0..queue.size() {
-        let Some(c) = chain::pop(queue, mem)? else {
-            return Ok(progress);
-        };
-        let head = c.head_index();
+    chain::serve_queue(queue, mem, |parsed| {
         counters.requests.inc();
-        let len = match chain::parse(c) {
+        match parsed {
             Ok(c) => execute(mem, &c, disk, counters),
             Err(_) => {
                 counters.errors.inc();
                 0
             }
-        };
-        chain::complete(queue, mem, head, len)?;
-        progress.used = true;
-    }
-    progress.more = true;
-    Ok(progress)
+        }
+    })
 }
 
 /// Runs one request and writes its status; returns the bytes written to the guest (data plus
@@ -232,6 +223,7 @@ mod tests {
     use crate::devices::chain::testing::*;
     use std::io::{Read, Write};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
 
     const HDR: u64 = 0x10_0000;

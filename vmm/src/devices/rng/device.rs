@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 use crate::devices::chain::{self, Chain, QueueFault};
@@ -101,25 +101,14 @@ fn process(
     source: &File,
     counters: &Counters,
 ) -> Result<Progress, QueueFault> {
-    let mut progress = Progress::default();
-    for _ in 0..queue.size() {
-        let Some(c) = chain::pop(queue, mem)? else {
-            return Ok(progress);
-        };
-        let head = c.head_index();
+    chain::serve_queue(queue, mem, |parsed| {
         counters.requests.inc();
-        let len = match chain::parse(c) {
-            Ok(c) => fill(mem, &c, source, counters),
-            Err(_) => None,
-        };
+        let len = parsed.ok().and_then(|c| fill(mem, &c, source, counters));
         if len.is_none() {
             counters.errors.inc();
         }
-        chain::complete(queue, mem, head, len.unwrap_or(0))?;
-        progress.used = true;
-    }
-    progress.more = true;
-    Ok(progress)
+        len.unwrap_or(0)
+    })
 }
 
 /// Fills the chain's buffers; `None` for a malformed request (device-readable buffers, bad
