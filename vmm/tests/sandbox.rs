@@ -6,31 +6,15 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hvnode_vmm::payload::{elf64, serial_print, SPIN};
 use hvnode_vmm::seccomp::{DISABLE_ENV, UNPRIVILEGED_ID};
 
-fn kvm_usable(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("skipping {test}: /dev/kvm not available");
-    }
-    ok
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hvnode-sandbox-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{kvm_usable, scratch};
 
 /// A VMM under test; killed if the test fails before [`stop`], so that no spinning guest
 /// outlives it.
