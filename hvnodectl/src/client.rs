@@ -428,6 +428,14 @@ impl NodeClient {
                 .to_bytes();
             Ok(bytes)
         };
+        self.within_request_timeout(fut).await
+    }
+
+    /// `fut`'s result, or a timeout error naming this node after [`REQUEST_TIMEOUT`].
+    async fn within_request_timeout<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
             .map_err(|_| ClientError::Timeout {
@@ -470,12 +478,7 @@ impl NodeClient {
                 .map(TokioIo::new)
                 .map_err(|e| self.map_hyper(e))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                node: self.node.clone(),
-                secs: REQUEST_TIMEOUT.as_secs(),
-            })?
+        self.within_request_timeout(fut).await
     }
 
     /// `GET path` and decode the JSON answer. Also returns the raw answer for `--json`.
