@@ -172,7 +172,7 @@ pub fn error_response(e: Error) -> Resp {
     json_response(
         e.0,
         &ApiError {
-            code: e.1.to_owned(),
+            code: hvnode_api::error::ErrorCode::from_wire(e.1),
             message: e.2,
         },
     )

@@ -1,15 +1,198 @@
-//! The JSON error body every API error carries.
+//! The error contract of the API: every stable error code with its HTTP status, and the JSON
+//! body every error carries.
 
 use serde::{Deserialize, Serialize};
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = ($status:literal, $code:literal), )*) => {
+        /// Every stable error code the agent (and the manager side, `hvnodectl serve`) answers
+        /// with, each with its HTTP status. The wire form is the snake_case string; a code this
+        /// build does not know (a newer peer) reads as [`ErrorCode::Unknown`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $( $(#[$doc])* #[serde(rename = $code)] $variant, )*
+            /// A code this build does not know.
+            #[serde(other)]
+            Unknown,
+        }
+
+        impl ErrorCode {
+            /// Every known code, for tests and documentation.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The HTTP status this code is answered with.
+            pub fn status(self) -> u16 {
+                match self {
+                    $(ErrorCode::$variant => $status,)*
+                    ErrorCode::Unknown => 500,
+                }
+            }
+
+            /// The stable string on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                    ErrorCode::Unknown => "unknown",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The body is not valid JSON for the route's type.
+    InvalidJson = (400, "invalid_json"),
+    /// The body could not be read.
+    BadBody = (400, "bad_body"),
+    /// The request needs a body and has none.
+    BodyRequired = (400, "body_required"),
+    /// A query parameter is not what the route takes.
+    InvalidQuery = (400, "invalid_query"),
+    /// A typed confirmation does not match what it confirms.
+    ConfirmationMismatch = (400, "confirmation_mismatch"),
+    /// A fingerprint does not match the certificate it names.
+    FingerprintMismatch = (400, "fingerprint_mismatch"),
+    /// A fingerprint is not 32 hex bytes.
+    InvalidFingerprint = (400, "invalid_fingerprint"),
+    /// A CA certificate cannot be parsed.
+    InvalidCa = (400, "invalid_ca"),
+    /// Not a valid guest name.
+    InvalidGuestName = (400, "invalid_guest_name"),
+    /// A guest's disk or kernel path is not usable.
+    InvalidGuestPath = (400, "invalid_guest_path"),
+    /// The guest definition is invalid.
+    InvalidGuestSpec = (400, "invalid_guest_spec"),
+    /// Not a valid host name.
+    InvalidHostname = (400, "invalid_hostname"),
+    /// The network configuration is invalid.
+    InvalidNetwork = (400, "invalid_network"),
+    /// Not a valid manager name.
+    InvalidManagerName = (400, "invalid_manager_name"),
+    /// Not a valid manager URL.
+    InvalidManagerUrl = (400, "invalid_manager_url"),
+    /// An image path leaves the image directory or is malformed.
+    InvalidPath = (400, "invalid_path"),
+    /// A timeout parameter is out of range.
+    InvalidTimeout = (400, "invalid_timeout"),
+    /// A name in the body does not match the name in the path.
+    NameMismatch = (400, "name_mismatch"),
+    /// The route needs an HTTP upgrade.
+    UpgradeRequired = (400, "upgrade_required"),
+    /// A join request is malformed.
+    InvalidJoinRequest = (400, "invalid_join_request"),
+    /// A client certificate is needed and none was presented.
+    ClientCertificateRequired = (401, "client_certificate_required"),
+    /// The node is not registered with a manager.
+    NotRegistered = (403, "not_registered"),
+    /// Too many wrong pairing codes: a new one must be shown.
+    PairingLocked = (403, "pairing_locked"),
+    /// The client certificate is not signed by the manager trusted now.
+    UntrustedClientCertificate = (403, "untrusted_client_certificate"),
+    /// The pairing code is wrong.
+    WrongPairingCode = (403, "wrong_pairing_code"),
+    /// The certificate presented is not the one in the request.
+    CertificateMismatch = (403, "certificate_mismatch"),
+    /// No such route.
+    NotFound = (404, "not_found"),
+    /// No such guest.
+    GuestNotFound = (404, "guest_not_found"),
+    /// No such image.
+    ImageNotFound = (404, "image_not_found"),
+    /// No such join request (manager side).
+    JoinRequestNotFound = (404, "join_request_not_found"),
+    /// The route exists but does not serve this method.
+    MethodNotAllowed = (405, "method_not_allowed"),
+    /// The node is registered already.
+    AlreadyRegistered = (409, "already_registered"),
+    /// A guest of that name exists.
+    GuestExists = (409, "guest_exists"),
+    /// The guest has a VMM.
+    GuestRunning = (409, "guest_running"),
+    /// The operation does not apply to the guest's state.
+    InvalidGuestState = (409, "invalid_guest_state"),
+    /// The VMM saw the guest in another state.
+    VmmInvalidState = (409, "vmm_invalid_state"),
+    /// A guest NIC's bridge does not exist.
+    BridgeNotFound = (409, "bridge_not_found"),
+    /// A guest NIC's tap is in use.
+    TapInUse = (409, "tap_in_use"),
+    /// Init refused the request.
+    InitRefused = (409, "init_refused"),
+    /// No manager candidate to accept.
+    NoCandidate = (409, "no_candidate"),
+    /// No network change pending.
+    NoPendingChange = (409, "no_pending_change"),
+    /// The body is larger than the route accepts.
+    BodyTooLarge = (413, "body_too_large"),
+    /// The image is larger than the limit.
+    ImageTooLarge = (413, "image_too_large"),
+    /// The body is not JSON.
+    UnsupportedMediaType = (415, "unsupported_media_type"),
+    /// Something failed inside the agent.
+    Internal = (500, "internal"),
+    /// Something failed inside the manager.
+    InternalError = (500, "internal_error"),
+    /// The guest's VMM could not be started.
+    VmmStartFailed = (500, "vmm_start_failed"),
+    /// The manager's CA is not valid.
+    InvalidManagerCa = (502, "invalid_manager_ca"),
+    /// The manager refused the request.
+    ManagerRefused = (502, "manager_refused"),
+    /// The manager cannot be reached.
+    ManagerUnreachable = (502, "manager_unreachable"),
+    /// The guest's VMM does not answer.
+    VmmUnreachable = (502, "vmm_unreachable"),
+    /// The guest's VMM refused the request.
+    VmmError = (502, "vmm_error"),
+    /// Init does not answer.
+    InitUnavailable = (503, "init_unavailable"),
+}
+
+impl std::str::FromStr for ErrorCode {
+    type Err = std::convert::Infallible;
+
+    /// Never fails: see [`ErrorCode::from_wire`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ErrorCode::from_wire(s))
+    }
+}
+
+impl ErrorCode {
+    /// The code a wire string names; a code this build does not know is [`ErrorCode::Unknown`].
+    pub fn from_wire(s: &str) -> ErrorCode {
+        ErrorCode::ALL
+            .iter()
+            .copied()
+            .find(|c| c.as_str() == s)
+            .unwrap_or(ErrorCode::Unknown)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Body of every non-2xx response of the agent: a stable machine-readable code and a
 /// message that says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     /// Stable code, e.g. `invalid_guest_spec`, `not_registered`, `guest_not_found`.
-    pub code: String,
+    pub code: ErrorCode,
     /// Human-readable message saying what failed and what to do.
     pub message: String,
+}
+
+impl ApiError {
+    /// An error body.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// An error and all its sources on one line, `outer: inner: innermost`, for logs and exit files.
@@ -26,11 +209,33 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn chain_joins_every_source() {
         let inner = std::io::Error::other("disk gone");
         let outer = std::io::Error::other(Wrapped(inner));
         assert_eq!(super::chain(&outer), "reading the image: disk gone");
+    }
+
+    #[test]
+    fn codes_round_trip_and_carry_error_statuses() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{code} twice");
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), *code);
+            assert!((400..600).contains(&code.status()), "{code}");
+        }
+    }
+
+    #[test]
+    fn unknown_code_from_a_newer_peer_still_parses() {
+        let e: ApiError =
+            serde_json::from_str(r#"{"code":"quota_exceeded","message":"later"}"#).unwrap();
+        assert_eq!(e.code, ErrorCode::Unknown);
+        assert_eq!(e.message, "later");
     }
 
     #[derive(Debug)]

@@ -163,7 +163,7 @@ impl Client {
             return Err(
                 match serde_json::from_slice::<hvnode_api::error::ApiError>(&resp.body) {
                     Ok(e) => ClientError::Api {
-                        code: e.code,
+                        code: e.code.as_str().to_owned(),
                         message: e.message,
                     },
                     Err(_) => ClientError::Protocol(format!("HTTP {}", resp.status)),

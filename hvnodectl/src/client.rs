@@ -174,19 +174,19 @@ pub fn error_from_answer(
         Ok(api) => {
             let trust_status =
                 status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
-            if registered && trust_status && is_trust_code(&api.code) {
+            if registered && trust_status && is_trust_code(api.code.as_str()) {
                 ClientError::Untrusted {
                     node: node.to_owned(),
                 }
             } else if matches!(api.code.as_str(), "wrong_pairing_code" | "pairing_locked") {
                 ClientError::Pairing {
-                    code: api.code,
+                    code: api.code.as_str().to_owned(),
                     message: api.message,
                 }
             } else {
                 ClientError::Api {
                     status: status.as_u16(),
-                    code: api.code,
+                    code: api.code.as_str().to_owned(),
                     message: api.message,
                 }
             }
@@ -552,7 +552,7 @@ mod tests {
 
     fn body(code: &str, message: &str) -> Vec<u8> {
         serde_json::to_vec(&ApiError {
-            code: code.into(),
+            code: hvnode_api::error::ErrorCode::from_wire(code),
             message: message.into(),
         })
         .unwrap()

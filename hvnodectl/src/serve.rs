@@ -66,7 +66,7 @@ pub fn handle(
         Err((status, code, message)) => (
             status,
             serde_json::to_vec(&ApiError {
-                code: code.to_owned(),
+                code: hvnode_api::error::ErrorCode::from_wire(code),
                 message,
             })
             .unwrap_or_default(),
@@ -265,7 +265,7 @@ async fn serve_request(
         Ok(b) => b.to_bytes(),
         Err(_) => {
             let err = ApiError {
-                code: "body_too_large".into(),
+                code: hvnode_api::error::ErrorCode::BodyTooLarge,
                 message: format!("Request bodies are limited to {MAX_BODY} bytes"),
             };
             return Ok(response(
@@ -449,7 +449,7 @@ mod tests {
         let (status, body) = handle(&s, &peer, &Method::POST, "/v1/nodes", &join_body(&pem));
         assert_eq!(status, StatusCode::FORBIDDEN);
         let err: ApiError = serde_json::from_slice(&body).unwrap();
-        assert_eq!(err.code, "certificate_mismatch");
+        assert_eq!(err.code.as_str(), "certificate_mismatch");
 
         let anonymous = Peer {
             ip: "127.0.0.1".parse().unwrap(),
