@@ -1,6 +1,5 @@
 //! Small system helpers: mounts, the mount table, atomic files, signals, standard fds.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -138,19 +137,12 @@ pub fn unmount(target: &str) -> Result<(), nix::Error> {
     }
 }
 
-/// Writes a file atomically: temp file, fsync, rename.
+/// Writes a file atomically (see [`hvnode_base::fs::write_atomic`]), mode 0644.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SysError> {
-    let err = |source| SysError::Write {
+    hvnode_base::fs::write_atomic(path, data, 0o644).map_err(|source| SysError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(data).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 /// The signals init handles through its signalfd.

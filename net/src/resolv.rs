@@ -1,6 +1,5 @@
 //! `resolv.conf` rendering and atomic file writes.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -35,20 +34,9 @@ pub fn render(dns: &[IpAddr], search: &[String]) -> String {
     out
 }
 
-/// Writes `contents` to `path` through a temporary file and a rename, so readers see
-/// the old file or the new one, never a partial one.
+/// Writes `contents` to `path` atomically (see [`hvnode_base::fs::write_atomic`]), mode 0644.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    hvnode_base::fs::write_atomic(path, contents, 0o644)
 }
 
 #[cfg(test)]
