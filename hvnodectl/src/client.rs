@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hvnode_api::error::ApiError;
+use hvnode_api::error::{ApiError, ErrorCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -20,7 +20,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::state::Identity;
-use crate::tls::{self, PinnedServerVerifier};
+use crate::tls;
+use hvnode_tls::PinnedServerVerifier;
 
 /// Connecting (TCP and TLS handshake) gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,7 +70,7 @@ pub enum ClientError {
     )]
     Pairing {
         /// `wrong_pairing_code` or `pairing_locked`.
-        code: String,
+        code: ErrorCode,
         /// The agent's message.
         message: String,
     },
@@ -79,7 +80,7 @@ pub enum ClientError {
         /// HTTP status.
         status: u16,
         /// Stable code.
-        code: String,
+        code: ErrorCode,
         /// The agent's message.
         message: String,
     },
@@ -157,11 +158,6 @@ pub fn parse_url(url: &str) -> Result<(String, u16, String), ClientError> {
     Ok((bare, port, authority))
 }
 
-/// Whether the agent's error code means it does not trust our client certificate.
-fn is_trust_code(code: &str) -> bool {
-    matches!(code, "untrusted_client_certificate" | "not_registered")
-}
-
 /// Maps a non-2xx answer to an error. `registered`: the request carried the client
 /// certificate of a registered manager, so trust errors mean the node dropped us.
 pub fn error_from_answer(
@@ -174,19 +170,26 @@ pub fn error_from_answer(
         Ok(api) => {
             let trust_status =
                 status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
-            if registered && trust_status && is_trust_code(api.code.as_str()) {
+            let distrusted = matches!(
+                api.code,
+                ErrorCode::UntrustedClientCertificate | ErrorCode::NotRegistered
+            );
+            if registered && trust_status && distrusted {
                 ClientError::Untrusted {
                     node: node.to_owned(),
                 }
-            } else if matches!(api.code.as_str(), "wrong_pairing_code" | "pairing_locked") {
+            } else if matches!(
+                api.code,
+                ErrorCode::WrongPairingCode | ErrorCode::PairingLocked
+            ) {
                 ClientError::Pairing {
-                    code: api.code.as_str().to_owned(),
+                    code: api.code,
                     message: api.message,
                 }
             } else {
                 ClientError::Api {
                     status: status.as_u16(),
-                    code: api.code.as_str().to_owned(),
+                    code: api.code,
                     message: api.message,
                 }
             }
@@ -550,12 +553,8 @@ mod tests {
         assert!(parse_url("node:8443").is_err());
     }
 
-    fn body(code: &str, message: &str) -> Vec<u8> {
-        serde_json::to_vec(&ApiError {
-            code: hvnode_api::error::ErrorCode::from_wire(code),
-            message: message.into(),
-        })
-        .unwrap()
+    fn body(code: ErrorCode, message: &str) -> Vec<u8> {
+        serde_json::to_vec(&ApiError::new(code, message)).unwrap()
     }
 
     #[test]
@@ -564,7 +563,10 @@ mod tests {
             "n1",
             true,
             StatusCode::CONFLICT,
-            &body("guest_running", "Guest web is running: stop it first"),
+            &body(
+                ErrorCode::GuestRunning,
+                "Guest web is running: stop it first",
+            ),
         );
         assert_eq!(
             err.to_string(),
@@ -575,8 +577,11 @@ mod tests {
     #[test]
     fn maps_trust_errors_after_registration_to_reregister_hint() {
         for (status, code) in [
-            (StatusCode::UNAUTHORIZED, "untrusted_client_certificate"),
-            (StatusCode::FORBIDDEN, "not_registered"),
+            (
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::UntrustedClientCertificate,
+            ),
+            (StatusCode::FORBIDDEN, ErrorCode::NotRegistered),
         ] {
             let err = error_from_answer("n1", true, status, &body(code, "x"));
             assert_eq!(
@@ -589,7 +594,7 @@ mod tests {
             "n1",
             false,
             StatusCode::FORBIDDEN,
-            &body("not_registered", "Not registered"),
+            &body(ErrorCode::NotRegistered, "Not registered"),
         );
         assert_eq!(err.to_string(), "Not registered (not_registered)");
     }
@@ -600,7 +605,7 @@ mod tests {
             "n1",
             false,
             StatusCode::FORBIDDEN,
-            &body("wrong_pairing_code", "Wrong pairing code"),
+            &body(ErrorCode::WrongPairingCode, "Wrong pairing code"),
         );
         assert!(matches!(err, ClientError::Pairing { .. }));
         assert!(err

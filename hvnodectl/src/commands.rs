@@ -8,9 +8,13 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hvnode_api::event::Event;
+use hvnode_api::fingerprint::{self, FingerprintError};
 use hvnode_api::guest::{self, GuestSpec, GuestSpecError, GuestState, GuestStatus};
 use hvnode_api::node::{Hostname, NodeInfo, NodeStats, PowerAction};
 use hvnode_api::registration::{JoinState, PairRequest, RegistrationStatus};
+use hvnode_api::routes::{GuestAction, Route, CONSOLE_PROTOCOL};
+use hvnode_api::sse;
+use hvnode_api::units::{bytes as human_bytes, secs as human_secs};
 use hyper::body::Frame;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
@@ -19,12 +23,8 @@ use tokio::io::AsyncReadExt;
 use crate::attach;
 use crate::cli::{Command, GuestCommand, ImageCommand, NodeCommand, PowerArg, WaitState};
 use crate::client::{self, ClientError, NodeClient, ReqBody};
-use crate::fingerprint::{self, FingerprintError};
 use crate::serve::{self, ServeError};
 use crate::state::{self, JoinRecord, NodeEntry, StateDir, StateError};
-
-/// The agent's console upgrade protocol (`hvnode_agent::CONSOLE_PROTOCOL`).
-const CONSOLE_PROTOCOL: &str = "hvnode-console";
 
 /// Errors of the commands.
 #[derive(Debug, thiserror::Error)]
@@ -158,41 +158,12 @@ fn out_raw(bytes: &[u8]) -> Result<(), CmdError> {
         .map_err(CmdError::Output)
 }
 
-/// Human-readable byte count.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
-/// Human-readable duration.
-pub fn human_secs(s: u64) -> String {
-    let (d, h, m) = (s / 86400, (s / 3600) % 24, (s / 60) % 60);
-    if d > 0 {
-        format!("{d}d{h}h")
-    } else if h > 0 {
-        format!("{h}h{m}m")
-    } else if m > 0 {
-        format!("{m}m{}s", s % 60)
-    } else {
-        format!("{s}s")
-    }
-}
-
-/// A guest action with the node's `timeout_secs` parameter, when given.
-fn with_timeout(action: &str, timeout: Option<u64>) -> String {
+/// A guest action's path, with the node's `timeout_secs` parameter when given.
+fn guest_action_path(name: &str, action: GuestAction, timeout: Option<u64>) -> String {
+    let route = Route::GuestAction(name.to_owned(), action);
     match timeout {
-        Some(t) => format!("{action}?timeout_secs={t}"),
-        None => action.to_owned(),
+        Some(t) => route.with_query(&[("timeout_secs", &t.to_string())]),
+        None => route.path(),
     }
 }
 
@@ -201,19 +172,6 @@ fn state_name<T: Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
-}
-
-/// Percent-encodes each segment of a relative path for use in a URL.
-pub fn encode_path(path: &str) -> String {
-    let mut s = String::with_capacity(path.len());
-    for b in path.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("%{b:02X}"));
-        }
-    }
-    s
 }
 
 /// Reads and validates a guest definition file.
@@ -347,7 +305,8 @@ impl Ctx {
         let expected = expected.map(fingerprint::normalize).transpose()?;
         let probe = NodeClient::new(node, url, None, None)?;
         self.connecting(&probe);
-        let (status, _): (RegistrationStatus, _) = probe.get_json("/v1/registration").await?;
+        let (status, _): (RegistrationStatus, _) =
+            probe.get_json(&Route::Registration.path()).await?;
         let presented = probe
             .seen_fingerprint()
             .ok_or_else(|| CmdError::Inconsistent {
@@ -397,7 +356,7 @@ impl Ctx {
             ca_pem: self.state.ca_pem()?,
         };
         let (answer, raw): (RegistrationStatus, _) = pinned
-            .send_json(Method::POST, "/v1/registration", Some(&req))
+            .send_json(Method::POST, &Route::Registration.path(), Some(&req))
             .await?;
         let entry = NodeEntry {
             url: pinned.url().to_owned(),
@@ -409,7 +368,7 @@ impl Ctx {
         eprintln!("registered");
         // Prove the client certificate is accepted now.
         let check = self.client_for(node, &entry)?;
-        let _: (NodeInfo, _) = check.get_json("/v1/node").await?;
+        let _: (NodeInfo, _) = check.get_json(&Route::Node.path()).await?;
         if self.json {
             return out_raw(&raw);
         }
@@ -542,10 +501,10 @@ impl Ctx {
             let client = self.client_for(name, entry)?;
             probes.push(async move {
                 let reg = client
-                    .get_json::<RegistrationStatus>("/v1/registration")
+                    .get_json::<RegistrationStatus>(&Route::Registration.path())
                     .await;
-                let info = client.get_json::<NodeInfo>("/v1/node").await;
-                let stats = client.get_json::<NodeStats>("/v1/stats").await;
+                let info = client.get_json::<NodeInfo>(&Route::Node.path()).await;
+                let stats = client.get_json::<NodeStats>(&Route::Stats.path()).await;
                 (reg, info, stats)
             });
         }
@@ -619,7 +578,7 @@ impl Ctx {
         let c = self.client(node)?;
         self.connecting(&c);
         let result = c
-            .send_json_raw::<()>(Method::DELETE, "/v1/registration", None)
+            .send_json_raw::<()>(Method::DELETE, &Route::Registration.path(), None)
             .await;
         let raw = match result {
             Ok(raw) => raw,
@@ -646,7 +605,7 @@ impl Ctx {
             NodeCommand::Info(a) => {
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let (i, raw): (NodeInfo, _) = c.get_json("/v1/node").await?;
+                let (i, raw): (NodeInfo, _) = c.get_json(&Route::Node.path()).await?;
                 if self.json {
                     return out_raw(&raw);
                 }
@@ -655,7 +614,7 @@ impl Ctx {
             NodeCommand::Stats(a) => {
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let (s, raw): (NodeStats, _) = c.get_json("/v1/stats").await?;
+                let (s, raw): (NodeStats, _) = c.get_json(&Route::Stats.path()).await?;
                 if self.json {
                     return out_raw(&raw);
                 }
@@ -678,7 +637,7 @@ impl Ctx {
                 let (i, raw): (NodeInfo, _) = c
                     .send_json(
                         Method::PUT,
-                        "/v1/node/hostname",
+                        &Route::NodeHostname.path(),
                         Some(&Hostname { hostname }),
                     )
                     .await?;
@@ -691,8 +650,8 @@ impl Ctx {
                 let c = self.client(&node)?;
                 self.connecting(&c);
                 let path = match lines {
-                    Some(n) => format!("/v1/logs?lines={n}"),
-                    None => "/v1/logs".into(),
+                    Some(n) => Route::Logs.with_query(&[("lines", &n.to_string())]),
+                    None => Route::Logs.path(),
                 };
                 let raw = c.call(Method::GET, &path, None, "").await?;
                 out_raw(&raw)
@@ -705,7 +664,7 @@ impl Ctx {
                     PowerArg::Poweroff => PowerAction::Poweroff,
                 };
                 let raw = c
-                    .send_json_raw(Method::POST, "/v1/power", Some(&body))
+                    .send_json_raw(Method::POST, &Route::Power.path(), Some(&body))
                     .await?;
                 if self.json {
                     return out_raw(&raw);
@@ -719,7 +678,9 @@ impl Ctx {
             NodeCommand::Metrics(a) => {
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let raw = c.call(Method::GET, "/metrics", None, "").await?;
+                let raw = c
+                    .call(Method::GET, &Route::Metrics.path(), None, "")
+                    .await?;
                 out_raw(&raw)
             }
         }
@@ -730,7 +691,7 @@ impl Ctx {
             GuestCommand::List(a) => {
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let (list, raw): (Vec<GuestStatus>, _) = c.get_json("/v1/guests").await?;
+                let (list, raw): (Vec<GuestStatus>, _) = c.get_json(&Route::Guests.path()).await?;
                 if self.json {
                     return out_raw(&raw);
                 }
@@ -740,15 +701,16 @@ impl Ctx {
                 let spec = read_spec(&a.file)?;
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let (g, raw): (GuestStatus, _) =
-                    c.send_json(Method::POST, "/v1/guests", Some(&spec)).await?;
+                let (g, raw): (GuestStatus, _) = c
+                    .send_json(Method::POST, &Route::Guests.path(), Some(&spec))
+                    .await?;
                 self.guest_result(&g, &raw, "defined")
             }
             GuestCommand::Update(a) => {
                 let spec = read_spec(&a.file)?;
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let path = format!("/v1/guests/{}", spec.name);
+                let path = Route::Guest(spec.name.clone()).path();
                 let (g, raw): (GuestStatus, _) =
                     c.send_json(Method::PUT, &path, Some(&spec)).await?;
                 self.guest_result(&g, &raw, "updated")
@@ -758,30 +720,47 @@ impl Ctx {
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
                 let (g, raw): (GuestStatus, _) =
-                    c.get_json(&format!("/v1/guests/{}", a.name)).await?;
+                    c.get_json(&Route::Guest(a.name.clone()).path()).await?;
                 if self.json {
                     return out_raw(&raw);
                 }
                 out(&format_guest(&g))
             }
-            GuestCommand::Start(a) => self.guest_action(&a.node, &a.name, "start").await,
-            GuestCommand::Stop(a) => self.guest_action(&a.node, &a.name, "stop").await,
-            GuestCommand::Shutdown(a) => {
-                let action = with_timeout("shutdown", a.timeout);
-                self.guest_action(&a.node, &a.name, &action).await
+            GuestCommand::Start(a) => {
+                self.guest_action(&a.node, &a.name, GuestAction::Start, None)
+                    .await
             }
-            GuestCommand::Pause(a) => self.guest_action(&a.node, &a.name, "pause").await,
-            GuestCommand::Resume(a) => self.guest_action(&a.node, &a.name, "resume").await,
+            GuestCommand::Stop(a) => {
+                self.guest_action(&a.node, &a.name, GuestAction::Stop, None)
+                    .await
+            }
+            GuestCommand::Shutdown(a) => {
+                self.guest_action(&a.node, &a.name, GuestAction::Shutdown, a.timeout)
+                    .await
+            }
+            GuestCommand::Pause(a) => {
+                self.guest_action(&a.node, &a.name, GuestAction::Pause, None)
+                    .await
+            }
+            GuestCommand::Resume(a) => {
+                self.guest_action(&a.node, &a.name, GuestAction::Resume, None)
+                    .await
+            }
             GuestCommand::Reboot(a) => {
-                let action = with_timeout("reboot", a.timeout);
-                self.guest_action(&a.node, &a.name, &action).await
+                self.guest_action(&a.node, &a.name, GuestAction::Reboot, a.timeout)
+                    .await
             }
             GuestCommand::Delete(a) => {
                 guest::validate_name(&a.name)?;
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                c.call(Method::DELETE, &format!("/v1/guests/{}", a.name), None, "")
-                    .await?;
+                c.call(
+                    Method::DELETE,
+                    &Route::Guest(a.name.clone()).path(),
+                    None,
+                    "",
+                )
+                .await?;
                 if self.json {
                     return out("{}");
                 }
@@ -798,7 +777,7 @@ impl Ctx {
                 self.connecting(&c);
                 let conn = c
                     .upgrade(
-                        &format!("/v1/guests/{name}/console/attach"),
+                        &Route::GuestConsoleAttach(name.clone()).path(),
                         CONSOLE_PROTOCOL,
                     )
                     .await?;
@@ -820,8 +799,10 @@ impl Ctx {
                 let c = self.client(&node)?;
                 self.connecting(&c);
                 let path = match bytes {
-                    Some(n) => format!("/v1/guests/{name}/console?bytes={n}"),
-                    None => format!("/v1/guests/{name}/console"),
+                    Some(n) => {
+                        Route::GuestConsole(name.clone()).with_query(&[("bytes", &n.to_string())])
+                    }
+                    None => Route::GuestConsole(name.clone()).path(),
                 };
                 let raw = c.call(Method::GET, &path, None, "").await?;
                 let mut stdout = std::io::stdout().lock();
@@ -844,14 +825,20 @@ impl Ctx {
         ))
     }
 
-    async fn guest_action(&self, node: &str, name: &str, action: &str) -> Result<(), CmdError> {
+    async fn guest_action(
+        &self,
+        node: &str,
+        name: &str,
+        action: GuestAction,
+        timeout: Option<u64>,
+    ) -> Result<(), CmdError> {
         guest::validate_name(name)?;
         let c = self.client(node)?;
         self.connecting(&c);
         let raw = c
             .call(
                 Method::POST,
-                &format!("/v1/guests/{name}/{action}"),
+                &guest_action_path(name, action, timeout),
                 None,
                 "",
             )
@@ -868,7 +855,7 @@ impl Ctx {
             ImageCommand::List(a) => {
                 let c = self.client(&a.node)?;
                 self.connecting(&c);
-                let (list, raw): (Vec<ImageFile>, _) = c.get_json("/v1/images").await?;
+                let (list, raw): (Vec<ImageFile>, _) = c.get_json(&Route::Images.path()).await?;
                 if self.json {
                     return out_raw(&raw);
                 }
@@ -894,13 +881,8 @@ impl Ctx {
                 guest::validate_image_path(&path)?;
                 let c = self.client(&node)?;
                 self.connecting(&c);
-                c.call(
-                    Method::DELETE,
-                    &format!("/v1/images/{}", encode_path(&path)),
-                    None,
-                    "",
-                )
-                .await?;
+                c.call(Method::DELETE, &Route::Image(path.clone()).path(), None, "")
+                    .await?;
                 if self.json {
                     return out("{}");
                 }
@@ -937,11 +919,7 @@ impl Ctx {
                 }
             });
         let body: ReqBody = BodyExt::boxed(StreamBody::new(stream));
-        let mut req = c.request(
-            Method::PUT,
-            &format!("/v1/images/{}", encode_path(remote)),
-            body,
-        );
+        let mut req = c.request(Method::PUT, &Route::Image(remote.to_owned()).path(), body);
         let headers = req.headers_mut();
         headers.insert(hyper::header::CONTENT_LENGTH, size.into());
         headers.insert(
@@ -974,8 +952,8 @@ impl Ctx {
         let c = self.client(node)?;
         self.connecting(&c);
         let path = match since {
-            Some(s) => format!("/v1/events?since={s}"),
-            None => "/v1/events".into(),
+            Some(s) => Route::Events.with_query(&[("since", &s.to_string())]),
+            None => Route::Events.path(),
         };
         let empty: ReqBody =
             BodyExt::boxed(http_body_util::Empty::new().map_err(|never| match never {}));
@@ -986,7 +964,7 @@ impl Ctx {
         );
         let resp = c.send(req).await?;
         let mut body = resp.into_body().into_data_stream();
-        let mut parser = SseParser::default();
+        let mut parser = sse::Parser::default();
         let mut seen = 0u64;
         if count == Some(0) {
             return Ok(());
@@ -1037,7 +1015,7 @@ impl Ctx {
             WaitState::Paused => GuestState::Paused,
         };
         let deadline = Instant::now() + Duration::from_secs(secs);
-        let path = format!("/v1/guests/{guest}");
+        let path = Route::Guest(guest.to_owned()).path();
         loop {
             let (g, raw): (GuestStatus, _) = c.get_json(&path).await?;
             if g.state == want {
@@ -1194,55 +1172,9 @@ impl Progress {
     }
 }
 
-/// Splits a server-sent event stream into the `data` of each event.
-#[derive(Debug, Default)]
-pub struct SseParser {
-    buf: Vec<u8>,
-    data: Vec<String>,
-}
-
-impl SseParser {
-    /// Feeds bytes; returns the data of every event completed by them.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.buf.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
-            if line.is_empty() {
-                if !self.data.is_empty() {
-                    events.push(self.data.join("\n"));
-                    self.data.clear();
-                }
-            } else if let Some(rest) = line.strip_prefix("data:") {
-                self.data
-                    .push(rest.strip_prefix(' ').unwrap_or(rest).to_owned());
-            }
-        }
-        events
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_parser_joins_split_chunks_and_ignores_comments() {
-        let mut p = SseParser::default();
-        assert!(p.push(b": keep-alive\n\nid: 1\nda").is_empty());
-        assert_eq!(
-            p.push(b"ta: {\"seq\":1}\r\n\r\ndata: a\ndata: b\n\n"),
-            vec!["{\"seq\":1}".to_owned(), "a\nb".to_owned()]
-        );
-    }
-
-    #[test]
-    fn encodes_image_paths_for_urls() {
-        assert_eq!(encode_path("disks/web 1.raw"), "disks/web%201.raw");
-        assert_eq!(encode_path("vmlinuz-6.1"), "vmlinuz-6.1");
-    }
 
     #[test]
     fn rejects_invalid_guest_definition_before_sending() {
@@ -1269,13 +1201,5 @@ mod tests {
         .unwrap();
         assert!(matches!(read_spec(&typo), Err(CmdError::ParseSpec(..))));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn formats_sizes_and_durations() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
-        assert_eq!(human_secs(59), "59s");
-        assert_eq!(human_secs(3 * 3600 + 120), "3h2m");
     }
 }

@@ -8,8 +8,11 @@ pub mod attach;
 pub mod cli;
 pub mod client;
 pub mod commands;
-pub mod fingerprint;
 pub mod pki;
 pub mod serve;
 pub mod state;
 pub mod tls;
+
+/// The fingerprint format, re-exported for the agent-load benchmark, which reads node
+/// fingerprints through this crate.
+pub use hvnode_api::fingerprint;

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hvnode_api::error::ApiError;
+use hvnode_api::error::{ApiError, ErrorCode};
+use hvnode_api::fingerprint;
 use hvnode_api::registration::{JoinState, ManagerHello, NodeJoinRequest, NodeJoinStatus};
+use hvnode_api::routes::ManagerRoute;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -18,7 +20,6 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::fingerprint;
 use crate::state::{self, JoinRecord, StateDir};
 use crate::tls;
 
@@ -63,30 +64,29 @@ pub fn handle(
 ) -> (StatusCode, Vec<u8>) {
     match route(state, peer, method, path, body) {
         Ok((status, body)) => (status, body),
-        Err((status, code, message)) => (
-            status,
-            serde_json::to_vec(&ApiError {
-                code: hvnode_api::error::ErrorCode::from_wire(code),
-                message,
-            })
-            .unwrap_or_default(),
-        ),
+        Err(err) => (status_of(err.code), error_body(&err)),
     }
 }
 
-type Failure = (StatusCode, &'static str, String);
+fn status_of(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+fn error_body(err: &ApiError) -> Vec<u8> {
+    serde_json::to_vec(err).unwrap_or_default()
+}
 
 fn json<T: serde::Serialize>(
     status: StatusCode,
     value: &T,
-) -> Result<(StatusCode, Vec<u8>), Failure> {
+) -> Result<(StatusCode, Vec<u8>), ApiError> {
     serde_json::to_vec(value)
         .map(|b| (status, b))
         .map_err(|e| internal(e.to_string()))
 }
 
-fn internal(message: String) -> Failure {
-    (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+fn internal(message: String) -> ApiError {
+    ApiError::new(ErrorCode::InternalError, message)
 }
 
 fn route(
@@ -95,10 +95,16 @@ fn route(
     method: &Method,
     path: &str,
     body: &[u8],
-) -> Result<(StatusCode, Vec<u8>), Failure> {
+) -> Result<(StatusCode, Vec<u8>), ApiError> {
     let path = path.split('?').next().unwrap_or(path);
-    match (method, path) {
-        (&Method::GET, "/v1/manager") => {
+    let Some(route) = ManagerRoute::parse(path) else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("No route {path} on this manager"),
+        ));
+    };
+    match (method, route) {
+        (&Method::GET, ManagerRoute::Hello) => {
             let info = state.manager().map_err(|e| internal(e.to_string()))?;
             let ca_pem = state.ca_pem().map_err(|e| internal(e.to_string()))?;
             json(
@@ -109,16 +115,10 @@ fn route(
                 },
             )
         }
-        (&Method::POST, "/v1/nodes") => join(state, peer, body),
-        (&Method::GET, p) if p.starts_with("/v1/nodes/") => {
-            let raw = percent_decode(&p["/v1/nodes/".len()..]);
-            let fp = fingerprint::normalize(&raw).map_err(|e| {
-                (
-                    StatusCode::BAD_REQUEST,
-                    "invalid_fingerprint",
-                    e.to_string(),
-                )
-            })?;
+        (&Method::POST, ManagerRoute::Nodes) => join(state, peer, body),
+        (&Method::GET, ManagerRoute::Node(raw)) => {
+            let fp = fingerprint::normalize(&raw)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidFingerprint, e.to_string()))?;
             match state
                 .join_request(&fp)
                 .map_err(|e| internal(e.to_string()))?
@@ -129,54 +129,35 @@ fn route(
                         state: record.state,
                     },
                 ),
-                None => Err((
-                    StatusCode::NOT_FOUND,
-                    "join_request_not_found",
+                None => Err(ApiError::new(
+                    ErrorCode::JoinRequestNotFound,
                     format!("No join request with fingerprint {fp}: send one with POST /v1/nodes"),
                 )),
             }
         }
-        (_, "/v1/manager" | "/v1/nodes") => Err((
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+        _ => Err(ApiError::new(
+            ErrorCode::MethodNotAllowed,
             format!("{method} is not allowed on {path}"),
-        )),
-        _ => Err((
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("No route {path} on this manager"),
         )),
     }
 }
 
-fn join(state: &StateDir, peer: &Peer, body: &[u8]) -> Result<(StatusCode, Vec<u8>), Failure> {
-    let req: NodeJoinRequest = serde_json::from_slice(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_join_request",
-            format!("Invalid join request: {e}"),
-        )
-    })?;
+fn join(state: &StateDir, peer: &Peer, body: &[u8]) -> Result<(StatusCode, Vec<u8>), ApiError> {
+    let invalid = |message: String| ApiError::new(ErrorCode::InvalidJoinRequest, message);
+    let req: NodeJoinRequest =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("Invalid join request: {e}")))?;
     let Some(presented) = &peer.cert_fingerprint else {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "client_certificate_required",
-            "A join request must be sent with the node certificate as TLS client certificate"
-                .into(),
+        return Err(ApiError::new(
+            ErrorCode::ClientCertificateRequired,
+            "A join request must be sent with the node certificate as TLS client certificate",
         ));
     };
-    let der = CertificateDer::from_pem_slice(req.node_cert_pem.as_bytes()).map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_join_request",
-            "node_cert_pem is not a PEM certificate".to_owned(),
-        )
-    })?;
+    let der = CertificateDer::from_pem_slice(req.node_cert_pem.as_bytes())
+        .map_err(|_| invalid("node_cert_pem is not a PEM certificate".to_owned()))?;
     let claimed = fingerprint::of_der(&der);
     if claimed != *presented {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "certificate_mismatch",
+        return Err(ApiError::new(
+            ErrorCode::CertificateMismatch,
             format!("The TLS client certificate ({presented}) is not node_cert_pem ({claimed}): send the node's own certificate"),
         ));
     }
@@ -187,18 +168,10 @@ fn join(state: &StateDir, peer: &Peer, body: &[u8]) -> Result<(StatusCode, Vec<u
             .chars()
             .any(|c| c.is_control() || c.is_whitespace())
     {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "invalid_join_request",
-            format!("Invalid hostname {:?}", req.hostname),
-        ));
+        return Err(invalid(format!("Invalid hostname {:?}", req.hostname)));
     }
     if req.api_port == 0 {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "invalid_join_request",
-            "api_port must not be 0".to_owned(),
-        ));
+        return Err(invalid("api_port must not be 0".to_owned()));
     }
     let existing = state
         .join_request(&claimed)
@@ -235,25 +208,6 @@ fn join(state: &StateDir, peer: &Peer, body: &[u8]) -> Result<(StatusCode, Vec<u
     )
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 async fn serve_request(
     state: Arc<StateDir>,
     peer: Arc<Peer>,
@@ -264,14 +218,11 @@ async fn serve_request(
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            let err = ApiError {
-                code: hvnode_api::error::ErrorCode::BodyTooLarge,
-                message: format!("Request bodies are limited to {MAX_BODY} bytes"),
-            };
-            return Ok(response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                serde_json::to_vec(&err).unwrap_or_default(),
-            ));
+            let err = ApiError::new(
+                ErrorCode::BodyTooLarge,
+                format!("Request bodies are limited to {MAX_BODY} bytes"),
+            );
+            return Ok(response(status_of(err.code), error_body(&err)));
         }
     };
     let (status, out) = handle(&state, &peer, &method, &path, &body);
@@ -398,7 +349,7 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             cert_fingerprint: None,
         };
-        let (status, body) = handle(&s, &peer, &Method::GET, "/v1/manager", b"");
+        let (status, body) = handle(&s, &peer, &Method::GET, &ManagerRoute::Hello.path(), b"");
         assert_eq!(status, StatusCode::OK);
         let hello: ManagerHello = serde_json::from_slice(&body).unwrap();
         assert_eq!(hello.name, "mgr");
@@ -414,7 +365,13 @@ mod tests {
             ip: "::ffff:192.0.2.7".parse().unwrap(),
             cert_fingerprint: Some(fp.clone()),
         };
-        let (status, body) = handle(&s, &peer, &Method::POST, "/v1/nodes", &join_body(&pem));
+        let (status, body) = handle(
+            &s,
+            &peer,
+            &Method::POST,
+            &ManagerRoute::Nodes.path(),
+            &join_body(&pem),
+        );
         assert_eq!(
             status,
             StatusCode::ACCEPTED,
@@ -429,7 +386,7 @@ mod tests {
 
         rec.state = JoinState::Approved;
         s.save_join_request(&rec).unwrap();
-        let path = format!("/v1/nodes/{}", fp.replace(':', "%3A"));
+        let path = ManagerRoute::Node(fp.clone()).path();
         let (status, body) = handle(&s, &peer, &Method::GET, &path, b"");
         assert_eq!(status, StatusCode::OK);
         let st: NodeJoinStatus = serde_json::from_slice(&body).unwrap();
@@ -446,16 +403,28 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             cert_fingerprint: Some(other_fp),
         };
-        let (status, body) = handle(&s, &peer, &Method::POST, "/v1/nodes", &join_body(&pem));
+        let (status, body) = handle(
+            &s,
+            &peer,
+            &Method::POST,
+            &ManagerRoute::Nodes.path(),
+            &join_body(&pem),
+        );
         assert_eq!(status, StatusCode::FORBIDDEN);
         let err: ApiError = serde_json::from_slice(&body).unwrap();
-        assert_eq!(err.code.as_str(), "certificate_mismatch");
+        assert_eq!(err.code, ErrorCode::CertificateMismatch);
 
         let anonymous = Peer {
             ip: "127.0.0.1".parse().unwrap(),
             cert_fingerprint: None,
         };
-        let (status, _) = handle(&s, &anonymous, &Method::POST, "/v1/nodes", &join_body(&pem));
+        let (status, _) = handle(
+            &s,
+            &anonymous,
+            &Method::POST,
+            &ManagerRoute::Nodes.path(),
+            &join_body(&pem),
+        );
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert!(s.join_requests().unwrap().is_empty());
         std::fs::remove_dir_all(s.root()).unwrap();
@@ -468,7 +437,7 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             cert_fingerprint: None,
         };
-        let path = format!("/v1/nodes/{}", fingerprint::of_der(b"z"));
+        let path = ManagerRoute::Node(fingerprint::of_der(b"z")).path();
         assert_eq!(
             handle(&s, &peer, &Method::GET, &path, b"").0,
             StatusCode::NOT_FOUND
@@ -481,6 +450,29 @@ mod tests {
             handle(&s, &peer, &Method::GET, "/v1/nodes/xyz", b"").0,
             StatusCode::BAD_REQUEST
         );
+        std::fs::remove_dir_all(s.root()).unwrap();
+    }
+
+    #[test]
+    fn wrong_method_on_a_manager_route_is_method_not_allowed() {
+        let s = state("405");
+        let peer = Peer {
+            ip: "127.0.0.1".parse().unwrap(),
+            cert_fingerprint: None,
+        };
+        for (method, route) in [
+            (Method::POST, ManagerRoute::Hello),
+            (Method::GET, ManagerRoute::Nodes),
+            (
+                Method::DELETE,
+                ManagerRoute::Node(fingerprint::of_der(b"z")),
+            ),
+        ] {
+            let (status, body) = handle(&s, &peer, &method, &route.path(), b"");
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {route:?}");
+            let err: ApiError = serde_json::from_slice(&body).unwrap();
+            assert_eq!(err.code, ErrorCode::MethodNotAllowed);
+        }
         std::fs::remove_dir_all(s.root()).unwrap();
     }
 }

@@ -1,20 +1,20 @@
 //! The manager's state directory: CA, client and server certificates, the registered
 //! nodes and the join requests of node-initiated registration. Every write is atomic
-//! (temp file, fsync, rename, fsync of the directory).
+//! ([`write_atomic`]: temp file, fsync, rename, fsync of the directory).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use hvnode_api::fingerprint;
 use hvnode_api::registration::JoinState;
+use hvnode_base::fs::write_atomic;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::fingerprint;
 use crate::pki::{self, KeyAndCert, Usage};
 
 /// Errors of this module.
@@ -347,7 +347,7 @@ impl StateDir {
 
     fn write(&self, rel: &str, data: &[u8], mode: u32) -> Result<(), StateError> {
         let path = self.root.join(rel);
-        atomic_write(&path, data, mode).map_err(|e| StateError::Io(path, e))
+        write_atomic(&path, data, mode).map_err(|e| StateError::Io(path, e))
     }
 }
 
@@ -403,31 +403,6 @@ fn is_dns_name(s: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
-}
-
-/// Writes `data` to `path` atomically with the given mode: temp file in the same
-/// directory, fsync, rename, fsync of the directory.
-pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

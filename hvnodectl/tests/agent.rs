@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use hvnode_api::routes::Route;
+
 fn agent_binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("HVNODE_AGENT_BIN") {
         return Ok(PathBuf::from(p));
@@ -112,7 +114,9 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if agent.dir.join("agent.sock").exists()
-                && agent.local("GET", "/v1/registration", None).is_ok()
+                && agent
+                    .local("GET", &Route::Registration.path(), None)
+                    .is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             {
                 break;
@@ -185,7 +189,7 @@ impl Agent {
     }
 
     fn pairing_code(&self) -> String {
-        let v = self.local_json("GET", "/v1/registration", None);
+        let v = self.local_json("GET", &Route::Registration.path(), None);
         v["pairing_code"]
             .as_str()
             .unwrap_or_else(|| panic!("no pairing_code in {v}"))
@@ -300,7 +304,7 @@ fn manager_initiated_registration_guests_and_revocation() {
     );
 
     let code = agent.pairing_code();
-    let node_fp = agent.local_json("GET", "/v1/registration", None)["node_fingerprint"]
+    let node_fp = agent.local_json("GET", &Route::Registration.path(), None)["node_fingerprint"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -373,7 +377,7 @@ fn manager_initiated_registration_guests_and_revocation() {
     );
 
     // The node's admin unregisters locally: the manager is told to re-register.
-    agent.local_json("DELETE", "/v1/registration", None);
+    agent.local_json("DELETE", &Route::Registration.path(), None);
     fails_with(
         &ctl(&a, &["node", "info", "n1"]),
         "no longer trusts this manager: re-register it",
@@ -402,7 +406,7 @@ fn manager_initiated_registration_guests_and_revocation() {
         ],
     ));
     ok(&ctl(&a, &["unregister", "n1"]));
-    let state = agent.local_json("GET", "/v1/registration", None);
+    let state = agent.local_json("GET", &Route::Registration.path(), None);
     assert_eq!(state["state"], "unregistered", "{state}");
     assert!(!std::fs::read_to_string(a.join("nodes.toml"))
         .unwrap()
@@ -468,11 +472,15 @@ fn node_initiated_registration_through_serve_and_approve() {
 
     let ca: serde_json::Value = serde_json::from_str(&ok(&ctl(&m, &["--json", "ca"]))).unwrap();
     let body = format!("{{\"url\":\"https://127.0.0.1:{port}\"}}");
-    let candidate = agent.local_json("POST", "/v1/registration/manager", Some(&body));
+    let candidate = agent.local_json("POST", &Route::RegistrationManager.path(), Some(&body));
     assert_eq!(candidate["manager_name"], "central", "{candidate}");
     assert_eq!(candidate["ca_fingerprint"], ca["ca_fingerprint"]);
     let accept = format!("{{\"ca_fingerprint\":{}}}", candidate["ca_fingerprint"]);
-    agent.local_json("POST", "/v1/registration/manager/accept", Some(&accept));
+    agent.local_json(
+        "POST",
+        &Route::RegistrationManagerAccept.path(),
+        Some(&accept),
+    );
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let hostname = loop {
@@ -500,7 +508,7 @@ fn node_initiated_registration_through_serve_and_approve() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = agent.local_json("GET", "/v1/registration", None);
+        let s = agent.local_json("GET", &Route::Registration.path(), None);
         if s["state"] == "registered" {
             assert_eq!(s["manager_name"], "central");
             break;

@@ -8,9 +8,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hvnode_api::error::ErrorCode;
+use hvnode_api::fingerprint;
 use hvnode_api::registration::{JoinState, ManagerHello, NodeJoinRequest, NodeJoinStatus};
+use hvnode_api::routes::ManagerRoute;
 use hvnodectl::client::{ClientError, NodeClient};
-use hvnodectl::fingerprint;
 use hvnodectl::pki;
 use hvnodectl::state::{Identity, StateDir};
 use hyper::Method;
@@ -102,7 +104,7 @@ async fn node_join_request_is_approved_through_the_cli() {
         None,
     )
     .unwrap();
-    let (hello, _): (ManagerHello, _) = anon.get_json("/v1/manager").await.unwrap();
+    let (hello, _): (ManagerHello, _) = anon.get_json(&ManagerRoute::Hello.path()).await.unwrap();
     assert_eq!(hello.name, "central");
     assert_eq!(hello.ca_pem, StateDir::new(&state).ca_pem().unwrap());
 
@@ -114,11 +116,11 @@ async fn node_join_request_is_approved_through_the_cli() {
         api_port: 8443,
     };
     let err = anon
-        .send_json::<_, NodeJoinStatus>(Method::POST, "/v1/nodes", Some(&join))
+        .send_json::<_, NodeJoinStatus>(Method::POST, &ManagerRoute::Nodes.path(), Some(&join))
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ClientError::Api { code, .. } if code == "client_certificate_required"),
+        matches!(&err, ClientError::Api { code, .. } if *code == ErrorCode::ClientCertificateRequired),
         "{err}"
     );
 
@@ -130,7 +132,7 @@ async fn node_join_request_is_approved_through_the_cli() {
     )
     .unwrap();
     let (st, _): (NodeJoinStatus, _) = node
-        .send_json(Method::POST, "/v1/nodes", Some(&join))
+        .send_json(Method::POST, &ManagerRoute::Nodes.path(), Some(&join))
         .await
         .unwrap();
     assert_eq!(st.state, JoinState::Pending);
@@ -145,6 +147,7 @@ async fn node_join_request_is_approved_through_the_cli() {
     );
 
     let fp = fingerprint::of_der(&CertificateDer::from_pem_slice(node_pem.as_bytes()).unwrap());
+    // Unencoded `:`, as a node may send it: the manager decodes either form.
     let (st, _): (NodeJoinStatus, _) = node.get_json(&format!("/v1/nodes/{fp}")).await.unwrap();
     assert_eq!(st.state, JoinState::Approved);
     let entry = StateDir::new(&state).node("n1").unwrap().unwrap();
@@ -162,7 +165,10 @@ async fn pinned_client_reports_fingerprint_mismatch() {
     let serve = Serve::start(&state);
     let wrong = fingerprint::of_der(b"another certificate");
     let c = NodeClient::new("n1", &serve.url(), Some(wrong.clone()), None).unwrap();
-    let err = c.get_json::<ManagerHello>("/v1/manager").await.unwrap_err();
+    let err = c
+        .get_json::<ManagerHello>(&ManagerRoute::Hello.path())
+        .await
+        .unwrap_err();
     let actual = server_fingerprint(&state);
     assert_eq!(
         err.to_string(),
@@ -184,7 +190,7 @@ async fn server_certificate_verifies_against_the_manager_ca_for_loopback() {
     roots
         .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(hvnodectl::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(hvnode_tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
