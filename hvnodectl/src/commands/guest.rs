@@ -1,0 +1,195 @@
+//! `guest ...` and `wait`: defining, showing and deleting guests, their actions (start, stop,
+//! shutdown, pause, resume, reboot), and waiting for a guest to reach a state. The console
+//! subcommand is dispatched from here to the `console` module.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hvnode_api::guest::{self, GuestSpec, GuestState, GuestStatus};
+use hvnode_api::routes::{GuestAction, Route};
+use hyper::Method;
+
+use super::{CmdError, Ctx};
+use crate::cli::{GuestCommand, WaitState};
+use crate::output;
+
+/// How often `wait` asks for the guest's state.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+/// Reads and validates a guest definition file.
+pub fn read_spec(path: &Path) -> Result<GuestSpec, CmdError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CmdError::ReadFile(path.to_owned(), e))?;
+    let spec: GuestSpec =
+        toml::from_str(&text).map_err(|e| CmdError::ParseSpec(path.to_owned(), e.to_string()))?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+impl Ctx {
+    pub(super) async fn guest_cmd(&self, cmd: GuestCommand) -> Result<(), CmdError> {
+        use GuestAction::*;
+        match cmd {
+            GuestCommand::List(a) => {
+                let c = self.connect(&a.node)?;
+                let (list, raw): (Vec<GuestStatus>, _) = c.get_json(&Route::Guests.path()).await?;
+                self.answer(&raw, || output::guest_list(&list))
+            }
+            GuestCommand::Define(a) => {
+                let spec = read_spec(&a.file)?;
+                let c = self.connect(&a.node)?;
+                let (g, raw): (GuestStatus, _) = c
+                    .send_json(Method::POST, &Route::Guests.path(), Some(&spec))
+                    .await?;
+                self.answer(&raw, || guest_line("defined", &g))
+            }
+            GuestCommand::Update(a) => {
+                let spec = read_spec(&a.file)?;
+                let c = self.connect(&a.node)?;
+                let path = Route::Guest(spec.name.clone()).path();
+                let (g, raw): (GuestStatus, _) =
+                    c.send_json(Method::PUT, &path, Some(&spec)).await?;
+                self.answer(&raw, || guest_line("updated", &g))
+            }
+            GuestCommand::Show(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                let (g, raw): (GuestStatus, _) =
+                    c.get_json(&Route::Guest(a.name.clone()).path()).await?;
+                self.answer(&raw, || output::guest(&g))
+            }
+            GuestCommand::Start(a) => self.guest_action(&a.node, &a.name, Start, None).await,
+            GuestCommand::Stop(a) => self.guest_action(&a.node, &a.name, Stop, None).await,
+            GuestCommand::Shutdown(a) => {
+                self.guest_action(&a.node, &a.name, Shutdown, a.timeout)
+                    .await
+            }
+            GuestCommand::Pause(a) => self.guest_action(&a.node, &a.name, Pause, None).await,
+            GuestCommand::Resume(a) => self.guest_action(&a.node, &a.name, Resume, None).await,
+            GuestCommand::Reboot(a) => self.guest_action(&a.node, &a.name, Reboot, a.timeout).await,
+            GuestCommand::Delete(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                c.call(
+                    Method::DELETE,
+                    &Route::Guest(a.name.clone()).path(),
+                    None,
+                    "",
+                )
+                .await?;
+                self.answer(b"{}", || format!("deleted guest {}", a.name))
+            }
+            GuestCommand::Console {
+                node,
+                name,
+                attach: true,
+                ..
+            } => self.console_attach(&node, &name).await,
+            GuestCommand::Console {
+                node, name, bytes, ..
+            } => self.console_log(&node, &name, bytes).await,
+        }
+    }
+
+    /// `action` on guest `name`; `timeout` is the node's `timeout_secs` for shutdown and
+    /// reboot.
+    async fn guest_action(
+        &self,
+        node: &str,
+        name: &str,
+        action: GuestAction,
+        timeout: Option<u64>,
+    ) -> Result<(), CmdError> {
+        guest::validate_name(name)?;
+        let c = self.connect(node)?;
+        let route = Route::GuestAction(name.to_owned(), action);
+        let path = match timeout {
+            Some(t) => route.with_query(&[("timeout_secs", &t.to_string())]),
+            None => route.path(),
+        };
+        let raw = c.call(Method::POST, &path, None, "").await?;
+        if self.json {
+            return self.print(&raw);
+        }
+        // Decoded only for humans: `--json` passes on whatever the node answered.
+        let g: GuestStatus = c.decode(&raw)?;
+        let line = format!("guest {name}: {}", output::state_name(&g.state));
+        Ok(output::text(&line)?)
+    }
+
+    pub(super) async fn wait(
+        &self,
+        node: &str,
+        guest: &str,
+        wanted: WaitState,
+        secs: u64,
+    ) -> Result<(), CmdError> {
+        guest::validate_name(guest)?;
+        let c = self.connect(node)?;
+        let want = match wanted {
+            WaitState::Running => GuestState::Running,
+            WaitState::Stopped => GuestState::Stopped,
+            WaitState::Paused => GuestState::Paused,
+        };
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let path = Route::Guest(guest.to_owned()).path();
+        loop {
+            let (g, raw): (GuestStatus, _) = c.get_json(&path).await?;
+            if g.state == want {
+                return self.answer(&raw, || {
+                    format!("guest {guest}: {}", output::state_name(&g.state))
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(CmdError::WaitTimeout {
+                    guest: guest.to_owned(),
+                    wanted: output::state_name(&want),
+                    secs,
+                    last: output::state_name(&g.state),
+                });
+            }
+            tokio::time::sleep(WAIT_POLL).await;
+        }
+    }
+}
+
+/// `defined guest web (stopped)`.
+fn guest_line(verb: &str, g: &GuestStatus) -> String {
+    format!(
+        "{verb} guest {} ({})",
+        g.spec.name,
+        output::state_name(&g.state)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvnode_api::guest::GuestSpecError;
+
+    #[test]
+    fn rejects_invalid_guest_definition_before_sending() {
+        let dir = std::env::temp_dir().join(format!("hvnodectl-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "name = \"web\"\nkernel = \"../vmlinuz\"\n").unwrap();
+        assert!(matches!(
+            read_spec(&bad),
+            Err(CmdError::Spec(GuestSpecError::Path(_)))
+        ));
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "name = \"web\"\nkernel = \"vmlinuz\"\nmemory_mib = 128\n",
+        )
+        .unwrap();
+        assert_eq!(read_spec(&good).unwrap().memory_mib, 128);
+        let typo = dir.join("typo.toml");
+        std::fs::write(
+            &typo,
+            "name = \"web\"\nkernel = \"vmlinuz\"\nmemory = 128\n",
+        )
+        .unwrap();
+        assert!(matches!(read_spec(&typo), Err(CmdError::ParseSpec(..))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,63 @@
+//! `node ...`: facts, statistics, host name, log, power and metrics of one node.
+
+use hvnode_api::node::{Hostname, NodeInfo, NodeStats, PowerAction};
+use hvnode_api::routes::Route;
+use hyper::Method;
+
+use super::{CmdError, Ctx};
+use crate::cli::{NodeCommand, PowerArg};
+use crate::output;
+
+impl Ctx {
+    pub(super) async fn node_cmd(&self, cmd: NodeCommand) -> Result<(), CmdError> {
+        match cmd {
+            NodeCommand::Info(a) => {
+                let c = self.connect(&a.node)?;
+                let (i, raw): (NodeInfo, _) = c.get_json(&Route::Node.path()).await?;
+                self.answer(&raw, || output::node_info(&i))
+            }
+            NodeCommand::Stats(a) => {
+                let c = self.connect(&a.node)?;
+                let (s, raw): (NodeStats, _) = c.get_json(&Route::Stats.path()).await?;
+                self.answer(&raw, || output::node_stats(&s))
+            }
+            NodeCommand::SetHostname { node, hostname } => {
+                let c = self.connect(&node)?;
+                let body = Hostname { hostname };
+                let (i, raw): (NodeInfo, _) = c
+                    .send_json(Method::PUT, &Route::NodeHostname.path(), Some(&body))
+                    .await?;
+                self.answer(&raw, || {
+                    format!("host name of node {node} is now {}", i.hostname)
+                })
+            }
+            NodeCommand::Logs { node, lines } => {
+                let c = self.connect(&node)?;
+                let path = match lines {
+                    Some(n) => Route::Logs.with_query(&[("lines", &n.to_string())]),
+                    None => Route::Logs.path(),
+                };
+                let raw = c.call(Method::GET, &path, None, "").await?;
+                self.print(&raw)
+            }
+            NodeCommand::Power { node, action } => {
+                let c = self.connect(&node)?;
+                let (body, what) = match action {
+                    PowerArg::Reboot => (PowerAction::Reboot, "reboot"),
+                    PowerArg::Poweroff => (PowerAction::Poweroff, "power off"),
+                };
+                let raw = c
+                    .send_json_raw(Method::POST, &Route::Power.path(), Some(&body))
+                    .await?;
+                self.answer(&raw, || format!("node {node}: {what} requested"))
+            }
+            NodeCommand::Metrics(a) => {
+                let c = self.connect(&a.node)?;
+                let raw = c
+                    .call(Method::GET, &Route::Metrics.path(), None, "")
+                    .await?;
+                self.print(&raw)
+            }
+        }
+    }
+}
