@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hvnode_api::error::{ApiError, ErrorCode};
+use hvnode_tls::PinnedServerVerifier;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -21,7 +22,6 @@ use tokio_rustls::TlsConnector;
 
 use crate::state::Identity;
 use crate::tls;
-use hvnode_tls::PinnedServerVerifier;
 
 /// Connecting (TCP and TLS handshake) gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

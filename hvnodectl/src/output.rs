@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use hvnode_api::event::Event;
-use hvnode_api::guest::GuestStatus;
+use hvnode_api::guest::{GuestState, GuestStatus};
 use hvnode_api::node::{NodeInfo, NodeStats};
 use hvnode_api::units::{bytes, secs};
 use serde::Serialize;
@@ -149,6 +149,16 @@ pub fn guest_list(list: &[GuestStatus]) -> String {
         ));
     }
     s
+}
+
+/// A guest's state after an action or a wait: `guest web: running`.
+pub fn guest_state(name: &str, state: &GuestState) -> String {
+    format!("guest {name}: {}", state_name(state))
+}
+
+/// A guest after `define` or `update`: `defined guest web (stopped)`.
+pub fn guest_changed(verb: &str, g: &GuestStatus) -> String {
+    format!("{verb} guest {} ({})", g.spec.name, state_name(&g.state))
 }
 
 /// `guest show`: the runtime status, then the definition as the TOML it was defined from.

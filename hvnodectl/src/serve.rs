@@ -1,5 +1,6 @@
 //! `hvnodectl serve`: the manager endpoint of node-initiated registration
-//! (docs/api.md, "Manager side").
+//! (docs/api.md, "Manager side"). Requests are routed on [`ManagerRoute`] and refused with an
+//! [`ErrorCode`], whose HTTP status is the answer's.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

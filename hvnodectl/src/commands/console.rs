@@ -5,7 +5,7 @@ use hvnode_api::guest;
 use hvnode_api::routes::{Route, CONSOLE_PROTOCOL};
 use hyper::Method;
 
-use super::{CmdError, Ctx};
+use super::{path_with, CmdError, Ctx};
 use crate::attach::{self, End};
 use crate::output;
 
@@ -19,11 +19,7 @@ impl Ctx {
     ) -> Result<(), CmdError> {
         guest::validate_name(name)?;
         let c = self.connect(node)?;
-        let route = Route::GuestConsole(name.to_owned());
-        let path = match bytes {
-            Some(n) => route.with_query(&[("bytes", &n.to_string())]),
-            None => route.path(),
-        };
+        let path = path_with(&Route::GuestConsole(name.to_owned()), "bytes", bytes);
         let raw = c.call(Method::GET, &path, None, "").await?;
         Ok(output::verbatim(&raw)?)
     }

@@ -7,7 +7,7 @@ use hvnode_api::routes::Route;
 use hvnode_api::sse;
 use hyper::Method;
 
-use super::{CmdError, Ctx};
+use super::{path_with, CmdError, Ctx};
 use crate::client::{ClientError, ReqBody};
 use crate::output;
 
@@ -21,10 +21,7 @@ impl Ctx {
         count: Option<u64>,
     ) -> Result<(), CmdError> {
         let c = self.connect(node)?;
-        let path = match since {
-            Some(s) => Route::Events.with_query(&[("since", &s.to_string())]),
-            None => Route::Events.path(),
-        };
+        let path = path_with(&Route::Events, "since", since);
         let empty: ReqBody =
             BodyExt::boxed(http_body_util::Empty::new().map_err(|never| match never {}));
         let mut req = c.request(Method::GET, &path, empty);

@@ -9,7 +9,7 @@ use hvnode_api::guest::{self, GuestSpec, GuestState, GuestStatus};
 use hvnode_api::routes::{GuestAction, Route};
 use hyper::Method;
 
-use super::{CmdError, Ctx};
+use super::{path_with, CmdError, Ctx};
 use crate::cli::{GuestCommand, WaitState};
 use crate::output;
 
@@ -40,7 +40,7 @@ impl Ctx {
                 let (g, raw): (GuestStatus, _) = c
                     .send_json(Method::POST, &Route::Guests.path(), Some(&spec))
                     .await?;
-                self.answer(&raw, || guest_line("defined", &g))
+                self.answer(&raw, || output::guest_changed("defined", &g))
             }
             GuestCommand::Update(a) => {
                 let spec = read_spec(&a.file)?;
@@ -48,7 +48,7 @@ impl Ctx {
                 let path = Route::Guest(spec.name.clone()).path();
                 let (g, raw): (GuestStatus, _) =
                     c.send_json(Method::PUT, &path, Some(&spec)).await?;
-                self.answer(&raw, || guest_line("updated", &g))
+                self.answer(&raw, || output::guest_changed("updated", &g))
             }
             GuestCommand::Show(a) => {
                 guest::validate_name(&a.name)?;
@@ -102,18 +102,14 @@ impl Ctx {
         guest::validate_name(name)?;
         let c = self.connect(node)?;
         let route = Route::GuestAction(name.to_owned(), action);
-        let path = match timeout {
-            Some(t) => route.with_query(&[("timeout_secs", &t.to_string())]),
-            None => route.path(),
-        };
+        let path = path_with(&route, "timeout_secs", timeout);
         let raw = c.call(Method::POST, &path, None, "").await?;
         if self.json {
             return self.print(&raw);
         }
         // Decoded only for humans: `--json` passes on whatever the node answered.
         let g: GuestStatus = c.decode(&raw)?;
-        let line = format!("guest {name}: {}", output::state_name(&g.state));
-        Ok(output::text(&line)?)
+        Ok(output::text(&output::guest_state(name, &g.state))?)
     }
 
     pub(super) async fn wait(
@@ -135,9 +131,7 @@ impl Ctx {
         loop {
             let (g, raw): (GuestStatus, _) = c.get_json(&path).await?;
             if g.state == want {
-                return self.answer(&raw, || {
-                    format!("guest {guest}: {}", output::state_name(&g.state))
-                });
+                return self.answer(&raw, || output::guest_state(guest, &g.state));
             }
             if Instant::now() >= deadline {
                 return Err(CmdError::WaitTimeout {
@@ -150,15 +144,6 @@ impl Ctx {
             tokio::time::sleep(WAIT_POLL).await;
         }
     }
-}
-
-/// `defined guest web (stopped)`.
-fn guest_line(verb: &str, g: &GuestStatus) -> String {
-    format!(
-        "{verb} guest {} ({})",
-        g.spec.name,
-        output::state_name(&g.state)
-    )
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use hvnode_api::fingerprint::FingerprintError;
 use hvnode_api::guest::GuestSpecError;
+use hvnode_api::routes::Route;
 
 use crate::attach::AttachError;
 use crate::cli::Command;
@@ -211,5 +212,28 @@ impl Ctx {
     /// metrics) and answers with no body.
     fn print(&self, text: &[u8]) -> Result<(), CmdError> {
         Ok(output::raw(text)?)
+    }
+}
+
+/// `route`'s path, with the query parameter `key` when the user gave it a value.
+fn path_with(route: &Route, key: &str, value: Option<impl std::fmt::Display>) -> String {
+    match value {
+        Some(v) => route.with_query(&[(key, &v.to_string())]),
+        None => route.path(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optional_query_parameters_are_added_only_when_given() {
+        let shutdown = Route::GuestAction("web".into(), hvnode_api::routes::GuestAction::Shutdown);
+        assert_eq!(
+            path_with(&shutdown, "timeout_secs", Some(30)),
+            "/v1/guests/web/shutdown?timeout_secs=30"
+        );
+        assert_eq!(path_with(&Route::Logs, "lines", None::<u32>), "/v1/logs");
     }
 }

@@ -4,7 +4,7 @@ use hvnode_api::node::{Hostname, NodeInfo, NodeStats, PowerAction};
 use hvnode_api::routes::Route;
 use hyper::Method;
 
-use super::{CmdError, Ctx};
+use super::{path_with, CmdError, Ctx};
 use crate::cli::{NodeCommand, PowerArg};
 use crate::output;
 
@@ -33,10 +33,7 @@ impl Ctx {
             }
             NodeCommand::Logs { node, lines } => {
                 let c = self.connect(&node)?;
-                let path = match lines {
-                    Some(n) => Route::Logs.with_query(&[("lines", &n.to_string())]),
-                    None => Route::Logs.path(),
-                };
+                let path = path_with(&Route::Logs, "lines", lines);
                 let raw = c.call(Method::GET, &path, None, "").await?;
                 self.print(&raw)
             }
