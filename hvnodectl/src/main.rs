@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use hvnode_api::error::chain;
 use hvnodectl::cli::Cli;
 use hvnodectl::commands::Ctx;
 use hvnodectl::state::StateDir;
@@ -37,14 +38,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints `error: <message>` followed by each cause, and returns exit code 1.
+/// Prints `error: <message>: <cause>: ...` and returns exit code 1.
 fn fail(err: &dyn std::error::Error) -> ExitCode {
-    let mut text = format!("error: {err}");
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    eprintln!("{text}");
+    eprintln!("error: {}", chain(err));
     ExitCode::FAILURE
 }
