@@ -83,7 +83,7 @@ fn main() {
 pub fn recovery(reason: &str) -> ! {
     sys::block_signals();
     let _ = nix::sys::reboot::set_cad_enabled(false);
-    out::set_consoles_quiet(false);
+    out::take_consoles_back();
     out::announce(3, &format!("fatal: {reason}"), true);
     out::announce(
         3,

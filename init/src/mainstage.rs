@@ -29,8 +29,10 @@ use crate::{hostname, kmod, kmsg, network, nodelog, out, power, ready, sys};
 /// What other threads tell the main loop.
 #[derive(Debug)]
 enum Event {
-    /// Storage and network are set up: start the services.
+    /// Storage and network are set up: start the agent.
     BootDone,
+    /// The node is ready (or the agent is late): the console TUI takes the consoles.
+    ConsolesDue,
     /// Shut down.
     Power(PowerKind),
 }
@@ -207,16 +209,26 @@ fn watch_ready(node: &Node) {
         waited += step;
         if waited.as_secs() == 60 && waited.subsec_millis() < 300 {
             out::say("the agent does not answer yet; still waiting (see the node log)");
+            // The console still helps without an agent (it says the agent is unreachable,
+            // and its Power screen needs none): do not keep the admin waiting for it.
+            hand_consoles_to_tui(node);
         }
     }
-    out::announce(5, "ready", false);
+    out::milestone("ready");
     if let Some(times) = boot_times() {
-        out::announce(5, &times, false);
+        out::milestone(&times);
     }
-    out::set_consoles_quiet(true);
-    if !node.cmdline.debug {
-        sys::set_console_loglevel(1);
+    hand_consoles_to_tui(node);
+}
+
+/// The TUI owns the consoles from here on: init and the kernel stop writing there first, so that
+/// nothing lands on the TUI's screen, then the console services start.
+fn hand_consoles_to_tui(node: &Node) {
+    if out::consoles_owned_by_tui() {
+        return;
     }
+    out::hand_consoles_to_tui(node.cmdline.debug);
+    let _ = node.events.send(Event::ConsolesDue);
 }
 
 /// `boot times: kernel_to_init_s A, init_to_ready_s B`, from the kernel's clock: PID 1's start
@@ -351,13 +363,16 @@ fn event_loop(
         while let Ok(ev) = rx.try_recv() {
             match ev {
                 Event::BootDone => {
-                    for def in supervisor::standard_services() {
-                        sup.add(def);
-                    }
+                    sup.add(supervisor::agent_service());
                     let ready_node = Arc::clone(node);
                     let _ = std::thread::Builder::new()
                         .name("ready".into())
                         .spawn(move || watch_ready(&ready_node));
+                }
+                Event::ConsolesDue => {
+                    for def in supervisor::console_services() {
+                        sup.add(def);
+                    }
                 }
                 Event::Power(kind) => shutdown = shutdown.or(Some(kind)),
             }

@@ -1,5 +1,9 @@
 //! Where init's messages go: the consoles (until the console TUI owns them), `/dev/kmsg`
-//! for the few lines that matter to the kernel log, and the node log.
+//! for the few lines that matter to the kernel log, and the node log, which is also shown live
+//! on the second virtual terminal (Alt-F2 on the server's screen).
+//!
+//! Once [`hand_consoles_to_tui`] has run, nothing of init's reaches tty1 or ttyS0 but a fatal
+//! problem ([`announce`]): the TUI's screen is not written over.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -18,13 +22,19 @@ struct State {
     /// Also write ordinary messages to /dev/kmsg (the early stage has no node log).
     kmsg_all: bool,
     log: Option<NodeLog>,
+    /// The node log's live view on [`LOG_VT`], once the node log is open.
+    log_vt: Option<std::fs::File>,
     pending: Vec<String>,
 }
+
+/// The virtual terminal that shows the node log live.
+pub const LOG_VT: &str = "/dev/tty2";
 
 static STATE: Mutex<State> = Mutex::new(State {
     consoles_quiet: false,
     kmsg_all: false,
     log: None,
+    log_vt: None,
     pending: Vec::new(),
 });
 
@@ -39,26 +49,66 @@ pub fn set_kmsg_all(on: bool) {
     state().kmsg_all = on;
 }
 
-/// Stops (or resumes) writing ordinary messages on the consoles.
-pub fn set_consoles_quiet(quiet: bool) {
-    state().consoles_quiet = quiet;
+/// From now on the console TUI owns tty1 and ttyS0: ordinary messages go to the node log (and
+/// its view on [`LOG_VT`]) only, and the kernel prints nothing below an emergency on the consoles
+/// unless `verbose_kernel` (the `hvnode.debug` boot entry) keeps its messages there.
+pub fn hand_consoles_to_tui(verbose_kernel: bool) {
+    state().consoles_quiet = true;
+    if !verbose_kernel && !cfg!(test) {
+        crate::sys::set_console_loglevel(1);
+    }
 }
 
-/// Opens the node log and flushes the lines logged so far into it.
+/// Init writes on the consoles again: the TUI is stopping (shutdown) or gone (recovery).
+pub fn take_consoles_back() {
+    state().consoles_quiet = false;
+}
+
+/// Whether the console TUI owns the consoles.
+pub fn consoles_owned_by_tui() -> bool {
+    state().consoles_quiet
+}
+
+/// Opens the node log and flushes the lines logged so far into it and onto [`LOG_VT`].
 pub fn open_node_log(path: &Path, limit: u64) -> Result<(), crate::nodelog::LogError> {
     let mut log = NodeLog::open(path, limit)?;
+    let mut vt = open_log_vt();
     let mut st = state();
     for line in st.pending.drain(..) {
         log.write_line(&line);
+        if let Some(vt) = vt.as_mut() {
+            write_vt(vt, &line);
+        }
     }
     st.log = Some(log);
+    st.log_vt = vt;
     Ok(())
+}
+
+/// The log terminal, opened without blocking: a terminal stopped with Scroll Lock makes writes
+/// fail instead of stalling PID 1.
+fn open_log_vt() -> Option<std::fs::File> {
+    if cfg!(test) {
+        return None;
+    }
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(LOG_VT)
+        .ok()
+}
+
+fn write_vt(vt: &mut std::fs::File, line: &str) {
+    let _ = vt.write_all(format!("{line}\n").as_bytes());
 }
 
 /// Writes a line (already attributed, e.g. `kernel: ...`) to the node log only.
 pub fn log_only(line: &str) {
     let stamped = format!("{} {line}", timestamp_now());
     let mut st = state();
+    if let Some(vt) = st.log_vt.as_mut() {
+        write_vt(vt, &stamped);
+    }
     match st.log.as_mut() {
         Some(log) => log.write_line(&stamped),
         None => {
@@ -67,6 +117,17 @@ pub fn log_only(line: &str) {
             }
         }
     }
+}
+
+/// A milestone of the boot (`ready`, the boot times): on the consoles unless the TUI owns them
+/// already, in the kernel log at notice level, and in the node log.
+pub fn milestone(msg: &str) {
+    let line = format!("hvnode: {msg}");
+    if !consoles_owned_by_tui() {
+        write_consoles(&line, false);
+    }
+    write_kmsg(5, &line);
+    log_only(&format!("init: {msg}"));
 }
 
 /// A progress message: `hvnode: <msg>` on the consoles (until ready) and in the node log.

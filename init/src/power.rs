@@ -61,7 +61,7 @@ pub fn shutdown(kind: PowerKind, sup: &mut Supervisor, stop_network: impl FnOnce
         PowerKind::Reboot => "reboot",
         PowerKind::PowerOff => "poweroff",
     };
-    out::set_consoles_quiet(false);
+    out::take_consoles_back();
     out::announce(5, &format!("shutting down ({word})"), false);
     let services = sup.stop_all();
     reap_for(SERVICE_GRACE, || services.iter().all(|p| !alive(*p)));

@@ -249,15 +249,21 @@ pub fn copy_lines(fd: OwnedFd, name: &str) {
     }
 }
 
-/// The standard services: the agent, and the console on tty1 and on a real ttyS0.
-pub fn standard_services() -> Vec<ServiceDef> {
-    let mut defs = vec![ServiceDef {
+/// The agent, started once storage and network are set up.
+pub fn agent_service() -> ServiceDef {
+    ServiceDef {
         name: "agent".to_owned(),
         path: PathBuf::from(hvnode_api::paths::AGENT_BINARY),
         args: Vec::new(),
         env: Vec::new(),
         output: Output::Log,
-    }];
+    }
+}
+
+/// The console on tty1 and on a real ttyS0, started when the node is ready (see
+/// `out::hand_consoles_to_tui`).
+pub fn console_services() -> Vec<ServiceDef> {
+    let mut defs = Vec::new();
     if Path::new("/dev/tty1").exists() {
         defs.push(console("console-tty1", "/dev/tty1", "linux"));
     }

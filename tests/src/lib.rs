@@ -13,6 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod screen;
+
 /// Firmware to boot with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
@@ -163,7 +165,11 @@ impl Qemu {
         cmd.args(["-serial", "chardev:ser0"]);
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
-        cmd.args(["-vga", "std"]);
+        // The server's screen, and its keyboards: PS/2 (q35's i8042) and a USB keyboard tied to
+        // the screen, so that events sent to "video0" reach it and other events the PS/2 one.
+        cmd.args(["-device", "VGA,id=video0"]);
+        cmd.args(["-device", "qemu-xhci,id=xhci"]);
+        cmd.args(["-device", "usb-kbd,bus=xhci.0,display=video0"]);
         cmd.arg("-netdev")
             .arg(format!("user,id=n0,hostfwd=tcp:127.0.0.1:{api_port}-:8443"));
         cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
@@ -192,7 +198,6 @@ impl Qemu {
                     "if=none,id=boot,format=raw,snapshot=on,file={}",
                     iso.display()
                 ));
-                cmd.args(["-device", "qemu-xhci,id=xhci"]);
                 cmd.args(["-device", "usb-storage,bus=xhci.0,drive=boot,bootindex=0"]);
             }
         }
@@ -260,6 +265,15 @@ impl Qemu {
     pub fn mark(&self) -> usize {
         let (lock, _) = &*self.serial;
         lock.lock().unwrap_or_else(|e| e.into_inner()).bytes.len()
+    }
+
+    /// Where `needle` first appears in the serial output (a mark just before it).
+    pub fn position_of(&self, needle: &str) -> Option<usize> {
+        let (lock, _) = &*self.serial;
+        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.bytes
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
     }
 
     /// Waits until `needle` appears on the serial console, or panics with the log's tail.
@@ -336,6 +350,58 @@ impl Qemu {
 
     /// Sends a QMP command and returns its answer.
     pub fn qmp(&self, command: &str) -> serde_json::Value {
+        self.qmp_with(command, serde_json::json!({}))
+    }
+
+    /// Sends a QMP command with arguments; panics on a QMP error.
+    pub fn qmp_ok(&self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let answer = self.qmp_with(command, arguments);
+        assert!(answer.get("error").is_none(), "QMP {command}: {answer}");
+        answer
+    }
+
+    /// Presses keys together on the emulated keyboard (QEMU key codes: `"2"`, `"h"`, `"ret"`,
+    /// `"ctrl"`); `Some("video0")` types on the USB keyboard, `None` on the PS/2 one.
+    pub fn press_keys(&self, keys: &[&str], device: Option<&str>) {
+        let events = |down: bool| -> Vec<serde_json::Value> {
+            keys.iter()
+                .map(|k| {
+                    serde_json::json!({"type": "key", "data": {
+                        "down": down, "key": {"type": "qcode", "data": k}}})
+                })
+                .collect()
+        };
+        for down in [true, false] {
+            let mut args = serde_json::json!({"events": events(down)});
+            if let Some(d) = device {
+                args["device"] = serde_json::json!(d);
+            }
+            self.qmp_ok("input-send-event", args);
+        }
+    }
+
+    /// The VGA text memory (0xB8000, 32 KiB) as the guest left it.
+    pub fn vga_text_memory(&self) -> Vec<u8> {
+        let file = self.dir.join("vga-text.bin");
+        let _ = std::fs::remove_file(&file);
+        self.qmp_ok(
+            "pmemsave",
+            serde_json::json!({"val": 0xb8000u32, "size": 32768, "filename": file}),
+        );
+        std::fs::read(&file).expect("read the VGA text dump")
+    }
+
+    /// What the display shows, as QEMU renders it.
+    pub fn screendump(&self) -> screen::Picture {
+        let file = self.dir.join("screen.ppm");
+        let _ = std::fs::remove_file(&file);
+        self.qmp_ok("screendump", serde_json::json!({"filename": file}));
+        let data = std::fs::read(&file).expect("read the screendump");
+        screen::parse_ppm(&data).expect("QEMU's screendump is a PPM")
+    }
+
+    /// Sends a QMP command with arguments and returns its answer.
+    pub fn qmp_with(&self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
         let stream = UnixStream::connect(&self.qmp_path).expect("connect QMP");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -347,7 +413,8 @@ impl Qemu {
         writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#).expect("QMP write");
         line.clear();
         reader.read_line(&mut line).expect("QMP capabilities");
-        writeln!(w, r#"{{"execute":"{command}"}}"#).expect("QMP write");
+        let request = serde_json::json!({"execute": command, "arguments": arguments});
+        writeln!(w, "{request}").expect("QMP write");
         loop {
             line.clear();
             reader.read_line(&mut line).expect("QMP answer");

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use hvnode_tests::screen::{self, Font, TextScreen};
 use hvnode_tests::{
     blank_disk, iso_under_test, repo_root, scratch_dir, Firmware, Medium, Options, Qemu,
 };
@@ -25,14 +26,17 @@ fn skip_without_iso(test: &str) -> Option<PathBuf> {
 }
 
 /// Boots, waits for `hvnode: ready`, checks the DHCP address, presses the power button and
-/// checks a clean power-off.
-fn boot_ready_poweroff(name: &str, firmware: Firmware, medium: Medium) {
+/// checks a clean power-off; `console` also checks the server's screen and keyboard.
+fn boot_ready_poweroff(name: &str, firmware: Firmware, medium: Medium, console: Option<Keyboard>) {
     let Some(iso) = skip_without_iso(name) else {
         return;
     };
     let dir = scratch_dir(name);
     let mut vm = Qemu::start(&iso, &Options::new(name, firmware, medium), &dir);
     vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    if let Some(keyboard) = console {
+        consoles_belong_to_the_tui(&mut vm, &iso, firmware, keyboard);
+    }
     let text = vm.serial_text();
     assert!(
         text.contains("10.0.2.15"),
@@ -50,18 +54,153 @@ fn boot_ready_poweroff(name: &str, firmware: Firmware, medium: Medium) {
 }
 
 #[test]
-fn seabios_cd_boots_to_ready_and_powers_off() {
-    boot_ready_poweroff("seabios-cd", Firmware::SeaBios, Medium::Cd);
+fn seabios_cd_boots_to_ready_with_the_tui_on_the_vga_text_screen_and_powers_off() {
+    boot_ready_poweroff(
+        "seabios-cd",
+        Firmware::SeaBios,
+        Medium::Cd,
+        Some(Keyboard::Ps2),
+    );
 }
 
 #[test]
-fn ovmf_usb_stick_boots_to_ready_and_powers_off() {
-    boot_ready_poweroff("ovmf-usb", Firmware::Ovmf, Medium::UsbStick);
+fn ovmf_usb_stick_boots_to_ready_with_the_tui_on_the_framebuffer_and_powers_off() {
+    boot_ready_poweroff(
+        "ovmf-usb",
+        Firmware::Ovmf,
+        Medium::UsbStick,
+        Some(Keyboard::Usb),
+    );
 }
 
 #[test]
 fn seabios_usb_stick_boots_to_ready_and_powers_off() {
-    boot_ready_poweroff("seabios-usb", Firmware::SeaBios, Medium::UsbStick);
+    boot_ready_poweroff("seabios-usb", Firmware::SeaBios, Medium::UsbStick, None);
+}
+
+/// The keyboard the admin types on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keyboard {
+    /// PS/2 (the i8042).
+    Ps2,
+    /// USB HID, on the xHCI controller.
+    Usb,
+}
+
+/// Lines of init and the kernel that must never be seen over the TUI.
+const NOT_OVER_THE_TUI: [&str; 5] = [
+    "hvnode: ready",
+    "boot times",
+    "hvnode: network",
+    "entered disabled state",
+    "kernel:",
+];
+
+/// The console TUI owns the serial port and the server's screen once the node is ready: the
+/// screen shows it with nothing written over it, a kernel message after ready stays off it,
+/// and the physical keyboard drives it.
+fn consoles_belong_to_the_tui(vm: &mut Qemu, iso: &Path, firmware: Firmware, keyboard: Keyboard) {
+    // Serial: everything after the ready line, as a terminal shows it.
+    let ready = vm.position_of("hvnode: ready").expect("ready was seen");
+    let serial = vm.wait_screen(ready, "10.0.2.15", Duration::from_secs(120));
+    for line in NOT_OVER_THE_TUI {
+        assert!(
+            !serial.contains(line),
+            "{line:?} is written over the TUI on ttyS0:\n{serial}"
+        );
+    }
+
+    let font = (firmware == Firmware::Ovmf).then(|| kernel_font(iso, &vm.dir));
+    let read = |vm: &Qemu| -> Result<TextScreen, String> {
+        match &font {
+            None => screen::vga_text_screen(&vm.vga_text_memory(), 25, |r| {
+                r.contains("1 Status") && r.contains("2 Network")
+            }),
+            Some(font) => Ok(font.read(&vm.screendump())),
+        }
+    };
+    let physical = wait_physical(vm, &read, "10.0.2.15");
+    assert!(physical.contains("Status"), "{physical}");
+
+    // A cable pulled after ready: the bridge logs it (kernel, info level) and init's network
+    // code reacts. The serial TUI's Logs screen shows it once it is in the node log...
+    vm.qmp_ok("set_link", serde_json::json!({"name": "n0", "up": false}));
+    let mark = vm.mark();
+    vm.send(b"6");
+    vm.wait_screen(mark, "entered disabled state", Duration::from_secs(60));
+    vm.qmp_ok("set_link", serde_json::json!({"name": "n0", "up": true}));
+    // ...and the server's screen, still on Status, shows none of it.
+    let physical = read(vm).unwrap_or_else(|e| panic!("reading the screen: {e}"));
+    for line in NOT_OVER_THE_TUI {
+        assert!(
+            !physical.contains(line),
+            "{line:?} is written over the TUI on the screen:\n{physical}"
+        );
+    }
+    assert!(physical.contains("10.0.2.15"), "{physical}");
+    eprintln!("the server's screen ({firmware:?}) after the cable was pulled:\n{physical}");
+
+    // The physical keyboard switches screens as the serial one does.
+    let device = (keyboard == Keyboard::Usb).then_some("video0");
+    vm.press_keys(&["2"], device);
+    wait_physical(vm, &read, "h: change the host name");
+    vm.press_keys(&["3"], device);
+    wait_physical(vm, &read, "Pairing code");
+    vm.press_keys(&["1"], device);
+    wait_physical(vm, &read, "10.0.2.15");
+    if font.is_some() {
+        // Alt-F2: the node log, live, with the kernel's lines the console kept off tty1.
+        vm.press_keys(&["alt", "f2"], device);
+        let log = wait_physical(vm, &read, "kernel: br0: port");
+        assert!(!log.contains("1 Status"), "{log}");
+        vm.press_keys(&["alt", "f1"], device);
+        wait_physical(vm, &read, "10.0.2.15");
+    }
+}
+
+/// Reads the server's screen until it shows `needle`.
+fn wait_physical(
+    vm: &Qemu,
+    read: &dyn Fn(&Qemu) -> Result<TextScreen, String>,
+    needle: &str,
+) -> TextScreen {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let screen = read(vm);
+        if let Ok(s) = &screen {
+            if s.contains(needle) {
+                return s.clone();
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            match screen {
+                Ok(s) => panic!("{needle:?} is not on the server's screen:\n{s}"),
+                Err(e) => panic!("{needle:?}: cannot read the server's screen: {e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The 8x16 console font of the kernel the ISO boots.
+fn kernel_font(iso: &Path, dir: &Path) -> Font {
+    let vmlinuz = dir.join("vmlinuz");
+    let _ = std::fs::remove_file(&vmlinuz);
+    let status = Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(iso)
+        .args(["-extract", "/boot/vmlinuz"])
+        .arg(&vmlinuz)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run xorriso (image/setup-host.sh installs it)");
+    assert!(
+        status.success(),
+        "cannot extract /boot/vmlinuz from the ISO"
+    );
+    let vmlinux = screen::vmlinux_of_bzimage(&vmlinuz).expect("unpack the kernel");
+    Font::from_vmlinux(&vmlinux).expect("the kernel's console font")
 }
 
 /// The boot test's guest: 2 vCPUs and 4.5 GiB (RAM above the 32-bit MMIO hole too), the node's own
