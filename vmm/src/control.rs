@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 use hvnode_api::vmm::{VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
-use crate::devices::MmioBus;
+use crate::devices::legacy::Keyboard;
+use crate::devices::{DeviceStats, MmioBus};
+use crate::error::VmError;
+use crate::exit::ExitReason;
 use crate::vcpu::{PauseError, Vcpus, PAUSE_TIMEOUT};
-use crate::vm::{ExitReason, Keyboard, VmError};
 
 /// Longest request line; a longer one is refused and its connection closed.
 pub const MAX_REQUEST_LINE: usize = 64 << 10;
@@ -31,12 +33,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// kills what is left; stopping the guest a little earlier lets the VMM still write its exit
 /// file.
 pub const SIGTERM_SHUTDOWN_LIMIT: Duration = Duration::from_secs(25);
-
-/// Counters of devices, reported under `stats.devices`.
-pub trait DeviceStats: Send + Sync {
-    /// Counters by device name (`serial`, `virtio-blk0`, ...), then by counter name.
-    fn device_stats(&self) -> BTreeMap<String, BTreeMap<String, u64>>;
-}
 
 /// What the control socket and the signals act on.
 pub(crate) struct Controller {

@@ -5,7 +5,7 @@
 //! the hypervisor bit set, the in-kernel irqchip and PIT, ACPI tables (MADT for the APICs, a
 //! hardware-reduced FADT whose sleep register powers the guest off, a DSDT with the COM1 serial
 //! port), and a 16550 serial console to a log file and to clients of a unix socket. Reboot is
-//! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the [`i8042`]
+//! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the [`i8042`](devices::legacy::i8042)
 //! keyboard. virtio-blk, virtio-net and virtio-rng sit on the virtio-mmio transport
 //! ([`devices`]), described to the guest in the DSDT. The [`control`] socket and the
 //! termination signals pause, resume, shut down, stop and count.
@@ -15,11 +15,13 @@ pub mod acpi;
 pub mod boot;
 pub mod control;
 pub mod devices;
-pub mod i8042;
+pub mod error;
+pub mod exit;
 pub mod payload;
 pub mod seccomp;
-pub mod serial;
 mod vcpu;
 pub mod vm;
 
-pub use vm::{run, ExitReason, VmError};
+pub use error::VmError;
+pub use exit::ExitReason;
+pub use vm::run;

@@ -494,9 +494,12 @@ mod tests {
         let exit_file = std::fs::File::create(dir.join("exit.json")).unwrap();
         report_violations_to(Box::leak(Box::new(exit_file)));
         let log = dir.join("console.log");
-        let mut serial =
-            crate::serial::SerialOut::new(log.to_str(), Default::default(), Default::default())
-                .unwrap();
+        let mut serial = crate::devices::legacy::serial::SerialOut::new(
+            log.to_str(),
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap();
         // The 32-bit syscall is killed with a core dump otherwise.
         let no_core = libc::rlimit {
             rlim_cur: 0,
@@ -674,7 +677,10 @@ mod tests {
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("survived\n"));
         let log = std::fs::metadata(dir.join("console.log")).unwrap().len();
-        assert!((1..=crate::serial::LIMIT).contains(&log), "log {log} bytes");
+        assert!(
+            (1..=crate::devices::legacy::serial::LIMIT).contains(&log),
+            "log {log} bytes"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

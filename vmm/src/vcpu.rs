@@ -18,9 +18,11 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::devices::legacy::i8042::{self, WriteOutcome};
+use crate::devices::legacy::{Console, Keyboard};
 use crate::devices::MmioBus;
-use crate::i8042::{self, WriteOutcome};
-use crate::vm::{Console, ExitReason, Keyboard, VmError};
+use crate::error::VmError;
+use crate::exit::ExitReason;
 use crate::{acpi, boot};
 
 const SERIAL_BASE: u16 = 0x3f8;

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -15,86 +15,28 @@ use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vm_superio::{Serial, Trigger};
+use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{self, control_loop, signal_loop, Controller, DeviceStats};
-use crate::i8042::I8042;
-use crate::serial::{SerialOut, SerialStats};
+use crate::control::{self, control_loop, signal_loop, Controller};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{console_loop, SerialOut, SerialStats};
+use crate::devices::legacy::IrqLine;
+use crate::devices::DeviceStats;
+use crate::error::VmError;
+use crate::exit::ExitReason;
 use crate::vcpu::{install_kick_handler, setup_vcpu, PortDevices, Vcpu, Vcpus};
 use crate::{acpi, boot};
 
 const SERIAL_IRQ: u32 = 4;
 const KEYBOARD_IRQ: u32 = 1;
 
-/// Errors setting up or running the VM.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// Invalid configuration.
-    #[error("Invalid VM configuration: {0}")]
-    Config(String),
-    /// /dev/kvm could not be used.
-    #[error("KVM: {0}")]
-    Kvm(#[from] kvm_ioctls::Error),
-    /// Guest memory.
-    #[error("Guest memory: {0}")]
-    Memory(String),
-    /// A file of the VM (kernel, initrd, log, socket).
-    #[error("{0}: {1}")]
-    File(String, std::io::Error),
-    /// The kernel could not be loaded.
-    #[error("Loading the kernel: {0}")]
-    Kernel(String),
-    /// ACPI tables.
-    #[error("ACPI tables: {0}")]
-    Acpi(#[from] acpi::AcpiError),
-    /// Signal masks or handlers.
-    #[error("Signals: {0}")]
-    Signals(String),
-    /// virtio devices (disk images, taps).
-    #[error("virtio devices: {0}")]
-    Devices(#[from] crate::devices::bus::SetupError),
-    /// Dropping privileges or installing the seccomp filter.
-    #[error("Sandbox: {0}")]
-    Sandbox(#[from] crate::seccomp::SandboxError),
+/// An eventfd wired to `gsi` with KVM_IRQFD: a legacy device's interrupt line.
+fn irq_line(vm: &kvm_ioctls::VmFd, gsi: u32) -> Result<IrqLine, VmError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::File("eventfd".into(), e))?;
+    vm.register_irqfd(&fd, gsi)?;
+    Ok(IrqLine::new(fd))
 }
-
-/// Why the VM ended; the binary maps it to its exit code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest powered off, or reset after a shutdown request (exit 0).
-    PowerOff,
-    /// The VMM stopped the guest: a stop request, a signal, or a shutdown that took too long
-    /// (exit 0).
-    Stopped(String),
-    /// The guest asked for a reset (exit 3: the agent starts it again).
-    Reboot,
-    /// The guest crashed or KVM failed (exit 2).
-    Crash(String),
-}
-
-/// An eventfd wired to a GSI with KVM_IRQFD: a device's interrupt line.
-#[derive(Debug)]
-pub(crate) struct IrqLine(EventFd);
-
-impl IrqLine {
-    fn new(vm: &kvm_ioctls::VmFd, gsi: u32) -> Result<Self, VmError> {
-        let fd =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::File("eventfd".into(), e))?;
-        vm.register_irqfd(&fd, gsi)?;
-        Ok(IrqLine(fd))
-    }
-}
-
-impl Trigger for IrqLine {
-    type E = std::io::Error;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.write(1)
-    }
-}
-
-pub(crate) type Console = Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
-pub(crate) type Keyboard = I8042<IrqLine>;
 
 fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -142,34 +84,6 @@ fn load_initrd(
     mem.write_slice(&data, GuestAddress(addr))
         .map_err(|e| VmError::Memory(e.to_string()))?;
     Ok((addr, data.len() as u64))
-}
-
-fn console_loop(
-    listener: UnixListener,
-    clients: Arc<Mutex<Vec<UnixStream>>>,
-    console: Arc<Mutex<Console>>,
-    stats: Arc<SerialStats>,
-) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let Ok(out) = conn.try_clone() else { continue };
-        clients.lock().unwrap_or_else(|e| e.into_inner()).push(out);
-        let (console, stats) = (Arc::clone(&console), Arc::clone(&stats));
-        std::thread::spawn(move || {
-            let mut conn = conn;
-            let mut buf = [0u8; 64];
-            while let Ok(n) = conn.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                stats.received(n);
-                let _ = console
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .enqueue_raw_bytes(&buf[..n]);
-            }
-        });
-    }
 }
 
 fn bind(path: &str) -> Result<UnixListener, VmError> {
@@ -334,8 +248,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         Arc::clone(&serial_stats),
     )
     .map_err(|e| VmError::File("serial log".into(), e))?;
-    let console = Arc::new(Mutex::new(Serial::new(IrqLine::new(&vm, SERIAL_IRQ)?, out)));
-    let keyboard = Arc::new(Mutex::new(I8042::new(IrqLine::new(&vm, KEYBOARD_IRQ)?)));
+    let console = Arc::new(Mutex::new(Serial::new(irq_line(&vm, SERIAL_IRQ)?, out)));
+    let keyboard = Arc::new(Mutex::new(I8042::new(irq_line(&vm, KEYBOARD_IRQ)?)));
     let ports = Arc::new(PortDevices {
         console: Arc::clone(&console),
         i8042: Arc::clone(&keyboard),

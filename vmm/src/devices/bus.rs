@@ -19,7 +19,7 @@ use super::blk::{Block, BlockError};
 use super::mmio::{MmioTransport, WINDOW_SIZE};
 use super::net::{tap, Net};
 use super::rng::Rng;
-use super::{DeviceError, Interrupt, VirtioDevice};
+use super::{DeviceError, DeviceStats, Interrupt, VirtioDevice};
 use crate::acpi::AcpiMmioDevice;
 
 /// Guest-physical address of the first device window: in the MMIO hole above the RAM below
@@ -160,7 +160,7 @@ impl MmioBus {
     }
 }
 
-impl crate::control::DeviceStats for MmioBus {
+impl DeviceStats for MmioBus {
     fn device_stats(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.stats()
     }

@@ -16,6 +16,7 @@
 pub mod blk;
 pub mod bus;
 mod chain;
+pub mod legacy;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -30,6 +31,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use bus::{DeviceSet, MmioBus};
+
+/// Counters of devices, reported under `stats.devices` by the control socket.
+pub trait DeviceStats: Send + Sync {
+    /// Counters by device name (`serial`, `virtio-blk0`, ...), then by counter name.
+    fn device_stats(&self) -> BTreeMap<String, BTreeMap<String, u64>>;
+}
 
 /// The interrupt line of one device and the status bits its worker raises.
 ///

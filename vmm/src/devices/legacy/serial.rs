@@ -1,16 +1,19 @@
-//! The serial console's output side: a bounded log file plus every client attached to the
-//! console socket. Whatever the guest writes is stored and forwarded, never interpreted.
+//! The serial console around COM1's 16550 ([`super::Console`], vm-superio's): its output side,
+//! a bounded log file plus every client attached to the console socket, and the socket's input
+//! side ([`console_loop`]), which feeds what clients type to the guest. Whatever the guest writes
+//! is stored and forwarded, never interpreted.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::control::DeviceStats;
+use super::Console;
+use crate::devices::DeviceStats;
 
 /// The log file is cut back to its last [`KEEP`] bytes when it grows past [`LIMIT`].
 pub const LIMIT: u64 = 4 << 20;
@@ -145,6 +148,36 @@ impl Write for SerialOut {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Accepts console socket clients: each gets the guest's output from now on (through
+/// `clients`, which [`SerialOut`] writes to), and what it sends goes to the guest's input.
+pub(crate) fn console_loop(
+    listener: UnixListener,
+    clients: Arc<Mutex<Vec<UnixStream>>>,
+    console: Arc<Mutex<Console>>,
+    stats: Arc<SerialStats>,
+) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let Ok(out) = conn.try_clone() else { continue };
+        clients.lock().unwrap_or_else(|e| e.into_inner()).push(out);
+        let (console, stats) = (Arc::clone(&console), Arc::clone(&stats));
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let mut buf = [0u8; 64];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stats.received(n);
+                let _ = console
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .enqueue_raw_bytes(&buf[..n]);
+            }
+        });
     }
 }
 
