@@ -33,6 +33,18 @@ fn boot_ready_poweroff(name: &str, firmware: Firmware, medium: Medium, console: 
     };
     let dir = scratch_dir(name);
     let mut vm = Qemu::start(&iso, &Options::new(name, firmware, medium), &dir);
+    if console.is_some() && firmware == Firmware::SeaBios {
+        // The boot menu on the screen (GRUB draws it in VGA text mode); an arrow key on the PS/2
+        // keyboard stops the countdown while it is read, Enter boots the first entry.
+        vm.wait_for("first blank disk [d]", BOOT_TIMEOUT);
+        vm.press_keys(&["up"], None);
+        let read = |vm: &Qemu| {
+            screen::vga_text_screen(&vm.vga_text_memory(), 25, |r| r.contains("GNU GRUB"))
+        };
+        let menu = wait_physical(&vm, &read, "hvnode, creating the data partition");
+        assert!(menu.contains("hvnode, debug"), "{menu}");
+        vm.press_keys(&["ret"], None);
+    }
     vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
     if let Some(keyboard) = console {
         consoles_belong_to_the_tui(&mut vm, &iso, firmware, keyboard);
