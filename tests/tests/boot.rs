@@ -196,7 +196,8 @@ fn consoles_belong_to_the_tui(vm: &mut Qemu, iso: &Path, firmware: Firmware, key
     let device = (keyboard == Keyboard::Usb).then_some("video0");
     vm.press_keys(&["2"], device);
     wait_physical(vm, &read, "h: change the host name");
-    vm.press_keys(&["3"], device);
+    // F3 as the Linux console encodes it (ESC [ [ C), not as a serial terminal does.
+    vm.press_keys(&["f3"], device);
     wait_physical(vm, &read, "Pairing code");
     vm.press_keys(&["1"], device);
     wait_physical(vm, &read, "10.0.2.15");
