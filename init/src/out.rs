@@ -130,6 +130,17 @@ pub fn milestone(msg: &str) {
     log_only(&format!("init: {msg}"));
 }
 
+/// Copies lines from a pipe (a service's or a helper program's output) into the node log as
+/// `<name>: line` until EOF.
+pub fn copy_lines(fd: std::os::fd::OwnedFd, name: &str) {
+    use std::io::BufRead;
+    let reader = std::io::BufReader::new(std::fs::File::from(fd));
+    for line in reader.split(b'\n').map_while(Result::ok) {
+        let text = String::from_utf8_lossy(&line);
+        log_only(&format!("{name}: {}", text.trim_end()));
+    }
+}
+
 /// A progress message: `hvnode: <msg>` on the consoles (until ready) and in the node log.
 pub fn say(msg: &str) {
     let line = format!("hvnode: {msg}");

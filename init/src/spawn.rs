@@ -288,7 +288,7 @@ impl Reaper {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let reader = std::thread::spawn(move || crate::supervisor::copy_lines(rd, &name));
+        let reader = std::thread::spawn(move || crate::out::copy_lines(rd, &name));
         let status = self.wait(pid, timeout);
         if status.is_none() {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);

@@ -1,7 +1,6 @@
 //! Supervision of the node's services: the agent and the console on each terminal.
 //! A dead service is restarted with exponential backoff; each gets its own cgroup.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -198,7 +197,7 @@ fn start(svc: &mut Service) {
                 let name = svc.def.name.clone();
                 let _ = std::thread::Builder::new()
                     .name(format!("log-{name}"))
-                    .spawn(move || copy_lines(rd, &name));
+                    .spawn(move || out::copy_lines(rd, &name));
             }
             svc.state = State::Running {
                 pid,
@@ -237,15 +236,6 @@ pub fn setup_cgroups() {
         for c in ["+cpu", "+memory", "+pids", "+io"] {
             let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
         }
-    }
-}
-
-/// Copies lines from a pipe into the node log as `<name>: line` until EOF.
-pub fn copy_lines(fd: OwnedFd, name: &str) {
-    let reader = BufReader::new(std::fs::File::from(fd));
-    for line in reader.split(b'\n').map_while(Result::ok) {
-        let text = String::from_utf8_lossy(&line);
-        out::log_only(&format!("{name}: {}", text.trim_end()));
     }
 }
 
