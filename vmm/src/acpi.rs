@@ -5,7 +5,8 @@
 //! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, so `virtio_mmio.device=` on the command line is ignored;
 //! they find virtio-mmio devices as ACPI devices with _HID `LNRO0005`, as on QEMU's microvm. The
 //! MADT gives the guest its local APICs and IOAPIC. Power-off is an ACPI S5 request written to the
-//! sleep control register ([`SLEEP_CONTROL_PORT`]); reboot goes through the i8042 reset line.
+//! sleep control register ([`SLEEP_CONTROL_PORT`], served by [`crate::devices::legacy::power`]);
+//! reboot goes through the i8042 reset line.
 //!
 //! The tables are built as plain byte blobs with guest addresses, so the layout is testable
 //! without guest memory; the caller copies them into guest RAM.
@@ -71,12 +72,6 @@ pub struct AcpiTables {
     pub rsdp_addr: u64,
     /// `(guest address, bytes)` of every table.
     pub blobs: Vec<(u64, Vec<u8>)>,
-}
-
-/// Whether a byte written to [`SLEEP_CONTROL_PORT`] asks for power-off (SLP_EN with the S5 type).
-pub fn is_poweroff_request(value: u8) -> bool {
-    const SLP_EN: u8 = 1 << 5;
-    value & SLP_EN != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE
 }
 
 fn to_bytes(t: &dyn Aml) -> Vec<u8> {
@@ -336,16 +331,6 @@ mod tests {
         assert_eq!(
             build_tables(1, &d).unwrap_err(),
             AcpiError::DeviceAbove4G(1 << 33)
-        );
-    }
-
-    #[test]
-    fn recognises_the_s5_power_off_write() {
-        assert!(is_poweroff_request((5 << 2) | (1 << 5)));
-        assert!(!is_poweroff_request(5 << 2), "no SLP_EN");
-        assert!(
-            !is_poweroff_request((3 << 2) | (1 << 5)),
-            "S3 is not power-off"
         );
     }
 }

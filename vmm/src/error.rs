@@ -2,6 +2,7 @@
 
 use crate::acpi::AcpiError;
 use crate::devices::bus::SetupError;
+use crate::devices::pio::PioBusError;
 use crate::seccomp::SandboxError;
 
 /// Errors setting up or running the VM.
@@ -31,6 +32,9 @@ pub enum VmError {
     /// virtio devices (disk images, taps).
     #[error("virtio devices: {0}")]
     Devices(#[from] SetupError),
+    /// Two legacy devices on the same I/O ports.
+    #[error("I/O port devices: {0}")]
+    Ports(#[from] PioBusError),
     /// Dropping privileges or installing the seccomp filter.
     #[error("Sandbox: {0}")]
     Sandbox(#[from] SandboxError),

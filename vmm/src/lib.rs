@@ -5,10 +5,39 @@
 //! the hypervisor bit set, the in-kernel irqchip and PIT, ACPI tables (MADT for the APICs, a
 //! hardware-reduced FADT whose sleep register powers the guest off, a DSDT with the COM1 serial
 //! port), and a 16550 serial console to a log file and to clients of a unix socket. Reboot is
-//! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the [`i8042`](devices::legacy::i8042)
-//! keyboard. virtio-blk, virtio-net and virtio-rng sit on the virtio-mmio transport
-//! ([`devices`]), described to the guest in the DSDT. The [`control`] socket and the
-//! termination signals pause, resume, shut down, stop and count.
+//! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the i8042 keyboard.
+//! virtio-blk, virtio-net and virtio-rng sit on the virtio-mmio transport, described to the
+//! guest in the DSDT. The [`control`] socket and the termination signals pause, resume, shut
+//! down, stop and count.
+//!
+//! # Modules
+//!
+//! Each module uses only modules below it in this list: [`vm`] builds on everything and nothing
+//! builds on it.
+//!
+//! - [`vm`]: the builder: checks the config, sets up KVM, guest memory, the kernel, the ACPI
+//!   tables and the devices, starts the vCPUs and waits for the reason the VM ended.
+//! - [`control`]: the control socket and the termination signals, acting through one controller.
+//! - `vcpu`: the vCPU threads, their exit dispatch and counters, and the pause gate.
+//! - [`error`]: [`VmError`], why a VM could not be set up.
+//! - [`seccomp`]: the run-phase sandbox: dropped privileges and the seccomp filter.
+//! - [`boot`]: the guest memory layout, page tables, long-mode registers and the zero page.
+//! - [`devices`]: the devices, and [`DeviceStats`](devices::DeviceStats) for their counters.
+//!   - [`devices::bus`]: the virtio devices from the config, wired to KVM, on the `MmioBus`.
+//!   - [`devices::pio`]: the `PioBus`, I/O port ranges to devices, for IN and OUT exits.
+//!   - [`devices::legacy`]: the PC devices' port layout and their [`IrqLine`].
+//!     - [`devices::legacy::serial`]: COM1's output (bounded log, socket clients) and input.
+//!     - [`devices::legacy::i8042`]: the keyboard controller: reset line, ctrl-alt-del.
+//!     - [`devices::legacy::power`]: the ACPI sleep control register (power-off).
+//!     - [`devices::legacy::cmos`]: the absent RTC/CMOS.
+//!   - [`devices::mmio`]: the virtio-mmio transport registers of one device.
+//!   - [`devices::worker`]: a virtio device's worker thread over its queue notifications.
+//!   - [`devices::blk`], [`devices::net`], [`devices::rng`]: the virtio devices.
+//! - [`acpi`]: the ACPI tables, as blobs with guest addresses.
+//! - [`exit`]: [`ExitReason`], why a VM ended.
+//! - [`payload`]: tiny hand-assembled guests for tests and the start-up benchmark.
+//!
+//! [`IrqLine`]: devices::legacy::IrqLine
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod acpi;

@@ -1,4 +1,5 @@
-//! vCPU threads: setting each vCPU up, running it and dispatching its port and MMIO exits, and
+//! vCPU threads: setting each vCPU up, running it and dispatching its port and MMIO exits to the
+//! [`PioBus`] and the [`MmioBus`] (counting every exit for the control socket's stats), and
 //! parking it outside KVM_RUN while the VM is paused.
 //!
 //! Pausing sets a flag and kicks every vCPU thread with a real-time signal whose handler is
@@ -18,14 +19,11 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::legacy::i8042::{self, WriteOutcome};
-use crate::devices::legacy::{Console, Keyboard};
+use crate::boot;
+use crate::devices::pio::{PioBus, PortExit};
 use crate::devices::MmioBus;
 use crate::error::VmError;
 use crate::exit::ExitReason;
-use crate::{acpi, boot};
-
-const SERIAL_BASE: u16 = 0x3f8;
 
 /// How long a pause request waits for every vCPU to leave KVM_RUN and every device worker to
 /// park, all together.
@@ -249,15 +247,6 @@ impl Vcpus {
     }
 }
 
-/// The port devices a vCPU exit can reach.
-#[derive(Debug)]
-pub(crate) struct PortDevices {
-    /// COM1.
-    pub console: Arc<Mutex<Console>>,
-    /// The keyboard controller.
-    pub i8042: Arc<Mutex<Keyboard>>,
-}
-
 /// One vCPU and what its exits reach.
 #[derive(Debug)]
 pub(crate) struct Vcpu {
@@ -265,8 +254,8 @@ pub(crate) struct Vcpu {
     pub fd: VcpuFd,
     /// Its index (and APIC id).
     pub index: usize,
-    /// Port I/O devices.
-    pub ports: Arc<PortDevices>,
+    /// The I/O port devices.
+    pub pio: Arc<PioBus>,
     /// The virtio-mmio device windows.
     pub mmio: Arc<MmioBus>,
     /// Pause gate and counters.
@@ -332,8 +321,7 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     ExitCounters::bump(&exits.io);
-                    let value = data.first().copied().unwrap_or(0);
-                    match self.ports.write(port, value) {
+                    match self.pio.write(port, data) {
                         Some(PortExit::Reset) => return self.vcpus.reset_reason(),
                         Some(PortExit::PowerOff) => return ExitReason::PowerOff,
                         None => {}
@@ -341,7 +329,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     ExitCounters::bump(&exits.io);
-                    data.fill(self.ports.read(port));
+                    self.pio.read(port, data);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     ExitCounters::bump(&exits.mmio);
@@ -378,64 +366,6 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(e) => return ExitReason::Crash(format!("KVM_RUN: {e}")),
             }
-        }
-    }
-}
-
-/// A port write that ends the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PortExit {
-    /// The i8042 reset line.
-    Reset,
-    /// ACPI S5.
-    PowerOff,
-}
-
-impl PortDevices {
-    /// A guest write to `port`; `Some` when it ends the VM.
-    fn write(&self, port: u16, value: u8) -> Option<PortExit> {
-        match port {
-            p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => {
-                let _ = self
-                    .console
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write((p - SERIAL_BASE) as u8, value);
-            }
-            i8042::DATA_PORT | i8042::COMMAND_PORT => {
-                let outcome = self
-                    .i8042
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(port, value);
-                if outcome == WriteOutcome::Reset {
-                    return Some(PortExit::Reset);
-                }
-            }
-            acpi::SLEEP_CONTROL_PORT if acpi::is_poweroff_request(value) => {
-                return Some(PortExit::PowerOff)
-            }
-            _ => {}
-        }
-        None
-    }
-
-    /// A guest read of `port`.
-    fn read(&self, port: u16) -> u8 {
-        match port {
-            p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => self
-                .console
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read((p - SERIAL_BASE) as u8),
-            i8042::DATA_PORT | i8042::COMMAND_PORT => self
-                .i8042
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read(port),
-            // CMOS reads as zero so that probes of absent hardware fail fast.
-            0x70 | 0x71 => 0,
-            _ => 0xff,
         }
     }
 }

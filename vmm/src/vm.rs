@@ -21,11 +21,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::control::{self, control_loop, signal_loop, Controller};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{console_loop, SerialOut, SerialStats};
-use crate::devices::legacy::IrqLine;
+use crate::devices::legacy::{self, IrqLine};
 use crate::devices::DeviceStats;
 use crate::error::VmError;
 use crate::exit::ExitReason;
-use crate::vcpu::{install_kick_handler, setup_vcpu, PortDevices, Vcpu, Vcpus};
+use crate::vcpu::{install_kick_handler, setup_vcpu, Vcpu, Vcpus};
 use crate::{acpi, boot};
 
 const SERIAL_IRQ: u32 = 4;
@@ -250,10 +250,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     .map_err(|e| VmError::File("serial log".into(), e))?;
     let console = Arc::new(Mutex::new(Serial::new(irq_line(&vm, SERIAL_IRQ)?, out)));
     let keyboard = Arc::new(Mutex::new(I8042::new(irq_line(&vm, KEYBOARD_IRQ)?)));
-    let ports = Arc::new(PortDevices {
-        console: Arc::clone(&console),
-        i8042: Arc::clone(&keyboard),
-    });
+    let pio = Arc::new(legacy::port_bus(&console, &keyboard)?);
     let devices: Vec<Arc<dyn DeviceStats>> =
         vec![Arc::clone(&serial_stats) as _, Arc::clone(&mmio) as _];
     let vcpus = Arc::new(Vcpus::new(config.vcpus as usize));
@@ -288,7 +285,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         vcpus.spawn(Vcpu {
             fd,
             index,
-            ports: Arc::clone(&ports),
+            pio: Arc::clone(&pio),
             mmio: Arc::clone(&mmio),
             vcpus: Arc::clone(&vcpus),
             exit: exit_tx.clone(),

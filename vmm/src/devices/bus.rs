@@ -120,7 +120,7 @@ impl MmioBus {
             .collect()
     }
 
-    /// Parks every device's worker (see [`crate::devices::VirtioDevice::pause`]); returns once
+    /// Parks every device's worker (see [`super::worker::Worker::pause`]); returns once
     /// all are parked. A device still busy at `deadline` fails the pause, and every device runs
     /// again.
     pub fn pause(&self, deadline: Instant) -> Result<(), PauseError> {

@@ -1,6 +1,8 @@
-//! virtio devices (block, net, rng) on the virtio-mmio transport.
+//! The VM's devices: virtio devices (block, net, rng) on the virtio-mmio transport, reached
+//! through the [`MmioBus`], and the [`legacy`] PC devices on I/O ports, reached through the
+//! [`pio::PioBus`].
 //!
-//! Each device is split the same way: `device.rs` holds what the transport sees (device id,
+//! Each virtio device is split the same way: `device.rs` holds what the transport sees (device id,
 //! features, config space) and starts the device's worker on activation; the request handling
 //! (`request.rs`, or the device file for the small ones) works on one queue at a time and only
 //! says whether it put entries in the used ring; [`worker`] owns the thread, the epoll loop over
@@ -19,6 +21,7 @@ mod chain;
 pub mod legacy;
 pub mod mmio;
 pub mod net;
+pub mod pio;
 pub mod rng;
 pub mod worker;
 

@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 
 use vm_superio::Trigger;
 
+use crate::devices::pio::{PioDevice, PortExit};
+
 /// The data port: output register on reads, keyboard data or command parameters on writes.
 pub const DATA_PORT: u16 = 0x60;
 /// The status register on reads, controller commands on writes.
@@ -369,6 +371,19 @@ impl<T: Trigger> I8042<T> {
             // The eventfd write fails only when its counter is saturated: the interrupt is
             // pending anyway.
             let _ = self.irq.trigger();
+        }
+    }
+}
+
+impl<T: Trigger + Send> PioDevice for I8042<T> {
+    fn read(&mut self, base: u16, offset: u16) -> u8 {
+        I8042::read(self, base + offset)
+    }
+
+    fn write(&mut self, base: u16, offset: u16, value: u8) -> Option<PortExit> {
+        match I8042::write(self, base + offset, value) {
+            WriteOutcome::Done => None,
+            WriteOutcome::Reset => Some(PortExit::Reset),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The serial console around COM1's 16550 ([`super::Console`], vm-superio's): its output side,
 //! a bounded log file plus every client attached to the console socket, and the socket's input
-//! side ([`console_loop`]), which feeds what clients type to the guest. Whatever the guest writes
+//! side (`console_loop`), which feeds what clients type to the guest. Whatever the guest writes
 //! is stored and forwarded, never interpreted.
 
 use std::collections::BTreeMap;
@@ -13,7 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Console;
+use crate::devices::pio::{PioDevice, PortExit};
 use crate::devices::DeviceStats;
+
+/// COM1's first port.
+pub const COM1: u16 = 0x3f8;
+/// The 16550's eight registers.
+pub const PORTS: u16 = 8;
 
 /// The log file is cut back to its last [`KEEP`] bytes when it grows past [`LIMIT`].
 pub const LIMIT: u64 = 4 << 20;
@@ -148,6 +154,18 @@ impl Write for SerialOut {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl PioDevice for Console {
+    fn read(&mut self, _base: u16, offset: u16) -> u8 {
+        Console::read(self, offset as u8)
+    }
+
+    fn write(&mut self, _base: u16, offset: u16, value: u8) -> Option<PortExit> {
+        // A byte or an interrupt that could not be delivered is lost; the guest cannot be told.
+        let _ = Console::write(self, offset as u8, value);
+        None
     }
 }
 
