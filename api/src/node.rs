@@ -175,3 +175,13 @@ pub enum PowerAction {
     /// Stop guests and services, power off.
     Poweroff,
 }
+
+/// A file of the node's image directory: `GET /v1/images` lists them, `PUT /v1/images/{path}`
+/// answers with the one written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    /// Path below the image directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}

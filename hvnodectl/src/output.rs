@@ -11,8 +11,8 @@ use hvnode_api::node::{NodeInfo, NodeStats};
 use hvnode_api::units::{bytes, secs};
 use serde::Serialize;
 
-use crate::commands::ImageFile;
 use crate::state::JoinRecord;
+use hvnode_api::node::ImageFile;
 
 /// Stdout could not be written (a closed pipe, a full disk).
 #[derive(Debug, thiserror::Error)]

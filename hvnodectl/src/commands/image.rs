@@ -6,11 +6,11 @@ use std::path::Path;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hvnode_api::guest;
+use hvnode_api::node::ImageFile;
 use hvnode_api::routes::Route;
 use hvnode_api::units;
 use hyper::body::Frame;
 use hyper::Method;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
 use super::{CmdError, Ctx};
@@ -20,15 +20,6 @@ use crate::output::{self, Progress};
 
 /// Size of the chunks an upload is read and sent in.
 const UPLOAD_CHUNK: usize = 256 * 1024;
-
-/// A file of the node's image directory (`GET /v1/images`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImageFile {
-    /// Path below the image directory.
-    pub path: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-}
 
 impl Ctx {
     pub(super) async fn image_cmd(&self, cmd: ImageCommand) -> Result<(), CmdError> {

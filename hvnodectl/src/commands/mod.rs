@@ -25,7 +25,6 @@ use crate::serve::ServeError;
 use crate::state::{NodeEntry, StateDir, StateError};
 
 pub use guest::read_spec;
-pub use image::ImageFile;
 
 /// Errors of the commands.
 #[derive(Debug, thiserror::Error)]
