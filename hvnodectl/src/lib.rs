@@ -26,7 +26,3 @@ pub mod pki;
 pub mod serve;
 pub mod state;
 pub mod tls;
-
-/// The fingerprint format, re-exported for the agent-load benchmark, which reads node
-/// fingerprints through this crate.
-pub use hvnode_api::fingerprint;
