@@ -4,11 +4,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kvm_usable, scratch};
+use common::{kvm_usable, scratch, Vmm};
 
 use hvnode_vmm::payload::{
     elf64 as elf, serial_print as print, COUNTER, RESET, SCANCODE_ECHO, SPIN,
@@ -26,6 +27,33 @@ fn config(dir: &Path, kernel: &Path) -> String {
     .to_string()
 }
 
+/// How long a VMM that should end by itself may take, on a loaded machine too.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Reads all of `pipe` on a thread of its own, so that a VMM writing more than a pipe holds
+/// never blocks.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Runs the VMM to its end as [`Command::output`] does, except that one still running after
+/// [`RUN_LIMIT`] fails the test (and is killed) instead of hanging it.
+fn run_to_end(cmd: &mut Command) -> Output {
+    let mut vmm = Vmm::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    let stdout = drain(vmm.stdout.take().expect("stdout piped"));
+    let stderr = drain(vmm.stderr.take().expect("stderr piped"));
+    let status = wait_status(&mut vmm, RUN_LIMIT);
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
 #[test]
 fn payload_prints_to_the_serial_port_and_resets_through_the_i8042() {
     if !kvm_usable("payload_prints_to_the_serial_port_and_resets_through_the_i8042") {
@@ -36,10 +64,10 @@ fn payload_prints_to_the_serial_port_and_resets_through_the_i8042() {
     code.extend_from_slice(&RESET);
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(&code)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &config(&dir, &kernel)])
-        .output()
-        .unwrap();
+    let out = run_to_end(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &config(&dir, &kernel)]),
+    );
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -61,11 +89,11 @@ fn control_socket_describes_counts_refuses_bad_requests_and_stops() {
     code.extend_from_slice(&SPIN);
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(&code)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &config(&dir, &kernel)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Vmm::spawn(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &config(&dir, &kernel)])
+            .stderr(Stdio::piped()),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let sock = loop {
         if let Ok(s) = UnixStream::connect(dir.join("control.sock")) {
@@ -87,11 +115,19 @@ fn control_socket_describes_counts_refuses_bad_requests_and_stops() {
         (d["result"].as_str(), d["state"].as_str()),
         (Some("description"), Some("running"))
     );
-    let s = ask(r#"{"op":"stats"}"#);
-    assert!(
-        s["stats"]["vcpu_exits"][0]["io"].as_u64().unwrap() >= 3,
-        "{s}"
-    );
+    // The socket answers as soon as the VMM is up, possibly before the vCPU has run the
+    // payload's three OUTs: wait for their output, and for them to be counted.
+    wait_for_log(&dir, "payload output", |l| l == "up\n");
+    let io_exits = |s: &serde_json::Value| s["stats"]["vcpu_exits"][0]["io"].as_u64().unwrap();
+    let deadline = Instant::now() + RUN_LIMIT;
+    let s = loop {
+        let s = ask(r#"{"op":"stats"}"#);
+        if io_exits(&s) >= 3 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(io_exits(&s) >= 3, "{s}");
     assert_eq!(s["stats"]["memory_bytes"], 64 << 20);
     assert_eq!(ask("nonsense")["code"], "bad_request");
     let unknown = ask(r#"{"op":"frobnicate"}"#);
@@ -113,7 +149,7 @@ fn control_socket_describes_counts_refuses_bad_requests_and_stops() {
     let mut next = Control::connect(&dir);
     assert_eq!(next.ask(r#"{"op":"describe"}"#)["state"], "running");
     assert_eq!(ask(r#"{"op":"stop"}"#)["result"], "ok");
-    let status = child.wait().unwrap();
+    let status = wait_status(&mut child, RUN_LIMIT);
     assert_eq!(status.code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(dir.join("console.log")).unwrap(),
@@ -128,16 +164,12 @@ fn refuses_bad_configurations_with_exit_code_1() {
     let cfg =
         serde_json::json!({"name": "x", "vcpus": 0, "memory_mib": 64, "kernel": "/nonexistent"})
             .to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .output()
-        .unwrap();
+    let out =
+        run_to_end(Command::new(env!("CARGO_BIN_EXE_hvnode-vmm")).args(["--config-json", &cfg]));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vcpus 0"));
-    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", "{"])
-        .output()
-        .unwrap();
+    let out =
+        run_to_end(Command::new(env!("CARGO_BIN_EXE_hvnode-vmm")).args(["--config-json", "{"]));
     assert_eq!(out.status.code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -174,17 +206,17 @@ impl Control {
 
 /// Starts the VMM on `code` with the test config plus an exit file, on `vcpus` vCPUs (each
 /// runs `code`).
-fn start(dir: &Path, code: &[u8], vcpus: u32) -> std::process::Child {
+fn start(dir: &Path, code: &[u8], vcpus: u32) -> Vmm {
     let kernel = dir.join("payload.elf");
     std::fs::write(&kernel, elf(code)).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&config(dir, &kernel)).unwrap();
     cfg["exit_file"] = dir.join("exit.json").to_str().unwrap().into();
     cfg["vcpus"] = vcpus.into();
-    Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg.to_string()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    Vmm::spawn(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &cfg.to_string()])
+            .stderr(Stdio::piped()),
+    )
 }
 
 fn log_len(dir: &Path) -> u64 {
@@ -207,23 +239,25 @@ fn wait_for_log(dir: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
     }
 }
 
-/// Waits up to `limit` for the VMM to exit; its exit code and the exit file.
-fn wait_exit(
-    child: &mut std::process::Child,
-    dir: &Path,
-    limit: Duration,
-) -> (i32, serde_json::Value) {
+/// Waits up to `limit` for the VMM to exit; its status. The caller's [`Vmm`] kills one that
+/// did not.
+fn wait_status(child: &mut Child, limit: Duration) -> ExitStatus {
     let deadline = Instant::now() + limit;
-    let status = loop {
+    loop {
         if let Some(s) = child.try_wait().unwrap() {
-            break s;
+            return s;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the VMM did not exit within {limit:?}");
-        }
+        assert!(
+            Instant::now() < deadline,
+            "the VMM did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+}
+
+/// Waits up to `limit` for the VMM to exit; its exit code and the exit file.
+fn wait_exit(child: &mut Child, dir: &Path, limit: Duration) -> (i32, serde_json::Value) {
+    let status = wait_status(child, limit);
     let exit = std::fs::read(dir.join("exit.json")).expect("exit file");
     (
         status.code().unwrap_or(-1),
@@ -370,10 +404,10 @@ fn exit_file_reports_setup_errors_with_code_1() {
         serde_json::json!({"name": "x", "vcpus": "many", "exit_file": exit_file}),
     ] {
         let _ = std::fs::remove_file(&exit_file);
-        let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-            .args(["--config-json", &cfg.to_string()])
-            .output()
-            .unwrap();
+        let out = run_to_end(
+            Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+                .args(["--config-json", &cfg.to_string()]),
+        );
         assert_eq!(out.status.code(), Some(1));
         let exit: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&exit_file).unwrap()).unwrap();
@@ -471,10 +505,8 @@ fn payload_reads_the_virtio_mmio_identity_of_every_device() {
         "rng": true,
     })
     .to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .output()
-        .unwrap();
+    let out =
+        run_to_end(Command::new(env!("CARGO_BIN_EXE_hvnode-vmm")).args(["--config-json", &cfg]));
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -500,10 +532,8 @@ fn refuses_a_disk_image_of_partial_sectors_naming_it() {
         "disks": [{"path": disk}],
     })
     .to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .output()
-        .unwrap();
+    let out =
+        run_to_end(Command::new(env!("CARGO_BIN_EXE_hvnode-vmm")).args(["--config-json", &cfg]));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -703,11 +733,11 @@ fn payload_drives_virtio_rng_and_blk_queues_and_stats_count_them() {
         "rng": true,
     })
     .to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Vmm::spawn(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &cfg])
+            .stderr(Stdio::piped()),
+    );
     // A device that never answers leaves the payload spinning before its last line.
     let deadline = Instant::now() + Duration::from_secs(30);
     let log = loop {
@@ -725,8 +755,7 @@ fn payload_drives_virtio_rng_and_blk_queues_and_stats_count_them() {
         writeln!(w, r#"{{"op":"stop"}}"#).unwrap();
         serde_json::from_str::<serde_json::Value>(&line).unwrap()
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(log, "rng 8\nblk 0hv\n");
     let devices = &stats.unwrap()["stats"]["devices"];
     assert_eq!(devices["virtio-rng"]["bytes"], 8, "{devices}");
@@ -821,10 +850,8 @@ fn payload_transmits_a_frame_through_a_real_tap() {
         "nets": [{"tap": tap, "mac": "52:54:00:12:34:56"}],
     })
     .to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .spawn()
-        .unwrap();
+    let child =
+        Vmm::spawn(Command::new(env!("CARGO_BIN_EXE_hvnode-vmm")).args(["--config-json", &cfg]));
     let deadline = Instant::now() + Duration::from_secs(20);
     let name = std::ffi::CString::new(tap.clone()).unwrap();
     let index = loop {
@@ -855,8 +882,7 @@ fn payload_transmits_a_frame_through_a_real_tap() {
         BufReader::new(sock).read_line(&mut line).unwrap();
         serde_json::from_str::<serde_json::Value>(&line).unwrap()
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_ne!(index, 0, "the VMM created no tap {tap}");
     let stats = stats.unwrap();
     assert_eq!(
@@ -931,14 +957,12 @@ fn a_5_gib_guest_reaches_ram_above_4_gib_from_vcpu_and_virtio_blk() {
         "disks": [{"path": disk}],
     })
     .to_string();
-    let mut child = Reaper(
+    let mut child = Vmm::spawn(
         Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
             .args(["--config-json", &cfg])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
-    let (code, exit) = wait_exit(&mut child.0, &dir, Duration::from_secs(20));
+    let (code, exit) = wait_exit(&mut child, &dir, Duration::from_secs(20));
     let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
     assert_eq!(log, "OK\nblk 0\n", "exit {code}: {exit}");
     assert_eq!(code, 3, "the payload resets: {exit}");
@@ -965,24 +989,11 @@ fn refuses_a_guest_larger_than_the_host_can_map() {
         "name": "huge", "vcpus": 1, "memory_mib": 128u64 << 20, "kernel": "/nonexistent",
     })
     .to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg])
-        .output()
-        .unwrap();
+    let out =
+        run_to_end(Command::new(env!("CARGO_BIN_EXE_hvnode-vmm")).args(["--config-json", &cfg]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("memory_mib 134217728"), "{err}");
-}
-
-/// A VMM that is killed if the test fails before it exits, so that no paused VMM outlives the
-/// test (and holds its output pipe open).
-struct Reaper(std::process::Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -1029,12 +1040,10 @@ fn a_paused_guest_receives_no_frame_until_resumed() {
         "nets": [{"tap": tap, "mac": "52:54:00:12:34:56"}],
     })
     .to_string();
-    let mut child = Reaper(
+    let mut child = Vmm::spawn(
         Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
             .args(["--config-json", &cfg])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
     let mut ctl = Control::connect(&dir);
     // The host's own IPv6 chatter on a new link would only add frames; keep it off.
@@ -1078,7 +1087,7 @@ fn a_paused_guest_receives_no_frame_until_resumed() {
         "the frame that waited in the tap reached the guest after resume: {before:?} -> {after:?}"
     );
     assert_eq!(ctl.ask(r#"{"op":"stop"}"#)["result"], "ok");
-    let (code, _) = wait_exit(&mut child.0, &dir, Duration::from_secs(10));
+    let (code, _) = wait_exit(&mut child, &dir, Duration::from_secs(10));
     assert_eq!(code, 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,37 +3,18 @@
 //! capabilities. The KVM tests in kvm.rs run the whole VMM inside it. Where /dev/kvm is
 //! missing they say so and pass.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hvnode_vmm::payload::{elf64, serial_print, SPIN};
 use hvnode_vmm::seccomp::{DISABLE_ENV, UNPRIVILEGED_ID};
 
 mod common;
-use common::{kvm_usable, scratch};
-
-/// A VMM under test; killed if the test fails before [`stop`], so that no spinning guest
-/// outlives it.
-struct Vmm(Option<Child>);
-
-impl Vmm {
-    fn id(&self) -> u32 {
-        self.0.as_ref().map_or(0, Child::id)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::{kvm_usable, scratch, Vmm};
 
 /// Starts a 2-vCPU guest that prints "up" and spins, with `env` set for the VMM.
 fn start(dir: &Path, env: &[(&str, &str)]) -> Vmm {
@@ -50,14 +31,13 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> Vmm {
         "control_socket": dir.join("control.sock"),
         "exit_file": dir.join("exit.json"),
     });
-    let child = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
-        .args(["--config-json", &cfg.to_string()])
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Vmm(Some(child))
+    Vmm::spawn(
+        Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
+            .args(["--config-json", &cfg.to_string()])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
 }
 
 fn wait_for_up(dir: &Path) {
@@ -104,10 +84,11 @@ fn field<'a>(status: &'a [(String, String)], name: &str) -> &'a str {
 
 fn stop(mut vmm: Vmm, dir: &Path) -> String {
     assert_eq!(ask(dir, r#"{"op":"stop"}"#)["result"], "ok");
-    let child = vmm.0.take().expect("a running VMM");
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let mut stderr = Vec::new();
+    let mut pipe = vmm.stderr.take().expect("stderr piped");
+    pipe.read_to_end(&mut stderr).unwrap();
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    assert_eq!(vmm.wait().unwrap().code(), Some(0), "{stderr}");
     let exit: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("exit.json")).unwrap()).unwrap();
     assert_eq!(exit["code"], 0, "{exit}");
