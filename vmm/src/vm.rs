@@ -28,9 +28,6 @@ use crate::exit::ExitReason;
 use crate::vcpu::{install_kick_handler, setup_vcpu, Vcpu, Vcpus};
 use crate::{acpi, boot};
 
-const SERIAL_IRQ: u32 = 4;
-const KEYBOARD_IRQ: u32 = 1;
-
 /// An eventfd wired to `gsi` with KVM_IRQFD: a legacy device's interrupt line.
 fn irq_line(vm: &kvm_ioctls::VmFd, gsi: u32) -> Result<IrqLine, VmError> {
     let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::File("eventfd".into(), e))?;
@@ -248,8 +245,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         Arc::clone(&serial_stats),
     )
     .map_err(|e| VmError::File("serial log".into(), e))?;
-    let console = Arc::new(Mutex::new(Serial::new(irq_line(&vm, SERIAL_IRQ)?, out)));
-    let keyboard = Arc::new(Mutex::new(I8042::new(irq_line(&vm, KEYBOARD_IRQ)?)));
+    let console = Arc::new(Mutex::new(Serial::new(
+        irq_line(&vm, legacy::SERIAL_GSI)?,
+        out,
+    )));
+    let keyboard = Arc::new(Mutex::new(I8042::new(irq_line(&vm, legacy::KEYBOARD_GSI)?)));
     let pio = Arc::new(legacy::port_bus(&console, &keyboard)?);
     let devices: Vec<Arc<dyn DeviceStats>> =
         vec![Arc::clone(&serial_stats) as _, Arc::clone(&mmio) as _];

@@ -1,11 +1,11 @@
 //! The legacy PC devices, on I/O ports through the [`PioBus`]:
 //!
-//! | ports       | device                                                         |
-//! |-------------|----------------------------------------------------------------|
-//! | 0x60, 0x64  | the i8042 keyboard controller ([`i8042`]), IRQ 1                |
-//! | 0x70-0x71   | no RTC/CMOS ([`cmos`]): reads as zero                           |
-//! | 0x3f8-0x3ff | COM1, a 16550 ([`Console`], output and socket in [`serial`]), IRQ 4 |
-//! | 0x600       | the ACPI sleep control register ([`power`])                     |
+//! | ports       | device                                                  | interrupt          |
+//! |-------------|---------------------------------------------------------|--------------------|
+//! | 0x60, 0x64  | the i8042 keyboard controller ([`i8042`])               | [`KEYBOARD_GSI`]   |
+//! | 0x70-0x71   | no RTC/CMOS ([`cmos`]): reads as zero                   |                    |
+//! | 0x3f8-0x3ff | COM1, a 16550 ([`Console`]; output, socket: [`serial`]) | [`SERIAL_GSI`]     |
+//! | 0x600       | the ACPI sleep control register ([`power`])             |                    |
 //!
 //! Every other port reads as all ones. The interrupts are [`IrqLine`]s. The console and the
 //! keyboard are shared beyond the vCPUs (console clients type into the one, the control side
@@ -26,6 +26,11 @@ use self::power::SleepControl;
 use self::serial::SerialOut;
 use super::pio::{PioBus, PioBusError};
 use crate::acpi::SLEEP_CONTROL_PORT;
+
+/// COM1's interrupt (IOAPIC pin).
+pub const SERIAL_GSI: u32 = 4;
+/// The keyboard's interrupt (IOAPIC pin).
+pub const KEYBOARD_GSI: u32 = 1;
 
 /// COM1: vm-superio's 16550 writing to [`SerialOut`].
 pub type Console = vm_superio::Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
