@@ -8,12 +8,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 
-use crate::tls::{self, Identity};
+use crate::tls::Identity;
 
 /// Errors talking to a manager.
 #[derive(Debug, thiserror::Error)]
@@ -70,62 +69,11 @@ impl BaseUrl {
     }
 }
 
-/// Accepts any server certificate (the signature over the handshake is still checked): only
-/// for the first fetch of the manager's CA, whose fingerprint the admin then compares.
-#[derive(Debug)]
-struct FirstContact(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for FirstContact {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn first_contact_config() -> Result<ClientConfig, ManagerError> {
-    let provider = tls::provider();
-    let cfg = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ManagerError::Answer(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(FirstContact(provider)))
-        .with_no_client_auth();
-    Ok(cfg)
+    // Any server certificate (its handshake signature still checked): only for the first fetch
+    // of the manager's CA, whose fingerprint the admin then compares.
+    hvnode_tls::pinned_client_config(Arc::new(hvnode_tls::PinnedServerVerifier::new(None)), None)
+        .map_err(|e| ManagerError::Answer(e.to_string()))
 }
 
 /// A client config that trusts only `ca_pem` and presents the node certificate.
@@ -139,7 +87,7 @@ pub fn trusted_config(ca_pem: &str, id: &Identity) -> Result<ClientConfig, Manag
     }
     let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
         .map_err(|e| ManagerError::Answer(e.to_string()))?;
-    ClientConfig::builder_with_provider(tls::provider())
+    ClientConfig::builder_with_provider(hvnode_tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ManagerError::Answer(e.to_string()))?
         .with_root_certificates(roots)

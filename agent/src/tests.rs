@@ -1,8 +1,14 @@
 //! Router tests: requests go straight into `Agent::handle`, no sockets.
 
 use super::*;
-use http_body_util::Full;
+use crate::console::console_tail;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hvnode_api::routes::CONSOLE_PROTOCOL;
+use hyper::{Request, StatusCode};
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
 
 fn scratch_root() -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -496,7 +502,38 @@ async fn is_routed(a: &Arc<Agent>, method: &str, path: &str) -> bool {
         return resp.headers()["content-type"] == "text/event-stream";
     }
     let (_, body) = call(a, req(method, &p, "{}"), Origin::Local).await;
-    body["code"] != "not_found"
+    body["code"] != "not_found" && body["code"] != "method_not_allowed"
+}
+
+/// Every route answers the methods it serves and only those: any other method is 405 with an
+/// `Allow` header naming the served ones.
+#[tokio::test]
+async fn every_route_serves_its_methods_and_refuses_others_with_405() {
+    let (a, _) = agent();
+    for route in hvnode_api::routes::Route::examples() {
+        let path = route.path();
+        for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+            if route.methods().contains(&method) {
+                if !(method == "GET" && path == "/v1/events") {
+                    let (_, body) = call(&a, req(method, &path, "{}"), Origin::Local).await;
+                    assert_ne!(body["code"], "method_not_allowed", "{method} {path}");
+                    assert_ne!(body["code"], "not_found", "{method} {path}");
+                }
+                continue;
+            }
+            let resp = a.handle(req(method, &path, "{}"), Origin::Local).await;
+            assert_eq!(
+                resp.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+            assert_eq!(
+                resp.headers()["allow"].to_str().unwrap(),
+                route.methods().join(", "),
+                "{method} {path}"
+            );
+        }
+    }
 }
 
 /// Every route in docs/api.md's agent table is served, so the document and the router cannot
@@ -893,7 +930,7 @@ async fn a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it() {
         "not ours yet"
     );
     // Paused by the previous agent: the new one learns it from the VMM's description.
-    let paused = guests::control(
+    let paused = guests::vmms::control(
         &dir.join("control.sock"),
         &hvnode_api::vmm::VmmRequest::Pause,
         Duration::from_secs(5),
@@ -919,7 +956,7 @@ async fn a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it() {
     );
     // Ended behind the agent's back: not its child, so the pidfd tells it and the exit file
     // says how (0, stopped; without the file it would be a crash).
-    let stopped = guests::control(
+    let stopped = guests::vmms::control(
         &dir.join("control.sock"),
         &hvnode_api::vmm::VmmRequest::Stop,
         Duration::from_secs(5),

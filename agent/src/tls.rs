@@ -3,12 +3,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use sha2::{Digest, Sha256};
 
 /// Errors of the TLS layer.
 #[derive(Debug, thiserror::Error)]
@@ -30,20 +28,6 @@ pub enum TlsError {
     Verifier(String),
 }
 
-/// The crypto provider: ring (no C toolchain beyond cc, builds static).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// SHA-256 fingerprint of a DER certificate, upper-case hex pairs joined by `:`.
-pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// The node's key and self-signed certificate.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -56,7 +40,7 @@ pub struct Identity {
 }
 
 fn write_private(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
-    crate::store::write_atomic(path, data.as_bytes(), mode)
+    hvnode_base::fs::write_atomic(path, data.as_bytes(), mode)
         .map_err(|e| TlsError::Io(path.display().to_string(), e))
 }
 
@@ -105,7 +89,7 @@ pub fn server_config(
     id: &Identity,
     manager_ca_pem: Option<&str>,
 ) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
+    let provider = hvnode_tls::provider();
     let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
         .map_err(|e| TlsError::Pem(e.to_string()))?;
     let chain = vec![CertificateDer::from(id.cert_der.clone())];
@@ -144,7 +128,7 @@ pub fn validate_ca(pem: &str) -> Result<String, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let cert = cert.map_err(|e| TlsError::Pem(e.to_string()))?;
-        first.get_or_insert_with(|| fingerprint(&cert));
+        first.get_or_insert_with(|| hvnode_api::fingerprint::of_der(&cert));
         roots
             .add(cert)
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -162,8 +146,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let a = load_or_create(&dir, "node1").unwrap();
         let b = load_or_create(&dir, "other").unwrap();
-        assert_eq!(fingerprint(&a.cert_der), fingerprint(&b.cert_der));
-        assert_eq!(fingerprint(&a.cert_der).len(), 32 * 3 - 1);
+        assert_eq!(
+            hvnode_api::fingerprint::of_der(&a.cert_der),
+            hvnode_api::fingerprint::of_der(&b.cert_der)
+        );
+        assert_eq!(
+            hvnode_api::fingerprint::of_der(&a.cert_der).len(),
+            32 * 3 - 1
+        );
         server_config(&a, None).unwrap();
         server_config(&a, Some(&a.cert_pem)).unwrap();
         assert!(validate_ca("not a pem").is_err());

@@ -447,7 +447,8 @@ impl Guests {
         let cfg_path = dir.join("vm.json");
         let json =
             serde_json::to_vec_pretty(&config).map_err(|e| GuestError::Spawn(e.to_string()))?;
-        crate::store::write_atomic(&cfg_path, &json, 0o600).map_err(|e| spawn_err(&cfg_path, e))?;
+        hvnode_base::fs::write_atomic(&cfg_path, &json, 0o600)
+            .map_err(|e| spawn_err(&cfg_path, e))?;
         for stale in ["console.log", "exit.json"] {
             let _ = std::fs::remove_file(dir.join(stale));
         }

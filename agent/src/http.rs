@@ -1,0 +1,111 @@
+//! HTTP plumbing: serving a connection (TLS or the local socket, upgrades included), reading a
+//! request body within its limits, and building responses.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hvnode_api::error::ErrorCode;
+use hyper::{Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::{Agent, Origin};
+
+/// Largest JSON body accepted.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// Every response body: whole (JSON, text) or streamed (events).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+/// A response.
+pub type Resp = Response<Body>;
+
+/// A JSON response.
+pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    typed(status, Bytes::from(body), "application/json")
+}
+
+/// A response with a body of the given type.
+pub fn typed(status: StatusCode, body: Bytes, content_type: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(body).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// A plain-text response.
+pub fn text_response(status: StatusCode, text: String, content_type: &'static str) -> Resp {
+    typed(status, Bytes::from(text), content_type)
+}
+
+/// `204 No Content`.
+pub fn no_content() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// Reads a whole JSON body (at most [`BODY_LIMIT`] bytes) as `T`.
+pub async fn read_json<T, B>(req: Request<B>) -> Result<T, Error>
+where
+    T: DeserializeOwned,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let is_json = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.starts_with("application/json"))
+        .unwrap_or(false);
+    let body = Limited::new(req.into_body(), BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Error::new(
+                    ErrorCode::BodyTooLarge,
+                    format!("The body exceeds {BODY_LIMIT} bytes"),
+                )
+            } else {
+                Error::new(ErrorCode::BadBody, format!("Reading the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if !is_json {
+        return Err(Error::new(
+            ErrorCode::UnsupportedMediaType,
+            "Send the body as JSON with Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| Error::new(ErrorCode::InvalidJson, format!("Invalid request body: {e}")))
+}
+
+impl Agent {
+    /// Serves one HTTP/1.1 connection (TLS or the local socket) with the router, upgrades
+    /// included: the console attach outlives its request on the same connection.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, origin: Origin)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let agent = Arc::clone(&self);
+            async move { Ok::<_, std::convert::Infallible>(agent.handle(req, origin).await) }
+        });
+        // One buffer per response: headers and body go out in one TLS record and one write
+        // instead of two.
+        let _ = hyper::server::conn::http1::Builder::new()
+            .writev(false)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .with_upgrades()
+            .await;
+    }
+}
