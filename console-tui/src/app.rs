@@ -12,6 +12,8 @@ use hvnode_api::config::{AddressMode, NetworkConfig};
 use hvnode_api::guest::{GuestState, GuestStatus};
 use hvnode_api::node::{NetworkStatus, NetworkView, NodeInfo, NodeStats, PowerAction, StorageView};
 use hvnode_api::registration::{ManagerCandidate, RegistrationState, RegistrationStatus};
+use hvnode_api::routes::GuestAction;
+use hvnode_api::units::bytes;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -95,7 +97,7 @@ pub enum Action {
     /// POST /v1/power.
     Power(PowerAction),
     /// POST /v1/guests/{name}/{op}.
-    Guest(String, &'static str),
+    Guest(String, GuestAction),
     /// GET /v1/guests/{name}/console.
     GuestConsole(String),
     /// POST /v1/registration/pairing-code.
@@ -127,14 +129,13 @@ impl Action {
             Action::Power(PowerAction::Reboot) => "Asking the node to reboot...".into(),
             Action::Power(PowerAction::Poweroff) => "Asking the node to power off...".into(),
             Action::Guest(name, op) => {
-                let doing = match *op {
-                    "start" => "Starting",
-                    "stop" => "Stopping",
-                    "shutdown" => "Shutting down",
-                    "pause" => "Pausing",
-                    "resume" => "Resuming",
-                    "reboot" => "Rebooting",
-                    other => other,
+                let doing = match op {
+                    GuestAction::Start => "Starting",
+                    GuestAction::Stop => "Stopping",
+                    GuestAction::Shutdown => "Shutting down",
+                    GuestAction::Pause => "Pausing",
+                    GuestAction::Resume => "Resuming",
+                    GuestAction::Reboot => "Rebooting",
                 };
                 format!("{doing} {name}...")
             }
@@ -622,16 +623,19 @@ impl App {
             }
             (Screen::Guests, KeyCode::Char('s')) => {
                 if let Some(g) = self.selected_guest() {
-                    return vec![Action::Guest(g, "start")];
+                    return vec![Action::Guest(g, GuestAction::Start)];
                 }
             }
             (Screen::Guests, KeyCode::Char(c @ ('t' | 'd' | 'r'))) => {
                 if let Some(g) = self.selected_guest() {
                     let (op, text) = match c {
-                        't' => ("stop", format!("Stop (power off at once) guest {g}?")),
-                        'd' => ("shutdown", format!("Shut down guest {g}?")),
+                        't' => (
+                            GuestAction::Stop,
+                            format!("Stop (power off at once) guest {g}?"),
+                        ),
+                        'd' => (GuestAction::Shutdown, format!("Shut down guest {g}?")),
                         _ => (
-                            "reboot",
+                            GuestAction::Reboot,
                             format!("Reboot guest {g}? It shuts down and starts again."),
                         ),
                     };
@@ -647,9 +651,9 @@ impl App {
                     // Anything but a paused guest is asked to pause: the agent says why a
                     // stopped one cannot.
                     let op = if g.state == GuestState::Paused {
-                        "resume"
+                        GuestAction::Resume
                     } else {
-                        "pause"
+                        GuestAction::Pause
                     };
                     return vec![Action::Guest(g.spec.name.clone(), op)];
                 }
@@ -750,16 +754,6 @@ fn reg_state(r: &RegistrationStatus) -> String {
     }
 }
 
-fn human_bytes(b: u64) -> String {
-    const G: f64 = (1u64 << 30) as f64;
-    const M: f64 = (1u64 << 20) as f64;
-    if b as f64 >= G {
-        format!("{:.1} GiB", b as f64 / G)
-    } else {
-        format!("{:.0} MiB", b as f64 / M)
-    }
-}
-
 fn status_lines(d: &Snapshot) -> Vec<Line<'static>> {
     let mut l = vec![
         kv("Host name", d.info.hostname.clone()),
@@ -784,8 +778,8 @@ fn status_lines(d: &Snapshot) -> Vec<Line<'static>> {
             "{:.0}% of {} CPUs, {} / {}",
             d.stats.cpu_percent,
             d.info.cpus,
-            human_bytes(d.stats.memory_used_bytes),
-            human_bytes(d.stats.memory_total_bytes)
+            bytes(d.stats.memory_used_bytes),
+            bytes(d.stats.memory_total_bytes)
         ),
     ));
     let up = d.stats.uptime_secs;
@@ -1070,8 +1064,8 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
             let mut l = if s.persistent {
                 vec![
                     kv("Data partition", s.device.clone().unwrap_or_default()),
-                    kv("Size", human_bytes(s.size_bytes)),
-                    kv("Free", human_bytes(s.free_bytes)),
+                    kv("Size", bytes(s.size_bytes)),
+                    kv("Free", bytes(s.free_bytes)),
                 ]
             } else {
                 vec![Line::raw(
@@ -1087,7 +1081,7 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
                 l.push(Line::raw(format!(
                     "  /dev/{} {} {}",
                     disk.name,
-                    human_bytes(disk.size_bytes),
+                    bytes(disk.size_bytes),
                     disk.model
                 )));
             }

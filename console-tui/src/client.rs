@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use hvnode_api::error::ErrorCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -19,7 +20,7 @@ pub enum ClientError {
     #[error("{message} ({code})")]
     Api {
         /// Stable code.
-        code: String,
+        code: ErrorCode,
         /// What to fix.
         message: String,
     },
@@ -43,49 +44,49 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// Parses an HTTP/1.1 response read to the end of the connection.
+/// Largest answer read from the agent (the node log's 10,000 lines fit many times over): an agent
+/// gone wrong cannot make the console allocate without bound.
+pub const MAX_RESPONSE: u64 = 32 << 20;
+/// Most headers an answer may carry.
+const MAX_HEADERS: usize = 32;
+
+/// Parses an HTTP/1.1 response read to the end of the connection: the head with `httparse`, the
+/// body by `Content-Length`, by chunks, or to the end.
 pub fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
     let bad = |m: &str| ClientError::Protocol(m.to_owned());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status line"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            }
-            if k == "content-length" {
-                length = v.parse::<usize>().ok();
-            }
-        }
-    }
-    let mut body = &raw[split + 4..];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Response::new(&mut headers);
+    let split = match head.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(bad("no end of headers")),
+        Err(e) => return Err(ClientError::Protocol(format!("bad response head: {e}"))),
+    };
+    let status = head.code.ok_or_else(|| bad("no status line"))?;
+    let header = |name: &str| {
+        head.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+    };
+    let chunked = header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let length = header("content-length")
+        .map(|v| v.parse::<usize>().map_err(|_| bad("bad Content-Length")))
+        .transpose()?;
+    let mut body = &raw[split..];
     if chunked {
         let mut out = Vec::new();
         loop {
-            let line_end = body
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .ok_or_else(|| bad("truncated chunk"))?;
-            let size_text = String::from_utf8_lossy(&body[..line_end]);
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| bad("bad chunk size"))?;
-            body = &body[line_end + 2..];
+            let (start, size) = match httparse::parse_chunk_size(body) {
+                Ok(httparse::Status::Complete(c)) => c,
+                Ok(httparse::Status::Partial) => return Err(bad("truncated chunk")),
+                Err(_) => return Err(bad("bad chunk size")),
+            };
+            let size = usize::try_from(size).map_err(|_| bad("bad chunk size"))?;
+            body = &body[start..];
             if size == 0 {
                 break;
             }
-            if body.len() < size + 2 {
+            if body.len() < size.saturating_add(2) {
                 return Err(bad("truncated chunk"));
             }
             out.extend_from_slice(&body[..size]);
@@ -148,22 +149,30 @@ impl Client {
             s.write_all(b).map_err(unreachable)?;
         }
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| match e.kind() {
-            // An agent that accepts and never answers is as unreachable as a missing one.
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                ClientError::Unreachable(
-                    self.socket.display().to_string(),
-                    format!("no answer within {} s", timeout.as_secs()),
-                )
-            }
-            _ => unreachable(e),
-        })?;
+        (&mut s)
+            .take(MAX_RESPONSE + 1)
+            .read_to_end(&mut raw)
+            .map_err(|e| match e.kind() {
+                // An agent that accepts and never answers is as unreachable as a missing one.
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    ClientError::Unreachable(
+                        self.socket.display().to_string(),
+                        format!("no answer within {} s", timeout.as_secs()),
+                    )
+                }
+                _ => unreachable(e),
+            })?;
+        if raw.len() as u64 > MAX_RESPONSE {
+            return Err(ClientError::Protocol(format!(
+                "the answer is larger than {MAX_RESPONSE} bytes"
+            )));
+        }
         let resp = parse_response(&raw)?;
         if resp.status >= 400 {
             return Err(
                 match serde_json::from_slice::<hvnode_api::error::ApiError>(&resp.body) {
                     Ok(e) => ClientError::Api {
-                        code: e.code.as_str().to_owned(),
+                        code: e.code,
                         message: e.message,
                     },
                     Err(_) => ClientError::Protocol(format!("HTTP {}", resp.status)),
@@ -262,7 +271,7 @@ mod tests {
             "/v1/node/hostname",
             Some(&serde_json::json!({"hostname": "-x"})),
         ) {
-            Err(ClientError::Api { code, .. }) => assert_eq!(code, "invalid_hostname"),
+            Err(ClientError::Api { code, .. }) => assert_eq!(code, ErrorCode::InvalidHostname),
             other => panic!("{other:?}"),
         }
         server.join().unwrap();

@@ -17,6 +17,7 @@ use hvnode_api::node::{
     StorageStatus, StorageView,
 };
 use hvnode_api::registration::{RegistrationState, RegistrationStatus};
+use hvnode_api::routes::GuestAction;
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Terminal;
@@ -191,7 +192,7 @@ fn stopping_a_guest_and_powering_off_need_confirmation() {
     assert!(render(&a).contains("Stop (power off at once) guest web-1?"));
     assert_eq!(
         a.on_key(key(KeyCode::Char('y'))),
-        vec![Action::Guest("web-1".into(), "stop")]
+        vec![Action::Guest("web-1".into(), GuestAction::Stop)]
     );
     a.on_key(key(KeyCode::Char('7')));
     a.on_key(key(KeyCode::Char('o')));
@@ -787,12 +788,12 @@ fn p_pauses_a_running_guest_and_resumes_a_paused_one() {
     let mut a = guests_app();
     assert_eq!(
         a.on_key(key(KeyCode::Char('p'))),
-        vec![Action::Guest("web-1".into(), "pause")]
+        vec![Action::Guest("web-1".into(), GuestAction::Pause)]
     );
     set_state(&mut a, 0, GuestState::Paused);
     assert_eq!(
         a.on_key(key(KeyCode::Char('p'))),
-        vec![Action::Guest("web-1".into(), "resume")]
+        vec![Action::Guest("web-1".into(), GuestAction::Resume)]
     );
     assert!(
         render(&a).contains("p: pause/resume"),
@@ -816,7 +817,7 @@ fn rebooting_a_guest_needs_confirmation() {
     a.on_key(key(KeyCode::Char('r')));
     assert_eq!(
         a.on_key(key(KeyCode::Char('y'))),
-        vec![Action::Guest("db-1".into(), "reboot")]
+        vec![Action::Guest("db-1".into(), GuestAction::Reboot)]
     );
     assert!(
         render(&a).contains("s: start  t: stop  d: shut down  r: reboot"),
@@ -884,7 +885,10 @@ fn guests_screen_shows_the_selected_guests_devices_and_uptime() {
 fn an_action_shows_while_it_runs_and_its_answer_updates_the_guest() {
     let mut a = guests_app();
     let sent = a.on_key(key(KeyCode::Char('s')));
-    assert_eq!(sent, vec![Action::Guest("web-1".into(), "start")]);
+    assert_eq!(
+        sent,
+        vec![Action::Guest("web-1".into(), GuestAction::Start)]
+    );
     assert_eq!(banner(&a), "Starting web-1...");
     // Keys keep working: another screen and back, and the banner stays.
     a.on_key(key(KeyCode::Char('1')));
@@ -909,12 +913,12 @@ fn an_invalid_state_answer_shows_as_a_message_line() {
     let mut a = guests_app();
     a.on_key(key(KeyCode::Down));
     let sent = a.on_key(key(KeyCode::Char('p')));
-    assert_eq!(sent, vec![Action::Guest("db-1".into(), "pause")]);
+    assert_eq!(sent, vec![Action::Guest("db-1".into(), GuestAction::Pause)]);
     a.apply(
         Done {
             action: sent[0].clone(),
             result: Err(ClientError::Api {
-                code: "invalid_guest_state".into(),
+                code: hvnode_api::error::ErrorCode::InvalidGuestState,
                 message: "Guest db-1 is stopped; pause needs running".into(),
             }),
         },

@@ -9,6 +9,7 @@ use std::time::Duration;
 use hvnode_api::config::NetworkConfig;
 use hvnode_api::node::{Hostname, NetworkView, StorageInit};
 use hvnode_api::registration::{AcceptManager, ManagerUrl};
+use hvnode_api::routes::Route;
 
 use crate::app::{Action, Answer, Done, Refreshed, Snapshot};
 use crate::client::{Client, ClientError};
@@ -58,6 +59,8 @@ impl Worker {
     }
 }
 
+/// Lines of the node log the Logs screen reads.
+const NODE_LOG_LINES: &str = "500";
 /// Guest operations: `stop` answers once the VMM is gone, which the agent forces after 10 s.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A network change init applies (bonds, VLANs, a bridge) can take longer than a read.
@@ -68,18 +71,19 @@ const STORAGE_TIMEOUT: Duration = Duration::from_secs(130);
 fn refresh(c: &Client, node_log: bool) -> Result<Answer, ClientError> {
     let snapshot = (|| -> Result<Snapshot, ClientError> {
         Ok(Snapshot {
-            registration: c.get("/v1/registration")?,
-            info: c.get("/v1/node")?,
-            stats: c.get("/v1/stats")?,
-            guests: c.get("/v1/guests")?,
-            storage: c.get("/v1/storage")?,
+            registration: c.get(&Route::Registration.path())?,
+            info: c.get(&Route::Node.path())?,
+            stats: c.get(&Route::Stats.path())?,
+            guests: c.get(&Route::Guests.path())?,
+            storage: c.get(&Route::Storage.path())?,
         })
     })();
     if let Err(e @ ClientError::Unreachable(..)) = snapshot {
         return Err(e);
     }
-    let network = c.get("/v1/network");
-    let node_log = node_log.then(|| c.get_text("/v1/logs?lines=500"));
+    let network = c.get(&Route::Network.path());
+    let node_log =
+        node_log.then(|| c.get_text(&Route::Logs.with_query(&[("lines", NODE_LOG_LINES)])));
     Ok(Answer::Refreshed(Box::new(Refreshed {
         snapshot,
         network,
@@ -90,10 +94,10 @@ fn refresh(c: &Client, node_log: bool) -> Result<Answer, ClientError> {
 fn network(
     c: &Client,
     method: &str,
-    path: &str,
+    route: Route,
     body: Option<&NetworkConfig>,
 ) -> Result<Answer, ClientError> {
-    let view: NetworkView = c.call(method, path, body, NETWORK_TIMEOUT)?;
+    let view: NetworkView = c.call(method, &route.path(), body, NETWORK_TIMEOUT)?;
     Ok(Answer::Network(Box::new(view)))
 }
 
@@ -104,47 +108,47 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
         Action::Refresh { node_log } => refresh(c, *node_log),
         Action::SetHostname(h) => done(c.send(
             "PUT",
-            "/v1/node/hostname",
+            &Route::NodeHostname.path(),
             Some(&Hostname {
                 hostname: h.clone(),
             }),
         )),
-        Action::Power(p) => done(c.send("POST", "/v1/power", Some(p))),
+        Action::Power(p) => done(c.send("POST", &Route::Power.path(), Some(p))),
         Action::Guest(name, op) => c
             .call::<(), _>(
                 "POST",
-                &format!("/v1/guests/{name}/{op}"),
+                &Route::GuestAction(name.clone(), *op).path(),
                 None,
                 GUEST_TIMEOUT,
             )
             .map(|g| Answer::Guest(Box::new(g))),
         Action::GuestConsole(name) => c
-            .get_text(&format!("/v1/guests/{name}/console"))
+            .get_text(&Route::GuestConsole(name.clone()).path())
             .map(Answer::Text),
-        Action::NewPairingCode => done(c.send::<()>("POST", "/v1/registration/pairing-code", None)),
-        Action::Unregister => done(c.send::<()>("DELETE", "/v1/registration", None)),
+        Action::NewPairingCode => done(c.send::<()>("POST", &Route::PairingCode.path(), None)),
+        Action::Unregister => done(c.send::<()>("DELETE", &Route::Registration.path(), None)),
         Action::FetchManager(url) => c
             .call(
                 "POST",
-                "/v1/registration/manager",
+                &Route::RegistrationManager.path(),
                 Some(&ManagerUrl { url: url.clone() }),
                 Duration::from_secs(5),
             )
             .map(Answer::Candidate),
         Action::AcceptManager(fp) => done(c.send(
             "POST",
-            "/v1/registration/manager/accept",
+            &Route::RegistrationManagerAccept.path(),
             Some(&AcceptManager {
                 ca_fingerprint: fp.clone(),
             }),
         )),
         Action::RejectManager => {
-            done(c.send::<()>("POST", "/v1/registration/manager/reject", None))
+            done(c.send::<()>("POST", &Route::RegistrationManagerReject.path(), None))
         }
         Action::InitStorage(dev) => c
             .call::<_, serde_json::Value>(
                 "POST",
-                "/v1/storage/init",
+                &Route::StorageInit.path(),
                 Some(&StorageInit {
                     device: dev.clone(),
                     confirm: dev.clone(),
@@ -152,8 +156,8 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
                 STORAGE_TIMEOUT,
             )
             .map(|_| Answer::Done),
-        Action::ApplyNetwork(config) => network(c, "PUT", "/v1/network", Some(config)),
-        Action::ConfirmNetwork => network(c, "POST", "/v1/network/confirm", None),
-        Action::RollbackNetwork => network(c, "POST", "/v1/network/rollback", None),
+        Action::ApplyNetwork(config) => network(c, "PUT", Route::Network, Some(config)),
+        Action::ConfirmNetwork => network(c, "POST", Route::NetworkConfirm, None),
+        Action::RollbackNetwork => network(c, "POST", Route::NetworkRollback, None),
     }
 }
