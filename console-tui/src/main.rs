@@ -1,9 +1,23 @@
 //! `hvnode-console`: the node's console on tty1 and ttyS0. Talks only to the agent's unix socket.
+//!
+//! # Modules
+//!
+//! - `main` (here): the terminal (raw mode, the serial port's fixed 80x24 viewport), the loop
+//!   that reads keys, hands actions to the worker, applies its answers and draws.
+//! - `app`: the shared state (current screen, the agent's last answers, dialogs, requests in
+//!   flight, refresh timing), key dispatch and the frame (tabs, banner, box, help line).
+//! - `screens`: one module per screen, each with its own state, keys and lines.
+//! - `netform`: the network form: its state and keys, its checks (`check`) and drawing (`view`).
+//! - `state`: what the console knows and asks ([`state::Snapshot`], [`state::Action`], ...).
+//! - `worker`: the thread that carries actions to the agent, one at a time, in order.
+//! - `client`: a blocking HTTP/1.1 client of the agent's unix socket (httparse, timeouts).
 #![forbid(unsafe_code)]
 
 mod app;
 mod client;
 mod netform;
+mod screens;
+mod state;
 mod worker;
 
 use std::time::{Duration, Instant};

@@ -370,7 +370,7 @@ fn network_form_shows_each_error_beside_its_field() {
         assert!(a.on_key(key(KeyCode::Enter)).is_empty(), "{label}: sent");
         let s = render(&a);
         assert!(s.contains("Not sent: 1 field(s) invalid"), "{s}");
-        assert!(a.net_form.is_some(), "the form stays open");
+        assert!(a.network.form.is_some(), "the form stays open");
     }
 }
 
@@ -396,14 +396,14 @@ fn tab_moves_between_fields_and_enter_applies_a_valid_form() {
         a.on_key(key(KeyCode::F(10))),
         vec![Action::ApplyNetwork(static_config())]
     );
-    assert!(a.net_form.is_none());
+    assert!(a.network.form.is_none());
 }
 
 #[test]
 fn esc_closes_the_network_form_without_sending_anything() {
     let mut a = static_form_app();
     assert!(a.on_key(key(KeyCode::Esc)).is_empty());
-    assert!(a.net_form.is_none());
+    assert!(a.network.form.is_none());
     assert_eq!(a.screen, Screen::Network);
     let s = render(&a);
     assert!(s.contains("e/Enter: edit the management network"), "{s}");
@@ -549,7 +549,7 @@ fn interface_form_shows_each_error_beside_its_field_and_sends_nothing() {
         assert_eq!(s.matches(" ! ").count(), 1, "only {label} is wrong:\n{s}");
         assert!(a.on_key(key(KeyCode::Enter)).is_empty(), "{label}: sent");
         assert!(render(&a).contains("Not sent: 1 field(s) invalid"));
-        assert!(a.net_form.is_some(), "the form stays open");
+        assert!(a.network.form.is_some(), "the form stays open");
     }
 }
 
@@ -567,7 +567,7 @@ fn editing_a_second_nic_to_static_changes_only_that_interface() {
         a.on_key(key(KeyCode::Enter)),
         vec![Action::ApplyNetwork(want)]
     );
-    assert!(a.net_form.is_none());
+    assert!(a.network.form.is_none());
     assert_eq!(a.screen, Screen::Network);
 }
 
@@ -601,7 +601,7 @@ fn esc_closes_the_interface_form_without_sending_anything() {
     a.on_key(key(KeyCode::Tab));
     typed(&mut a, "198.51.100.5/24");
     assert!(a.on_key(key(KeyCode::Esc)).is_empty());
-    assert!(a.net_form.is_none());
+    assert!(a.network.form.is_none());
     let s = render(&a);
     assert!(
         s.contains("e/Enter: edit eth1"),
@@ -698,7 +698,7 @@ fn network_form_needs_the_agents_network_view() {
     let mut a = app();
     a.on_key(key(KeyCode::Char('2')));
     assert!(a.on_key(key(KeyCode::Enter)).is_empty());
-    assert!(a.net_form.is_none());
+    assert!(a.network.form.is_none());
     assert!(render(&a).contains("has not reported the network configuration"));
 }
 

@@ -11,8 +11,8 @@ use hvnode_api::node::{Hostname, NetworkView, StorageInit};
 use hvnode_api::registration::{AcceptManager, ManagerUrl};
 use hvnode_api::routes::Route;
 
-use crate::app::{Action, Answer, Done, Refreshed, Snapshot};
 use crate::client::{Client, ClientError};
+use crate::state::{Action, Answer, Done, Refreshed, Snapshot};
 
 /// The worker thread is gone: it can only have panicked.
 #[derive(Debug, thiserror::Error)]
