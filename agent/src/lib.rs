@@ -19,6 +19,7 @@
 //! - [`network`]: applying a network change, its confirmation and its automatic rollback.
 //! - [`storage`]: the data partition and blank disks.
 //! - [`guests`]: guest definitions and operations; [`guests::vmms`] runs and watches the VMMs.
+//! - [`snapshots`]: guest snapshots: taken by the VMM, listed, deleted, restored.
 //! - [`images`]: the image directory: list, streamed upload, delete.
 //! - [`console`]: a guest's console log and the interactive attach upgrade.
 //! - [`events`]: the event log and its server-sent-events stream.
@@ -41,6 +42,7 @@ pub mod network;
 pub mod node;
 pub mod registration;
 pub mod router;
+pub mod snapshots;
 pub mod storage;
 pub mod tls;
 

@@ -87,6 +87,16 @@ impl Agent {
                 self.console_log(name.clone(), query("bytes")).await
             }
             (GET, Route::GuestConsoleAttach(name)) => self.attach_console(name, req).await,
+            (GET, Route::GuestSnapshots(name)) => self.list_snapshots(name),
+            (POST, Route::GuestSnapshots(name)) => {
+                self.create_snapshot(name.clone(), read_json(req).await?)
+                    .await
+            }
+            (GET, Route::GuestSnapshot(name, snap)) => self.show_snapshot(name, snap),
+            (DELETE, Route::GuestSnapshot(name, snap)) => self.delete_snapshot(name, snap),
+            (POST, Route::GuestSnapshotRestore(name, snap)) => {
+                self.restore_snapshot(name.clone(), snap.clone()).await
+            }
             (GET, Route::Images) => Ok(self.images()),
             (PUT, Route::Image(path)) => self.upload_image(path, req.into_body()).await,
             (DELETE, Route::Image(path)) => self.delete_image(path),

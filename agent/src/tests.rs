@@ -493,9 +493,12 @@ fn documented_routes() -> Vec<(String, String)> {
 }
 
 /// Whether the router serves `method path` (whatever the answer, it is not the unknown-route
-/// 404); `{name}` and `{path}` are filled with sample values.
+/// 404); `{name}`, `{path}` and `{snapshot}` are filled with sample values.
 async fn is_routed(a: &Arc<Agent>, method: &str, path: &str) -> bool {
-    let p = path.replace("{name}", "x").replace("{path}", "dir/file");
+    let p = path
+        .replace("{name}", "x")
+        .replace("{path}", "dir/file")
+        .replace("{snapshot}", "s1");
     if method == "GET" && p == "/v1/events" {
         // A stream: routed if it answers with the event-stream type.
         let resp = a.handle(req(method, &p, ""), Origin::Local).await;

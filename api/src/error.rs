@@ -75,6 +75,8 @@ error_codes! {
     InvalidPath = (400, "invalid_path"),
     /// A timeout parameter is out of range.
     InvalidTimeout = (400, "invalid_timeout"),
+    /// Not a valid snapshot name.
+    InvalidSnapshotName = (400, "invalid_snapshot_name"),
     /// A name in the body does not match the name in the path.
     NameMismatch = (400, "name_mismatch"),
     /// The route needs an HTTP upgrade.
@@ -99,6 +101,8 @@ error_codes! {
     GuestNotFound = (404, "guest_not_found"),
     /// No such image.
     ImageNotFound = (404, "image_not_found"),
+    /// No such snapshot.
+    SnapshotNotFound = (404, "snapshot_not_found"),
     /// No such join request (manager side).
     JoinRequestNotFound = (404, "join_request_not_found"),
     /// The route exists but does not serve this method.
@@ -113,6 +117,10 @@ error_codes! {
     InvalidGuestState = (409, "invalid_guest_state"),
     /// The VMM saw the guest in another state.
     VmmInvalidState = (409, "vmm_invalid_state"),
+    /// A snapshot of that name exists.
+    SnapshotExists = (409, "snapshot_exists"),
+    /// The guest's definition no longer matches the snapshot (memory, vCPUs, disks, NICs).
+    SnapshotMismatch = (409, "snapshot_mismatch"),
     /// A guest NIC's bridge does not exist.
     BridgeNotFound = (409, "bridge_not_found"),
     /// A guest NIC's tap is in use.

@@ -259,6 +259,35 @@ pub struct GuestStatus {
     /// Why the guest is `crashed`: the VMM's last word (its exit file or log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash_reason: Option<String>,
+    /// Names of the guest's snapshots, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+}
+
+/// `POST /v1/guests/{name}/snapshots`: take a snapshot of a guest that has a VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// The snapshot's name, unique per guest; the same rules as a guest name.
+    pub name: String,
+}
+
+/// One snapshot of a guest: its memory, its state and the definition it ran with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    /// The snapshot's name.
+    pub name: String,
+    /// The guest it belongs to.
+    pub guest: String,
+    /// Unix time it was taken, in seconds.
+    pub created: u64,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Space it takes on the data partition in bytes (memory holes take none).
+    pub disk_bytes: u64,
+    /// How long the guest was paused for it, in milliseconds.
+    #[serde(default)]
+    pub paused_ms: u64,
 }
 
 #[cfg(test)]

@@ -104,6 +104,12 @@ pub enum Route {
     GuestConsoleAttach(String),
     /// `/v1/guests/{name}/stats`
     GuestStats(String),
+    /// `/v1/guests/{name}/snapshots`
+    GuestSnapshots(String),
+    /// `/v1/guests/{name}/snapshots/{snapshot}`
+    GuestSnapshot(String, String),
+    /// `/v1/guests/{name}/snapshots/{snapshot}/restore`
+    GuestSnapshotRestore(String, String),
     /// `/v1/images`
     Images,
     /// `/v1/images/{path}` (the path may contain `/`)
@@ -161,6 +167,13 @@ impl Route {
             ["guests", name, "console"] => Route::GuestConsole(segment(name)?),
             ["guests", name, "console", "attach"] => Route::GuestConsoleAttach(segment(name)?),
             ["guests", name, "stats"] => Route::GuestStats(segment(name)?),
+            ["guests", name, "snapshots"] => Route::GuestSnapshots(segment(name)?),
+            ["guests", name, "snapshots", snap] => {
+                Route::GuestSnapshot(segment(name)?, segment(snap)?)
+            }
+            ["guests", name, "snapshots", snap, "restore"] => {
+                Route::GuestSnapshotRestore(segment(name)?, segment(snap)?)
+            }
             ["guests", name, action] => {
                 Route::GuestAction(segment(name)?, GuestAction::parse(action)?)
             }
@@ -183,6 +196,17 @@ impl Route {
                 format!("/v1/guests/{}/console/attach", encode(n, false))
             }
             Route::GuestStats(n) => format!("/v1/guests/{}/stats", encode(n, false)),
+            Route::GuestSnapshots(n) => format!("/v1/guests/{}/snapshots", encode(n, false)),
+            Route::GuestSnapshot(n, s) => format!(
+                "/v1/guests/{}/snapshots/{}",
+                encode(n, false),
+                encode(s, false)
+            ),
+            Route::GuestSnapshotRestore(n, s) => format!(
+                "/v1/guests/{}/snapshots/{}/restore",
+                encode(n, false),
+                encode(s, false)
+            ),
             Route::Image(p) => format!("/v1/images/{}", encode(p, true)),
             fixed => fixed.template().to_owned(),
         }
@@ -230,6 +254,9 @@ impl Route {
             Route::GuestConsole(_) => "/v1/guests/{name}/console",
             Route::GuestConsoleAttach(_) => "/v1/guests/{name}/console/attach",
             Route::GuestStats(_) => "/v1/guests/{name}/stats",
+            Route::GuestSnapshots(_) => "/v1/guests/{name}/snapshots",
+            Route::GuestSnapshot(..) => "/v1/guests/{name}/snapshots/{snapshot}",
+            Route::GuestSnapshotRestore(..) => "/v1/guests/{name}/snapshots/{snapshot}/restore",
             Route::Images => "/v1/images",
             Route::Image(_) => "/v1/images/{path}",
             Route::Events => "/v1/events",
@@ -246,7 +273,8 @@ impl Route {
             Route::Registration => &[GET, POST, DELETE],
             Route::NodeHostname => &[PUT],
             Route::Network => &[GET, PUT],
-            Route::Guests => &[GET, POST],
+            Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
+            Route::GuestSnapshot(..) => &[GET, DELETE],
             Route::Guest(_) => &[GET, PUT, DELETE],
             Route::Image(_) => &[PUT, DELETE],
             Route::PairingCode
@@ -257,6 +285,7 @@ impl Route {
             | Route::NetworkRollback
             | Route::StorageInit
             | Route::GuestAction(..)
+            | Route::GuestSnapshotRestore(..)
             | Route::Power => &[POST],
             Route::Health
             | Route::Node
@@ -307,6 +336,9 @@ impl Route {
             Route::GuestConsole(g()),
             Route::GuestConsoleAttach(g()),
             Route::GuestStats(g()),
+            Route::GuestSnapshots(g()),
+            Route::GuestSnapshot(g(), "before-upgrade".to_owned()),
+            Route::GuestSnapshotRestore(g(), "before-upgrade".to_owned()),
             Route::Images,
             Route::Image("disks/web.raw".to_owned()),
             Route::Events,

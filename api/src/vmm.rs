@@ -106,7 +106,23 @@ pub enum VmmRequest {
     Stop,
     /// Counters.
     Stats,
+    /// Writes the guest into the directory `dir` (which must not exist yet): a paused guest as
+    /// it is; a running one is paused first and resumed afterwards. Disks are flushed first.
+    /// See [`SNAPSHOT_CONFIG`], [`SNAPSHOT_STATE`], [`SNAPSHOT_MEMORY`] for what it holds.
+    Snapshot {
+        /// Absolute path of the snapshot directory to create.
+        dir: String,
+    },
 }
+
+/// In a snapshot directory: the guest's [`VmConfig`] as it ran (JSON).
+pub const SNAPSHOT_CONFIG: &str = "config.json";
+/// In a snapshot directory: the VM's state apart from memory (vCPUs, interrupt controllers,
+/// clock, devices), in the VMM's versioned, checksummed state format (docs/vmm.md).
+pub const SNAPSHOT_STATE: &str = "state.json";
+/// In a snapshot directory: guest memory, one sparse file (pages never written are holes), laid
+/// out by guest physical address with the MMIO hole left out.
+pub const SNAPSHOT_MEMORY: &str = "memory";
 
 /// Run state of the VM as the VMM sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +149,21 @@ pub struct VmStats {
     pub rss_bytes: u64,
 }
 
+/// What a snapshot wrote and what it cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Guest memory size in bytes (the memory file's length).
+    pub memory_bytes: u64,
+    /// Bytes of memory actually written (the rest are holes).
+    pub memory_written_bytes: u64,
+    /// Size of the state file in bytes.
+    pub state_bytes: u64,
+    /// How long the guest was paused for it, in milliseconds (0 if it was paused already).
+    pub paused_ms: u64,
+    /// How long writing took, in milliseconds.
+    pub write_ms: u64,
+}
+
 /// A control response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -152,6 +183,11 @@ pub enum VmmResponse {
     Stats {
         /// The counters.
         stats: VmStats,
+    },
+    /// Answer to `snapshot`.
+    Snapshot {
+        /// What was written.
+        snapshot: SnapshotInfo,
     },
     /// The request was refused or failed.
     Error {

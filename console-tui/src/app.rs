@@ -339,7 +339,7 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
 /// Validates a field; the action to send, or the inline error.
 fn submit(f: &Field) -> Result<Action, String> {
     let v = f.value.trim().to_owned();
-    match f.kind {
+    match &f.kind {
         FieldKind::Hostname => hvnode_api::config::validate_hostname(&v)
             .map(|_| Action::SetHostname(v))
             .map_err(|e| e.to_string()),
@@ -357,6 +357,9 @@ fn submit(f: &Field) -> Result<Action, String> {
             }
             Ok(Action::FetchManager(v))
         }
+        FieldKind::SnapshotName(guest) => hvnode_api::guest::validate_name(&v)
+            .map(|_| Action::Snapshot(guest.clone(), v))
+            .map_err(|_| "Use lower-case letters, digits, - and _ (up to 63)".to_owned()),
         FieldKind::StorageDevice => {
             if v.starts_with("/dev/") && v.len() > 5 && !v.contains("..") {
                 Ok(Action::InitStorage(v))

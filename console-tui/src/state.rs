@@ -41,6 +41,10 @@ pub enum Action {
     Guest(String, GuestAction),
     /// GET /v1/guests/{name}/console.
     GuestConsole(String),
+    /// POST /v1/guests/{name}/snapshots: guest, snapshot name.
+    Snapshot(String, String),
+    /// POST /v1/guests/{name}/snapshots/{snapshot}/restore: guest, snapshot name.
+    Restore(String, String),
     /// POST /v1/registration/pairing-code.
     NewPairingCode,
     /// DELETE /v1/registration.
@@ -81,6 +85,8 @@ impl Action {
                 format!("{doing} {name}...")
             }
             Action::GuestConsole(name) => format!("Reading the console log of {name}..."),
+            Action::Snapshot(name, snap) => format!("Taking snapshot {snap} of {name}..."),
+            Action::Restore(name, snap) => format!("Restoring {name} from snapshot {snap}..."),
             Action::NewPairingCode => "Asking for a new pairing code...".into(),
             Action::Unregister => "Unregistering from the manager...".into(),
             Action::FetchManager(url) => format!("Fetching the manager's CA from {url}..."),
@@ -135,7 +141,7 @@ pub struct Done {
 }
 
 /// What a text field is for: it decides how its text is checked and what is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldKind {
     /// The node's host name (Network screen).
     Hostname,
@@ -143,6 +149,8 @@ pub enum FieldKind {
     ManagerUrl,
     /// The blank disk to initialise as the data partition (Storage screen).
     StorageDevice,
+    /// The name of a snapshot to take of this guest (Guests screen).
+    SnapshotName(String),
 }
 
 /// A text field being edited.

@@ -44,6 +44,7 @@ fn snapshot() -> Snapshot {
         pid: None,
         uptime_secs: None,
         crash_reason: None,
+        snapshots: vec![],
     };
     Snapshot {
         registration: RegistrationStatus {
@@ -1200,4 +1201,44 @@ fn ctrl_l_repaints_and_a_plain_l_does_not() {
     let ctrl_l = KeyEvent::new(KeyCode::Char('l'), KeyModifiers::CONTROL);
     assert!(crate::is_repaint_key(&ctrl_l));
     assert!(!crate::is_repaint_key(&key(KeyCode::Char('l'))));
+}
+
+#[test]
+fn guests_screen_takes_a_named_snapshot_and_restores_the_newest_after_confirmation() {
+    let mut a = app();
+    a.on_key(key(KeyCode::Char('4')));
+    a.on_key(key(KeyCode::Char('R')));
+    assert!(a.confirm.is_none(), "nothing to restore without a snapshot");
+    assert_eq!(a.message.as_deref(), Some("Guest web-1 has no snapshot."));
+
+    a.on_key(key(KeyCode::Char('S')));
+    typed(&mut a, "Bad Name");
+    assert!(
+        a.on_key(key(KeyCode::Enter)).is_empty(),
+        "an invalid name is refused"
+    );
+    for _ in 0.."Bad Name".len() {
+        a.on_key(key(KeyCode::Backspace));
+    }
+    typed(&mut a, "before-upgrade");
+    assert_eq!(
+        a.on_key(key(KeyCode::Enter)),
+        vec![Action::Snapshot("web-1".into(), "before-upgrade".into())]
+    );
+
+    if let Some(d) = a.data.as_mut() {
+        d.guests[0].snapshots = vec!["first".into(), "before-upgrade".into()];
+    }
+    assert!(render(&a).contains("Snapshots first, before-upgrade"));
+    a.on_key(key(KeyCode::Char('R')));
+    assert!(a
+        .confirm
+        .as_ref()
+        .unwrap()
+        .text
+        .contains("snapshot before-upgrade"));
+    assert_eq!(
+        a.on_key(key(KeyCode::Char('y'))),
+        vec![Action::Restore("web-1".into(), "before-upgrade".into())]
+    );
 }

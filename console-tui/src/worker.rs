@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use hvnode_api::config::NetworkConfig;
+use hvnode_api::guest::CreateSnapshot;
 use hvnode_api::node::{Hostname, NetworkView, StorageInit};
 use hvnode_api::registration::{AcceptManager, ManagerUrl};
 use hvnode_api::routes::Route;
@@ -63,6 +64,8 @@ impl Worker {
 const NODE_LOG_LINES: &str = "500";
 /// Guest operations: `stop` answers once the VMM is gone, which the agent forces after 10 s.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A snapshot writes the guest's whole memory.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// A network change init applies (bonds, VLANs, a bridge) can take longer than a read.
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Formatting the data partition: the agent waits up to 120 s for init.
@@ -125,6 +128,22 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
         Action::GuestConsole(name) => c
             .get_text(&Route::GuestConsole(name.clone()).path())
             .map(Answer::Text),
+        Action::Snapshot(name, snap) => c
+            .call::<_, serde_json::Value>(
+                "POST",
+                &Route::GuestSnapshots(name.clone()).path(),
+                Some(&CreateSnapshot { name: snap.clone() }),
+                SNAPSHOT_TIMEOUT,
+            )
+            .map(|_| Answer::Done),
+        Action::Restore(name, snap) => c
+            .call::<(), _>(
+                "POST",
+                &Route::GuestSnapshotRestore(name.clone(), snap.clone()).path(),
+                None,
+                GUEST_TIMEOUT,
+            )
+            .map(|g| Answer::Guest(Box::new(g))),
         Action::NewPairingCode => done(c.send::<()>("POST", &Route::PairingCode.path(), None)),
         Action::Unregister => done(c.send::<()>("DELETE", &Route::Registration.path(), None)),
         Action::FetchManager(url) => c

@@ -198,6 +198,17 @@ pub struct GuestArg {
     pub name: String,
 }
 
+/// A node, a guest and one of its snapshots.
+#[derive(Debug, Args)]
+pub struct SnapshotArg {
+    /// Node name.
+    pub node: String,
+    /// Guest name.
+    pub name: String,
+    /// Snapshot name (lower-case letters, digits, - and _).
+    pub snapshot: String,
+}
+
 /// A node, a guest, and how long the guest may take to go down.
 #[derive(Debug, Args)]
 pub struct GuestTimeoutArg {
@@ -243,8 +254,17 @@ pub enum GuestCommand {
     Resume(GuestArg),
     /// Reboot a guest: a shutdown, a stop if it is not down in time, a start.
     Reboot(GuestTimeoutArg),
-    /// Delete a stopped guest.
+    /// Delete a stopped guest (and its snapshots).
     Delete(GuestArg),
+    /// Snapshot a guest with a VMM: memory, VM state and definition; a running guest is paused
+    /// for it and runs on.
+    Snapshot(SnapshotArg),
+    /// List a guest's snapshots.
+    Snapshots(GuestArg),
+    /// Start a stopped guest from one of its snapshots: it resumes where it was.
+    Restore(SnapshotArg),
+    /// Delete one of a guest's snapshots.
+    SnapshotDelete(SnapshotArg),
     /// Print the guest's serial console log, or attach to the console interactively.
     Console {
         /// Node name.

@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use hvnode_api::event::Event;
-use hvnode_api::guest::{GuestState, GuestStatus};
+use hvnode_api::guest::{GuestState, GuestStatus, SnapshotStatus};
 use hvnode_api::node::{NodeInfo, NodeStats};
 use hvnode_api::units::{bytes, secs};
 use serde::Serialize;
@@ -174,8 +174,48 @@ pub fn guest(g: &GuestStatus) -> String {
     if let Some(why) = &g.crash_reason {
         s.push_str(&format!("crashed: {why}\n"));
     }
+    if !g.snapshots.is_empty() {
+        s.push_str(&format!("snapshots: {}\n", g.snapshots.join(", ")));
+    }
     s.push('\n');
     s.push_str(&spec);
+    s
+}
+
+/// `guest snapshot`: what was taken and what it cost.
+pub fn snapshot_taken(s: &SnapshotStatus) -> String {
+    format!(
+        "snapshot {} of guest {} taken: {} of memory, {} on disk, guest paused {} ms",
+        s.name,
+        s.guest,
+        bytes(s.memory_bytes),
+        bytes(s.disk_bytes),
+        s.paused_ms
+    )
+}
+
+/// `guest snapshots`.
+pub fn snapshots(list: &[SnapshotStatus]) -> String {
+    if list.is_empty() {
+        return "no snapshots".into();
+    }
+    let mut s = format!(
+        "{:<24} {:>12} {:>12} {:>10}\n",
+        "NAME", "MEMORY", "ON DISK", "AGE"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for snap in list {
+        s.push_str(&format!(
+            "{:<24} {:>12} {:>12} {:>10}\n",
+            snap.name,
+            bytes(snap.memory_bytes),
+            bytes(snap.disk_bytes),
+            secs(now.saturating_sub(snap.created))
+        ));
+    }
     s
 }
 

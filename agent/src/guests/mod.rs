@@ -42,6 +42,11 @@ impl Agent {
             pid: rt.pid,
             uptime_secs: rt.uptime_secs,
             crash_reason: rt.crash_reason,
+            snapshots: self
+                .snapshots_of(name)
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
         })
     }
 
@@ -150,6 +155,7 @@ impl Agent {
         }
         std::fs::remove_file(&path).map_err(|_| Self::no_guest(name))?;
         self.running.forget(name);
+        self.delete_snapshots_of(name);
         self.events.emit("guest_deleted", Some(name), "deleted");
         Ok(no_content())
     }

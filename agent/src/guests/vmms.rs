@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hvnode_api::guest::{GuestSpec, GuestState};
 use hvnode_api::vmm::{
-    VmConfig, VmDisk, VmExit, VmNet, VmRunState, VmStats, VmmRequest, VmmResponse,
+    SnapshotInfo, VmConfig, VmDisk, VmExit, VmNet, VmRunState, VmStats, VmmRequest, VmmResponse,
 };
 use sha2::{Digest, Sha256};
 
@@ -27,6 +27,8 @@ use crate::Paths;
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request waits for the socket of a VMM that has just started.
 const CONNECT_GRACE: Duration = Duration::from_secs(1);
+/// How long a snapshot may take: it writes the guest's whole memory.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a stop waits for the VMM to exit before it kills it.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long a reboot waits for the guest to go down before it stops it.
@@ -393,6 +395,12 @@ impl Guests {
 
     /// Starts the VMM for `spec`; a thread watches it until it exits.
     pub fn start(self: &Arc<Self>, spec: &GuestSpec) -> Result<u32, GuestError> {
+        self.start_from(spec, None)
+    }
+
+    /// The VM configuration a start of `spec` uses (paths resolved below the image directory,
+    /// taps named, this run's files under the guest's run directory).
+    pub fn vm_config(&self, spec: &GuestSpec) -> Result<VmConfig, GuestError> {
         let images = &self.paths.images;
         let dir = self.dir(&spec.name);
         let path_str = |p: PathBuf| p.to_string_lossy().into_owned();
@@ -426,6 +434,18 @@ impl Guests {
             control_socket: Some(path_str(dir.join("control.sock"))),
             exit_file: Some(path_str(dir.join("exit.json"))),
         };
+        Ok(config)
+    }
+
+    /// Starts a VMM for `spec`, from the snapshot in `restore` if given (the VMM checks that the
+    /// snapshot fits the configuration and resumes the guest where it was).
+    pub fn start_from(
+        self: &Arc<Self>,
+        spec: &GuestSpec,
+        restore: Option<&Path>,
+    ) -> Result<u32, GuestError> {
+        let config = self.vm_config(spec)?;
+        let dir = self.dir(&spec.name);
         let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
         // Held from the checks to the table entry, so that two starts cannot both pass them.
         let mut t = self.lock();
@@ -461,9 +481,12 @@ impl Guests {
         let log2 = log.try_clone().map_err(|e| spawn_err(&log_path, e))?;
         // Its own process group: signals to the agent's group do not reach it, and it outlives
         // an agent restart; its output goes to a file, never a pipe to the agent.
-        let mut child = Command::new(&self.paths.vmm)
-            .arg("--config")
-            .arg(&cfg_path)
+        let mut cmd = Command::new(&self.paths.vmm);
+        cmd.arg("--config").arg(&cfg_path);
+        if let Some(snapshot) = restore {
+            cmd.arg("--restore").arg(snapshot);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -492,7 +515,13 @@ impl Guests {
             },
         );
         drop(t);
-        self.emit(&spec.name, format!("running (vmm pid {pid})"));
+        match restore {
+            Some(from) => self.emit(
+                &spec.name,
+                format!("running (vmm pid {pid}), restored from {}", from.display()),
+            ),
+            None => self.emit(&spec.name, format!("running (vmm pid {pid})")),
+        }
         let me = Arc::clone(self);
         let name = spec.name.clone();
         std::thread::spawn(move || {
@@ -804,6 +833,33 @@ impl Guests {
                 code: "unexpected_answer".into(),
                 message: format!("{other:?}"),
             }),
+        }
+    }
+
+    /// Writes the guest into the snapshot directory `dir` (see `VmmRequest::Snapshot`): a
+    /// running guest is paused for it and runs on afterwards.
+    pub fn snapshot(&self, name: &str, dir: &Path) -> Result<SnapshotInfo, GuestError> {
+        self.current(name, &[GuestState::Running, GuestState::Paused], "snapshot")?;
+        let request = VmmRequest::Snapshot {
+            dir: dir.to_string_lossy().into_owned(),
+        };
+        let socket = self.dir(name).join("control.sock");
+        match control(&socket, &request, SNAPSHOT_TIMEOUT) {
+            Ok(VmmResponse::Snapshot { snapshot }) => Ok(snapshot),
+            Ok(VmmResponse::Error { code, message }) => Err(GuestError::Refused {
+                op: "snapshot",
+                code,
+                message,
+            }),
+            Ok(other) => Err(GuestError::Refused {
+                op: "snapshot",
+                code: "unexpected_answer".into(),
+                message: format!("{other:?}"),
+            }),
+            Err(e) => Err(GuestError::Unreachable(
+                name.to_owned(),
+                hvnode_api::error::chain(&e),
+            )),
         }
     }
 

@@ -9,7 +9,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 
 use super::Reaction;
-use crate::state::{Action, Confirm, Snapshot};
+use crate::state::{Action, Confirm, Field, FieldKind, Snapshot};
 
 /// The screen's state.
 #[derive(Debug, Clone, Default)]
@@ -73,6 +73,27 @@ impl GuestsScreen {
                 return Reaction::Send(Action::Guest(g, op));
             }
             (KeyCode::Enter, Some(g)) => return Reaction::Send(Action::GuestConsole(g)),
+            (KeyCode::Char('S'), Some(g)) => {
+                return Reaction::Edit(Field::new(
+                    FieldKind::SnapshotName(g),
+                    "Snapshot name",
+                    String::new(),
+                ))
+            }
+            (KeyCode::Char('R'), Some(g)) => {
+                let newest = self
+                    .selected_guest(data)
+                    .and_then(|s| s.snapshots.last().cloned());
+                return match newest {
+                    Some(snap) => Reaction::Ask(Confirm {
+                        text: format!(
+                            "Restore guest {g} from snapshot {snap}? It resumes where it was then."
+                        ),
+                        action: Action::Restore(g, snap),
+                    }),
+                    None => Reaction::Say(Some(format!("Guest {g} has no snapshot."))),
+                };
+            }
             _ => {}
         }
         Reaction::Nothing
@@ -84,14 +105,16 @@ impl GuestsScreen {
         let help = Line::raw(
             "s: start  t: stop  d: shut down  r: reboot  p: pause/resume  Enter: console",
         );
+        let snap_help = Line::raw("S: take a snapshot  R: restore the newest snapshot");
         let detail = d
             .guests
             .get(self.selected)
             .map(guest_detail)
             .unwrap_or_default();
         let tall = |l: &Line| l.width().div_ceil(cols.max(1)).max(1);
+        // The column heads, the blank line and the two lines of keys.
         let fixed: usize =
-            3 + usize::from(!detail.is_empty()) + detail.iter().map(tall).sum::<usize>();
+            4 + usize::from(!detail.is_empty()) + detail.iter().map(tall).sum::<usize>();
         let room = rows.saturating_sub(fixed).max(1);
         let first = (self.selected + 1).saturating_sub(room);
         let mut l = vec![Line::raw(format!(
@@ -123,6 +146,7 @@ impl GuestsScreen {
         }
         l.push(Line::raw(""));
         l.push(help);
+        l.push(snap_help);
         l
     }
 }
@@ -183,6 +207,12 @@ fn guest_detail(g: &GuestStatus) -> Vec<Line<'static>> {
         Line::from(vec![label("Disks"), Span::raw(none(disks))]),
         Line::from(vec![label("NICs"), Span::raw(none(nics))]),
     ];
+    if !g.snapshots.is_empty() {
+        l.push(Line::from(vec![
+            label("Snapshots"),
+            Span::raw(format!(" {}", g.snapshots.join(", "))),
+        ]));
+    }
     if let Some(why) = &g.crash_reason {
         l.push(Line::raw(format!("  Crashed: {why}")));
     }

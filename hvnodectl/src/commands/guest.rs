@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hvnode_api::guest::{self, GuestSpec, GuestState, GuestStatus};
+use hvnode_api::guest::{self, CreateSnapshot, GuestSpec, GuestState, GuestStatus, SnapshotStatus};
 use hvnode_api::routes::{GuestAction, Route};
 use hyper::Method;
 
@@ -77,6 +77,53 @@ impl Ctx {
                 )
                 .await?;
                 self.answer(b"{}", || format!("deleted guest {}", a.name))
+            }
+            GuestCommand::Snapshot(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                let body = CreateSnapshot {
+                    name: a.snapshot.clone(),
+                };
+                let (snap, raw): (SnapshotStatus, _) = c
+                    .send_json(
+                        Method::POST,
+                        &Route::GuestSnapshots(a.name.clone()).path(),
+                        Some(&body),
+                    )
+                    .await?;
+                self.answer(&raw, || output::snapshot_taken(&snap))
+            }
+            GuestCommand::Snapshots(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                let (list, raw): (Vec<SnapshotStatus>, _) = c
+                    .get_json(&Route::GuestSnapshots(a.name.clone()).path())
+                    .await?;
+                self.answer(&raw, || output::snapshots(&list))
+            }
+            GuestCommand::Restore(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                let path = Route::GuestSnapshotRestore(a.name.clone(), a.snapshot.clone()).path();
+                let (g, raw): (GuestStatus, _) =
+                    c.send_json::<(), _>(Method::POST, &path, None).await?;
+                self.answer(&raw, || {
+                    format!(
+                        "guest {} restored from snapshot {}: {}",
+                        g.spec.name,
+                        a.snapshot,
+                        output::state_name(&g.state)
+                    )
+                })
+            }
+            GuestCommand::SnapshotDelete(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                let path = Route::GuestSnapshot(a.name.clone(), a.snapshot.clone()).path();
+                c.call(Method::DELETE, &path, None, "").await?;
+                self.answer(b"{}", || {
+                    format!("deleted snapshot {} of guest {}", a.snapshot, a.name)
+                })
             }
             GuestCommand::Console {
                 node,
