@@ -1253,3 +1253,153 @@ fn console_replay_starts_at_a_line_and_keeps_a_short_log_whole() {
     assert_eq!(console_tail(&root.join("missing.log"), 100), b"");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Snapshots through the API on the real VMM: taken of a running guest (which runs on), listed,
+/// refused twice under one name and while the guest has no VMM, restored into a new VMM after a
+/// stop, refused for a definition that no longer fits, deleted, and gone with their guest.
+#[tokio::test]
+async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_deleted() {
+    let Some(vmm) =
+        vmm_for("snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_deleted")
+    else {
+        return;
+    };
+    let (a, scratch) = vmm_agent(&vmm);
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    let snap = |name: &str| format!(r#"{{"name":"{name}"}}"#);
+    let (s, e) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots", &snap("s1")),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_guest_state")),
+        "a snapshot needs a VMM: {e}"
+    );
+    op(&a, "p", "start").await;
+    wait_console(&a, "p", "ready").await;
+
+    let (s, taken) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots", &snap("s1")),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{taken}");
+    assert_eq!(taken["memory_bytes"], 64u64 << 20);
+    assert!(
+        taken["disk_bytes"].as_u64().unwrap() < 64 << 20,
+        "memory holes take no space: {taken}"
+    );
+    assert_eq!(
+        guest_state(&a, "p").await["state"],
+        "running",
+        "the guest runs on"
+    );
+    let (s, e) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots", &snap("s1")),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("snapshot_exists"))
+    );
+    let (s, e) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots", &snap("No Good")),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_snapshot_name"))
+    );
+    let (_, list) = call(&a, req("GET", "/v1/guests/p/snapshots", ""), Origin::Local).await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(
+        guest_state(&a, "p").await["snapshots"],
+        serde_json::json!(["s1"])
+    );
+
+    let (s, e) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots/s1/restore", ""),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("guest_running")),
+        "{e}"
+    );
+    op(&a, "p", "stop").await;
+    let (s, g) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots/s1/restore", ""),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, g["state"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{g}"
+    );
+    let (s, stats) = call(&a, req("GET", "/v1/guests/p/stats", ""), Origin::Local).await;
+    assert_eq!(s, StatusCode::OK, "the restored VMM answers: {stats}");
+    assert!(event_messages(&a, "p")
+        .iter()
+        .any(|m| m.contains("restored from snapshot s1")));
+    op(&a, "p", "stop").await;
+
+    let bigger = PAYLOAD_GUEST.replace("\"memory_mib\":64", "\"memory_mib\":128");
+    let (s, _) = call(&a, req("PUT", "/v1/guests/p", &bigger), Origin::Local).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, e) = call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots/s1/restore", ""),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("snapshot_mismatch")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("64 MiB"), "{e}");
+
+    let (s, _) = call(
+        &a,
+        req("DELETE", "/v1/guests/p/snapshots/s1", ""),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, e) = call(
+        &a,
+        req("GET", "/v1/guests/p/snapshots/s1", ""),
+        Origin::Local,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("snapshot_not_found"))
+    );
+
+    op(&a, "p", "start").await;
+    call(
+        &a,
+        req("POST", "/v1/guests/p/snapshots", &snap("s2")),
+        Origin::Local,
+    )
+    .await;
+    op(&a, "p", "stop").await;
+    call(&a, req("DELETE", "/v1/guests/p", ""), Origin::Local).await;
+    assert!(
+        !scratch.0.join("data/snapshots/p").exists(),
+        "a deleted guest's snapshots go with it"
+    );
+}
