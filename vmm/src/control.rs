@@ -108,6 +108,7 @@ impl Controller {
             }
             // serve_client ends the VM once the answer is written: the client must see it.
             VmmRequest::Stop => VmmResponse::Ok,
+            VmmRequest::Snapshot { .. } => error("invalid_state", "Snapshots are not implemented yet"),
         }
     }
 
