@@ -7,17 +7,21 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hvnode_api::vmm::{VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
+use hvnode_api::vmm::{SnapshotInfo, VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
-use crate::devices::legacy::Keyboard;
+use crate::devices::legacy::{Console, Keyboard};
 use crate::devices::{DeviceStats, MmioBus};
 use crate::error::VmError;
 use crate::exit::ExitReason;
+use crate::persist::{snapshot, VmState};
 use crate::vcpu::{PauseError, Vcpus, PAUSE_TIMEOUT};
 
 /// Longest request line; a longer one is refused and its connection closed.
@@ -33,6 +37,27 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// kills what is left; stopping the guest a little earlier lets the VMM still write its exit
 /// file.
 pub const SIGTERM_SHUTDOWN_LIMIT: Duration = Duration::from_secs(25);
+
+/// What a snapshot reads besides the vCPUs and the virtio devices.
+pub(crate) struct Machine {
+    /// The VM, for the interrupt controllers, the PIT and the clock.
+    pub vm: Arc<VmFd>,
+    /// Guest memory.
+    pub mem: &'static GuestMemoryMmap,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// COM1.
+    pub console: Arc<Mutex<Console>>,
+}
+
+/// Why a snapshot failed: the answer's code and message.
+struct SnapshotError(&'static str, String);
+
+impl SnapshotError {
+    fn internal(what: &str, e: impl std::fmt::Display) -> Self {
+        SnapshotError("internal", format!("Snapshot: {what}: {e}"))
+    }
+}
 
 /// What the control socket and the signals act on.
 pub(crate) struct Controller {
@@ -56,6 +81,8 @@ pub(crate) struct Controller {
     paused: AtomicBool,
     /// `/proc/self/statm`, opened at set-up: the sandbox forbids opening files later.
     statm: Option<std::fs::File>,
+    /// What a snapshot reads beyond the above.
+    machine: Machine,
 }
 
 fn error(code: &str, message: impl Into<String>) -> VmmResponse {
@@ -74,6 +101,7 @@ impl Controller {
         keyboard: Arc<Mutex<Keyboard>>,
         devices: Vec<Arc<dyn DeviceStats>>,
         exit: mpsc::Sender<ExitReason>,
+        machine: Machine,
     ) -> Self {
         Controller {
             config,
@@ -86,6 +114,7 @@ impl Controller {
             pausing: Mutex::new(()),
             paused: AtomicBool::new(false),
             statm: std::fs::File::open("/proc/self/statm").ok(),
+            machine,
         }
     }
 
@@ -108,7 +137,10 @@ impl Controller {
             }
             // serve_client ends the VM once the answer is written: the client must see it.
             VmmRequest::Stop => VmmResponse::Ok,
-            VmmRequest::Snapshot { .. } => error("invalid_state", "Snapshots are not implemented yet"),
+            VmmRequest::Snapshot { dir } => match self.snapshot(Path::new(&dir)) {
+                Ok(snapshot) => VmmResponse::Snapshot { snapshot },
+                Err(SnapshotError(code, message)) => error(code, message),
+            },
         }
     }
 
@@ -119,6 +151,11 @@ impl Controller {
     /// [`resume`]: Controller::resume
     fn pause(&self) -> Result<(), PauseError> {
         let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        self.pause_locked()
+    }
+
+    /// [`Controller::pause`] with the `pausing` lock held.
+    fn pause_locked(&self) -> Result<(), PauseError> {
         // Checked under the lock: a shutdown asks first and resumes after, so a pause can never
         // freeze a guest that was told to go down.
         if self.vcpus.shutdown_requested() {
@@ -142,11 +179,117 @@ impl Controller {
     /// during the pause are served now.
     fn resume(&self) -> Result<(), PauseError> {
         let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        self.resume_locked()
+    }
+
+    /// [`Controller::resume`] with the `pausing` lock held.
+    fn resume_locked(&self) -> Result<(), PauseError> {
         if !self.paused.swap(false, Ordering::SeqCst) {
             return Err(PauseError::InvalidState("The VM is not paused"));
         }
         self.virtio.resume();
         self.vcpus.resume()
+    }
+
+    /// Writes the guest into the new directory `dir` (see [`snapshot`]): a running guest is
+    /// paused for it and resumed after, whether the snapshot succeeded or not; a paused one
+    /// stays paused. The `pausing` lock is held throughout, so no pause or resume interleaves.
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        if !dir.is_absolute() {
+            return Err(SnapshotError(
+                "bad_request",
+                format!(
+                    "Snapshot directory {} is not an absolute path",
+                    dir.display()
+                ),
+            ));
+        }
+        let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.vcpus.shutdown_requested() {
+            return Err(SnapshotError(
+                "invalid_state",
+                "The guest is shutting down".into(),
+            ));
+        }
+        // Before pausing: a refusal costs the guest nothing.
+        snapshot::create_dir(dir).map_err(|e| {
+            let code = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                "bad_request"
+            } else {
+                "internal"
+            };
+            SnapshotError(
+                code,
+                format!("Snapshot: creating the directory {}: {e}", dir.display()),
+            )
+        })?;
+        let was_running = !self.paused.load(Ordering::SeqCst);
+        let paused_at = Instant::now();
+        if was_running {
+            self.pause_locked().map_err(|e| match e {
+                PauseError::InvalidState(m) => SnapshotError("invalid_state", m.into()),
+                PauseError::Timeout(_) => SnapshotError::internal("pausing", e),
+            })?;
+        }
+        let write_started = Instant::now();
+        let written = self.write_snapshot(dir);
+        let write_ms = write_started.elapsed().as_millis() as u64;
+        if was_running {
+            if let Err(e) = self.resume_locked() {
+                eprintln!(
+                    "hvnode-vmm: {}: resuming after the snapshot: {e}",
+                    self.config.name
+                );
+            }
+        }
+        let paused_ms = if was_running {
+            paused_at.elapsed().as_millis() as u64
+        } else {
+            0
+        };
+        let w = written?;
+        Ok(SnapshotInfo {
+            memory_bytes: w.memory_bytes,
+            memory_written_bytes: w.memory_written_bytes,
+            state_bytes: w.state_bytes,
+            paused_ms,
+            write_ms,
+        })
+    }
+
+    /// The paused VM's state and memory into `dir`, the disks flushed first.
+    fn write_snapshot(&self, dir: &Path) -> Result<snapshot::Written, SnapshotError> {
+        self.virtio
+            .flush()
+            .map_err(|(name, e)| SnapshotError::internal(&format!("flushing {name}"), e))?;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let vcpus = self
+            .vcpus
+            .save(deadline)
+            .map_err(|e| SnapshotError::internal("reading the vCPUs", e))?;
+        let m = &self.machine;
+        let vm = crate::persist::kvm::save_vm(&m.vm)
+            .map_err(|e| SnapshotError::internal("reading the VM", e))?;
+        let serial = m
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+            .into();
+        let i8042 = self
+            .keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        let state = VmState {
+            vcpus,
+            vm,
+            serial,
+            i8042,
+            virtio: self.virtio.save(),
+        };
+        snapshot::write(dir, &self.config, &state, m.mem, m.mem_size)
+            .map_err(|e| SnapshotError::internal(&format!("writing {}", dir.display()), e))
     }
 
     fn pause_result(&self, r: Result<(), PauseError>) -> VmmResponse {

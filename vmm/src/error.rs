@@ -3,6 +3,7 @@
 use crate::acpi::AcpiError;
 use crate::devices::bus::SetupError;
 use crate::devices::pio::PioBusError;
+use crate::persist::snapshot::RestoreError;
 use crate::seccomp::SandboxError;
 
 /// Errors setting up or running the VM.
@@ -38,4 +39,7 @@ pub enum VmError {
     /// Dropping privileges or installing the seccomp filter.
     #[error("Sandbox: {0}")]
     Sandbox(#[from] SandboxError),
+    /// The snapshot to restore was refused or could not be put into the VM.
+    #[error("Restoring the snapshot: {0}")]
+    Restore(#[from] RestoreError),
 }

@@ -8,7 +8,7 @@
 //! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the i8042 keyboard.
 //! virtio-blk, virtio-net and virtio-rng sit on the virtio-mmio transport, described to the
 //! guest in the DSDT. The [`control`] socket and the termination signals pause, resume, shut
-//! down, stop and count.
+//! down, stop, count and snapshot; [`run_from`] resumes a guest from a snapshot.
 //!
 //! # Modules
 //!
@@ -21,6 +21,10 @@
 //! - `vcpu`: the vCPU threads, their exit dispatch and counters, and the pause gate.
 //! - [`error`]: [`VmError`], why a VM could not be set up.
 //! - [`seccomp`]: the run-phase sandbox: dropped privileges and the seccomp filter.
+//! - [`persist`]: the VM's state outside guest memory in its versioned, checksummed format.
+//!   - [`persist::kvm`]: the vCPUs' and the VM's KVM state, saved and restored in KVM's order.
+//!   - [`persist::snapshot`]: the snapshot directory: writing it, reading it back, the sparse
+//!     memory file mapped copy-on-write.
 //! - [`boot`]: the guest memory layout, page tables, long-mode registers and the zero page.
 //! - [`devices`]: the devices, and [`DeviceStats`](devices::DeviceStats) for their counters.
 //!   - [`devices::bus`]: the virtio devices from the config, wired to KVM, on the `MmioBus`.
@@ -47,10 +51,11 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod payload;
+pub mod persist;
 pub mod seccomp;
 mod vcpu;
 pub mod vm;
 
 pub use error::VmError;
 pub use exit::ExitReason;
-pub use vm::run;
+pub use vm::{run, run_from};

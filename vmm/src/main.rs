@@ -1,4 +1,7 @@
-//! `hvnode-vmm --config FILE.json` (or `--config-json JSON`): runs one guest.
+//! `hvnode-vmm --config FILE.json` (or `--config-json JSON`): runs one guest. With
+//! `--restore DIR` it resumes the guest from the snapshot in DIR instead of booting it; the
+//! config then gives this run's sockets, logs, exit file, disk images and taps, and must match
+//! the snapshot's in what the guest saw (vCPUs, memory, disks, NICs, rng).
 //!
 //! Exit codes: 0 the guest powered off or was stopped, 1 configuration or setup error, 2 the
 //! guest crashed, 3 the guest asked for a reboot (the agent starts it again). With
@@ -11,27 +14,33 @@ use std::os::unix::fs::FileExt;
 use hvnode_api::vmm::{VmConfig, VmExit};
 use hvnode_vmm::ExitReason;
 
-/// The configuration, or why there is none (with the exit file, if the text names one).
-fn config() -> Result<VmConfig, (String, Option<String>)> {
+/// The configuration and the snapshot to restore, or why there is none (with the exit file,
+/// if the text names one).
+fn config() -> Result<(VmConfig, Option<String>), (String, Option<String>)> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let text = match args.as_slice() {
-        [flag, path] if flag == "--config" => {
+    let (source, restore) = match args.as_slice() {
+        [a, b] => ((a, b), None),
+        [a, b, flag, dir] if flag == "--restore" => ((a, b), Some(dir.clone())),
+        _ => return Err((USAGE.into(), None)),
+    };
+    let text = match source {
+        (flag, path) if flag == "--config" => {
             std::fs::read_to_string(path).map_err(|e| (format!("reading {path}: {e}"), None))?
         }
-        [flag, json] if flag == "--config-json" => json.clone(),
-        _ => {
-            let usage = "usage: hvnode-vmm --config FILE.json | --config-json JSON";
-            return Err((usage.into(), None));
-        }
+        (flag, json) if flag == "--config-json" => json.clone(),
+        _ => return Err((USAGE.into(), None)),
     };
-    serde_json::from_str(&text).map_err(|e| {
+    let config = serde_json::from_str(&text).map_err(|e| {
         // A config that is JSON but not a valid VmConfig may still say where to report.
         let exit_file = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("exit_file")?.as_str().map(str::to_owned));
         (format!("invalid VM config: {e}"), exit_file)
-    })
+    })?;
+    Ok((config, restore))
 }
+
+const USAGE: &str = "usage: hvnode-vmm --config FILE.json | --config-json JSON [--restore DIR]";
 
 /// The exit file, created (empty) as the VMM starts: once the sandbox is on no file can be
 /// opened, so the report goes through this descriptor, which a forbidden syscall's report
@@ -80,7 +89,7 @@ fn finish(name: &str, exit_file: Option<&ExitFile>, code: i32, reason: String) -
 }
 
 fn main() {
-    let config = match config() {
+    let (config, restore) = match config() {
         Ok(c) => c,
         Err((msg, exit_file)) => {
             let exit_file = exit_file.as_deref().map(ExitFile::create);
@@ -89,7 +98,8 @@ fn main() {
     };
     let exit_file = config.exit_file.as_deref().map(ExitFile::create);
     // A panic on the main thread is a VMM bug; it still ends with an exit file.
-    let run = std::panic::catch_unwind(|| hvnode_vmm::run(&config));
+    let restore = restore.as_deref().map(std::path::Path::new);
+    let run = std::panic::catch_unwind(|| hvnode_vmm::run_from(&config, restore));
     let (code, reason) = match run {
         Ok(Ok(ExitReason::PowerOff)) => (0, "guest powered off".to_owned()),
         Ok(Ok(ExitReason::Stopped(why))) => (0, why),

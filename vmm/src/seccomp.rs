@@ -9,10 +9,16 @@
 //! connection; a timer thread on shutdown) and inherit the filter of the thread that starts
 //! them, so a vCPU filter would have to hold every worker syscall and thread creation anyway,
 //! leaving per-thread filters apart by little more than `accept4` and `rt_sigtimedwait`.
-//! No thread opens, renames or stats a path at run time (the exit file, the serial log and
-//! `/proc/self/statm` are opened during set-up), so there is no looser thread to carve out;
-//! and threads share one address space, so a looser filter on one thread would be reachable
-//! from any thread the guest took over.
+//! No thread opens an existing path at run time (the exit file, the serial log and
+//! `/proc/self/statm` are opened during set-up); threads share one address space, so a looser
+//! filter on one thread would be reachable from any thread the guest took over.
+//!
+//! A snapshot is the one thing that touches paths at run time, and only to make new ones: it
+//! creates a directory (mkdir), new files in it (openat with exactly
+//! `O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC`, which fails on any existing path, a symlink included),
+//! and opens that directory to sync it (`O_RDONLY|O_DIRECTORY|O_CLOEXEC`, which opens only a
+//! directory, whose entries cannot be listed: getdents stays forbidden). It reads the VM's state
+//! with the KVM get ioctls, each allowed by number; no set ioctl is.
 //!
 //! A forbidden syscall does not run: the kernel sends SIGSYS (SECCOMP_RET_TRAP), whose handler
 //! writes the syscall number and the thread to stderr and, through its descriptor opened at
@@ -37,6 +43,110 @@ pub const VIOLATION_EXIT_CODE: i32 = 2;
 pub const UNPRIVILEGED_ID: u32 = 65534;
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_REGS,
+    kvm_bindings::KVMIO,
+    0x81,
+    kvm_bindings::kvm_regs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_SREGS,
+    kvm_bindings::KVMIO,
+    0x83,
+    kvm_bindings::kvm_sregs
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_IRQCHIP,
+    kvm_bindings::KVMIO,
+    0x62,
+    kvm_bindings::kvm_irqchip
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_PIT2,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_pit_state2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
+);
+
+/// The ioctls of a running VM: KVM_RUN, and the reads of vCPU and VM state a snapshot makes.
+fn run_phase_ioctls() -> [u64; 14] {
+    [
+        KVM_RUN(),
+        KVM_GET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_GET_LAPIC(),
+        KVM_GET_CPUID2(),
+        KVM_GET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
+        KVM_GET_IRQCHIP(),
+        KVM_GET_PIT2(),
+        KVM_GET_CLOCK(),
+    ]
+    .map(u64::from)
+}
+
+/// The open flags of a new snapshot file: it must not exist yet.
+const SNAPSHOT_FILE_FLAGS: i32 = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
+/// The open flags of the snapshot directory, opened to sync its entries.
+const SNAPSHOT_DIR_FLAGS: i32 = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
 
 /// Flags every thread creation carries (glibc's and musl's pthread_create both set them);
 /// a clone without them would be a new process.
@@ -252,9 +362,16 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     for nr in anyhow {
         rules.insert(nr, Vec::new());
     }
-    // KVM_RUN is the only ioctl of a running VM: interrupts are irqfd writes, pausing only
+    // KVM_RUN and a snapshot's reads of KVM state: interrupts are irqfd writes, pausing only
     // parks the vCPU threads.
-    rules.insert(libc::SYS_ioctl, one_of(1, &[KVM_RUN() as u64])?);
+    rules.insert(libc::SYS_ioctl, one_of(1, &run_phase_ioctls())?);
+    // A snapshot's new directory and new files in it (see the module documentation).
+    rules.insert(libc::SYS_mkdir, Vec::new());
+    rules.insert(libc::SYS_mkdirat, Vec::new());
+    rules.insert(
+        libc::SYS_openat,
+        one_of(2, &[SNAPSHOT_FILE_FLAGS as u64, SNAPSHOT_DIR_FLAGS as u64])?,
+    );
     // File::try_clone and the socket clones; F_GETFD is std's debug check before a close.
     rules.insert(
         libc::SYS_fcntl,
@@ -559,6 +676,31 @@ mod tests {
                 // SAFETY: ends the process without the test harness, which the filter would stop.
                 unsafe { libc::_exit(0) };
             }
+            "snapshot-files" => {
+                let snap = dir.join("snap");
+                crate::persist::snapshot::create_dir(&snap).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(snap.join("memory"))
+                    .unwrap();
+                f.set_len(1 << 20).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, b"page", 8192).unwrap();
+                f.sync_all().unwrap();
+                std::os::unix::fs::OpenOptionsExt::custom_flags(
+                    std::fs::OpenOptions::new().read(true),
+                    libc::O_DIRECTORY,
+                )
+                .open(&snap)
+                .unwrap()
+                .sync_all()
+                .unwrap();
+                say("survived\n");
+                // Opening the file again, even only to write to it, is another matter.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(snap.join("memory"));
+            }
             "allowed" => {
                 // What the run phase does: threads come and go, eventfds, the serial log
                 // trimmed, a thread kicked, KVM_RUN (on a descriptor that is no vCPU: ENOTTY).
@@ -668,6 +810,17 @@ mod tests {
         assert!(stderr.contains("a bug"), "{stderr}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("survived\n"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_snapshot_creates_its_files_but_no_existing_file_opens() {
+        let (out, dir) = sandboxed("snapshot-files");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("survived\n"));
+        let f = dir.join("snap/memory");
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 1 << 20);
+        assert_eq!(&std::fs::read(&f).unwrap()[8192..8196], b"page");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_stopped("snapshot-files", libc::SYS_openat);
     }
 
     #[test]

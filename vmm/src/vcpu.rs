@@ -7,6 +7,11 @@
 //! between the flag check and the KVM_RUN ioctl then makes KVM_RUN return EINTR at once
 //! instead of being lost. The thread sees the flag and waits on a condition variable until
 //! resumed.
+//!
+//! A snapshot reads each vCPU's state on its own thread, while it is parked: [`Vcpus::save`]
+//! posts the request and the parked threads answer it. Each first re-enters KVM_RUN with
+//! `immediate_exit` set, which completes a port or MMIO read that the VMM has answered but
+//! KVM has not yet put in the guest's registers, and returns at once.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -24,6 +29,7 @@ use crate::devices::pio::{PioBus, PortExit};
 use crate::devices::MmioBus;
 use crate::error::VmError;
 use crate::exit::ExitReason;
+use crate::persist::kvm::{save_vcpu, VcpuState};
 
 /// How long a pause request waits for every vCPU to leave KVM_RUN and every device worker to
 /// park, all together.
@@ -91,6 +97,8 @@ struct RunState {
     parked: usize,
     /// vCPU threads still in their loop.
     alive: usize,
+    /// A snapshot's request for every vCPU's state: one slot per vCPU, filled by its thread.
+    saving: Option<Vec<Option<Result<VcpuState, String>>>>,
 }
 
 /// Why a pause or resume was refused.
@@ -116,11 +124,13 @@ pub(crate) struct Vcpus {
     threads: Mutex<Vec<JoinHandle<()>>>,
     exits: Box<[ExitCounters]>,
     shutdown_requested: AtomicBool,
+    /// The MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST), read at set-up.
+    msr_indices: Vec<u32>,
 }
 
 impl Vcpus {
-    /// Shared state for `count` vCPUs.
-    pub(crate) fn new(count: usize) -> Self {
+    /// Shared state for `count` vCPUs whose saveable MSRs are `msr_indices`.
+    pub(crate) fn new(count: usize, msr_indices: Vec<u32>) -> Self {
         Vcpus {
             state: Mutex::new(RunState::default()),
             changed: Condvar::new(),
@@ -128,6 +138,7 @@ impl Vcpus {
             threads: Mutex::new(Vec::new()),
             exits: (0..count).map(|_| ExitCounters::default()).collect(),
             shutdown_requested: AtomicBool::new(false),
+            msr_indices,
         }
     }
 
@@ -184,6 +195,49 @@ impl Vcpus {
         Ok(())
     }
 
+    /// Every vCPU's state, read by its parked thread; the VM must be paused. Fails naming the
+    /// vCPU whose state KVM would not give, or at `deadline` if a thread did not answer (one
+    /// that has ended never will).
+    pub(crate) fn save(&self, deadline: Instant) -> Result<Vec<VcpuState>, String> {
+        let mut st = self.lock();
+        if !st.paused {
+            return Err("the vCPUs are not paused".into());
+        }
+        st.saving = Some((0..self.exits.len()).map(|_| None).collect());
+        self.changed.notify_all();
+        loop {
+            let done = st
+                .saving
+                .as_ref()
+                .is_some_and(|s| s.iter().all(Option::is_some));
+            if done {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.saving = None;
+                return Err(format!(
+                    "a vCPU did not give its state within {PAUSE_TIMEOUT:?}"
+                ));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.saving
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.unwrap_or_else(|| Err("no answer".into()))
+                    .map_err(|e| format!("vCPU {i}: {e}"))
+            })
+            .collect()
+    }
+
     /// Lets parked vCPUs run again.
     pub(crate) fn resume(&self) -> Result<(), PauseError> {
         if !self.lock().paused {
@@ -201,7 +255,9 @@ impl Vcpus {
         self.changed.notify_all();
     }
 
-    fn park_while_paused(&self) {
+    /// Parks the calling vCPU thread while paused, answering snapshot requests with `save`'s
+    /// result for vCPU `index`.
+    fn park_while_paused(&self, index: usize, mut save: impl FnMut() -> Result<VcpuState, String>) {
         if !self.pause_requested.load(Ordering::SeqCst) {
             return;
         }
@@ -212,6 +268,21 @@ impl Vcpus {
         st.parked += 1;
         self.changed.notify_all();
         while st.paused {
+            let wanted = st
+                .saving
+                .as_ref()
+                .is_some_and(|s| s.get(index).is_some_and(Option::is_none));
+            if wanted {
+                // The ioctls run without the lock: the other vCPUs answer meanwhile.
+                drop(st);
+                let state = save();
+                st = self.lock();
+                if let Some(slot) = st.saving.as_mut().and_then(|s| s.get_mut(index)) {
+                    *slot = Some(state);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.parked -= 1;
@@ -314,10 +385,25 @@ impl Vcpu {
         let _ = exit.send(reason);
     }
 
+    /// This vCPU's state, from its parked thread.
+    fn save(&mut self) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(format!("completing the pending exit: KVM_RUN: {e}")),
+            Ok(exit) => Err(format!("completing the pending exit: unexpected {exit:?}")),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        completed?;
+        save_vcpu(&self.fd, &self.vcpus.msr_indices).map_err(|e| e.to_string())
+    }
+
     fn run_loop(&mut self) -> ExitReason {
-        let exits = &self.vcpus.exits[self.index];
+        let vcpus = Arc::clone(&self.vcpus);
+        let exits = &vcpus.exits[self.index];
+        let index = self.index;
         loop {
-            self.vcpus.park_while_paused();
+            vcpus.park_while_paused(index, || self.save());
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     ExitCounters::bump(&exits.io);
@@ -381,7 +467,7 @@ mod tests {
     /// A stand-in for a vCPU thread: passes the gate in a loop, counting turns.
     fn gate_loop(vcpus: Arc<Vcpus>, turns: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::SeqCst) {
-            vcpus.park_while_paused();
+            vcpus.park_while_paused(0, || Err("no vCPU here".into()));
             turns.fetch_add(1, Ordering::SeqCst);
             std::thread::yield_now();
         }
@@ -390,7 +476,7 @@ mod tests {
 
     #[test]
     fn pause_returns_once_every_thread_is_parked_and_resume_releases_them() {
-        let vcpus = Arc::new(Vcpus::new(2));
+        let vcpus = Arc::new(Vcpus::new(2, Vec::new()));
         let (turns, stop) = (
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),
@@ -432,7 +518,7 @@ mod tests {
 
     #[test]
     fn pause_does_not_wait_for_threads_that_have_ended() {
-        let vcpus = Vcpus::new(1);
+        let vcpus = Vcpus::new(1, Vec::new());
         vcpus.lock().alive = 1;
         vcpus.exited();
         vcpus.pause(soon()).unwrap();
@@ -441,7 +527,7 @@ mod tests {
 
     #[test]
     fn a_pause_that_times_out_leaves_the_vcpus_running() {
-        let vcpus = Vcpus::new(1);
+        let vcpus = Vcpus::new(1, Vec::new());
         // A vCPU that never reaches the gate.
         vcpus.lock().alive = 1;
         let err = vcpus
@@ -458,7 +544,7 @@ mod tests {
 
     #[test]
     fn a_reset_after_a_shutdown_request_is_a_power_off() {
-        let vcpus = Vcpus::new(1);
+        let vcpus = Vcpus::new(1, Vec::new());
         assert_eq!(vcpus.reset_reason(), ExitReason::Reboot);
         vcpus.request_shutdown();
         assert_eq!(vcpus.reset_reason(), ExitReason::PowerOff);

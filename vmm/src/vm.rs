@@ -1,8 +1,10 @@
-//! Building the VM and running its vCPUs until the guest powers off, reboots or crashes.
+//! Building the VM, afresh or from a snapshot, and running its vCPUs until the guest powers off,
+//! reboots or crashes.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -18,13 +20,15 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{self, control_loop, signal_loop, Controller};
+use crate::control::{self, control_loop, signal_loop, Controller, Machine};
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{console_loop, SerialOut, SerialStats};
+use crate::devices::legacy::serial::{console_from_state, console_loop, SerialOut, SerialStats};
 use crate::devices::legacy::{self, IrqLine};
 use crate::devices::DeviceStats;
 use crate::error::VmError;
 use crate::exit::ExitReason;
+use crate::persist::kvm::{restore_vcpu, restore_vm};
+use crate::persist::snapshot::{self, RestoreError, Snapshot};
 use crate::vcpu::{install_kick_handler, setup_vcpu, Vcpu, Vcpus};
 use crate::{acpi, boot};
 
@@ -88,17 +92,12 @@ fn bind(path: &str) -> Result<UnixListener, VmError> {
     UnixListener::bind(path).map_err(|e| VmError::File(format!("socket {path}"), e))
 }
 
-/// Maps `mem_size` bytes of guest RAM (around the MMIO hole, see [`boot::ram_ranges`]) and
-/// registers each range with KVM as its own memory slot.
+/// Maps `mem_size` bytes of guest RAM (around the MMIO hole, see [`boot::ram_ranges`]).
 ///
 /// The mappings are anonymous, private and MAP_NORESERVE (vm-memory's default): the host
 /// commits a page only when the guest or a device first touches it, so a guest costs what it
 /// uses, not its size. A size the host cannot map at all fails here.
-fn guest_memory(
-    vm: &kvm_ioctls::VmFd,
-    memory_mib: u64,
-    mem_size: u64,
-) -> Result<GuestMemoryMmap, VmError> {
+fn guest_memory(memory_mib: u64, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
     let ranges: Vec<(GuestAddress, usize)> = boot::ram_ranges(mem_size)
         .iter()
         .map(|r| usize::try_from(r.size).map(|size| (GuestAddress(r.start), size)))
@@ -108,11 +107,15 @@ fn guest_memory(
                 "memory_mib {memory_mib} does not fit the host's address space"
             ))
         })?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| {
+    GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| {
         VmError::Memory(format!(
             "memory_mib {memory_mib} cannot be mapped on this host: {e}"
         ))
-    })?;
+    })
+}
+
+/// Registers each range of `mem` with KVM as its own memory slot.
+fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -125,7 +128,7 @@ fn guest_memory(
         // process exits (vCPU threads run until then and `run` never returns while they do).
         unsafe { vm.set_user_memory_region(region)? };
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// Refuses a guest whose RAM would end above what its vCPUs can address (CPUID 0x8000_0008):
@@ -157,8 +160,64 @@ fn has_gib_pages(cpuid: &CpuId) -> bool {
         .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0)
 }
 
+/// Loads the kernel, the initrd, the command line, the ACPI tables, the page tables and the
+/// zero page of a fresh guest; returns the kernel's 64-bit entry point.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    mmio: &crate::devices::MmioBus,
+    cpuid: &CpuId,
+) -> Result<u64, VmError> {
+    let (entry, kernel_end, header) = load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(p) => {
+            let addr_max = header.map(|h| h.initrd_addr_max);
+            Some(load_initrd(mem, p, mem_size, addr_max, kernel_end)?)
+        }
+        None => None,
+    };
+    let mut cmdline =
+        Cmdline::new(boot::CMDLINE_MAX).map_err(|e| VmError::Config(e.to_string()))?;
+    cmdline
+        .insert_str(&config.cmdline)
+        .map_err(|e| VmError::Config(format!("kernel command line: {e}")))?;
+    let cmdline_len = config.cmdline.len();
+    linux_loader::loader::load_cmdline(mem, GuestAddress(boot::CMDLINE), &cmdline)
+        .map_err(|e| VmError::Kernel(e.to_string()))?;
+    let tables = acpi::build_tables(config.vcpus, &mmio.acpi_devices())?;
+    for (addr, blob) in &tables.blobs {
+        mem.write_slice(blob, GuestAddress(*addr))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+    }
+    boot::write_tables(mem, has_gib_pages(cpuid)).map_err(|e| VmError::Memory(e.to_string()))?;
+    boot::write_zero_page(
+        mem,
+        &boot::ZeroPage {
+            header,
+            cmdline_len,
+            initrd,
+            mem_size,
+            rsdp: tables.rsdp_addr,
+        },
+    )
+    .map_err(|e| VmError::Kernel(format!("zero page: {e}")))?;
+    Ok(entry)
+}
+
+fn restoring(what: impl Into<String>, e: impl std::fmt::Display) -> VmError {
+    VmError::Restore(RestoreError::Device(what.into(), e.to_string()))
+}
+
 /// Builds the VM described by `config` and runs it until it ends.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
+    run_from(config, None)
+}
+
+/// Builds the VM described by `config`, booting it afresh or, with `restore`, resuming it from
+/// the snapshot in that directory (see [`crate::persist::snapshot`]), and runs it until it
+/// ends. A restored guest runs at once, from where it stood when the snapshot was taken.
+pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason, VmError> {
     // Before any thread starts, so that every thread inherits the mask.
     control::block_termination_signals()?;
     install_kick_handler()?;
@@ -185,57 +244,43 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             )))
         }
     };
+    // Before anything is opened: a snapshot that does not fit fails the start first.
+    let snapshot: Option<Snapshot> = restore
+        .map(|dir| snapshot::open(dir, config, mem_size))
+        .transpose()?;
     // Before KVM, so that a bad image, tap or bridge fails the start with its name.
     let virtio = crate::devices::DeviceSet::open(config)?;
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     check_phys_bits(&cpuid, config.memory_mib, mem_size)?;
+    let msr_indices = kvm.get_msr_index_list()?.as_slice().to_vec();
+    let mem = match &snapshot {
+        Some(s) => snapshot::map_memory(&s.memory, mem_size)?,
+        None => guest_memory(config.memory_mib, mem_size)?,
+    };
     // Guest memory is registered before the irqchip exists: on this nested KVM the first memory
     // slot added after KVM_CREATE_IRQCHIP costs 4-7 ms, the same slot added before it 0.2 ms.
-    let mem = guest_memory(&vm, config.memory_mib, mem_size)?;
+    register_memory(&vm, &mem)?;
     vm.set_tss_address(0xfffb_d000)?;
     vm.create_irq_chip()?;
     vm.create_pit2(kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     })?;
+    if let Some(s) = &snapshot {
+        restore_vm(&vm, &s.state.vm).map_err(|e| restoring("the VM", e))?;
+    }
     let mem = Box::leak(Box::new(mem));
     let mmio = Arc::new(virtio.attach(&vm, mem)?);
-
-    let (entry, kernel_end, header) = load_kernel(mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(p) => {
-            let addr_max = header.map(|h| h.initrd_addr_max);
-            Some(load_initrd(mem, p, mem_size, addr_max, kernel_end)?)
+    let entry = match &snapshot {
+        Some(s) => {
+            mmio.restore(&s.state.virtio)
+                .map_err(|e| restoring("the virtio devices", e))?;
+            None
         }
-        None => None,
+        None => Some(load_guest(config, mem, mem_size, &mmio, &cpuid)?),
     };
-    let mut cmdline =
-        Cmdline::new(boot::CMDLINE_MAX).map_err(|e| VmError::Config(e.to_string()))?;
-    cmdline
-        .insert_str(&config.cmdline)
-        .map_err(|e| VmError::Config(format!("kernel command line: {e}")))?;
-    let cmdline_len = config.cmdline.len();
-    linux_loader::loader::load_cmdline(mem, GuestAddress(boot::CMDLINE), &cmdline)
-        .map_err(|e| VmError::Kernel(e.to_string()))?;
-    let tables = acpi::build_tables(config.vcpus, &mmio.acpi_devices())?;
-    for (addr, blob) in &tables.blobs {
-        mem.write_slice(blob, GuestAddress(*addr))
-            .map_err(|e| VmError::Memory(e.to_string()))?;
-    }
-    boot::write_tables(mem, has_gib_pages(&cpuid)).map_err(|e| VmError::Memory(e.to_string()))?;
-    boot::write_zero_page(
-        mem,
-        &boot::ZeroPage {
-            header,
-            cmdline_len,
-            initrd,
-            mem_size,
-            rsdp: tables.rsdp_addr,
-        },
-    )
-    .map_err(|e| VmError::Kernel(format!("zero page: {e}")))?;
 
     let clients = Arc::new(Mutex::new(Vec::new()));
     let serial_stats = Arc::new(SerialStats::default());
@@ -245,16 +290,25 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         Arc::clone(&serial_stats),
     )
     .map_err(|e| VmError::File("serial log".into(), e))?;
-    let console = Arc::new(Mutex::new(Serial::new(
-        irq_line(&vm, legacy::SERIAL_GSI)?,
-        out,
-    )));
-    let keyboard = Arc::new(Mutex::new(I8042::new(irq_line(&vm, legacy::KEYBOARD_GSI)?)));
+    let serial_irq = irq_line(&vm, legacy::SERIAL_GSI)?;
+    let console = match &snapshot {
+        Some(s) => console_from_state(&s.state.serial, serial_irq, out)
+            .map_err(|e| restoring("the serial port", e))?,
+        None => Serial::new(serial_irq, out),
+    };
+    let console = Arc::new(Mutex::new(console));
+    let keyboard_irq = irq_line(&vm, legacy::KEYBOARD_GSI)?;
+    let keyboard = match &snapshot {
+        Some(s) => I8042::from_state(&s.state.i8042, keyboard_irq),
+        None => I8042::new(keyboard_irq),
+    };
+    let keyboard = Arc::new(Mutex::new(keyboard));
     let pio = Arc::new(legacy::port_bus(&console, &keyboard)?);
     let devices: Vec<Arc<dyn DeviceStats>> =
         vec![Arc::clone(&serial_stats) as _, Arc::clone(&mmio) as _];
-    let vcpus = Arc::new(Vcpus::new(config.vcpus as usize));
+    let vcpus = Arc::new(Vcpus::new(config.vcpus as usize, msr_indices));
     let (exit_tx, exit_rx) = mpsc::channel();
+    let vm = Arc::new(vm);
     let controller = Arc::new(Controller::new(
         config.clone(),
         Arc::clone(&vcpus),
@@ -262,6 +316,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         keyboard,
         devices,
         exit_tx.clone(),
+        Machine {
+            vm: Arc::clone(&vm),
+            mem,
+            mem_size,
+            console: Arc::clone(&console),
+        },
     ));
 
     if let Some(path) = &config.serial_socket {
@@ -276,8 +336,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     }
     std::thread::spawn(move || signal_loop(controller));
     let vcpu_fds = (0..config.vcpus)
-        .map(|id| setup_vcpu(&vm, &cpuid, id, entry))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|id| match (&snapshot, entry) {
+            (Some(s), _) => {
+                let fd = vm.create_vcpu(u64::from(id))?;
+                restore_vcpu(&fd, &s.state.vcpus[id as usize])
+                    .map_err(|e| restoring(format!("vCPU {id}"), e))?;
+                Ok(fd)
+            }
+            (None, Some(entry)) => setup_vcpu(&vm, &cpuid, id, entry),
+            (None, None) => Err(VmError::Kernel("no entry point".into())),
+        })
+        .collect::<Result<Vec<_>, VmError>>()?;
     // Everything the VM needs is open and mapped: the guest runs in the sandbox from its first
     // instruction.
     crate::seccomp::lock_down(&config.name)?;
@@ -292,7 +361,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         })?;
     }
     drop(exit_tx);
-    // The VM and its fds stay alive until the process exits with the reason.
+    // The VM and its fds stay alive until the process exits with the reason (the controller
+    // holds the VM too).
     let reason = exit_rx
         .recv()
         .unwrap_or(ExitReason::Crash("all vCPU threads ended".into()));

@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::{Block, BlockError};
-use super::mmio::{MmioTransport, WINDOW_SIZE};
+use super::mmio::{MmioTransport, TransportState, WINDOW_SIZE};
 use super::net::{tap, Net};
 use super::rng::Rng;
 use super::{DeviceError, DeviceStats, Interrupt, VirtioDevice};
@@ -146,6 +146,44 @@ impl MmioBus {
                 .unwrap_or_else(|e| e.into_inner())
                 .resume();
         }
+    }
+
+    /// Flushes every device's backend (the writable disks) to stable storage; the first
+    /// failure names its device.
+    pub fn flush(&self) -> Result<(), (String, std::io::Error)> {
+        for slot in &self.slots {
+            let t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+            t.flush().map_err(|e| (slot.name.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Every transport with its device, in window order; call while paused.
+    pub fn save(&self) -> Vec<TransportState> {
+        self.slots
+            .iter()
+            .map(|s| s.transport.lock().unwrap_or_else(|e| e.into_inner()).save())
+            .collect()
+    }
+
+    /// Puts every transport into its state from a snapshot, before any vCPU runs. A device
+    /// that does not match its saved one is refused, named.
+    pub fn restore(&self, states: &[TransportState]) -> Result<(), String> {
+        if states.len() != self.slots.len() {
+            return Err(format!(
+                "the snapshot has {} virtio devices, this VM {}",
+                states.len(),
+                self.slots.len()
+            ));
+        }
+        for (slot, state) in self.slots.iter().zip(states) {
+            slot.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(state)
+                .map_err(|e| format!("{}: {e}", slot.name))?;
+        }
+        Ok(())
     }
 
     /// The windows and GSIs, for the DSDT.

@@ -11,17 +11,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio as reg;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
 use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};
+use crate::persist::Hex;
 
 /// Size of one device's register window.
 pub const WINDOW_SIZE: u64 = 0x1000;
@@ -31,6 +33,80 @@ pub const MAGIC: u32 = 0x7472_6976;
 pub const VERSION: u32 = 2;
 /// "HVND".
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"HVND");
+
+/// The ConfigGeneration register: the device configuration spaces here never change.
+const CONFIG_GENERATION: u32 = 0;
+
+/// One queue of a transport as a snapshot holds it: what the driver configured, and where the
+/// device stands in the rings (the next available entry it will take, the next used entry it
+/// will fill).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for QueueState {
+    fn from(q: &QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+        }
+    }
+}
+
+/// A transport and its device as a snapshot holds them. The device's own part is what the
+/// driver has seen of it (type, offered features, configuration space): the devices here keep
+/// nothing else across requests, and a restore refuses a device that would look different.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features: u64,
+    pub device_config: Hex,
+    pub driver_features: u64,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub queue_select: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// One device behind a virtio-mmio register window.
 pub struct MmioTransport {
@@ -114,6 +190,89 @@ impl MmioTransport {
         }
     }
 
+    /// Flushes what the device's backend buffers (a disk image's writes) to stable storage.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.device.flush()
+    }
+
+    /// The transport and its device as they are; call while paused. The queues of an active
+    /// device come from its parked worker, which alone knows where it is in the rings.
+    pub fn save(&self) -> TransportState {
+        let queues = match self.worker.as_ref().and_then(Worker::parked_queues) {
+            Some(queues) => queues,
+            None => self.queues.iter().map(Queue::state).collect(),
+        };
+        TransportState {
+            device_type: self.device.device_type(),
+            device_features: self.device.features(),
+            device_config: Hex(self.device.config().to_vec()),
+            driver_features: self.driver_features,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            status: self.status,
+            config_generation: CONFIG_GENERATION,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: queues.into_iter().map(QueueSnapshot::from).collect(),
+        }
+    }
+
+    /// Puts a fresh transport into `state`. An active device gets its worker back on the saved
+    /// queues, is notified on each of them (notifications the driver made while the VM was
+    /// paused died with the old process) and interrupts once if an interrupt was pending: a
+    /// spurious interrupt costs the driver a status read, a lost one a stuck queue.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let device = self.device.as_ref();
+        if state.device_type != device.device_type() {
+            return Err(format!(
+                "the snapshot has a device of type {} here, this VM one of type {}",
+                state.device_type,
+                device.device_type()
+            ));
+        }
+        if state.device_features != device.features() || state.device_config.0 != device.config() {
+            return Err("its features or configuration space differ from the snapshot's (another                         disk size or read-only flag, another MAC address)"
+                .into());
+        }
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len()
+            || state
+                .queues
+                .iter()
+                .zip(max_sizes)
+                .any(|(q, &max)| q.max_size != max)
+        {
+            return Err("its queues differ from the snapshot's".into());
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(QueueState::from(q)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("a saved queue: {e}"))?;
+        self.queues = queues;
+        self.driver_features = state.driver_features;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.queue_select = state.queue_select;
+        self.status = state.status;
+        self.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if self.config_frozen() && !state.needs_reset {
+            self.activate();
+            if self.worker.is_some() {
+                for e in &self.queue_events {
+                    let _ = e.write(1);
+                }
+            }
+        }
+        if state.interrupt_status != 0 {
+            self.interrupt.raise(0);
+        }
+        Ok(())
+    }
+
     fn selected(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_select as usize)
     }
@@ -160,8 +319,7 @@ impl MmioTransport {
                 };
                 self.status | needs_reset
             }
-            // The configuration never changes while the device runs.
-            reg::VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => CONFIG_GENERATION,
             _ => 0,
         };
         data.copy_from_slice(&value.to_le_bytes());

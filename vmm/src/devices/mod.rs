@@ -92,6 +92,12 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// Takes the status bits and the needs-reset flag of a snapshot, without interrupting.
+    fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
@@ -154,6 +160,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<worker::Worker, DeviceError>;
     /// The device's counters.
     fn stats(&self) -> BTreeMap<String, u64>;
+    /// Flushes what the backend buffers to stable storage, for a snapshot; nothing by default.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A counter a worker bumps and the control socket reads.

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use virtio_queue::QueueState;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -48,6 +49,9 @@ pub(crate) trait Handler: Send + 'static {
     fn input_event(&mut self) -> Result<Progress, QueueFault> {
         Ok(Progress::default())
     }
+
+    /// The device's queues as it has them (where it is in each ring), in queue order.
+    fn queues(&self) -> Vec<QueueState>;
 }
 
 /// What the VMM wants the worker to do.
@@ -65,6 +69,9 @@ struct GateState {
     parked: bool,
     /// The thread has left its loop (stopped, or given up after a queue fault).
     ended: bool,
+    /// The handler's queues, recorded as the thread parked: a snapshot of a paused VM needs
+    /// where the device is in each ring, which only the handler knows.
+    parked_queues: Option<Vec<QueueState>>,
 }
 
 /// How the VMM commands a worker thread, and how the thread reports back.
@@ -94,8 +101,9 @@ impl Gate {
         self.changed.notify_all();
     }
 
-    /// On the worker thread: parks while paused; `false` once told to stop.
-    fn pass(&self) -> bool {
+    /// On the worker thread: parks while paused, leaving `queues()` for a snapshot; `false`
+    /// once told to stop.
+    fn pass(&self, queues: impl Fn() -> Vec<QueueState>) -> bool {
         if !self.attention.load(Ordering::SeqCst) {
             return true;
         }
@@ -104,11 +112,13 @@ impl Gate {
             match st.command {
                 Command::Run => {
                     st.parked = false;
+                    st.parked_queues = None;
                     return true;
                 }
                 Command::Stop => return false,
                 Command::Pause if !st.parked => {
                     st.parked = true;
+                    st.parked_queues = Some(queues());
                     self.changed.notify_all();
                 }
                 Command::Pause => {}
@@ -156,6 +166,7 @@ impl Worker {
                 command: Command::Run,
                 parked: false,
                 ended: false,
+                parked_queues: None,
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(false),
@@ -208,6 +219,12 @@ impl Worker {
         Ok(())
     }
 
+    /// The device's queues as the parked thread left them; `None` unless it is parked (a
+    /// thread that gave up after a queue fault left its device needing a reset instead).
+    pub fn parked_queues(&self) -> Option<Vec<QueueState>> {
+        self.gate.lock().parked_queues.clone()
+    }
+
     /// Lets a parked thread run again (also ends a pause that timed out).
     pub fn resume(&self) {
         self.gate.command(Command::Run);
@@ -243,7 +260,7 @@ fn run<H: Handler>(
     let mut watching = false;
     let mut ready = [EpollEvent::default(); 8];
     loop {
-        if !gate.pass() {
+        if !gate.pass(|| handler.queues()) {
             return;
         }
         if let Some((fd, want)) = handler.input() {
@@ -328,6 +345,11 @@ mod tests {
                 more: false,
             })
         }
+
+        fn queues(&self) -> Vec<QueueState> {
+            let q = <virtio_queue::Queue as virtio_queue::QueueT>::new(8).unwrap();
+            vec![q.state()]
+        }
     }
 
     struct Setup {
@@ -391,7 +413,11 @@ mod tests {
         s.worker.pause(soon()).unwrap();
         assert_eq!(s.calls.load(Ordering::SeqCst), 1);
         assert_eq!(s.irq.read().unwrap(), 1, "interrupt raised before the ack");
+        assert_eq!(s.worker.parked_queues().map(|q| q.len()), Some(1));
         s.worker.resume();
+        wait_for("the queues to be let go", || {
+            s.worker.parked_queues().is_none()
+        });
         s.worker.stop();
     }
 

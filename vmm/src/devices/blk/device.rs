@@ -120,6 +120,13 @@ impl VirtioDevice for Block {
     fn stats(&self) -> BTreeMap<String, u64> {
         self.counters.snapshot()
     }
+
+    fn flush(&self) -> std::io::Result<()> {
+        if self.disk.read_only {
+            return Ok(());
+        }
+        self.disk.file.sync_all()
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::SECTOR_SIZE;
@@ -58,6 +58,10 @@ pub(super) struct BlkHandler {
 impl Handler for BlkHandler {
     fn queue_event(&mut self, _index: usize) -> Result<Progress, QueueFault> {
         process(&mut self.queue, &self.mem, &self.disk, &self.counters)
+    }
+
+    fn queues(&self) -> Vec<QueueState> {
+        vec![self.queue.state()]
     }
 }
 

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::devices::pio::{PioDevice, PortExit};
@@ -63,7 +64,8 @@ pub enum WriteOutcome {
 }
 
 /// A controller command waiting for its parameter on the data port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum PendingWrite {
     Ctr,
     OutputPort,
@@ -186,11 +188,50 @@ impl Keyboard {
 
 /// Where the byte in the output register came from, so that a controller answer that
 /// displaces a keyboard byte can put it back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Source {
     Controller,
     Reply,
     Key,
+}
+
+/// The controller and its keyboard as a snapshot holds them: the command byte, the output
+/// register, a command waiting for its parameter, and the keyboard's queued answers and keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    ctr: u8,
+    last_was_command: bool,
+    pending: Option<PendingWrite>,
+    output: Option<(u8, Source)>,
+    last_read: u8,
+    kbd_replies: Vec<u8>,
+    kbd_keys: Vec<u8>,
+    kbd_scanning: bool,
+    kbd_expect: Option<u8>,
+    kbd_set: u8,
+    kbd_last_sent: u8,
+}
+
+impl Default for I8042State {
+    /// The controller as firmware leaves it.
+    fn default() -> Self {
+        let kbd = Keyboard::new();
+        I8042State {
+            ctr: CTR_AT_BOOT,
+            last_was_command: false,
+            pending: None,
+            output: None,
+            last_read: 0,
+            kbd_replies: Vec::new(),
+            kbd_keys: Vec::new(),
+            kbd_scanning: kbd.scanning,
+            kbd_expect: kbd.expect,
+            kbd_set: kbd.set,
+            kbd_last_sent: kbd.last_sent,
+        }
+    }
 }
 
 /// The controller and its keyboard. `T` raises IRQ 1.
@@ -217,6 +258,48 @@ impl<T: Trigger> I8042<T> {
             kbd: Keyboard::new(),
             irq,
         }
+    }
+
+    /// Its state, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            last_was_command: self.last_was_command,
+            pending: self.pending,
+            output: self.output,
+            last_read: self.last_read,
+            kbd_replies: self.kbd.replies.iter().copied().collect(),
+            kbd_keys: self.kbd.keys.iter().copied().collect(),
+            kbd_scanning: self.kbd.scanning,
+            kbd_expect: self.kbd.expect,
+            kbd_set: self.kbd.set,
+            kbd_last_sent: self.kbd.last_sent,
+        }
+    }
+
+    /// A controller as `state` has it, raising `irq`. A byte waiting in the output register
+    /// interrupts again: the guest may not have taken the interrupt it raised before.
+    pub fn from_state(state: &I8042State, irq: T) -> Self {
+        let mut c = I8042 {
+            ctr: state.ctr,
+            last_was_command: state.last_was_command,
+            pending: state.pending,
+            output: state.output,
+            last_read: state.last_read,
+            kbd: Keyboard {
+                replies: state.kbd_replies.iter().copied().collect(),
+                keys: state.kbd_keys.iter().copied().take(KEY_BUFFER).collect(),
+                scanning: state.kbd_scanning,
+                expect: state.kbd_expect,
+                set: state.kbd_set,
+                last_sent: state.kbd_last_sent,
+            },
+            irq,
+        };
+        if c.output.is_some() {
+            c.raise_irq();
+        }
+        c
     }
 
     /// A guest read of `port`.
@@ -565,6 +648,26 @@ mod tests {
         assert_eq!(c.write(DATA_PORT, 0x02), WriteOutcome::Reset);
         command(&mut c, 0xd1);
         assert_eq!(c.write(DATA_PORT, 0x03), WriteOutcome::Done);
+    }
+
+    #[test]
+    fn state_round_trips_with_a_pending_command_and_queued_keys() {
+        let (mut c, irqs) = controller();
+        command(&mut c, 0x60);
+        c.press_ctrl_alt_del();
+        let json = serde_json::to_string(&c.state()).unwrap();
+        let state: I8042State = serde_json::from_str(&json).unwrap();
+        assert_eq!(state, c.state());
+        let before = irqs.get();
+        let mut back = I8042::from_state(&state, CountingIrq(Rc::clone(&irqs)));
+        assert_eq!(
+            irqs.get(),
+            before + 1,
+            "the output register interrupts again"
+        );
+        assert_eq!(back.state(), state);
+        assert_eq!(drain(&mut back), drain(&mut c));
+        assert_eq!(I8042State::default(), controller().0.state());
     }
 
     #[test]

@@ -12,9 +12,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::Console;
+use serde::{Deserialize, Serialize};
+
+use super::{Console, IrqLine};
 use crate::devices::pio::{PioDevice, PortExit};
 use crate::devices::DeviceStats;
+use crate::persist::Hex;
 
 /// COM1's first port.
 pub const COM1: u16 = 0x3f8;
@@ -169,6 +172,79 @@ impl PioDevice for Console {
     }
 }
 
+/// The 16550's registers and its receive FIFO (what a client typed that the guest has not read
+/// yet), as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Hex,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: Hex(s.in_buffer),
+        }
+    }
+}
+
+impl Default for SerialState {
+    /// A 16550 after reset.
+    fn default() -> Self {
+        vm_superio::serial::SerialState::default().into()
+    }
+}
+
+/// Errors bringing COM1 back from a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    /// vm-superio refused the state (a receive FIFO longer than the 16550's) or could not raise
+    /// the interrupt the state has pending.
+    #[error("serial port state: {0:?}")]
+    Refused(vm_superio::serial::Error<std::io::Error>),
+}
+
+/// COM1 as `state` has it, raising `irq` and writing to `out`.
+pub fn console_from_state(
+    state: &SerialState,
+    irq: IrqLine,
+    out: SerialOut,
+) -> Result<Console, SerialRestoreError> {
+    let s = vm_superio::serial::SerialState {
+        baud_divisor_low: state.baud_divisor_low,
+        baud_divisor_high: state.baud_divisor_high,
+        interrupt_enable: state.interrupt_enable,
+        interrupt_identification: state.interrupt_identification,
+        line_control: state.line_control,
+        line_status: state.line_status,
+        modem_control: state.modem_control,
+        modem_status: state.modem_status,
+        scratch: state.scratch,
+        in_buffer: state.in_buffer.0.clone(),
+    };
+    Console::from_state(&s, irq, vm_superio::serial::NoEvents, out)
+        .map_err(SerialRestoreError::Refused)
+}
+
 /// Accepts console socket clients: each gets the guest's output from now on (through
 /// `clients`, which [`SerialOut`] writes to), and what it sends goes to the guest's input.
 pub(crate) fn console_loop(
@@ -202,6 +278,24 @@ pub(crate) fn console_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registers_and_typed_input_survive_a_state_round_trip() {
+        let irq = || IrqLine::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let out = || SerialOut::new(None, Arc::default(), Arc::default()).unwrap();
+        let mut c = Console::new(irq(), out());
+        Console::write(&mut c, 7, 0x5a).unwrap();
+        Console::write(&mut c, 3, 0x03).unwrap();
+        c.enqueue_raw_bytes(b"ls\n").unwrap();
+        let saved = SerialState::from(c.state());
+        let json = serde_json::to_string(&saved).unwrap();
+        assert!(json.contains("\"in_buffer\":\"6c730a\""), "{json}");
+        let back: SerialState = serde_json::from_str(&json).unwrap();
+        let mut c = console_from_state(&back, irq(), out()).unwrap();
+        assert_eq!(Console::read(&mut c, 7), 0x5a);
+        assert_eq!(Console::read(&mut c, 3), 0x03);
+        assert_eq!(Console::read(&mut c, 0), b'l');
+    }
 
     #[test]
     fn log_is_bounded_and_clients_receive_output() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::tap::VNET_HDR_LEN;
@@ -281,6 +281,10 @@ impl NetHandler {
 }
 
 impl Handler for NetHandler {
+    fn queues(&self) -> Vec<QueueState> {
+        vec![self.rx.state(), self.tx.state()]
+    }
+
     fn queue_event(&mut self, index: usize) -> Result<Progress, QueueFault> {
         match index {
             RX => {

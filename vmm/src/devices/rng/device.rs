@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 use crate::devices::chain::{self, Chain, QueueFault};
@@ -92,6 +92,10 @@ struct RngHandler {
 impl Handler for RngHandler {
     fn queue_event(&mut self, _index: usize) -> Result<Progress, QueueFault> {
         process(&mut self.queue, &self.mem, &self.source, &self.counters)
+    }
+
+    fn queues(&self) -> Vec<QueueState> {
+        vec![self.queue.state()]
     }
 }
 
