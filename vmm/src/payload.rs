@@ -54,6 +54,29 @@ pub const COUNTER: [u8; 20] = [
     0x75, 0xfc, 0xeb, 0xf2,
 ];
 
+/// Where [`MEMORY_COUNTER`] keeps its counter (a little-endian u32).
+pub const MEMORY_COUNTER_ADDR: u64 = 0x20_0000;
+
+/// Keeps a counter in guest memory at [`MEMORY_COUNTER_ADDR`]: increments it, prints it on the
+/// serial port as eight hex digits and a newline, waits a 256 Ki-turn delay loop, forever. The
+/// counter lives in memory, not in a register, so that a snapshot carries it in its memory file.
+///
+/// ```text
+/// 1:  mov eax, [0x200000]; inc eax; mov [0x200000], eax
+///     mov ebx, eax; mov ecx, 8; mov dx, 0x3f8
+/// 2:  rol ebx, 4; mov al, bl; and al, 0xf; add al, '0'; cmp al, '9'; jbe 3f; add al, 7
+/// 3:  out dx, al; dec ecx; jnz 2b
+///     mov al, '\n'; out dx, al
+///     mov ecx, 0x40000
+/// 4:  dec ecx; jnz 4b; jmp 1b
+/// ```
+pub const MEMORY_COUNTER: [u8; 61] = [
+    0x8b, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, 0xff, 0xc0, 0x89, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00,
+    0x89, 0xc3, 0xb9, 0x08, 0x00, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0xc1, 0xc3, 0x04, 0x88, 0xd8,
+    0x24, 0x0f, 0x04, 0x30, 0x3c, 0x39, 0x76, 0x02, 0x04, 0x07, 0xee, 0xff, 0xc9, 0x75, 0xec, 0xb0,
+    0x0a, 0xee, 0xb9, 0x00, 0x00, 0x04, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xc3,
+];
+
 /// Drives the i8042 by polling: disables the keyboard interface, runs the controller self test,
 /// enables the interface, then prints every byte read from port 0x60 as two hex digits and a
 /// space, and resets through the i8042 (`out 0x64, 0xfe`) once it has read 0x53 (Del make).
