@@ -209,11 +209,12 @@ fn a_running_guest_snapshotted_keeps_running_and_a_restore_carries_on_counting()
 
     let started = Instant::now();
     let mut second = spawn(&dir, "second", 64, Some(&snap));
+    wait_counts(&dir, "second", "the restored counter", |c| !c.is_empty());
+    let first_line = started.elapsed();
     let after = wait_counts(&dir, "second", "the restored counter", |c| c.len() >= 4);
     eprintln!(
-        "restored and counting within {:?}: {:08x}.. (snapshot at {at_snapshot:08x}, the first \
-         run reached {reached:08x})",
-        started.elapsed(),
+        "restored: first line {first_line:?} after the start, {:08x}.. (snapshot at \
+         {at_snapshot:08x}, the first run reached {reached:08x})",
         after[0]
     );
     // Paused between the increment and the end of its line, the guest finishes that line
