@@ -40,6 +40,18 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The VMM writes the snapshot after it dropped root: a guest's snapshot directory belongs to
+/// the user it runs as (and to no one else: mode 0700). An agent that is not root starts VMMs
+/// that keep its uid, and the directory stays its own.
+fn give_to_vmm(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if nix::unistd::geteuid().is_root() {
+        let id = hvnode_api::vmm::VMM_RUN_AS;
+        std::os::unix::fs::chown(dir, Some(id), Some(id))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// What in the VM configuration a snapshot's state depends on, compared field by field: the
 /// first difference, named for the admin.
 fn mismatch(snap: &VmConfig, now: &VmConfig) -> Option<String> {
@@ -162,6 +174,7 @@ impl Agent {
             let parent = me.snapshot_root(&guest);
             std::fs::create_dir_all(&parent)
                 .map_err(|e| Error::internal("Snapshot directory", e))?;
+            give_to_vmm(&parent).map_err(|e| Error::internal("Snapshot directory", e))?;
             let started = Instant::now();
             let info = match me.running.snapshot(&guest, &dir) {
                 Ok(info) => info,

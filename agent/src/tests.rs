@@ -1350,9 +1350,16 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
     );
     let (s, stats) = call(&a, req("GET", "/v1/guests/p/stats", ""), Origin::Local).await;
     assert_eq!(s, StatusCode::OK, "the restored VMM answers: {stats}");
+    let restored = a
+        .events
+        .subscribe(0)
+        .0
+        .into_iter()
+        .any(|e| e.kind == "snapshot" && e.message == "restored from snapshot s1");
+    assert!(restored, "no snapshot event for the restore");
     assert!(event_messages(&a, "p")
         .iter()
-        .any(|m| m.contains("restored from snapshot s1")));
+        .any(|m| m.contains("restored from")));
     op(&a, "p", "stop").await;
 
     let bigger = PAYLOAD_GUEST.replace("\"memory_mib\":64", "\"memory_mib\":128");

@@ -115,6 +115,10 @@ pub enum VmmRequest {
     },
 }
 
+/// The uid and gid (`nobody`, `nogroup`) a VMM started as root runs as once its VM is built:
+/// what it writes later (a snapshot) must be writable by them.
+pub const VMM_RUN_AS: u32 = 65534;
+
 /// In a snapshot directory: the guest's [`VmConfig`] as it ran (JSON).
 pub const SNAPSHOT_CONFIG: &str = "config.json";
 /// In a snapshot directory: the VM's state apart from memory (vCPUs, interrupt controllers,

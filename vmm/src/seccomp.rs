@@ -40,7 +40,7 @@ pub const DISABLE_ENV: &str = "HVNODE_VMM_SECCOMP";
 /// The exit code after a forbidden syscall: the VMM's code for a crash.
 pub const VIOLATION_EXIT_CODE: i32 = 2;
 /// `nobody` and `nogroup`: what a VMM started as root runs as once the VM is built.
-pub const UNPRIVILEGED_ID: u32 = 65534;
+pub const UNPRIVILEGED_ID: u32 = hvnode_api::vmm::VMM_RUN_AS;
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
 vmm_sys_util::ioctl_ior_nr!(
