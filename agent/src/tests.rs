@@ -1205,7 +1205,11 @@ async fn console_attach_carries_input_to_a_real_guest_and_its_echo_back() {
     let server = Arc::clone(&a);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(Arc::clone(&server).serve_connection(stream, Origin::Local));
+            tokio::spawn(Arc::clone(&server).serve_connection(
+                stream,
+                Origin::Local,
+                crate::listen::Limits::default().head,
+            ));
         }
     });
     let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
