@@ -628,7 +628,7 @@ fn vmm_for(test: &str) -> Option<PathBuf> {
         .open("/dev/kvm")
         .is_ok();
     if !kvm {
-        eprintln!("skipping {test}: /dev/kvm not available");
+        hvnode_base::testing::cannot_run(test, "/dev/kvm not available");
         return None;
     }
     let bin = std::env::var_os("HVNODE_VMM_BIN")
@@ -640,7 +640,7 @@ fn vmm_for(test: &str) -> Option<PathBuf> {
         })
         .filter(|p| p.is_file());
     if bin.is_none() {
-        eprintln!("skipping {test}: no hvnode-vmm binary (cargo build -p hvnode-vmm)");
+        hvnode_base::testing::cannot_run(test, "no hvnode-vmm binary (cargo build -p hvnode-vmm)");
     }
     bin
 }
