@@ -474,3 +474,6 @@ fn dialog(
         r,
     );
 }
+
+#[cfg(test)]
+mod tests;

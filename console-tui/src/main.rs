@@ -129,4 +129,6 @@ fn run(socket: &str) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+mod testing;
+#[cfg(test)]
 mod tests;

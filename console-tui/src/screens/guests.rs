@@ -188,3 +188,6 @@ fn guest_detail(g: &GuestStatus) -> Vec<Line<'static>> {
     }
     l
 }
+
+#[cfg(test)]
+mod tests;

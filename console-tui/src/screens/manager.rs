@@ -72,3 +72,25 @@ impl ManagerScreen {
         l
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ratatui::crossterm::event::KeyCode;
+
+    use crate::testing::{app, key, render};
+
+    #[test]
+    fn manager_url_must_be_https() {
+        let mut a = app();
+        a.on_key(key(KeyCode::Char('3')));
+        a.on_key(key(KeyCode::Char('m')));
+        for _ in 0..8 {
+            a.on_key(key(KeyCode::Backspace));
+        }
+        for c in "http://x".chars() {
+            a.on_key(key(KeyCode::Char(c)));
+        }
+        assert!(a.on_key(key(KeyCode::Enter)).is_empty());
+        assert!(render(&a).contains("https://"));
+    }
+}

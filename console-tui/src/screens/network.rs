@@ -317,3 +317,6 @@ fn connectivity(c: &NetworkConfig, status: &NetworkStatus) -> String {
     }
     format!("Check: {}", parts.join("; "))
 }
+
+#[cfg(test)]
+mod tests;
