@@ -336,34 +336,14 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
     }
 }
 
-/// Validates a field; the action to send, or the inline error.
+/// Checks a field with the rules of the screen that opened it: the action to send, or the
+/// inline error.
 fn submit(f: &Field) -> Result<Action, String> {
     let v = f.value.trim().to_owned();
     match f.kind {
-        FieldKind::Hostname => hvnode_api::config::validate_hostname(&v)
-            .map(|_| Action::SetHostname(v))
-            .map_err(|e| e.to_string()),
-        FieldKind::ManagerUrl => {
-            let rest = v
-                .strip_prefix("https://")
-                .ok_or("The URL must start with https://")?;
-            let host = rest.trim_end_matches('/');
-            if host.is_empty() || host.contains('/') || host.contains(' ') {
-                return Err("Use https://HOST[:PORT]".into());
-            }
-            if let Some((_, port)) = host.rsplit_once(':').filter(|_| !host.ends_with(']')) {
-                port.parse::<u16>()
-                    .map_err(|_| format!("Invalid port {port:?}"))?;
-            }
-            Ok(Action::FetchManager(v))
-        }
-        FieldKind::StorageDevice => {
-            if v.starts_with("/dev/") && v.len() > 5 && !v.contains("..") {
-                Ok(Action::InitStorage(v))
-            } else {
-                Err("Type a whole-disk device such as /dev/sdb".into())
-            }
-        }
+        FieldKind::Hostname => screens::network::hostname(v),
+        FieldKind::ManagerUrl => screens::manager::manager_url(v),
+        FieldKind::StorageDevice => screens::storage::device(v),
     }
 }
 
