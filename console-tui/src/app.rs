@@ -1,7 +1,7 @@
 //! The console's shared state and its frame: the current screen, the agent's last answers, the
 //! dialogs (a text field, a yes/no question), the requests in flight and the refresh timing. Each
-//! screen's own state, keys and drawing are in [`crate::screens`]. Pure: no I/O here, so tests
-//! drive it with key events and render it into ratatui's TestBackend.
+//! screen's own state, keys, lines and field checks are in [`crate::screens`]. Pure: no I/O here,
+//! so tests drive it with key events and render it into ratatui's TestBackend.
 //!
 //! Keys and the clock produce [`Action`]s, which the caller hands to the worker that talks to the
 //! agent; the worker's [`Done`] comes back through [`App::apply`]. The App never waits for the
