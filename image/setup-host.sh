@@ -5,7 +5,7 @@ set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "error: run as root: sudo $0" >&2; exit 1; }
 
 pkgs=(python3 squashfs-tools cryptsetup-bin grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
-      cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc
+      cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc g++
       iproute2 jq)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -40,5 +40,10 @@ if ! command -v cargo >/dev/null; then
         echo "==> installing Rust from Debian (cargo, rustc)"
         apt-get install -y -qq cargo rustc >/dev/null
     fi
+fi
+# The fuzz targets (scripts/fuzz.sh) run under cargo-fuzz, from crates.io.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "==> installing cargo-fuzz (crates.io)"
+    cargo install --locked cargo-fuzz
 fi
 echo "==> host ready: $(qemu-system-x86_64 --version | head -n1)"

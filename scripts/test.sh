@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets everything up and runs every test: unit tests, host KVM integration tests (they skip with a
-# message where /dev/kvm is missing), then builds the node image and the guest payload and runs
-# the QEMU boot tests (six boots: UEFI/BIOS x CD/USB stick; console, registration, a reboot; a
-# Linux guest run by our VMM nested inside the node; a modified root that dm-verity refuses).
+# Sets everything up and runs every test: unit tests, host KVM integration tests (under CI=true a
+# test that cannot run its subject fails), every fuzz target briefly, then builds the node image
+# and the guest payload and runs the QEMU boot tests (six boots: UEFI/BIOS x CD/USB stick; console,
+# screen and keyboards, registration, a reboot; a Linux guest run by our VMM nested inside the
+# node; a modified root that dm-verity refuses).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -16,6 +17,9 @@ step "host setup"
 step "unit and host KVM integration tests"
 cargo build --workspace --bins
 cargo test --workspace --exclude hvnode-tests
+
+step "fuzz targets, briefly (scripts/fuzz.sh)"
+./scripts/fuzz.sh "${HVNODE_FUZZ_SECS:-10}"
 
 step "node image"
 ./image/build.sh

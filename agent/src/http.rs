@@ -2,6 +2,7 @@
 //! request body within its limits, and building responses.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -91,8 +92,9 @@ where
 
 impl Agent {
     /// Serves one HTTP/1.1 connection (TLS or the local socket) with the router, upgrades
-    /// included: the console attach outlives its request on the same connection.
-    pub async fn serve_connection<I>(self: Arc<Self>, io: I, origin: Origin)
+    /// included: the console attach outlives its request on the same connection. Each request
+    /// head must arrive within `head` of the connection's start or of the previous answer.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, origin: Origin, head: Duration)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -104,8 +106,34 @@ impl Agent {
         // instead of two.
         let _ = hyper::server::conn::http1::Builder::new()
             .writev(false)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(head)
             .serve_connection(hyper_util::rt::TokioIo::new(io), service)
             .with_upgrades()
             .await;
     }
 }
+
+/// Answers every request on a connection the agent will not serve with `refusal` (a 503 with
+/// its reason) and closes it.
+pub async fn refuse_connection<I>(io: I, refusal: Error)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+        let refusal = refusal.clone();
+        async move { Ok::<_, std::convert::Infallible>(refusal.into_response(None)) }
+    });
+    let _ = tokio::time::timeout(
+        REFUSAL_WAIT,
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(REFUSAL_WAIT)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service),
+    )
+    .await;
+}
+
+/// How long a refused connection is kept to tell it so.
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);

@@ -7,6 +7,7 @@
 //! # Modules
 //!
 //! Plumbing:
+//! - [`listen`]: accepting connections, TLS, deadlines and connection caps.
 //! - [`http`]: serving a connection, reading bodies within limits, building responses.
 //! - [`auth`]: who may call what (the TCP access rules, registration generations).
 //! - [`router`]: a path parsed once into a `Route`, the method checked, the handler called.
@@ -37,6 +38,7 @@ pub mod guests;
 pub mod http;
 pub mod images;
 pub mod initctl;
+pub mod listen;
 pub mod manager;
 pub mod network;
 pub mod node;

@@ -6,7 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hvnode_agent::{Agent, Origin, Paths};
+use hvnode_agent::listen::{self, Limits};
+use hvnode_agent::{Agent, Paths};
 use tokio::net::{TcpListener, UnixListener};
 
 const USAGE: &str = "usage: hvnode-agent [--listen ADDR:PORT] [--socket PATH] [--data-dir DIR] \
@@ -61,43 +62,6 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-async fn serve_tcp(agent: Arc<Agent>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
-        // Small request/response exchanges: no Nagle delay behind the previous answer.
-        let _ = tcp.set_nodelay(true);
-        let agent = Arc::clone(&agent);
-        tokio::spawn(async move {
-            let (config, generation) = agent.tls_config();
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("agent: TLS handshake with {peer} failed: {e}");
-                    return;
-                }
-            };
-            // rustls has verified any presented certificate against the manager CA of this
-            // generation; a connection without one is anonymous.
-            let client_generation = tls.get_ref().1.peer_certificates().map(|_| generation);
-            agent
-                .serve_connection(tls, Origin::Tcp { client_generation })
-                .await;
-        });
-    }
-}
-
-async fn serve_unix(agent: Arc<Agent>, listener: UnixListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(Arc::clone(&agent).serve_connection(stream, Origin::Local));
-    }
-}
-
 async fn run(args: Args) -> Result<(), String> {
     let agent = Arc::new(Agent::new(args.paths.clone()).map_err(|e| hvnode_api::error::chain(&e))?);
     let tcp = TcpListener::bind(args.listen)
@@ -128,8 +92,8 @@ async fn run(args: Args) -> Result<(), String> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("SIGTERM handler: {e}"))?;
     tokio::select! {
-        _ = serve_tcp(Arc::clone(&agent), tcp) => {}
-        _ = serve_unix(Arc::clone(&agent), unix) => {}
+        _ = listen::serve_tcp(Arc::clone(&agent), tcp, Limits::default()) => {}
+        _ = listen::serve_unix(Arc::clone(&agent), unix, Limits::default()) => {}
         _ = term.recv() => eprintln!("agent: SIGTERM, exiting (guests keep running)"),
     }
     let _ = std::fs::remove_file(&args.socket);

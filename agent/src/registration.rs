@@ -54,7 +54,8 @@ impl Default for Saved {
 
 #[derive(Debug)]
 struct Pairing {
-    code: String,
+    /// `None` while the system gave no randomness to make one: then nothing pairs.
+    code: Option<String>,
     failures: u32,
 }
 
@@ -120,7 +121,14 @@ impl Registration {
     /// Checks a pairing code; too many wrong ones replace the code.
     fn check_code(&self, code: &str) -> Result<(), Error> {
         let mut p = self.pairing.lock().unwrap_or_else(|e| e.into_inner());
-        if constant_time_eq(code.trim().as_bytes(), p.code.as_bytes()) {
+        let Some(expected) = p.code.clone() else {
+            p.code = random_code();
+            return Err(Error::new(
+                ErrorCode::PairingLocked,
+                "The node has no pairing code (no randomness to make one): ask for a new code on its console",
+            ));
+        };
+        if constant_time_eq(code.trim().as_bytes(), expected.as_bytes()) {
             return Ok(());
         }
         p.failures += 1;
@@ -149,13 +157,15 @@ impl Agent {
             state: saved.state,
             manager_name: saved.manager_name.clone(),
             node_fingerprint: self.fingerprint.clone(),
-            pairing_code: (origin == Origin::Local).then(|| {
-                r.pairing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .code
-                    .clone()
-            }),
+            pairing_code: (origin == Origin::Local)
+                .then(|| {
+                    r.pairing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .code
+                        .clone()
+                })
+                .flatten(),
         }
     }
 
@@ -418,28 +428,25 @@ impl Agent {
     }
 }
 
-fn random_code() -> String {
+/// A new pairing code from the operating system's random source. Without randomness there is
+/// no code: one guessable from the clock would be worse than none.
+fn random_code() -> Option<String> {
     let mut bytes = [0u8; 8];
-    // /dev/urandom never blocks and is always there on Linux; the fallback mixes the clock in
-    // only so that a failure here cannot leave a constant code.
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        bytes = (t as u64).to_le_bytes();
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        eprintln!("agent: no randomness for a pairing code ({e}): pairing is off until there is");
+        return None;
     }
-    bytes
-        .iter()
-        .map(|b| CODE_ALPHABET[(*b as usize) % CODE_ALPHABET.len()] as char)
-        .collect()
+    Some(
+        bytes
+            .iter()
+            .map(|b| CODE_ALPHABET[(*b as usize) % CODE_ALPHABET.len()] as char)
+            .collect(),
+    )
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 fn now_secs() -> u64 {

@@ -631,7 +631,7 @@ fn vmm_for(test: &str) -> Option<PathBuf> {
         .open("/dev/kvm")
         .is_ok();
     if !kvm {
-        eprintln!("skipping {test}: /dev/kvm not available");
+        hvnode_base::testing::cannot_run(test, "/dev/kvm not available");
         return None;
     }
     let bin = std::env::var_os("HVNODE_VMM_BIN")
@@ -643,7 +643,7 @@ fn vmm_for(test: &str) -> Option<PathBuf> {
         })
         .filter(|p| p.is_file());
     if bin.is_none() {
-        eprintln!("skipping {test}: no hvnode-vmm binary (cargo build -p hvnode-vmm)");
+        hvnode_base::testing::cannot_run(test, "no hvnode-vmm binary (cargo build -p hvnode-vmm)");
     }
     bin
 }
@@ -1208,7 +1208,11 @@ async fn console_attach_carries_input_to_a_real_guest_and_its_echo_back() {
     let server = Arc::clone(&a);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(Arc::clone(&server).serve_connection(stream, Origin::Local));
+            tokio::spawn(Arc::clone(&server).serve_connection(
+                stream,
+                Origin::Local,
+                crate::listen::Limits::default().head,
+            ));
         }
     });
     let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();

@@ -155,6 +155,8 @@ error_codes! {
     VmmError = (502, "vmm_error"),
     /// Init does not answer.
     InitUnavailable = (503, "init_unavailable"),
+    /// The agent has as many connections as it serves (in all, or from this address).
+    TooManyConnections = (503, "too_many_connections"),
 }
 
 impl std::str::FromStr for ErrorCode {

@@ -1,7 +1,7 @@
 //! The console's shared state and its frame: the current screen, the agent's last answers, the
 //! dialogs (a text field, a yes/no question), the requests in flight and the refresh timing. Each
-//! screen's own state, keys and drawing are in [`crate::screens`]. Pure: no I/O here, so tests
-//! drive it with key events and render it into ratatui's TestBackend.
+//! screen's own state, keys, lines and field checks are in [`crate::screens`]. Pure: no I/O here,
+//! so tests drive it with key events and render it into ratatui's TestBackend.
 //!
 //! Keys and the clock produce [`Action`]s, which the caller hands to the worker that talks to the
 //! agent; the worker's [`Done`] comes back through [`App::apply`]. The App never waits for the
@@ -336,37 +336,15 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
     }
 }
 
-/// Validates a field; the action to send, or the inline error.
+/// Checks a field with the rules of the screen that opened it: the action to send, or the
+/// inline error.
 fn submit(f: &Field) -> Result<Action, String> {
     let v = f.value.trim().to_owned();
     match &f.kind {
-        FieldKind::Hostname => hvnode_api::config::validate_hostname(&v)
-            .map(|_| Action::SetHostname(v))
-            .map_err(|e| e.to_string()),
-        FieldKind::ManagerUrl => {
-            let rest = v
-                .strip_prefix("https://")
-                .ok_or("The URL must start with https://")?;
-            let host = rest.trim_end_matches('/');
-            if host.is_empty() || host.contains('/') || host.contains(' ') {
-                return Err("Use https://HOST[:PORT]".into());
-            }
-            if let Some((_, port)) = host.rsplit_once(':').filter(|_| !host.ends_with(']')) {
-                port.parse::<u16>()
-                    .map_err(|_| format!("Invalid port {port:?}"))?;
-            }
-            Ok(Action::FetchManager(v))
-        }
-        FieldKind::SnapshotName(guest) => hvnode_api::guest::validate_name(&v)
-            .map(|_| Action::Snapshot(guest.clone(), v))
-            .map_err(|_| "Use lower-case letters, digits, - and _ (up to 63)".to_owned()),
-        FieldKind::StorageDevice => {
-            if v.starts_with("/dev/") && v.len() > 5 && !v.contains("..") {
-                Ok(Action::InitStorage(v))
-            } else {
-                Err("Type a whole-disk device such as /dev/sdb".into())
-            }
-        }
+        FieldKind::Hostname => screens::network::hostname(v),
+        FieldKind::ManagerUrl => screens::manager::manager_url(v),
+        FieldKind::StorageDevice => screens::storage::device(v),
+        FieldKind::SnapshotName(guest) => screens::guests::snapshot_name(guest, v),
     }
 }
 
@@ -477,3 +455,6 @@ fn dialog(
         r,
     );
 }
+
+#[cfg(test)]
+mod tests;

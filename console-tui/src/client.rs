@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hvnode_api::error::ErrorCode;
+use hvnode_api::routes::method::GET;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -88,6 +89,9 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
             }
             if body.len() < size.saturating_add(2) {
                 return Err(bad("truncated chunk"));
+            }
+            if &body[size..size + 2] != b"\r\n" {
+                return Err(bad("chunk without its CRLF"));
             }
             out.extend_from_slice(&body[..size]);
             body = &body[size + 2..];
@@ -184,13 +188,13 @@ impl Client {
 
     /// GET a JSON document.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let r = self.request("GET", path, None)?;
+        let r = self.request(GET, path, None)?;
         serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// GET plain text.
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
-        Ok(String::from_utf8_lossy(&self.request("GET", path, None)?.body).into_owned())
+        Ok(String::from_utf8_lossy(&self.request(GET, path, None)?.body).into_owned())
     }
 
     /// Sends a JSON body (or none) and parses the JSON answer, waiting up to `timeout`: a
@@ -227,7 +231,39 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    use hvnode_api::routes::method::PUT;
+    use hvnode_api::routes::Route;
+
     use super::*;
+
+    /// Reads one whole request, head and `Content-Length` body: a server that closes with part
+    /// of the request unread makes the client's read fail with ECONNRESET instead of the answer.
+    fn read_request(s: &mut UnixStream) -> (String, String) {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        let body_start = loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended in its head");
+            req.extend_from_slice(&buf[..n]);
+            if let Some(p) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&req[..body_start]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .map_or(0, |v| v.parse().unwrap());
+        while req.len() < body_start + len {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended in its body");
+            req.extend_from_slice(&buf[..n]);
+        }
+        let body = String::from_utf8_lossy(&req[body_start..]).into_owned();
+        (head, body)
+    }
 
     #[test]
     fn parses_content_length_and_chunked_bodies() {
@@ -240,6 +276,10 @@ mod tests {
         assert_eq!(r.body, b"abcde");
         assert!(parse_response(b"garbage").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcde\r\n0\r\n\r\n"
+        )
+        .is_err());
     }
 
     #[test]
@@ -250,14 +290,13 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let c = Client::new(&path);
         assert!(matches!(
-            c.get_text("/v1/health"),
+            c.get_text(&Route::Health.path()),
             Err(ClientError::Unreachable(..))
         ));
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).unwrap();
+            read_request(&mut s);
             let body = r#"{"code":"invalid_hostname","message":"Invalid hostname"}"#;
             write!(
                 s,
@@ -267,8 +306,8 @@ mod tests {
             .unwrap();
         });
         match c.send(
-            "PUT",
-            "/v1/node/hostname",
+            PUT,
+            &Route::NodeHostname.path(),
             Some(&serde_json::json!({"hostname": "-x"})),
         ) {
             Err(ClientError::Api { code, .. }) => assert_eq!(code, ErrorCode::InvalidHostname),
@@ -284,30 +323,10 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("agent.sock");
         let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            // Headers, then as many body bytes as Content-Length says.
-            let body_start = loop {
-                let n = s.read(&mut buf).unwrap();
-                req.extend_from_slice(&buf[..n]);
-                if let Some(p) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break p + 4;
-                }
-            };
-            let head = String::from_utf8_lossy(&req[..body_start]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .unwrap()
-                .parse()
-                .unwrap();
-            while req.len() < body_start + len {
-                let n = s.read(&mut buf).unwrap();
-                req.extend_from_slice(&buf[..n]);
-            }
+            let request = read_request(&mut s);
             let body = r#"{"config":{},"status":{"hostname":"n","interfaces":[],"gateways":[],"dns":[]},"rollback_in_secs":60,"pending":{"management":"eth0"}}"#;
             write!(
                 s,
@@ -315,17 +334,19 @@ mod tests {
                 body.len()
             )
             .unwrap();
-            (
-                head,
-                String::from_utf8_lossy(&req[body_start..]).into_owned(),
-            )
+            request
         });
         let config = hvnode_api::config::NetworkConfig {
             management: Some("eth0".into()),
             ..Default::default()
         };
         let view: hvnode_api::node::NetworkView = Client::new(&path)
-            .call("PUT", "/v1/network", Some(&config), Duration::from_secs(5))
+            .call(
+                PUT,
+                &Route::Network.path(),
+                Some(&config),
+                Duration::from_secs(5),
+            )
             .unwrap();
         assert_eq!(view.rollback_in_secs, Some(60));
         assert_eq!(view.pending.unwrap().management.as_deref(), Some("eth0"));

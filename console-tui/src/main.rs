@@ -2,15 +2,34 @@
 //!
 //! # Modules
 //!
-//! - `main` (here): the terminal (raw mode, the serial port's fixed 80x24 viewport), the loop
-//!   that reads keys, hands actions to the worker, applies its answers and draws.
-//! - `app`: the shared state (current screen, the agent's last answers, dialogs, requests in
-//!   flight, refresh timing), key dispatch and the frame (tabs, banner, box, help line).
-//! - `screens`: one module per screen, each with its own state, keys and lines.
-//! - `netform`: the network form: its state and keys, its checks (`check`) and drawing (`view`).
-//! - `state`: what the console knows and asks ([`state::Snapshot`], [`state::Action`], ...).
+//! - `main` (here): the terminal (raw mode, the serial port's fixed 80x24 viewport) and the loop.
+//! - `app`: the shared state (screen, dialogs, requests in flight, refresh timing) and the frame.
+//! - `screens`: the tab order and what screens share ([`screens::Reaction`], line helpers).
+//! - `screens::status`: node status at a glance; no state, no keys.
+//! - `screens::network`: host name, NIC selection, a pending change's countdown; opens the form.
+//! - `screens::manager`: pairing code, fingerprints, node-initiated registration.
+//! - `screens::guests`: the guest list, the selected guest's detail and operations.
+//! - `screens::storage`: the data partition, blank disks, initialising one.
+//! - `screens::logs`: the node log or a guest's console log, scrolled.
+//! - `screens::power`: reboot and power off, confirmed.
+//! - `netform`: the network form's model (fields, state, constructors).
+//! - `netform::keys`: the form's keys.
+//! - `netform::check`: the form's text checked into a `NetworkConfig` or field errors.
+//! - `netform::view`: the form drawn as lines.
+//! - `state`: what the console knows and asks ([`state::Snapshot`], [`state::Action`], dialogs).
 //! - `worker`: the thread that carries actions to the agent, one at a time, in order.
-//! - `client`: a blocking HTTP/1.1 client of the agent's unix socket (httparse, timeouts).
+//! - `client`: blocking HTTP/1.1 over the agent's unix socket (httparse, timeouts, size cap).
+//! - `testing` (tests only): fixtures: a node, an App holding it, keys, the screen as text.
+//!
+//! # A key and a refresh
+//!
+//! A key goes to [`App::on_key`]: an open question or form or field takes it first, then the
+//! keys that switch screens, then the current screen's `on_key`, whose [`screens::Reaction`]
+//! the App turns into a dialog or an [`state::Action`]. The loop hands every action, and the
+//! refresh [`App::poll`] returns when one is due, to the [`Worker`], which performs them in
+//! order with the [`Client`] (paths from `hvnode_api::routes::Route`) and posts each
+//! [`state::Done`] back; the next turn gives it to [`App::apply`], which updates the shared
+//! state and the screens'. Then the frame is drawn with the current screen's lines.
 #![forbid(unsafe_code)]
 
 mod app;
@@ -128,5 +147,7 @@ fn run(socket: &str) -> std::io::Result<()> {
     }
 }
 
+#[cfg(test)]
+mod testing;
 #[cfg(test)]
 mod tests;

@@ -134,7 +134,7 @@ pub enum Answer {
 /// An action and how the agent answered it.
 #[derive(Debug)]
 pub struct Done {
-    /// The action, as [`App::on_key`] or [`App::poll`] returned it.
+    /// The action, as [`crate::app::App::on_key`] or [`crate::app::App::poll`] returned it.
     pub action: Action,
     /// The answer, or why there is none.
     pub result: Result<Answer, ClientError>,

@@ -10,6 +10,7 @@ use hvnode_api::config::NetworkConfig;
 use hvnode_api::guest::CreateSnapshot;
 use hvnode_api::node::{Hostname, NetworkView, StorageInit};
 use hvnode_api::registration::{AcceptManager, ManagerUrl};
+use hvnode_api::routes::method::{DELETE, POST, PUT};
 use hvnode_api::routes::Route;
 
 use crate::client::{Client, ClientError};
@@ -110,16 +111,16 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
     match action {
         Action::Refresh { node_log } => refresh(c, *node_log),
         Action::SetHostname(h) => done(c.send(
-            "PUT",
+            PUT,
             &Route::NodeHostname.path(),
             Some(&Hostname {
                 hostname: h.clone(),
             }),
         )),
-        Action::Power(p) => done(c.send("POST", &Route::Power.path(), Some(p))),
+        Action::Power(p) => done(c.send(POST, &Route::Power.path(), Some(p))),
         Action::Guest(name, op) => c
             .call::<(), _>(
-                "POST",
+                POST,
                 &Route::GuestAction(name.clone(), *op).path(),
                 None,
                 GUEST_TIMEOUT,
@@ -130,7 +131,7 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
             .map(Answer::Text),
         Action::Snapshot(name, snap) => c
             .call::<_, serde_json::Value>(
-                "POST",
+                POST,
                 &Route::GuestSnapshots(name.clone()).path(),
                 Some(&CreateSnapshot { name: snap.clone() }),
                 SNAPSHOT_TIMEOUT,
@@ -138,35 +139,35 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
             .map(|_| Answer::Done),
         Action::Restore(name, snap) => c
             .call::<(), _>(
-                "POST",
+                POST,
                 &Route::GuestSnapshotRestore(name.clone(), snap.clone()).path(),
                 None,
                 GUEST_TIMEOUT,
             )
             .map(|g| Answer::Guest(Box::new(g))),
-        Action::NewPairingCode => done(c.send::<()>("POST", &Route::PairingCode.path(), None)),
-        Action::Unregister => done(c.send::<()>("DELETE", &Route::Registration.path(), None)),
+        Action::NewPairingCode => done(c.send::<()>(POST, &Route::PairingCode.path(), None)),
+        Action::Unregister => done(c.send::<()>(DELETE, &Route::Registration.path(), None)),
         Action::FetchManager(url) => c
             .call(
-                "POST",
+                POST,
                 &Route::RegistrationManager.path(),
                 Some(&ManagerUrl { url: url.clone() }),
                 Duration::from_secs(5),
             )
             .map(Answer::Candidate),
         Action::AcceptManager(fp) => done(c.send(
-            "POST",
+            POST,
             &Route::RegistrationManagerAccept.path(),
             Some(&AcceptManager {
                 ca_fingerprint: fp.clone(),
             }),
         )),
         Action::RejectManager => {
-            done(c.send::<()>("POST", &Route::RegistrationManagerReject.path(), None))
+            done(c.send::<()>(POST, &Route::RegistrationManagerReject.path(), None))
         }
         Action::InitStorage(dev) => c
             .call::<_, serde_json::Value>(
-                "POST",
+                POST,
                 &Route::StorageInit.path(),
                 Some(&StorageInit {
                     device: dev.clone(),
@@ -175,8 +176,8 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
                 STORAGE_TIMEOUT,
             )
             .map(|_| Answer::Done),
-        Action::ApplyNetwork(config) => network(c, "PUT", Route::Network, Some(config)),
-        Action::ConfirmNetwork => network(c, "POST", Route::NetworkConfirm, None),
-        Action::RollbackNetwork => network(c, "POST", Route::NetworkRollback, None),
+        Action::ApplyNetwork(config) => network(c, PUT, Route::Network, Some(config)),
+        Action::ConfirmNetwork => network(c, POST, Route::NetworkConfirm, None),
+        Action::RollbackNetwork => network(c, POST, Route::NetworkRollback, None),
     }
 }

@@ -249,8 +249,9 @@ macro_rules! agent_or_skip {
         match agent_binary() {
             Ok(b) => b,
             Err(why) => {
-                eprintln!(
-                    "SKIPPED: {why} (set HVNODE_AGENT_BIN or run `cargo build -p hvnode-agent`)"
+                hvnode_base::testing::cannot_run(
+                    "an agent test",
+                    &format!("{why} (set HVNODE_AGENT_BIN or run `cargo build -p hvnode-agent`)"),
                 );
                 return;
             }
@@ -577,9 +578,12 @@ fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
         .open("/dev/kvm")
         .is_ok();
     if !kvm || !vmm.is_file() {
-        eprintln!(
-            "SKIPPED: needs /dev/kvm and {} (cargo build -p hvnode-vmm)",
-            vmm.display()
+        hvnode_base::testing::cannot_run(
+            "console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo",
+            &format!(
+                "needs /dev/kvm and {} (cargo build -p hvnode-vmm)",
+                vmm.display()
+            ),
         );
         return;
     }

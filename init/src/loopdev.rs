@@ -227,12 +227,16 @@ mod root_tests {
     #[test]
     fn attaches_a_squashfs_image_read_only_and_mounts_it() {
         if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
-            eprintln!("skipping attaches_a_squashfs_image_read_only_and_mounts_it: needs root and loop devices");
+            hvnode_base::testing::cannot_run(
+                "attaches_a_squashfs_image_read_only_and_mounts_it",
+                "needs root and loop devices",
+            );
             return;
         }
         let Ok(which) = Command::new("mksquashfs").arg("-version").output() else {
-            eprintln!(
-                "skipping attaches_a_squashfs_image_read_only_and_mounts_it: mksquashfs missing"
+            hvnode_base::testing::cannot_run(
+                "attaches_a_squashfs_image_read_only_and_mounts_it",
+                "mksquashfs is missing (image/setup-host.sh installs it)",
             );
             return;
         };

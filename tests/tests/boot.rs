@@ -20,7 +20,10 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(120);
 fn skip_without_iso(test: &str) -> Option<PathBuf> {
     let iso = iso_under_test();
     if iso.is_none() {
-        eprintln!("skipping {test}: HVNODE_ISO is not set (the README's test command sets it)");
+        hvnode_base::testing::cannot_run(
+            test,
+            "HVNODE_ISO is not set (the README's test command sets it)",
+        );
     }
     iso
 }

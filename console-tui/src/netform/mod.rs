@@ -7,19 +7,22 @@
 //! the form refuses to produce a configuration while any field is invalid. The rules are the
 //! agent's (`hvnode_api::config`); the form adds what only it knows: which NICs exist.
 //!
-//! This module holds the form's state, its constructors and its keys; [`check`] turns the text
-//! into a configuration or field errors (no drawing), [`view`] draws it (no checking).
+//! This module holds the form's model: its fields, state and constructors. [`keys`] edits it,
+//! [`check`] turns its text into a configuration or field errors (no drawing), [`view`] draws
+//! it (no checking).
 
 mod check;
+mod keys;
 #[cfg(test)]
 mod tests;
 mod view;
+
+pub use keys::Outcome;
 
 use std::net::IpAddr;
 
 use hvnode_api::config::{AddressMode, Cidr, InterfaceConfig, NetworkConfig};
 use hvnode_api::node::NetworkView;
-use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 /// The form's fields, in Tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,23 +77,10 @@ const INTERFACE_FIELDS: [FieldId; 7] = [
     FieldId::Mtu,
 ];
 
-/// Longest text a field takes.
-const MAX_LEN: usize = 64;
 /// Columns for a field's value; the error goes beside it.
 const VALUE_WIDTH: usize = 30;
 /// Columns left for the inline error on an 80-column screen.
 const ERROR_WIDTH: usize = 31;
-
-/// The form's answer to a key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Still editing.
-    Editing,
-    /// Esc: close the form, send nothing.
-    Cancel,
-    /// Enter/F10 with every field valid: the configuration to apply.
-    Submit(NetworkConfig),
-}
 
 /// An error found in one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,7 +321,7 @@ impl NetForm {
 
     /// Whether the form has the field: the management form all but the MTU, an interface
     /// form its own settings only.
-    fn shows(&self, f: FieldId) -> bool {
+    pub(super) fn shows(&self, f: FieldId) -> bool {
         match self.nic {
             Some(_) => INTERFACE_FIELDS.contains(&f),
             None => f != FieldId::Mtu,
@@ -348,113 +338,11 @@ impl NetForm {
                 ))
     }
 
-    /// The next mode: DHCP and static, and for an interface form also off.
-    fn cycle_mode(&mut self, forward: bool) {
-        let modes: &[AddressMode] = match self.nic {
-            Some(_) => &[AddressMode::Dhcp, AddressMode::Static, AddressMode::Manual],
-            None => &[AddressMode::Dhcp, AddressMode::Static],
-        };
-        let n = modes.len();
-        let i = modes.iter().position(|m| *m == self.mode).unwrap_or(0);
-        self.mode = modes[if forward {
-            (i + 1) % n
-        } else {
-            (i + n - 1) % n
-        }];
-    }
-
     /// The error beside a field, if it has one.
     pub fn error(&self, f: FieldId) -> Option<&str> {
         self.errors
             .iter()
             .find(|e| e.field == f)
             .map(|e| e.message.as_str())
-    }
-
-    fn move_focus(&mut self, forward: bool) {
-        let n = FIELDS.len();
-        let mut i = index(self.focus);
-        for _ in 0..n {
-            i = if forward {
-                (i + 1) % n
-            } else {
-                (i + n - 1) % n
-            };
-            if self.active(FIELDS[i].0) {
-                self.focus = FIELDS[i].0;
-                return;
-            }
-        }
-    }
-
-    fn cycle_nic(&mut self, forward: bool) {
-        if self.nics.is_empty() {
-            return;
-        }
-        let cur = self.text(FieldId::Management).trim().to_owned();
-        let n = self.nics.len();
-        let next = match self.nics.iter().position(|x| *x == cur) {
-            Some(i) if forward => (i + 1) % n,
-            Some(i) => (i + n - 1) % n,
-            None => 0,
-        };
-        self.text[index(FieldId::Management)] = self.nics[next].clone();
-    }
-
-    /// Handles a key.
-    pub fn on_key(&mut self, key: KeyEvent) -> Outcome {
-        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-        let i = index(self.focus);
-        match key.code {
-            KeyCode::Esc => return Outcome::Cancel,
-            KeyCode::Enter | KeyCode::F(10) => match self.check() {
-                Ok(config) => return Outcome::Submit(config),
-                Err(errors) => {
-                    if let Some(first) = errors.first() {
-                        self.focus = first.field;
-                    }
-                    self.errors = errors;
-                    self.refused = true;
-                    return Outcome::Editing;
-                }
-            },
-            KeyCode::Tab | KeyCode::Down => self.move_focus(true),
-            KeyCode::BackTab | KeyCode::Up => self.move_focus(false),
-            KeyCode::Left | KeyCode::Right | KeyCode::Char(' ') if self.focus == FieldId::Mode => {
-                self.cycle_mode(key.code != KeyCode::Left)
-            }
-            KeyCode::Left | KeyCode::Right if self.focus == FieldId::Management => {
-                self.cycle_nic(key.code == KeyCode::Right)
-            }
-            KeyCode::Char('d' | 'D') if self.focus == FieldId::Mode => {
-                self.mode = AddressMode::Dhcp
-            }
-            KeyCode::Char('s' | 'S') if self.focus == FieldId::Mode => {
-                self.mode = AddressMode::Static
-            }
-            KeyCode::Char('o' | 'O') if self.focus == FieldId::Mode && self.nic.is_some() => {
-                self.mode = AddressMode::Manual
-            }
-            KeyCode::Backspace => {
-                self.text[i].pop();
-            }
-            // Serial terminals send ^H for Backspace; ^U clears the field as in a shell.
-            KeyCode::Char('h') if ctrl => {
-                self.text[i].pop();
-            }
-            KeyCode::Char('u') if ctrl => self.text[i].clear(),
-            KeyCode::Char(c)
-                if !ctrl
-                    && !key.modifiers.contains(KeyModifiers::ALT)
-                    && self.focus != FieldId::Mode
-                    && self.text[i].len() < MAX_LEN =>
-            {
-                self.text[i].push(c)
-            }
-            _ => return Outcome::Editing,
-        }
-        self.refused = false;
-        self.errors = self.check().err().unwrap_or_default();
-        Outcome::Editing
     }
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use hvnode_api::node::{AddressSource, NetworkStatus, NicStatus};
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 fn nic(name: &str, carrier: bool) -> NicStatus {
     NicStatus {

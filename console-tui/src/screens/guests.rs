@@ -151,6 +151,13 @@ impl GuestsScreen {
     }
 }
 
+/// The snapshot name field's text checked for `guest`: a snapshot is named as a guest is.
+pub fn snapshot_name(guest: &str, v: String) -> Result<Action, String> {
+    hvnode_api::guest::validate_name(&v)
+        .map(|_| Action::Snapshot(guest.to_owned(), v))
+        .map_err(|_| "Use lower-case letters, digits, - and _ (up to 63)".to_owned())
+}
+
 /// The selected guest's definition and runtime facts, below the list.
 fn guest_detail(g: &GuestStatus) -> Vec<Line<'static>> {
     let label = |k: &str| {
@@ -218,3 +225,6 @@ fn guest_detail(g: &GuestStatus) -> Vec<Line<'static>> {
     }
     l
 }
+
+#[cfg(test)]
+mod tests;

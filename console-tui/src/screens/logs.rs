@@ -77,3 +77,36 @@ impl LogsScreen {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+    use super::*;
+
+    fn shown(l: &LogsScreen) -> Vec<String> {
+        l.lines().iter().map(|l| l.to_string()).collect()
+    }
+
+    #[test]
+    fn shows_the_end_and_scrolls_back_from_it() {
+        let mut l = LogsScreen::default();
+        let text: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+        l.show("Console of web-1".into(), text);
+        assert!(!l.shows_node_log());
+        let s = shown(&l);
+        assert_eq!(
+            (s.len(), s[0].as_str(), s[15].as_str()),
+            (ROWS, "line 25", "line 40")
+        );
+        let press = |l: &mut LogsScreen, c| l.on_key(KeyEvent::new(c, KeyModifiers::NONE));
+        press(&mut l, KeyCode::Up);
+        assert_eq!(shown(&l).last().map(String::as_str), Some("line 39"));
+        press(&mut l, KeyCode::PageUp);
+        assert_eq!(shown(&l).last().map(String::as_str), Some("line 19"));
+        press(&mut l, KeyCode::End);
+        assert_eq!(shown(&l).last().map(String::as_str), Some("line 40"));
+        l.node_log();
+        assert!(l.shows_node_log());
+    }
+}

@@ -72,3 +72,64 @@ impl ManagerScreen {
         l
     }
 }
+
+/// The manager URL field's text checked (`https://HOST[:PORT]`, nothing after the host): the
+/// request, or the inline error.
+pub fn manager_url(v: String) -> Result<Action, String> {
+    let rest = v
+        .strip_prefix("https://")
+        .ok_or("The URL must start with https://")?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') || host.contains(' ') {
+        return Err("Use https://HOST[:PORT]".into());
+    }
+    if let Some((_, port)) = host.rsplit_once(':').filter(|_| !host.ends_with(']')) {
+        port.parse::<u16>()
+            .map_err(|_| format!("Invalid port {port:?}"))?;
+    }
+    Ok(Action::FetchManager(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::crossterm::event::KeyCode;
+
+    use super::manager_url;
+    use crate::state::Action;
+    use crate::testing::{app, key, render};
+
+    #[test]
+    fn manager_url_must_be_https() {
+        let mut a = app();
+        a.on_key(key(KeyCode::Char('3')));
+        a.on_key(key(KeyCode::Char('m')));
+        for _ in 0..8 {
+            a.on_key(key(KeyCode::Backspace));
+        }
+        for c in "http://x".chars() {
+            a.on_key(key(KeyCode::Char(c)));
+        }
+        assert!(a.on_key(key(KeyCode::Enter)).is_empty());
+        assert!(render(&a).contains("https://"));
+    }
+
+    #[test]
+    fn manager_url_takes_a_host_and_port_and_nothing_after() {
+        for ok in [
+            "https://mgr.example",
+            "https://mgr.example:8443/",
+            "https://[::1]:8443",
+        ] {
+            assert_eq!(manager_url(ok.into()), Ok(Action::FetchManager(ok.into())));
+        }
+        for (bad, why) in [
+            ("http://mgr.example", "must start with https://"),
+            ("https://", "Use https://HOST[:PORT]"),
+            ("https://mgr.example/v1", "Use https://HOST[:PORT]"),
+            ("https://mgr.example:99999", "Invalid port \"99999\""),
+        ] {
+            let e = manager_url(bad.into()).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}

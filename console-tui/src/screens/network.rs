@@ -230,6 +230,13 @@ impl NetworkScreen {
     }
 }
 
+/// The host name field's text checked: the request, or the inline error.
+pub fn hostname(v: String) -> Result<Action, String> {
+    hvnode_api::config::validate_hostname(&v)
+        .map(|_| Action::SetHostname(v))
+        .map_err(|e| e.to_string())
+}
+
 /// The NIC on the Network screen's selected line; `None` for the management line (also
 /// when the NIC list shrank under the selection).
 fn selected_nic(view: &NetworkView, selected: usize) -> Option<String> {
@@ -317,3 +324,6 @@ fn connectivity(c: &NetworkConfig, status: &NetworkStatus) -> String {
     }
     format!("Check: {}", parts.join("; "))
 }
+
+#[cfg(test)]
+mod tests;

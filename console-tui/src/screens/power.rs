@@ -35,3 +35,34 @@ pub fn lines(running: usize) -> Vec<Line<'static>> {
         Line::raw("Guests are shut down first; both ask for confirmation."),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use hvnode_api::node::PowerAction;
+    use hvnode_api::routes::GuestAction;
+    use ratatui::crossterm::event::KeyCode;
+
+    use crate::state::Action;
+    use crate::testing::{app, key, render};
+
+    #[test]
+    fn stopping_a_guest_and_powering_off_need_confirmation() {
+        let mut a = app();
+        a.on_key(key(KeyCode::Char('4')));
+        assert!(a.on_key(key(KeyCode::Char('t'))).is_empty());
+        assert!(render(&a).contains("Stop (power off at once) guest web-1?"));
+        assert_eq!(
+            a.on_key(key(KeyCode::Char('y'))),
+            vec![Action::Guest("web-1".into(), GuestAction::Stop)]
+        );
+        a.on_key(key(KeyCode::Char('7')));
+        a.on_key(key(KeyCode::Char('o')));
+        assert!(render(&a).contains("1 guest(s) are running"));
+        assert!(a.on_key(key(KeyCode::Esc)).is_empty());
+        a.on_key(key(KeyCode::Char('o')));
+        assert_eq!(
+            a.on_key(key(KeyCode::Enter)),
+            vec![Action::Power(PowerAction::Poweroff)]
+        );
+    }
+}

@@ -71,3 +71,24 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
     }
     l
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{app, render};
+
+    #[test]
+    fn status_screen_shows_identity_address_and_registration() {
+        let s = render(&app());
+        for want in [
+            "rack7-node1",
+            "10.0.2.15",
+            "Unregistered",
+            "https://10.0.2.15:8443",
+            "AB:AB",
+            "1 running / 2 defined",
+            "52:54:00:12:34:56",
+        ] {
+            assert!(s.contains(want), "{want:?} missing:\n{s}");
+        }
+    }
+}

@@ -6,7 +6,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent};
 use ratatui::text::Line;
 
 use super::{kv, Reaction};
-use crate::state::{Field, FieldKind, Snapshot};
+use crate::state::{Action, Field, FieldKind, Snapshot};
 
 /// The screen's keys.
 pub fn on_key(key: KeyEvent) -> Reaction {
@@ -55,4 +55,53 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
         ));
     }
     l
+}
+
+/// The device field's text checked: a whole disk under `/dev/`, nothing that climbs out of it.
+pub fn device(v: String) -> Result<Action, String> {
+    if v.starts_with("/dev/") && v.len() > 5 && !v.contains("..") {
+        Ok(Action::InitStorage(v))
+    } else {
+        Err("Type a whole-disk device such as /dev/sdb".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::crossterm::event::KeyCode;
+
+    use super::device;
+    use crate::state::Action;
+    use crate::testing::{app, ctrl, key, render, typed};
+
+    #[test]
+    fn only_a_whole_disk_under_dev_is_taken() {
+        assert_eq!(
+            device("/dev/sdb".into()),
+            Ok(Action::InitStorage("/dev/sdb".into()))
+        );
+        for bad in ["sdb", "/dev/", "/dev/../etc/passwd", "/tmp/disk"] {
+            assert!(device(bad.into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn i_asks_for_the_device_and_sends_it_once_it_checks() {
+        let mut a = app();
+        a.on_key(key(KeyCode::Char('5')));
+        assert!(a.on_key(key(KeyCode::Char('i'))).is_empty());
+        typed(&mut a, "sdb");
+        assert!(a.on_key(key(KeyCode::Enter)).is_empty());
+        let s = render(&a);
+        assert!(
+            s.contains("! Type a whole-disk device such as /dev/sdb"),
+            "{s}"
+        );
+        a.on_key(ctrl('u'));
+        typed(&mut a, "/dev/sdb");
+        assert_eq!(
+            a.on_key(key(KeyCode::Enter)),
+            vec![Action::InitStorage("/dev/sdb".into())]
+        );
+    }
 }

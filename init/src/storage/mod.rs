@@ -482,7 +482,7 @@ mod root_tests {
     #[test]
     fn kernel_reads_our_gpt_and_mkfs_label_is_found() {
         if let Some(why) = skip_reason() {
-            eprintln!("skipping kernel_reads_our_gpt_and_mkfs_label_is_found: {why}");
+            hvnode_base::testing::cannot_run("kernel_reads_our_gpt_and_mkfs_label_is_found", why);
             return;
         }
         let size = 64 << 20;

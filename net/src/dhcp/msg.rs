@@ -153,6 +153,12 @@ pub fn classful_prefix(addr: Ipv4Addr) -> u8 {
 /// and hardware address.
 pub fn parse_reply(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     let m = Message::from_bytes(bytes).ok()?;
+    // dhcproto's `chaddr` slices its 16-byte field by the packet's hardware address length and
+    // panics on a longer one; a reply from the LAN must never panic PID 1's DHCP thread. Ours is
+    // Ethernet: 6 bytes.
+    if m.hlen() != 6 {
+        return None;
+    }
     if m.opcode() != Opcode::BootReply || m.xid() != xid || m.chaddr().get(..6)? != mac {
         return None;
     }
@@ -384,6 +390,20 @@ mod tests {
         assert_eq!(parse_reply(&bytes, 7, &[1, 2, 3, 4, 5, 6]), None);
         assert_eq!(parse_reply(&client().discover(7).unwrap(), 7, &MAC), None);
         assert_eq!(parse_reply(b"garbage", 7, &MAC), None);
+    }
+
+    /// Found by the `dhcp_reply` fuzz target: a hardware address length above 16 made the
+    /// decoder slice past its field and panic, in PID 1.
+    #[test]
+    fn a_reply_with_an_overlong_hardware_address_length_is_ignored_not_a_panic() {
+        let (req, _) = request_kind(&client().discover(7).unwrap()).unwrap();
+        let mut bytes = reply(&req, MessageType::Offer, &offer());
+        for hlen in [0u8, 5, 7, 16, 17, 122, 255] {
+            bytes[2] = hlen;
+            assert_eq!(parse_reply(&bytes, 7, &MAC), None, "hlen {hlen}");
+        }
+        bytes[2] = 6;
+        assert!(parse_reply(&bytes, 7, &MAC).is_some());
     }
 
     #[test]

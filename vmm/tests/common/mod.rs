@@ -12,7 +12,7 @@ pub fn kvm_usable(test: &str) -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        eprintln!("skipping {test}: /dev/kvm not available");
+        hvnode_base::testing::cannot_run(test, "/dev/kvm not available");
     }
     ok
 }
