@@ -1,11 +1,10 @@
 //! The agent's one error type: a stable [`ErrorCode`] (which carries the HTTP status) and a
-//! message that says what failed and what to do. This is the one place errors become responses.
+//! message that says what failed and what to do. `http` turns it into the response, in the one
+//! place that does (`Error::into_response`).
 
-use hvnode_api::error::{ApiError, ErrorCode};
+use hvnode_api::error::ErrorCode;
 use hvnode_api::routes::Route;
 use hyper::StatusCode;
-
-use crate::http::{json_response, Resp};
 
 /// An API error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,20 +52,6 @@ impl Error {
     /// The HTTP status the code is answered with.
     pub fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-    }
-
-    /// The response: the code's status and the JSON error body (with `Allow` for a 405).
-    pub fn into_response(self, route: Option<&Route>) -> Resp {
-        let status = self.status();
-        let mut r = json_response(status, &ApiError::new(self.code, self.message));
-        if self.code == ErrorCode::MethodNotAllowed {
-            if let Some(route) = route {
-                if let Ok(v) = hyper::header::HeaderValue::from_str(&route.methods().join(", ")) {
-                    r.headers_mut().insert(hyper::header::ALLOW, v);
-                }
-            }
-        }
-        r
     }
 }
 

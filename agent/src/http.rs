@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hvnode_api::error::ErrorCode;
+use hvnode_api::error::{ApiError, ErrorCode};
+use hvnode_api::routes::Route;
 use hyper::{Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -49,6 +50,22 @@ pub fn no_content() -> Resp {
     let mut r = Response::new(Full::new(Bytes::new()).boxed());
     *r.status_mut() = StatusCode::NO_CONTENT;
     r
+}
+
+impl Error {
+    /// The response: the code's status and the JSON error body (with `Allow` for a 405).
+    pub fn into_response(self, route: Option<&Route>) -> Resp {
+        let status = self.status();
+        let mut r = json_response(status, &ApiError::new(self.code, self.message));
+        if self.code == ErrorCode::MethodNotAllowed {
+            if let Some(route) = route {
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&route.methods().join(", ")) {
+                    r.headers_mut().insert(hyper::header::ALLOW, v);
+                }
+            }
+        }
+        r
+    }
 }
 
 /// Reads a whole JSON body (at most [`BODY_LIMIT`] bytes) as `T`.

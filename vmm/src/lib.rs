@@ -39,6 +39,7 @@
 //!   - [`devices::blk`], [`devices::net`], [`devices::rng`]: the virtio devices.
 //! - [`acpi`]: the ACPI tables, as blobs with guest addresses.
 //! - [`exit`]: [`ExitReason`], why a VM ended.
+//! - [`hex`]: bytes as hex strings in the state file.
 //! - [`payload`]: tiny hand-assembled guests for tests and the start-up benchmark.
 //!
 //! [`IrqLine`]: devices::legacy::IrqLine
@@ -50,6 +51,7 @@ pub mod control;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod hex;
 pub mod payload;
 pub mod persist;
 pub mod seccomp;

@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
 use super::{Activation, ActiveQueue, DeviceError, Interrupt, VirtioDevice};
-use crate::persist::Hex;
+use crate::hex::Hex;
 
 /// Size of one device's register window.
 pub const WINDOW_SIZE: u64 = 0x1000;

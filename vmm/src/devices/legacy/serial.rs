@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{Console, IrqLine};
 use crate::devices::pio::{PioDevice, PortExit};
 use crate::devices::DeviceStats;
-use crate::persist::Hex;
+use crate::hex::Hex;
 
 /// COM1's first port.
 pub const COM1: u16 = 0x3f8;
