@@ -11,8 +11,6 @@ use std::ops::Deref;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::worker::Progress;
-
 /// A guest buffer: one descriptor's address and length, checked to lie in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Segment {
@@ -32,6 +30,15 @@ pub(crate) enum ChainError {
     /// A device-readable descriptor follows a device-writable one.
     #[error("Device-readable descriptor after a device-writable one")]
     Order,
+}
+
+/// What one call of a handler (or one pass of [`serve_queue`]) did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// Entries were added to a used ring: the guest needs an interrupt.
+    pub used: bool,
+    /// The handler stopped at its budget with chains left: call it again after other events.
+    pub more: bool,
 }
 
 /// A queue error that leaves the queue unusable: the device needs a reset.

@@ -19,20 +19,11 @@ use virtio_queue::QueueState;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::QueueFault;
+use super::chain::{Progress, QueueFault};
 use super::{DeviceError, Interrupt};
 
 const CONTROL: u64 = u64::MAX;
 const INPUT: u64 = u64::MAX - 1;
-
-/// What one call of a handler did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Progress {
-    /// Entries were added to a used ring: the guest needs an interrupt.
-    pub used: bool,
-    /// The handler stopped at its budget with chains left: call it again after other events.
-    pub more: bool,
-}
 
 /// A device's request processing, driven by the worker.
 pub(crate) trait Handler: Send + 'static {

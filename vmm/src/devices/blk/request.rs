@@ -14,8 +14,9 @@ use virtio_queue::{Queue, QueueState};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::SECTOR_SIZE;
+use crate::devices::chain::Progress;
 use crate::devices::chain::{self, Chain, QueueFault, Segment};
-use crate::devices::worker::{Handler, Progress};
+use crate::devices::worker::Handler;
 use crate::devices::Counter;
 
 /// The open image.

@@ -11,8 +11,9 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::tap::VNET_HDR_LEN;
+use crate::devices::chain::Progress;
 use crate::devices::chain::{self, QueueFault};
-use crate::devices::worker::{Handler, Progress, Worker};
+use crate::devices::worker::{Handler, Worker};
 use crate::devices::{Activation, Counter, DeviceError, VirtioDevice};
 
 /// The largest frame either way: a 64 KiB payload plus an Ethernet header with a VLAN tag.

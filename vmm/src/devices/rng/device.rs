@@ -8,8 +8,9 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueState};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
+use crate::devices::chain::Progress;
 use crate::devices::chain::{self, Chain, QueueFault};
-use crate::devices::worker::{Handler, Progress, Worker};
+use crate::devices::worker::{Handler, Worker};
 use crate::devices::{Activation, Counter, DeviceError, VirtioDevice};
 
 /// Bytes handed out per request at most, so that one request cannot drain the host pool.

@@ -1,5 +1,8 @@
 //! The agent's events: a ring of the last [`KEEP`] and a broadcast to every `GET /v1/events`
-//! stream (server-sent events).
+//! stream (server-sent events, served by [`stream`]). A leaf: the domains that emit events use
+//! it, it uses none of them.
+
+pub mod stream;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -65,41 +68,6 @@ impl EventLog {
 /// One event as a server-sent-event frame.
 pub fn sse_frame(ev: &Event) -> Bytes {
     Bytes::from(hvnode_api::sse::frame(ev))
-}
-
-impl crate::Agent {
-    /// `GET /v1/events?since=SEQ`: the events after `since` still kept, then every new one, as
-    /// server-sent events. A client too slow for the broadcast skips what it missed.
-    pub(crate) fn event_stream(&self, since: Option<String>) -> crate::http::Resp {
-        use http_body_util::BodyExt;
-        let since = since.and_then(|v| v.parse().ok()).unwrap_or(0);
-        let (backlog, mut live) = self.events.subscribe(since);
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            for ev in &backlog {
-                if tx.send(sse_frame(ev)).await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                match live.recv().await {
-                    Ok(ev) => {
-                        if tx.send(sse_frame(&ev)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        let mut r = hyper::Response::new(ChannelBody(rx).boxed());
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/event-stream"),
-        );
-        r
-    }
 }
 
 /// A response body fed by a channel: the SSE stream.
