@@ -1258,6 +1258,16 @@ fn console_replay_starts_at_a_line_and_keeps_a_short_log_whole() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A request on the local socket: its status and JSON body.
+async fn local(
+    a: &Arc<Agent>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    call(a, req(method, path, body), Origin::Local).await
+}
+
 /// Snapshots through the API on the real VMM: taken of a running guest (which runs on), listed,
 /// refused twice under one name and while the guest has no VMM, restored into a new VMM after a
 /// stop, refused for a definition that no longer fits, deleted, and gone with their guest.
@@ -1269,14 +1279,9 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
         return;
     };
     let (a, scratch) = vmm_agent(&vmm);
-    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    local(&a, "POST", "/v1/guests", PAYLOAD_GUEST).await;
     let snap = |name: &str| format!(r#"{{"name":"{name}"}}"#);
-    let (s, e) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots", &snap("s1")),
-        Origin::Local,
-    )
-    .await;
+    let (s, e) = local(&a, "POST", "/v1/guests/p/snapshots", &snap("s1")).await;
     assert_eq!(
         (s, e["code"].as_str()),
         (StatusCode::CONFLICT, Some("invalid_guest_state")),
@@ -1285,12 +1290,7 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
     op(&a, "p", "start").await;
     wait_console(&a, "p", "ready").await;
 
-    let (s, taken) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots", &snap("s1")),
-        Origin::Local,
-    )
-    .await;
+    let (s, taken) = local(&a, "POST", "/v1/guests/p/snapshots", &snap("s1")).await;
     assert_eq!(s, StatusCode::CREATED, "{taken}");
     assert_eq!(taken["memory_bytes"], 64u64 << 20);
     assert!(
@@ -1302,57 +1302,37 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
         "running",
         "the guest runs on"
     );
-    let (s, e) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots", &snap("s1")),
-        Origin::Local,
-    )
-    .await;
+    let (s, e) = local(&a, "POST", "/v1/guests/p/snapshots", &snap("s1")).await;
     assert_eq!(
         (s, e["code"].as_str()),
         (StatusCode::CONFLICT, Some("snapshot_exists"))
     );
-    let (s, e) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots", &snap("No Good")),
-        Origin::Local,
-    )
-    .await;
+    let (s, e) = local(&a, "POST", "/v1/guests/p/snapshots", &snap("No Good")).await;
     assert_eq!(
         (s, e["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_snapshot_name"))
     );
-    let (_, list) = call(&a, req("GET", "/v1/guests/p/snapshots", ""), Origin::Local).await;
+    let (_, list) = local(&a, "GET", "/v1/guests/p/snapshots", "").await;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(
         guest_state(&a, "p").await["snapshots"],
         serde_json::json!(["s1"])
     );
 
-    let (s, e) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots/s1/restore", ""),
-        Origin::Local,
-    )
-    .await;
+    let (s, e) = local(&a, "POST", "/v1/guests/p/snapshots/s1/restore", "").await;
     assert_eq!(
         (s, e["code"].as_str()),
         (StatusCode::CONFLICT, Some("guest_running")),
         "{e}"
     );
     op(&a, "p", "stop").await;
-    let (s, g) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots/s1/restore", ""),
-        Origin::Local,
-    )
-    .await;
+    let (s, g) = local(&a, "POST", "/v1/guests/p/snapshots/s1/restore", "").await;
     assert_eq!(
         (s, g["state"].as_str()),
         (StatusCode::OK, Some("running")),
         "{g}"
     );
-    let (s, stats) = call(&a, req("GET", "/v1/guests/p/stats", ""), Origin::Local).await;
+    let (s, stats) = local(&a, "GET", "/v1/guests/p/stats", "").await;
     assert_eq!(s, StatusCode::OK, "the restored VMM answers: {stats}");
     let restored = a
         .events
@@ -1367,14 +1347,9 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
     op(&a, "p", "stop").await;
 
     let bigger = PAYLOAD_GUEST.replace("\"memory_mib\":64", "\"memory_mib\":128");
-    let (s, _) = call(&a, req("PUT", "/v1/guests/p", &bigger), Origin::Local).await;
+    let (s, _) = local(&a, "PUT", "/v1/guests/p", &bigger).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, e) = call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots/s1/restore", ""),
-        Origin::Local,
-    )
-    .await;
+    let (s, e) = local(&a, "POST", "/v1/guests/p/snapshots/s1/restore", "").await;
     assert_eq!(
         (s, e["code"].as_str()),
         (StatusCode::CONFLICT, Some("snapshot_mismatch")),
@@ -1382,33 +1357,18 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
     );
     assert!(e["message"].as_str().unwrap().contains("64 MiB"), "{e}");
 
-    let (s, _) = call(
-        &a,
-        req("DELETE", "/v1/guests/p/snapshots/s1", ""),
-        Origin::Local,
-    )
-    .await;
+    let (s, _) = local(&a, "DELETE", "/v1/guests/p/snapshots/s1", "").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, e) = call(
-        &a,
-        req("GET", "/v1/guests/p/snapshots/s1", ""),
-        Origin::Local,
-    )
-    .await;
+    let (s, e) = local(&a, "GET", "/v1/guests/p/snapshots/s1", "").await;
     assert_eq!(
         (s, e["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("snapshot_not_found"))
     );
 
     op(&a, "p", "start").await;
-    call(
-        &a,
-        req("POST", "/v1/guests/p/snapshots", &snap("s2")),
-        Origin::Local,
-    )
-    .await;
+    local(&a, "POST", "/v1/guests/p/snapshots", &snap("s2")).await;
     op(&a, "p", "stop").await;
-    call(&a, req("DELETE", "/v1/guests/p", ""), Origin::Local).await;
+    local(&a, "DELETE", "/v1/guests/p", "").await;
     assert!(
         !scratch.0.join("data/snapshots/p").exists(),
         "a deleted guest's snapshots go with it"
