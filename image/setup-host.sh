@@ -6,7 +6,7 @@ set -euo pipefail
 
 pkgs=(python3 squashfs-tools cryptsetup-bin grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
       cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc g++
-      iproute2 jq)
+      iproute2 jq prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -64,7 +64,7 @@ impl Agent {
             (GET, Route::Node) => Ok(self.node_info()),
             (PUT, Route::NodeHostname) => self.set_hostname(read_json(req).await?).await,
             (GET, Route::Stats) => Ok(json_response(StatusCode::OK, &self.stats())),
-            (GET, Route::Metrics) => Ok(self.metrics()),
+            (GET, Route::Metrics) => Ok(self.metrics().await),
             (GET, Route::Logs) => Ok(self.logs(query("lines"))),
             (POST, Route::Power) => self.power(read_json(req).await?).await,
             (GET, Route::Network) => Ok(json_response(StatusCode::OK, &self.network_view()?)),

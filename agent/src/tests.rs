@@ -1374,3 +1374,228 @@ async fn snapshots_are_taken_listed_restored_refused_when_they_do_not_fit_and_de
         "a deleted guest's snapshots go with it"
     );
 }
+
+/// Runs `promtool check metrics` (a real Prometheus parser, with its lint) on `text`.
+fn promtool_check(test: &str, text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            hvnode_base::testing::cannot_run(test, "no promtool (Debian package prometheus)");
+            return;
+        }
+        Err(e) => panic!("running promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused the text: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of `series` (name and labels as the text spells them) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+async fn scrape(a: &Arc<Agent>) -> String {
+    let resp = a.handle(req("GET", "/metrics", ""), Origin::Local).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[test]
+fn metrics_cover_states_answering_and_silent_vmms_and_pass_promtool() {
+    let guest = |name: &str, state: &str, pid: Option<u32>| -> hvnode_api::guest::GuestStatus {
+        serde_json::from_value(serde_json::json!({
+            "spec": {"name": name, "kernel": "k", "memory_mib": 64},
+            "state": state, "pid": pid, "uptime_secs": pid.map(|_| 7),
+        }))
+        .unwrap()
+    };
+    let guests = [
+        guest("a", "running", Some(10)),
+        guest("b", "paused", Some(11)),
+        guest("c", "stopped", None),
+    ];
+    let stats = hvnode_api::vmm::VmStats {
+        vcpu_exits: vec![
+            [("io".to_owned(), 5), ("hlt".to_owned(), 2)].into(),
+            [("io".to_owned(), 0)].into(),
+        ],
+        devices: [
+            (
+                "virtio-blk0".to_owned(),
+                [("requests".to_owned(), 3), ("read_bytes".to_owned(), 4096)].into(),
+            ),
+            (
+                // Names come from the VMM: quotes and backslashes must come out escaped.
+                "odd\"dev\\".to_owned(),
+                [("tx_bytes".to_owned(), 1)].into(),
+            ),
+        ]
+        .into(),
+        memory_bytes: 64 << 20,
+        rss_bytes: 1 << 20,
+    };
+    let vmms = [("a".to_owned(), Some(stats)), ("b".to_owned(), None)].into();
+    let node = hvnode_api::node::NodeStats {
+        cpu_percent: 12.5,
+        memory_used_bytes: 1000,
+        memory_total_bytes: 4000,
+        load: [0.0; 3],
+        guests_total: 3,
+        guests_running: 2,
+        uptime_secs: 99,
+    };
+    let text = node::metrics::encode(&node, &guests, &vmms);
+    for (series, value) in [
+        (
+            format!("hvnode_build_info{{version=\"{}\"}}", hvnode_api::VERSION),
+            1.0,
+        ),
+        ("node_cpu_percent".into(), 12.5),
+        ("node_memory_used_bytes".into(), 1000.0),
+        ("node_memory_total_bytes".into(), 4000.0),
+        ("node_uptime_seconds".into(), 99.0),
+        ("hvnode_guests{state=\"defined\"}".into(), 3.0),
+        ("hvnode_guests{state=\"running\"}".into(), 1.0),
+        ("hvnode_guests{state=\"paused\"}".into(), 1.0),
+        ("hvnode_guests{state=\"stopped\"}".into(), 1.0),
+        ("hvnode_guests{state=\"crashed\"}".into(), 0.0),
+        ("hvnode_guest_up{guest=\"a\"}".into(), 1.0),
+        ("hvnode_guest_up{guest=\"b\"}".into(), 1.0),
+        ("hvnode_guest_stats_up{guest=\"a\"}".into(), 1.0),
+        ("hvnode_guest_stats_up{guest=\"b\"}".into(), 0.0),
+        ("hvnode_guest_uptime_seconds{guest=\"b\"}".into(), 7.0),
+        ("hvnode_guest_memory_bytes{guest=\"a\"}".into(), 67108864.0),
+        ("hvnode_guest_vmm_rss_bytes{guest=\"a\"}".into(), 1048576.0),
+        (
+            "hvnode_guest_vcpu_exits_total{guest=\"a\",vcpu=\"0\",reason=\"io\"}".into(),
+            5.0,
+        ),
+        (
+            "hvnode_guest_vcpu_exits_total{guest=\"a\",vcpu=\"1\",reason=\"io\"}".into(),
+            0.0,
+        ),
+        (
+            "hvnode_guest_device_total{guest=\"a\",device=\"virtio-blk0\",counter=\"read_bytes\"}"
+                .into(),
+            4096.0,
+        ),
+        (
+            "hvnode_guest_device_total{guest=\"a\",device=\"odd\\\"dev\\\\\",counter=\"tx_bytes\"}"
+                .into(),
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, &series), Some(value), "{series} in:\n{text}");
+    }
+    // A silent VMM's counters are left out; a guest without a VMM has no series at all.
+    assert!(
+        !text.contains("hvnode_guest_memory_bytes{guest=\"b\"}"),
+        "{text}"
+    );
+    assert!(!text.contains("guest=\"c\""), "{text}");
+    promtool_check(
+        "metrics_cover_states_answering_and_silent_vmms_and_pass_promtool",
+        &text,
+    );
+}
+
+#[tokio::test]
+async fn metrics_show_a_real_guests_counters_skip_a_stuck_vmm_in_time_and_drop_a_stopped_guest() {
+    const TEST: &str =
+        "metrics_show_a_real_guests_counters_skip_a_stuck_vmm_in_time_and_drop_a_stopped_guest";
+    let Some(vmm) = vmm_for(TEST) else {
+        return;
+    };
+    let (a, _scratch) = vmm_agent(&vmm);
+    call(&a, req("POST", "/v1/guests", PAYLOAD_GUEST), Origin::Local).await;
+    let (_, g) = op(&a, "p", "start").await;
+    wait_console(&a, "p", "ready").await;
+
+    let text = scrape(&a).await;
+    assert_eq!(sample(&text, "hvnode_guests{state=\"running\"}"), Some(1.0));
+    assert_eq!(sample(&text, "hvnode_guest_up{guest=\"p\"}"), Some(1.0));
+    assert_eq!(
+        sample(&text, "hvnode_guest_stats_up{guest=\"p\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "hvnode_guest_memory_bytes{guest=\"p\"}"),
+        Some((64u64 << 20) as f64)
+    );
+    assert!(
+        sample(&text, "hvnode_guest_vmm_rss_bytes{guest=\"p\"}").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    // "ready\n" went out byte by byte through the serial port's I/O port.
+    assert!(
+        sample(
+            &text,
+            "hvnode_guest_vcpu_exits_total{guest=\"p\",vcpu=\"0\",reason=\"io\"}"
+        )
+        .is_some_and(|v| v >= 6.0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "hvnode_guest_device_total{guest=\"p\",device=\"serial\",counter=\"tx_bytes\"}"
+        )
+        .is_some_and(|v| v >= 6.0),
+        "{text}"
+    );
+    promtool_check(TEST, &text);
+
+    // A VMM that cannot answer costs the scrape its bounded wait, not the control timeouts.
+    let pid = nix::unistd::Pid::from_raw(g["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = std::time::Instant::now();
+    let text = scrape(&a).await;
+    let took = t.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        took < node::metrics::VMM_STATS_WAIT + Duration::from_secs(1),
+        "the scrape took {took:?}"
+    );
+    assert_eq!(sample(&text, "hvnode_guest_up{guest=\"p\"}"), Some(1.0));
+    assert_eq!(
+        sample(&text, "hvnode_guest_stats_up{guest=\"p\"}"),
+        Some(0.0)
+    );
+    assert!(
+        !text.contains("hvnode_guest_vcpu_exits_total{guest=\"p\""),
+        "{text}"
+    );
+    promtool_check(TEST, &text);
+
+    let (s, g) = op(&a, "p", "stop").await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    let text = scrape(&a).await;
+    assert!(!text.contains("guest=\"p\""), "{text}");
+    assert_eq!(sample(&text, "hvnode_guests{state=\"stopped\"}"), Some(1.0));
+    assert_eq!(sample(&text, "hvnode_guests{state=\"running\"}"), Some(0.0));
+}

@@ -3,6 +3,7 @@
 //! measured against.
 
 pub mod facts;
+pub mod metrics;
 
 use std::sync::{Arc, Mutex};
 
@@ -83,26 +84,6 @@ impl Agent {
             guests_running: self.running.running_count() as u32,
             uptime_secs: facts::uptime_secs(),
         }
-    }
-
-    /// `GET /metrics`: the stats in Prometheus' text format.
-    pub(crate) fn metrics(&self) -> Resp {
-        let s = self.stats();
-        let text = format!(
-            "# TYPE hvnode_build_info gauge\nhvnode_build_info{{version=\"{}\"}} 1\n\
-             # TYPE node_cpu_percent gauge\nnode_cpu_percent {}\n\
-             # TYPE node_memory_used_bytes gauge\nnode_memory_used_bytes {}\n\
-             # TYPE node_memory_total_bytes gauge\nnode_memory_total_bytes {}\n\
-             # TYPE hvnode_guests gauge\nhvnode_guests{{state=\"defined\"}} {}\n\
-             # TYPE node_uptime_seconds gauge\nnode_uptime_seconds {}\n",
-            hvnode_api::VERSION,
-            s.cpu_percent,
-            s.memory_used_bytes,
-            s.memory_total_bytes,
-            s.guests_total,
-            s.uptime_secs
-        );
-        text_response(StatusCode::OK, text, "text/plain; version=0.0.4")
     }
 
     /// `GET /v1/logs?lines=N`: the tail of the node log.
