@@ -25,6 +25,7 @@ SRC
     fi
     need_qemu=1
 fi
+had_prometheus=$(dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -c "install ok installed" || true)
 if [ ${#missing[@]} -gt 0 ] || [ -n "${need_qemu:-}" ]; then
     echo "==> installing Debian packages: ${missing[*]} ${need_qemu:+qemu-system-x86 (bookworm-backports)}"
     apt-get update -qq
@@ -40,6 +41,11 @@ if ! command -v cargo >/dev/null; then
         echo "==> installing Rust from Debian (cargo, rustc)"
         apt-get install -y -qq cargo rustc >/dev/null
     fi
+fi
+# Debian ships promtool (the /metrics tests' parser) only with the Prometheus server: a server this
+# script installed is stopped and disabled, the tests need only the tool.
+if [ "$had_prometheus" = 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 # The fuzz targets (scripts/fuzz.sh) run under cargo-fuzz, from crates.io.
 if ! cargo fuzz --version >/dev/null 2>&1; then
