@@ -331,7 +331,7 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
         Screen::Manager => app.manager.lines(d),
         Screen::Guests => app.guests.lines(d, rows, cols),
         Screen::Storage => screens::storage::lines(d),
-        Screen::Logs => app.logs.lines(),
+        Screen::Logs => app.logs.lines(rows, cols),
         Screen::Power => screens::power::lines(running_guests(Some(d))),
     }
 }

@@ -1,5 +1,8 @@
 //! The Logs screen: the node log (read with every refresh while shown) or a guest's console
-//! log (opened from the Guests screen), scrolled with the arrows, PgUp/PgDn, Home and End.
+//! log (opened from the Guests screen), as many lines as the screen has room for, scrolled with
+//! the arrows, PgUp/PgDn (a screenful), Home (the first line) and End (the last).
+
+use std::cell::Cell;
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent};
 use ratatui::text::Line;
@@ -8,10 +11,8 @@ use super::Reaction;
 
 /// The title while the node log is shown.
 pub const NODE_LOG: &str = "Node log";
-/// Lines shown at once.
+/// Lines shown at once before the first drawing says how many fit.
 const ROWS: usize = 16;
-/// Characters shown of each line.
-const COLS: usize = 78;
 
 /// The screen's state.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub struct LogsScreen {
     pub title: String,
     /// Lines scrolled up from the end.
     pub scroll: usize,
+    /// Lines the last drawing had room for: the keys scroll by it and no further than the top.
+    rows: Cell<usize>,
 }
 
 impl Default for LogsScreen {
@@ -30,6 +33,7 @@ impl Default for LogsScreen {
             text: String::new(),
             title: NODE_LOG.into(),
             scroll: 0,
+            rows: Cell::new(ROWS),
         }
     }
 }
@@ -52,28 +56,37 @@ impl LogsScreen {
         self.scroll = 0;
     }
 
+    /// The furthest scroll: the first line at the top of the screen.
+    fn top(&self) -> usize {
+        self.text.lines().count().saturating_sub(self.rows.get())
+    }
+
     /// The screen's keys.
     pub fn on_key(&mut self, key: KeyEvent) -> Reaction {
-        match key.code {
-            KeyCode::Up => self.scroll += 1,
-            KeyCode::Down => self.scroll = self.scroll.saturating_sub(1),
-            KeyCode::PageUp => self.scroll += 20,
-            KeyCode::PageDown => self.scroll = self.scroll.saturating_sub(20),
-            KeyCode::Home => self.scroll = usize::MAX / 2,
-            KeyCode::End => self.scroll = 0,
-            _ => {}
-        }
+        let page = self.rows.get().saturating_sub(1).max(1);
+        let top = self.top();
+        self.scroll = match key.code {
+            KeyCode::Up => (self.scroll + 1).min(top),
+            KeyCode::Down => self.scroll.saturating_sub(1),
+            KeyCode::PageUp => (self.scroll + page).min(top),
+            KeyCode::PageDown => self.scroll.saturating_sub(page),
+            KeyCode::Home => top,
+            KeyCode::End => 0,
+            _ => self.scroll,
+        };
         Reaction::Nothing
     }
 
-    /// The screen's lines.
-    pub fn lines(&self) -> Vec<Line<'static>> {
+    /// The screen's lines for a text area of `rows` by `cols` (a log shorter than that, or a
+    /// scroll past its top after the log shrank, shows from its first line).
+    pub fn lines(&self, rows: usize, cols: usize) -> Vec<Line<'static>> {
+        self.rows.set(rows.max(1));
         let lines: Vec<&str> = self.text.lines().collect();
-        let end = lines.len().saturating_sub(self.scroll.min(lines.len()));
-        let start = end.saturating_sub(ROWS);
+        let end = lines.len() - self.scroll.min(self.top());
+        let start = end.saturating_sub(self.rows.get());
         lines[start..end]
             .iter()
-            .map(|s| Line::raw(s.chars().take(COLS).collect::<String>()))
+            .map(|s| Line::raw(s.chars().take(cols).collect::<String>()))
             .collect()
     }
 }
@@ -85,7 +98,7 @@ mod tests {
     use super::*;
 
     fn shown(l: &LogsScreen) -> Vec<String> {
-        l.lines().iter().map(|l| l.to_string()).collect()
+        l.lines(ROWS, 78).iter().map(|l| l.to_string()).collect()
     }
 
     #[test]
@@ -103,10 +116,44 @@ mod tests {
         press(&mut l, KeyCode::Up);
         assert_eq!(shown(&l).last().map(String::as_str), Some("line 39"));
         press(&mut l, KeyCode::PageUp);
-        assert_eq!(shown(&l).last().map(String::as_str), Some("line 19"));
+        assert_eq!(
+            shown(&l).last().map(String::as_str),
+            Some("line 24"),
+            "a page is a screenful less one line"
+        );
         press(&mut l, KeyCode::End);
         assert_eq!(shown(&l).last().map(String::as_str), Some("line 40"));
         l.node_log();
+        assert!(l.shows_node_log());
+    }
+
+    #[test]
+    fn home_shows_the_first_line_and_scrolling_stops_there() {
+        let mut l = LogsScreen::default();
+        let text: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+        l.show("Node log".into(), text);
+        let press = |l: &mut LogsScreen, c| l.on_key(KeyEvent::new(c, KeyModifiers::NONE));
+        shown(&l);
+        press(&mut l, KeyCode::Home);
+        let s = shown(&l);
+        assert_eq!((s[0].as_str(), s.len()), ("line 1", ROWS));
+        // Past the top nothing moves, and one Down moves at once.
+        for _ in 0..50 {
+            press(&mut l, KeyCode::Up);
+        }
+        press(&mut l, KeyCode::Down);
+        assert_eq!(shown(&l)[0], "line 2");
+        // A taller screen shows more lines and pages by its height.
+        let tall: Vec<String> = l.lines(30, 78).iter().map(|l| l.to_string()).collect();
+        assert_eq!(tall.len(), 30);
+        press(&mut l, KeyCode::End);
+        press(&mut l, KeyCode::PageUp);
+        let s: Vec<String> = l.lines(30, 78).iter().map(|l| l.to_string()).collect();
+        assert_eq!(
+            (s[0].as_str(), s.last().map(String::as_str)),
+            ("line 1", Some("line 30")),
+            "29 lines up would pass the top: it stops there"
+        );
         assert!(l.shows_node_log());
     }
 }
