@@ -153,10 +153,13 @@ impl Client {
             s.write_all(b).map_err(unreachable)?;
         }
         let mut raw = Vec::new();
-        (&mut s)
-            .take(MAX_RESPONSE + 1)
-            .read_to_end(&mut raw)
-            .map_err(|e| match e.kind() {
+        let read = (&mut s).take(MAX_RESPONSE + 1).read_to_end(&mut raw);
+        // An agent that answers before reading a whole request body (a 413, say) closes with
+        // the rest unread, and the kernel turns that into a reset after the answer: a complete
+        // answer already read is the answer.
+        let complete = read.is_err() && parse_response(&raw).is_ok_and(|r| r.status >= 400);
+        if !complete {
+            read.map_err(|e| match e.kind() {
                 // An agent that accepts and never answers is as unreachable as a missing one.
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
                     ClientError::Unreachable(
@@ -166,6 +169,7 @@ impl Client {
                 }
                 _ => unreachable(e),
             })?;
+        }
         if raw.len() as u64 > MAX_RESPONSE {
             return Err(ClientError::Protocol(format!(
                 "the answer is larger than {MAX_RESPONSE} bytes"
@@ -311,6 +315,41 @@ mod tests {
             Some(&serde_json::json!({"hostname": "-x"})),
         ) {
             Err(ClientError::Api { code, .. }) => assert_eq!(code, ErrorCode::InvalidHostname),
+            other => panic!("{other:?}"),
+        }
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An agent that refuses a body before reading it (413) closes with the body unread; the
+    /// reset that follows its answer must not hide the answer.
+    #[test]
+    fn an_answer_before_the_body_was_read_is_still_the_answer() {
+        let dir = std::env::temp_dir().join(format!("hvnode-console-413-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut byte).unwrap(), 1);
+                head.push(byte[0]);
+            }
+            let body = r#"{"code":"body_too_large","message":"The body exceeds 1048576 bytes"}"#;
+            write!(
+                s,
+                "HTTP/1.1 413 Payload Too Large\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let c = Client::new(&path);
+        let big = serde_json::json!({"hostname": "x".repeat(32 << 10)});
+        match c.send(PUT, &Route::NodeHostname.path(), Some(&big)) {
+            Err(ClientError::Api { code, .. }) => assert_eq!(code, ErrorCode::BodyTooLarge),
             other => panic!("{other:?}"),
         }
         server.join().unwrap();
