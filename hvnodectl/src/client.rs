@@ -253,6 +253,9 @@ pub struct NodeClient {
     verifier: Arc<PinnedServerVerifier>,
     config: Arc<rustls::ClientConfig>,
     registered: bool,
+    /// How long one request may take; [`REQUEST_TIMEOUT`] unless a command that waits for
+    /// long work (a snapshot writes a guest's whole memory) sets more.
+    request_timeout: Duration,
 }
 
 impl NodeClient {
@@ -278,7 +281,14 @@ impl NodeClient {
             verifier,
             config: Arc::new(config),
             registered,
+            request_timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// The same client with requests allowed `timeout`.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     /// The node name.
@@ -434,16 +444,16 @@ impl NodeClient {
         self.within_request_timeout(fut).await
     }
 
-    /// `fut`'s result, or a timeout error naming this node after [`REQUEST_TIMEOUT`].
+    /// `fut`'s result, or a timeout error naming this node after the request timeout.
     async fn within_request_timeout<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        tokio::time::timeout(self.request_timeout, fut)
             .await
             .map_err(|_| ClientError::Timeout {
                 node: self.node.clone(),
-                secs: REQUEST_TIMEOUT.as_secs(),
+                secs: self.request_timeout.as_secs(),
             })?
     }
 

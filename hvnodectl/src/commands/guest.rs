@@ -13,6 +13,8 @@ use super::{path_with, CmdError, Ctx};
 use crate::cli::{GuestCommand, WaitState};
 use crate::output;
 
+/// How long a snapshot may take: the agent's limit for the VMM writing the guest's memory.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often `wait` asks for the guest's state.
 const WAIT_POLL: Duration = Duration::from_millis(250);
 
@@ -80,7 +82,10 @@ impl Ctx {
             }
             GuestCommand::Snapshot(a) => {
                 guest::validate_name(&a.name)?;
-                let c = self.connect(&a.node)?;
+                // The agent allows the VMM as long to write the guest's memory.
+                let c = self
+                    .connect(&a.node)?
+                    .with_request_timeout(SNAPSHOT_TIMEOUT);
                 let body = CreateSnapshot {
                     name: a.snapshot.clone(),
                 };
