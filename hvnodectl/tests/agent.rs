@@ -674,3 +674,84 @@ fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
     drop(stdin);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_guest() {
+    let bin = agent_or_skip!();
+    let vmm = bin.with_file_name("hvnode-vmm");
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm || !vmm.is_file() {
+        hvnode_base::testing::cannot_run(
+            "guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_guest",
+            &format!(
+                "needs /dev/kvm and {} (cargo build -p hvnode-vmm)",
+                vmm.display()
+            ),
+        );
+        return;
+    }
+    let agent = Agent::start_with(&bin, "snap", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let _vmms = Vmms(agent.dir.clone());
+    let work = temp_dir("snap-mgr");
+    let m = work.join("m");
+    ok(&ctl(&m, &["init", "--name", "manager"]));
+    let code = agent.pairing_code();
+    ok(&ctl(
+        &m,
+        &[
+            "register",
+            "n1",
+            "--url",
+            &agent.url(),
+            "--code",
+            &code,
+            "--yes",
+        ],
+    ));
+    std::fs::write(
+        agent.dir.join("images/count.elf"),
+        hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER),
+    )
+    .unwrap();
+    let spec = work.join("count.toml");
+    std::fs::write(
+        &spec,
+        "name = \"count\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n",
+    )
+    .unwrap();
+    ok(&ctl(&m, &["guest", "define", "n1", spec.to_str().unwrap()]));
+    fails_with(
+        &ctl(&m, &["guest", "snapshot", "n1", "count", "s1"]),
+        "invalid_guest_state",
+    );
+    ok(&ctl(&m, &["guest", "start", "n1", "count"]));
+    let taken = ok(&ctl(&m, &["guest", "snapshot", "n1", "count", "s1"]));
+    assert!(
+        taken.contains("snapshot s1 of guest count taken"),
+        "{taken}"
+    );
+    let list = ok(&ctl(&m, &["guest", "snapshots", "n1", "count"]));
+    assert!(list.contains("s1") && list.contains("64.0 MiB"), "{list}");
+    assert!(ok(&ctl(&m, &["guest", "show", "n1", "count"])).contains("snapshots: s1"));
+    fails_with(
+        &ctl(&m, &["guest", "restore", "n1", "count", "s1"]),
+        "guest_running",
+    );
+    ok(&ctl(&m, &["guest", "stop", "n1", "count"]));
+    let restored = ok(&ctl(&m, &["guest", "restore", "n1", "count", "s1"]));
+    assert!(
+        restored.contains("restored from snapshot s1: running"),
+        "{restored}"
+    );
+    ok(&ctl(&m, &["guest", "stop", "n1", "count"]));
+    ok(&ctl(&m, &["guest", "snapshot-delete", "n1", "count", "s1"]));
+    assert!(ok(&ctl(&m, &["guest", "snapshots", "n1", "count"])).contains("no snapshots"));
+    fails_with(
+        &ctl(&m, &["guest", "snapshot-delete", "n1", "count", "s1"]),
+        "snapshot_not_found",
+    );
+}
