@@ -148,16 +148,21 @@ impl Client {
             ));
         }
         req.push_str("\r\n");
-        s.write_all(req.as_bytes()).map_err(unreachable)?;
-        if let Some(b) = body {
-            s.write_all(b).map_err(unreachable)?;
+        let mut wrote = s.write_all(req.as_bytes());
+        if let (Ok(()), Some(b)) = (&wrote, body) {
+            wrote = s.write_all(b);
         }
         let mut raw = Vec::new();
         let read = (&mut s).take(MAX_RESPONSE + 1).read_to_end(&mut raw);
         // An agent that answers before reading a whole request body (a 413, say) closes with
-        // the rest unread, and the kernel turns that into a reset after the answer: a complete
-        // answer already read is the answer.
-        let complete = read.is_err() && parse_response(&raw).is_ok_and(|r| r.status >= 400);
+        // the rest unread: the kernel then fails the rest of our write (a broken pipe) or the
+        // read after the answer (a reset). A complete error answer already there is the answer.
+        let complete = parse_response(&raw).is_ok_and(|r| r.status >= 400);
+        if let Err(e) = wrote {
+            if !complete {
+                return Err(unreachable(e));
+            }
+        }
         if !complete {
             read.map_err(|e| match e.kind() {
                 // An agent that accepts and never answers is as unreachable as a missing one.
