@@ -162,6 +162,15 @@ impl Agent {
     }
 }
 
+/// Unix time in seconds (0 for a clock before 1970): event times, registration and snapshot
+/// dates.
+pub(crate) fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Paths under one root directory (tests, benches, unprivileged runs).
 pub fn paths_under(root: &Path) -> Paths {
     Paths {

@@ -215,7 +215,7 @@ impl Agent {
             manager_name: Some(req.manager_name.clone()),
             ca_pem: Some(req.ca_pem),
             manager_url: None,
-            registered_at: now_secs(),
+            registered_at: crate::unix_secs(),
         })?;
         eprintln!("agent: registered with manager {}", req.manager_name);
         self.events.emit(
@@ -400,7 +400,7 @@ impl Agent {
                     Some(JoinState::Approved) => {
                         let mut done = saved;
                         done.state = RegistrationState::Registered;
-                        done.registered_at = now_secs();
+                        done.registered_at = crate::unix_secs();
                         if me.set_registration(done).is_ok() {
                             eprintln!("agent: the manager approved the join request: registered");
                             me.events.emit(
@@ -447,11 +447,4 @@ fn random_code() -> Option<String> {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -40,10 +40,7 @@ impl EventLog {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let ev = Event {
             seq: ring.0,
-            timestamp: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            timestamp: crate::unix_secs(),
             kind: kind.to_owned(),
             guest: guest.map(str::to_owned),
             message: message.into(),

@@ -46,10 +46,10 @@ type Labels<const N: usize> = [(&'static str, String); N];
 impl Agent {
     /// `GET /metrics`.
     pub(crate) async fn metrics(self: &Arc<Self>) -> Resp {
-        let node = self.stats();
         // Unreadable definitions leave the guests out, as `guests_total` does: the node's own
         // series are still worth serving.
         let guests = self.guests().unwrap_or_default();
+        let node = self.stats_counting(guests.len() as u32);
         let with_vmm = guests
             .iter()
             .filter(|g| g.pid.is_some())

@@ -66,6 +66,11 @@ impl Agent {
 
     /// The node's load since the last call.
     pub(crate) fn stats(&self) -> NodeStats {
+        self.stats_counting(self.guest_count())
+    }
+
+    /// [`Agent::stats`] for a caller that has read the guest definitions already.
+    pub(crate) fn stats_counting(&self, guests_total: u32) -> NodeStats {
         let (busy, total) = facts::cpu_times();
         let mut last = self.node.cpu.lock().unwrap_or_else(|e| e.into_inner());
         let (db, dt) = (busy.saturating_sub(last.0), total.saturating_sub(last.1));
@@ -80,7 +85,7 @@ impl Agent {
             memory_used_bytes: mem_total.saturating_sub(mem_avail),
             memory_total_bytes: mem_total,
             load: facts::load(),
-            guests_total: self.guest_count(),
+            guests_total,
             guests_running: self.running.running_count() as u32,
             uptime_secs: facts::uptime_secs(),
         }
