@@ -21,13 +21,6 @@ use crate::Agent;
 /// Written by the agent once the VMM has written the rest.
 const META: &str = "meta.json";
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Bytes a directory's files take on disk (holes take none).
 fn disk_usage(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
@@ -103,6 +96,8 @@ impl Agent {
         Ok(self.snapshot_root(guest).join(snap))
     }
 
+    /// A finished snapshot's metadata, without the space it takes (`disk_bytes` 0): what a
+    /// guest's status and the checks need, read without walking its files.
     fn read_snapshot(&self, guest: &str, snap: &str) -> Result<SnapshotStatus, Error> {
         let dir = self.snapshot_dir(guest, snap)?;
         let missing = || {
@@ -114,11 +109,20 @@ impl Agent {
         let text = std::fs::read(dir.join(META)).map_err(|_| missing())?;
         let mut status: SnapshotStatus =
             serde_json::from_slice(&text).map_err(|e| Error::internal("Snapshot metadata", e))?;
-        status.disk_bytes = disk_usage(&dir);
+        // The directory names it, whatever the file says: paths are built from these.
+        status.guest = guest.to_owned();
+        status.name = snap.to_owned();
         Ok(status)
     }
 
-    /// The guest's finished snapshots, oldest first.
+    /// A snapshot as the API shows it: its metadata and the space it takes on disk.
+    fn with_disk_usage(&self, mut status: SnapshotStatus) -> SnapshotStatus {
+        let dir = self.snapshot_root(&status.guest).join(&status.name);
+        status.disk_bytes = disk_usage(&dir);
+        status
+    }
+
+    /// The guest's finished snapshots, oldest first (metadata only, see [`Agent::read_snapshot`]).
     pub(crate) fn snapshots_of(&self, guest: &str) -> Vec<SnapshotStatus> {
         let mut out: Vec<SnapshotStatus> = std::fs::read_dir(self.snapshot_root(guest))
             .map(|rd| {
@@ -137,7 +141,12 @@ impl Agent {
     /// `GET /v1/guests/{name}/snapshots`.
     pub(crate) fn list_snapshots(&self, guest: &str) -> Result<Resp, Error> {
         self.guest(guest)?;
-        Ok(json_response(StatusCode::OK, &self.snapshots_of(guest)))
+        let list: Vec<SnapshotStatus> = self
+            .snapshots_of(guest)
+            .into_iter()
+            .map(|s| self.with_disk_usage(s))
+            .collect();
+        Ok(json_response(StatusCode::OK, &list))
     }
 
     /// `GET /v1/guests/{name}/snapshots/{snapshot}`.
@@ -145,7 +154,7 @@ impl Agent {
         self.guest(guest)?;
         Ok(json_response(
             StatusCode::OK,
-            &self.read_snapshot(guest, snap)?,
+            &self.with_disk_usage(self.read_snapshot(guest, snap)?),
         ))
     }
 
@@ -186,7 +195,7 @@ impl Agent {
             let status = SnapshotStatus {
                 name: req.name.clone(),
                 guest: guest.clone(),
-                created: now_secs(),
+                created: crate::unix_secs(),
                 memory_bytes: info.memory_bytes,
                 disk_bytes: 0,
                 paused_ms: info.paused_ms,
@@ -210,7 +219,7 @@ impl Agent {
             );
             Ok(json_response(
                 StatusCode::CREATED,
-                &me.read_snapshot(&guest, &req.name)?,
+                &me.with_disk_usage(me.read_snapshot(&guest, &req.name)?),
             ))
         })
         .await
