@@ -568,9 +568,27 @@ fn read_until(from: impl Read + Send + 'static, want: &str) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
-#[test]
-fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
-    let bin = agent_or_skip!();
+/// An agent whose guests run on the real VMM, a manager state directory `m` registered with
+/// it as node `n1`, and a scratch directory `work`; the VMMs die with `_vmms`.
+struct RealGuests {
+    agent: Agent,
+    _vmms: Vmms,
+    work: PathBuf,
+    m: PathBuf,
+}
+
+/// [`RealGuests`] for `test`, or `None` (after `cannot_run`) without KVM, the agent or the VMM.
+fn real_guests(test: &str, tag: &str) -> Option<RealGuests> {
+    let bin = match agent_binary() {
+        Ok(b) => b,
+        Err(why) => {
+            hvnode_base::testing::cannot_run(
+                test,
+                &format!("{why} (set HVNODE_AGENT_BIN or run `cargo build -p hvnode-agent`)"),
+            );
+            return None;
+        }
+    };
     let vmm = bin.with_file_name("hvnode-vmm");
     let kvm = std::fs::OpenOptions::new()
         .read(true)
@@ -579,17 +597,17 @@ fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
         .is_ok();
     if !kvm || !vmm.is_file() {
         hvnode_base::testing::cannot_run(
-            "console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo",
+            test,
             &format!(
                 "needs /dev/kvm and {} (cargo build -p hvnode-vmm)",
                 vmm.display()
             ),
         );
-        return;
+        return None;
     }
-    let agent = Agent::start_with(&bin, "attach", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
-    let _vmms = Vmms(agent.dir.clone());
-    let work = temp_dir("attach-mgr");
+    let agent = Agent::start_with(&bin, tag, &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let vmms = Vmms(agent.dir.clone());
+    let work = temp_dir(&format!("{tag}-mgr"));
     let m = work.join("m");
     ok(&ctl(&m, &["init", "--name", "manager"]));
     let code = agent.pairing_code();
@@ -605,6 +623,28 @@ fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
             "--yes",
         ],
     ));
+    Some(RealGuests {
+        agent,
+        _vmms: vmms,
+        work,
+        m,
+    })
+}
+
+#[test]
+fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
+    let Some(RealGuests {
+        agent,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(
+        "console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo",
+        "attach",
+    )
+    else {
+        return;
+    };
 
     // After `ready`: poll LSR.DR (0x3fd bit 0), read 0x3f8, write it back, loop.
     let mut code = hvnode_vmm::payload::serial_print("ready\n");
@@ -677,41 +717,18 @@ fn console_attach_sends_piped_input_to_a_real_guest_and_prints_its_echo() {
 
 #[test]
 fn guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_guest() {
-    let bin = agent_or_skip!();
-    let vmm = bin.with_file_name("hvnode-vmm");
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !kvm || !vmm.is_file() {
-        hvnode_base::testing::cannot_run(
-            "guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_guest",
-            &format!(
-                "needs /dev/kvm and {} (cargo build -p hvnode-vmm)",
-                vmm.display()
-            ),
-        );
+    let Some(RealGuests {
+        agent,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(
+        "guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_guest",
+        "snap",
+    )
+    else {
         return;
-    }
-    let agent = Agent::start_with(&bin, "snap", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
-    let _vmms = Vmms(agent.dir.clone());
-    let work = temp_dir("snap-mgr");
-    let m = work.join("m");
-    ok(&ctl(&m, &["init", "--name", "manager"]));
-    let code = agent.pairing_code();
-    ok(&ctl(
-        &m,
-        &[
-            "register",
-            "n1",
-            "--url",
-            &agent.url(),
-            "--code",
-            &code,
-            "--yes",
-        ],
-    ));
+    };
     std::fs::write(
         agent.dir.join("images/count.elf"),
         hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER),
