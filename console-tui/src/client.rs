@@ -249,6 +249,15 @@ mod tests {
 
     /// Reads one whole request, head and `Content-Length` body: a server that closes with part
     /// of the request unread makes the client's read fail with ECONNRESET instead of the answer.
+    /// A fresh directory for a test's fake agent socket, and the socket's path in it.
+    fn socket_dir(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("hvnode-console-{tag}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
     fn read_request(s: &mut UnixStream) -> (String, String) {
         let mut req = Vec::new();
         let mut buf = [0u8; 4096];
@@ -293,10 +302,7 @@ mod tests {
 
     #[test]
     fn reports_api_errors_and_a_missing_socket() {
-        let dir = std::env::temp_dir().join(format!("hvnode-console-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_dir("api");
         let c = Client::new(&path);
         assert!(matches!(
             c.get_text(&Route::Health.path()),
@@ -330,10 +336,7 @@ mod tests {
     /// reset that follows its answer must not hide the answer.
     #[test]
     fn an_answer_before_the_body_was_read_is_still_the_answer() {
-        let dir = std::env::temp_dir().join(format!("hvnode-console-413-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_dir("413");
         let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
@@ -363,10 +366,7 @@ mod tests {
 
     #[test]
     fn call_sends_the_json_body_and_parses_the_answer() {
-        let dir = std::env::temp_dir().join(format!("hvnode-console-call-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_dir("call");
         let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
