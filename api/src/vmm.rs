@@ -113,6 +113,114 @@ pub enum VmmRequest {
         /// Absolute path of the snapshot directory to create.
         dir: String,
     },
+    /// Sends the running guest to another VMM (live migration, see docs/vmm.md). Answered at
+    /// once with `ok`, after which this connection carries the migration stream to the
+    /// destination VMM (started with `--incoming`), relayed by the caller; or with an error,
+    /// and the connection stays a control connection. The VMM closes the stream when the
+    /// migration ends; `migrate_status` then tells how it ended. A guest that arrived on the
+    /// destination stays paused here for good (state `migrated`) until it is stopped.
+    MigrateSend {
+        /// The longest pause the guest may see, in milliseconds: pre-copy passes go on until
+        /// what is left to copy fits in it at the measured bandwidth.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_limit_ms: Option<u64>,
+        /// Passes over dirty memory before giving up (the guest stays here).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_passes: Option<u32>,
+        /// Seconds before giving up (the guest stays here).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+        /// Hash all guest memory on both sides while paused and refuse the switchover if they
+        /// differ (costs downtime: for tests and for doubt).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        verify_memory: bool,
+    },
+    /// How the migration in progress, or the last one, stands.
+    MigrateStatus,
+    /// Cancels the migration in progress: the guest keeps running here.
+    MigrateCancel,
+}
+
+/// Migration defaults: the downtime limit (ms), the pass limit and the timeout (s).
+pub const MIGRATION_DOWNTIME_LIMIT_MS: u64 = 100;
+/// See [`MIGRATION_DOWNTIME_LIMIT_MS`].
+pub const MIGRATION_MAX_PASSES: u32 = 30;
+/// See [`MIGRATION_DOWNTIME_LIMIT_MS`].
+pub const MIGRATION_TIMEOUT_SECS: u64 = 600;
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// No migration has run.
+    #[default]
+    None,
+    /// Copying memory while the guest runs.
+    Precopy,
+    /// Guest paused: the last pass, the device state, the destination resuming.
+    Switchover,
+    /// The guest runs on the destination; here it stays paused until stopped.
+    Completed,
+    /// Failed; the guest runs here as before (unless `outcome_unknown`).
+    Failed,
+    /// Cancelled; the guest runs here as before.
+    Cancelled,
+}
+
+/// A migration's progress and, once it ended, its outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Where it stands.
+    pub phase: MigrationPhase,
+    /// The pass under way (0: all memory once).
+    pub pass: u32,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Memory bytes sent so far (pages sent twice count twice).
+    pub bytes_sent: u64,
+    /// Bytes found dirty by the last pass: what is left to send.
+    pub bytes_left: u64,
+    /// How fast the guest dirties memory (bytes per second, last pass).
+    pub dirty_rate_bytes_per_sec: u64,
+    /// Measured transfer bandwidth (bytes per second, last pass).
+    pub bandwidth_bytes_per_sec: u64,
+    /// Downtime expected if the switchover happened now.
+    pub expected_downtime_ms: u64,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The switchover reached the destination but its answer never came: the guest may run
+    /// there. It stays paused here; ask the destination before resuming or stopping it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_unknown: bool,
+    /// What it cost, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<MigrationResult>,
+}
+
+/// What a completed migration cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationResult {
+    /// Passes over memory, the first full one included.
+    pub passes: u32,
+    /// From start to the destination's answer.
+    pub total_ms: u64,
+    /// The guest's pause: from pausing here to running there (the sum of the four parts
+    /// below, measured from here).
+    pub downtime_ms: u64,
+    /// Downtime part: the last pass over dirty memory.
+    pub last_pass_ms: u64,
+    /// Downtime part: reading and encoding the device state.
+    pub state_ms: u64,
+    /// Downtime part: sending the state and waiting for the destination's answer, less its
+    /// restore.
+    pub transfer_ms: u64,
+    /// Downtime part: the destination restoring the state and starting the vCPUs.
+    pub resume_ms: u64,
+    /// Memory bytes sent in all.
+    pub bytes_sent: u64,
+    /// Memory bytes sent in the last pass, while paused.
+    pub last_pass_bytes: u64,
 }
 
 /// The uid and gid (`nobody`, `nogroup`) a VMM started as root runs as once its VM is built:
@@ -138,6 +246,8 @@ pub enum VmRunState {
     Paused,
     /// Shutting down or stopped.
     Stopping,
+    /// Migrated away: the guest runs on another node; this VMM only waits to be stopped.
+    Migrated,
 }
 
 /// Counters of a running VM.
@@ -192,6 +302,11 @@ pub enum VmmResponse {
     Snapshot {
         /// What was written.
         snapshot: SnapshotInfo,
+    },
+    /// Answer to `migrate_status` and `migrate_cancel`.
+    Migration {
+        /// The migration in progress or the last one.
+        migration: MigrationStatus,
     },
     /// The request was refused or failed.
     Error {

@@ -1,11 +1,12 @@
 //! x86-64 boot: the memory layout, identity page tables, GDT, the Linux zero page, and the
 //! vCPU register state for a 64-bit entry.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -70,10 +71,7 @@ fn segment(index: u16, entry: u64) -> kvm_segment {
 /// reaches the 32-bit MMIO hole (virtio-mmio windows, IOAPIC) and RAM above 4 GiB: the first
 /// 4 GiB with 2 MiB pages, then with 1 GiB pages up to [`IDENTITY_MAP_END_1G`] if the vCPUs
 /// have them (`gib_pages`, CPUID pdpe1gb), else with 2 MiB pages up to [`IDENTITY_MAP_END_2M`].
-pub fn write_tables(
-    mem: &GuestMemoryMmap,
-    gib_pages: bool,
-) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_tables(mem: &GuestRam, gib_pages: bool) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))?;
     }
@@ -236,7 +234,7 @@ pub struct ZeroPage {
 
 /// Writes the Linux zero page.
 pub fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     z: &ZeroPage,
 ) -> Result<(), linux_loader::configurator::Error> {
     let mut p = boot_params::default();
@@ -259,7 +257,7 @@ pub fn write_zero_page(
         p.e820_table[i] = *e;
     }
     p.e820_entries = map.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<GuestRam>(
         &BootParams::new::<boot_params>(&p, GuestAddress(ZERO_PAGE)),
         mem,
     )
@@ -413,7 +411,7 @@ mod tests {
     }
 
     /// Translates `va` through the identity map in `mem`, as the MMU would.
-    fn walk(mem: &GuestMemoryMmap, va: u64) -> Option<u64> {
+    fn walk(mem: &GuestRam, va: u64) -> Option<u64> {
         const ADDR: u64 = 0x000f_ffff_ffff_f000;
         let entry = |table: u64, index: u64| -> u64 {
             mem.read_obj(GuestAddress((table & ADDR) + index * 8))
@@ -438,8 +436,8 @@ mod tests {
         Some((pde & ADDR & !(2 * MIB - 1)) | (va & (2 * MIB - 1)))
     }
 
-    fn tables(gib_pages: bool) -> GuestMemoryMmap {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    fn tables(gib_pages: bool) -> GuestRam {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write_tables(&mem, gib_pages).unwrap();
         mem
     }

@@ -12,15 +12,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hvnode_api::vmm::{SnapshotInfo, VmConfig, VmRunState, VmStats, VmmRequest, VmmResponse};
+use hvnode_api::vmm::{
+    MigrationPhase, MigrationStatus, SnapshotInfo, VmConfig, VmRunState, VmStats, VmmRequest,
+    VmmResponse, MIGRATION_DOWNTIME_LIMIT_MS, MIGRATION_MAX_PASSES, MIGRATION_TIMEOUT_SECS,
+};
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
 use crate::devices::legacy::{Console, Keyboard};
 use crate::devices::{DeviceStats, MmioBus};
 use crate::error::VmError;
 use crate::exit::ExitReason;
+use crate::memory::GuestRam;
+use crate::migration::send::{Failure, Limits, Source};
 use crate::persist::{snapshot, VmState};
 use crate::vcpu::{PauseError, Vcpus, PAUSE_TIMEOUT};
 
@@ -43,7 +48,7 @@ pub(crate) struct Machine {
     /// The VM, for the interrupt controllers, the PIT and the clock.
     pub vm: Arc<VmFd>,
     /// Guest memory.
-    pub mem: &'static GuestMemoryMmap,
+    pub mem: &'static GuestRam,
     /// Guest memory size in bytes.
     pub mem_size: u64,
     /// COM1.
@@ -83,6 +88,14 @@ pub(crate) struct Controller {
     statm: Option<std::fs::File>,
     /// What a snapshot reads beyond the above.
     machine: Machine,
+    /// The migration in progress or the last one.
+    migration: Mutex<MigrationStatus>,
+    /// Set while a migration runs: pause, resume, snapshot and shutdown are refused meanwhile.
+    migrating: AtomicBool,
+    /// Set once the guest runs on the destination: it never runs here again.
+    migrated: AtomicBool,
+    /// Asks the migration in progress to stop.
+    cancel_migration: AtomicBool,
 }
 
 fn error(code: &str, message: impl Into<String>) -> VmmResponse {
@@ -115,6 +128,10 @@ impl Controller {
             paused: AtomicBool::new(false),
             statm: std::fs::File::open("/proc/self/statm").ok(),
             machine,
+            migration: Mutex::new(MigrationStatus::default()),
+            migrating: AtomicBool::new(false),
+            migrated: AtomicBool::new(false),
+            cancel_migration: AtomicBool::new(false),
         }
     }
 
@@ -132,6 +149,9 @@ impl Controller {
             VmmRequest::Pause => self.pause_result(self.pause()),
             VmmRequest::Resume => self.pause_result(self.resume()),
             VmmRequest::Shutdown { timeout_secs } => {
+                if let Some(why) = self.busy_migrating() {
+                    return error("invalid_state", why);
+                }
                 self.shutdown(timeout_secs.map(Duration::from_secs));
                 VmmResponse::Ok
             }
@@ -141,7 +161,133 @@ impl Controller {
                 Ok(snapshot) => VmmResponse::Snapshot { snapshot },
                 Err(SnapshotError(code, message)) => error(code, message),
             },
+            // serve_client hands the connection over to the migration before it gets here.
+            VmmRequest::MigrateSend { .. } => error(
+                "bad_request",
+                "migrate_send must be the first request on its own connection",
+            ),
+            VmmRequest::MigrateStatus => self.migration_status(),
+            VmmRequest::MigrateCancel => {
+                if self.migrating.load(Ordering::SeqCst) {
+                    self.cancel_migration.store(true, Ordering::SeqCst);
+                    self.migration_status()
+                } else {
+                    error("invalid_state", "No migration is in progress")
+                }
+            }
         }
+    }
+
+    fn migration_status(&self) -> VmmResponse {
+        VmmResponse::Migration {
+            migration: self
+                .migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Why the guest cannot be paused, resumed, snapshotted or shut down now, if it cannot.
+    fn busy_migrating(&self) -> Option<&'static str> {
+        if self.migrated.load(Ordering::SeqCst) {
+            Some("The guest migrated to another node: it only waits to be stopped here")
+        } else if self.migrating.load(Ordering::SeqCst) {
+            Some("A migration is in progress: cancel it first")
+        } else {
+            None
+        }
+    }
+
+    /// Starts a migration on `conn`, answering `ok` there first (or refusing, and then the
+    /// connection stays a control connection: `Ok(false)`), then runs it to its end and closes
+    /// the stream (`Ok(true)`). See [`crate::migration::send`].
+    fn migrate_send(&self, req: VmmRequest, conn: &mut UnixStream) -> std::io::Result<bool> {
+        let VmmRequest::MigrateSend {
+            downtime_limit_ms,
+            max_passes,
+            timeout_secs,
+            verify_memory,
+        } = req
+        else {
+            return Ok(false);
+        };
+        let refused = {
+            let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = self.busy_migrating() {
+                Some(why)
+            } else if self.vcpus.shutdown_requested() {
+                Some("The guest is shutting down")
+            } else if self.paused.load(Ordering::SeqCst) {
+                Some("The guest is paused: resume it first (a migration moves a running guest)")
+            } else {
+                self.migrating.store(true, Ordering::SeqCst);
+                self.cancel_migration.store(false, Ordering::SeqCst);
+                // Before the answer: whoever asks for the status after it sees this one.
+                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = MigrationStatus {
+                    phase: MigrationPhase::Precopy,
+                    memory_bytes: self.machine.mem_size,
+                    ..Default::default()
+                };
+                None
+            }
+        };
+        if let Some(why) = refused {
+            send(conn, &error("invalid_state", why))?;
+            return Ok(false);
+        }
+        let limits = Limits {
+            downtime: Duration::from_millis(
+                downtime_limit_ms.unwrap_or(MIGRATION_DOWNTIME_LIMIT_MS),
+            ),
+            max_passes: max_passes.unwrap_or(MIGRATION_MAX_PASSES).max(2),
+            timeout: Duration::from_secs(timeout_secs.unwrap_or(MIGRATION_TIMEOUT_SECS)),
+        };
+        let outcome = send(conn, &VmmResponse::Ok).map_err(|e| Failure {
+            message: format!("answering the request: {e}"),
+            cancelled: false,
+            outcome_unknown: false,
+        });
+        let outcome = outcome.and_then(|()| {
+            crate::migration::send::send(
+                self,
+                conn,
+                limits,
+                verify_memory,
+                &self.migration,
+                &self.cancel_migration,
+            )
+        });
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        let name = &self.config.name;
+        let mut status = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(result) => {
+                eprintln!(
+                    "hvnode-vmm: {name}: migrated in {} ms, downtime {} ms",
+                    result.total_ms, result.downtime_ms
+                );
+                self.migrated.store(true, Ordering::SeqCst);
+                status.phase = MigrationPhase::Completed;
+                status.result = Some(result);
+            }
+            Err(f) => {
+                eprintln!("hvnode-vmm: {name}: migration failed: {}", f.message);
+                status.phase = if f.cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                status.outcome_unknown = f.outcome_unknown;
+                status.error = Some(f.message);
+                // An unknown outcome leaves the guest paused: it may run on the destination.
+                if f.outcome_unknown {
+                    self.paused.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        self.migrating.store(false, Ordering::SeqCst);
+        Ok(true)
     }
 
     /// Freezes the guest: parks the vCPUs, then every device worker once its request in flight
@@ -156,6 +302,9 @@ impl Controller {
 
     /// [`Controller::pause`] with the `pausing` lock held.
     fn pause_locked(&self) -> Result<(), PauseError> {
+        if let Some(why) = self.busy_migrating() {
+            return Err(PauseError::InvalidState(why));
+        }
         // Checked under the lock: a shutdown asks first and resumes after, so a pause can never
         // freeze a guest that was told to go down.
         if self.vcpus.shutdown_requested() {
@@ -179,6 +328,20 @@ impl Controller {
     /// during the pause are served now.
     fn resume(&self) -> Result<(), PauseError> {
         let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = self.busy_migrating() {
+            return Err(PauseError::InvalidState(why));
+        }
+        // Paused after a switchover whose answer never came: the guest may run elsewhere.
+        if self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .outcome_unknown
+        {
+            return Err(PauseError::InvalidState(
+                "The last migration's outcome is unknown: the guest may run on the destination",
+            ));
+        }
         self.resume_locked()
     }
 
@@ -205,6 +368,9 @@ impl Controller {
             ));
         }
         let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = self.busy_migrating() {
+            return Err(SnapshotError("invalid_state", why.into()));
+        }
         if self.vcpus.shutdown_requested() {
             return Err(SnapshotError(
                 "invalid_state",
@@ -259,6 +425,14 @@ impl Controller {
 
     /// The paused VM's state and memory into `dir`, the disks flushed first.
     fn write_snapshot(&self, dir: &Path) -> Result<snapshot::Written, SnapshotError> {
+        let state = self.save_state()?;
+        let m = &self.machine;
+        snapshot::write(dir, &self.config, &state, m.mem, m.mem_size)
+            .map_err(|e| SnapshotError::internal(&format!("writing {}", dir.display()), e))
+    }
+
+    /// The paused VM's state, the disks flushed first.
+    fn save_state(&self) -> Result<VmState, SnapshotError> {
         self.virtio
             .flush()
             .map_err(|(name, e)| SnapshotError::internal(&format!("flushing {name}"), e))?;
@@ -281,15 +455,13 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .state();
-        let state = VmState {
+        Ok(VmState {
             vcpus,
             vm,
             serial,
             i8042,
             virtio: self.virtio.save(),
-        };
-        snapshot::write(dir, &self.config, &state, m.mem, m.mem_size)
-            .map_err(|e| SnapshotError::internal(&format!("writing {}", dir.display()), e))
+        })
     }
 
     fn pause_result(&self, r: Result<(), PauseError>) -> VmmResponse {
@@ -301,7 +473,9 @@ impl Controller {
     }
 
     fn state(&self) -> VmRunState {
-        if self.vcpus.shutdown_requested() {
+        if self.migrated.load(Ordering::SeqCst) {
+            VmRunState::Migrated
+        } else if self.vcpus.shutdown_requested() {
             VmRunState::Stopping
         } else if self.paused.load(Ordering::SeqCst) {
             VmRunState::Paused
@@ -350,6 +524,52 @@ impl Controller {
     /// Ends the VM at once.
     pub(crate) fn stop(&self, why: String) {
         let _ = self.exit.send(ExitReason::Stopped(why));
+    }
+}
+
+impl Source for Controller {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn vm(&self) -> &VmFd {
+        &self.machine.vm
+    }
+
+    fn memory(&self) -> &GuestRam {
+        self.machine.mem
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.machine.mem_size
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        // The migration's own pause: `busy_migrating` would refuse it.
+        let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        self.vcpus.pause(deadline).map_err(|e| e.to_string())?;
+        if let Err(e) = self.virtio.pause(deadline) {
+            let _ = self.vcpus.resume();
+            return Err(format!("device {} did not stop", e.0));
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn resume(&self) {
+        let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = self.resume_locked() {
+            eprintln!(
+                "hvnode-vmm: {}: resuming after the migration: {e}",
+                self.config.name
+            );
+        }
+    }
+
+    fn state(&self) -> Result<Vec<u8>, String> {
+        let state = self.save_state().map_err(|SnapshotError(_, m)| m)?;
+        crate::persist::encode(&state).map_err(|e| e.to_string())
     }
 }
 
@@ -426,6 +646,22 @@ fn serve_client(ctl: &Controller, conn: UnixStream) -> std::io::Result<()> {
             Line::Request(l) => l,
         };
         let req = parse(&line);
+        if let Ok(req @ VmmRequest::MigrateSend { .. }) = req {
+            // The connection becomes the migration stream, or stays a control connection if
+            // the migration was refused.
+            // Bytes sent after the request, before its answer, would be lost in the line
+            // reader's buffer: such a client is cut off.
+            if !r.buffer().is_empty() {
+                let msg = "Nothing may follow migrate_send before its answer";
+                return send(&mut w, &error("bad_request", msg));
+            }
+            let mut conn = r.into_inner();
+            if ctl.migrate_send(req, &mut conn)? {
+                return Ok(());
+            }
+            r = BufReader::new(conn);
+            continue;
+        }
         let stop = matches!(req, Ok(VmmRequest::Stop));
         let resp = match req {
             Ok(req) => ctl.handle(req),

@@ -42,4 +42,7 @@ pub enum VmError {
     /// The snapshot to restore was refused or could not be put into the VM.
     #[error("Restoring the snapshot: {0}")]
     Restore(#[from] RestoreError),
+    /// The incoming migration was refused or broke before the guest arrived.
+    #[error("{0}")]
+    Incoming(String),
 }

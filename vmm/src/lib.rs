@@ -25,6 +25,9 @@
 //!   - [`persist::kvm`]: the vCPUs' and the VM's KVM state, saved and restored in KVM's order.
 //!   - [`persist::snapshot`]: the snapshot directory: writing it, reading it back, the sparse
 //!     memory file mapped copy-on-write.
+//! - [`migration`]: live migration: the stream between two VMMs, the pre-copy sender and the
+//!   receiver.
+//! - [`memory`]: guest RAM, its KVM slots, and dirty page tracking.
 //! - [`boot`]: the guest memory layout, page tables, long-mode registers and the zero page.
 //! - [`devices`]: the devices, and [`DeviceStats`](devices::DeviceStats) for their counters.
 //!   - [`devices::bus`]: the virtio devices from the config, wired to KVM, on the `MmioBus`.
@@ -52,6 +55,8 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod hex;
+pub mod memory;
+pub mod migration;
 pub mod payload;
 pub mod persist;
 pub mod seccomp;

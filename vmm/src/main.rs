@@ -5,6 +5,8 @@
 //!
 //! Exit codes: 0 the guest powered off or was stopped, 1 configuration or setup error, 2 the
 //! guest crashed, 3 the guest asked for a reboot (the agent starts it again). With
+//! `--incoming SOCKET` it binds that unix socket, accepts one connection and receives a migrating
+//! guest from it (see [`hvnode_vmm::migration`]), which then runs here. With
 //! `exit_file` in the configuration, the code and reason are also written there as a
 //! [`VmExit`], for a supervisor that is not the VMM's parent.
 
@@ -16,11 +18,12 @@ use hvnode_vmm::ExitReason;
 
 /// The configuration and the snapshot to restore, or why there is none (with the exit file,
 /// if the text names one).
-fn config() -> Result<(VmConfig, Option<String>), (String, Option<String>)> {
+fn config() -> Result<(VmConfig, Origin), (String, Option<String>)> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (source, restore) = match args.as_slice() {
-        [a, b] => ((a, b), None),
-        [a, b, flag, dir] if flag == "--restore" => ((a, b), Some(dir.clone())),
+    let (source, origin) = match args.as_slice() {
+        [a, b] => ((a, b), Origin::Boot),
+        [a, b, flag, dir] if flag == "--restore" => ((a, b), Origin::Restore(dir.into())),
+        [a, b, flag, sock] if flag == "--incoming" => ((a, b), Origin::Incoming(sock.into())),
         _ => return Err((USAGE.into(), None)),
     };
     let text = match source {
@@ -37,10 +40,18 @@ fn config() -> Result<(VmConfig, Option<String>), (String, Option<String>)> {
             .and_then(|v| v.get("exit_file")?.as_str().map(str::to_owned));
         (format!("invalid VM config: {e}"), exit_file)
     })?;
-    Ok((config, restore))
+    Ok((config, origin))
 }
 
-const USAGE: &str = "usage: hvnode-vmm --config FILE.json | --config-json JSON [--restore DIR]";
+/// Where the guest comes from (see [`hvnode_vmm::vm::Origin`]).
+enum Origin {
+    Boot,
+    Restore(std::path::PathBuf),
+    Incoming(std::path::PathBuf),
+}
+
+const USAGE: &str = "usage: hvnode-vmm --config FILE.json | --config-json JSON \
+                     [--restore DIR | --incoming SOCKET]";
 
 /// The exit file, created (empty) as the VMM starts: once the sandbox is on no file can be
 /// opened, so the report goes through this descriptor, which a forbidden syscall's report
@@ -89,7 +100,7 @@ fn finish(name: &str, exit_file: Option<&ExitFile>, code: i32, reason: String) -
 }
 
 fn main() {
-    let (config, restore) = match config() {
+    let (config, origin) = match config() {
         Ok(c) => c,
         Err((msg, exit_file)) => {
             let exit_file = exit_file.as_deref().map(ExitFile::create);
@@ -98,8 +109,12 @@ fn main() {
     };
     let exit_file = config.exit_file.as_deref().map(ExitFile::create);
     // A panic on the main thread is a VMM bug; it still ends with an exit file.
-    let restore = restore.as_deref().map(std::path::Path::new);
-    let run = std::panic::catch_unwind(|| hvnode_vmm::run_from(&config, restore));
+    let origin = match &origin {
+        Origin::Boot => hvnode_vmm::vm::Origin::Boot,
+        Origin::Restore(dir) => hvnode_vmm::vm::Origin::Restore(dir),
+        Origin::Incoming(socket) => hvnode_vmm::vm::Origin::Incoming(socket),
+    };
+    let run = std::panic::catch_unwind(|| hvnode_vmm::run_from(&config, origin));
     let (code, reason) = match run {
         Ok(Ok(ExitReason::PowerOff)) => (0, "guest powered off".to_owned()),
         Ok(Ok(ExitReason::Stopped(why))) => (0, why),

@@ -77,6 +77,37 @@ pub const MEMORY_COUNTER: [u8; 61] = [
     0x0a, 0xee, 0xb9, 0x00, 0x00, 0x04, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xc3,
 ];
 
+/// Where [`DIRTIER`] writes: the 16 MiB from here (a guest needs at least 20 MiB).
+pub const DIRTIER_AREA: u64 = 0x40_0000;
+
+/// [`MEMORY_COUNTER`] with its delay loop replaced by a write of the counter into each of the
+/// 4096 pages of the 16 MiB at [`DIRTIER_AREA`]: a guest that keeps dirtying a 16 MiB working
+/// set as fast as it can, for migration tests and benchmarks.
+///
+/// ```text
+/// (MEMORY_COUNTER up to its delay loop)
+///     mov edi, 0x400000; mov ecx, 0x1000
+/// 4:  mov [rdi], eax; add edi, 0x1000; dec ecx; jnz 4b; jmp 1b
+/// ```
+pub const DIRTIER: [u8; 74] = {
+    let mut code = [0u8; 74];
+    let mut i = 0;
+    while i < 50 {
+        code[i] = MEMORY_COUNTER[i];
+        i += 1;
+    }
+    let tail = [
+        0xbf, 0x00, 0x00, 0x40, 0x00, 0xb9, 0x00, 0x10, 0x00, 0x00, 0x89, 0x07, 0x81, 0xc7, 0x00,
+        0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xf4, 0xeb, 0xb6,
+    ];
+    let mut j = 0;
+    while j < tail.len() {
+        code[50 + j] = tail[j];
+        j += 1;
+    }
+    code
+};
+
 /// Drives the i8042 by polling: disables the keyboard interface, runs the controller self test,
 /// enables the interface, then prints every byte read from port 0x60 as two hex digits and a
 /// space, and resets through the i8042 (`out 0x64, 0xfe`) once it has read 0x53 (Del make).

@@ -18,7 +18,10 @@
 //! `O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC`, which fails on any existing path, a symlink included),
 //! and opens that directory to sync it (`O_RDONLY|O_DIRECTORY|O_CLOEXEC`, which opens only a
 //! directory, whose entries cannot be listed: getdents stays forbidden). It reads the VM's state
-//! with the KVM get ioctls, each allowed by number; no set ioctl is.
+//! with the KVM get ioctls, each allowed by number; no set ioctl is, but one: a migration
+//! turns dirty logging on and off by registering the guest's memory slots again
+//! (KVM_SET_USER_MEMORY_REGION, which can only map this process's own memory into its own
+//! VM) and reads the log (KVM_GET_DIRTY_LOG).
 //!
 //! A forbidden syscall does not run: the kernel sends SIGSYS (SECCOMP_RET_TRAP), whose handler
 //! writes the syscall number and the thread to stderr and, through its descriptor opened at
@@ -122,8 +125,23 @@ vmm_sys_util::ioctl_ior_nr!(
     kvm_bindings::kvm_clock_data
 );
 
-/// The ioctls of a running VM: KVM_RUN, and the reads of vCPU and VM state a snapshot makes.
-fn run_phase_ioctls() -> [u64; 14] {
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0x42,
+    kvm_bindings::kvm_dirty_log
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    kvm_bindings::KVMIO,
+    0x46,
+    kvm_bindings::kvm_userspace_memory_region
+);
+
+/// The ioctls of a running VM: KVM_RUN, the reads of vCPU and VM state a snapshot makes, and a
+/// migration's dirty logging (turning it on and off on the guest's own memory slots, and
+/// reading it).
+fn run_phase_ioctls() -> [u64; 16] {
     [
         KVM_RUN(),
         KVM_GET_REGS(),
@@ -139,6 +157,8 @@ fn run_phase_ioctls() -> [u64; 14] {
         KVM_GET_IRQCHIP(),
         KVM_GET_PIT2(),
         KVM_GET_CLOCK(),
+        KVM_GET_DIRTY_LOG(),
+        KVM_SET_USER_MEMORY_REGION(),
     ]
     .map(u64::from)
 }
@@ -214,7 +234,7 @@ fn check(rc: libc::c_int, what: &'static str) -> Result<(), SandboxError> {
 /// keeps credentials per thread; glibc's wrappers apply them to every thread of the process.
 /// Leaving uid 0 clears the permitted and effective capabilities of every thread. Everything
 /// the VM needs from here on is already open.
-fn drop_privileges() -> Result<(), SandboxError> {
+pub fn drop_privileges() -> Result<(), SandboxError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
@@ -377,6 +397,8 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
         libc::SYS_fcntl,
         one_of(1, &[libc::F_DUPFD_CLOEXEC as u64, libc::F_GETFD as u64])?,
     );
+    // A migration ends its stream (the control connection it took over).
+    rules.insert(libc::SYS_shutdown, Vec::new());
     // Control clients get read and write timeouts.
     rules.insert(
         libc::SYS_setsockopt,

@@ -1,22 +1,21 @@
 //! Building the VM, afresh or from a snapshot, and running its vCPUs until the guest powers off,
 //! reboots or crashes.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use hvnode_api::vmm::VmConfig;
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,8 +26,10 @@ use crate::devices::legacy::{self, IrqLine};
 use crate::devices::DeviceStats;
 use crate::error::VmError;
 use crate::exit::ExitReason;
+use crate::migration::receive;
 use crate::persist::kvm::{restore_vcpu, restore_vm};
 use crate::persist::snapshot::{self, RestoreError, Snapshot};
+use crate::persist::VmState;
 use crate::vcpu::{install_kick_handler, setup_vcpu, Vcpu, Vcpus};
 use crate::{acpi, boot};
 
@@ -40,7 +41,7 @@ fn irq_line(vm: &kvm_ioctls::VmFd, gsi: u32) -> Result<IrqLine, VmError> {
 }
 
 fn load_kernel(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     path: &str,
 ) -> Result<
     (
@@ -68,7 +69,7 @@ fn load_kernel(
 }
 
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     path: &str,
     mem_size: u64,
     initrd_addr_max: Option<u32>,
@@ -97,7 +98,7 @@ fn bind(path: &str) -> Result<UnixListener, VmError> {
 /// The mappings are anonymous, private and MAP_NORESERVE (vm-memory's default): the host
 /// commits a page only when the guest or a device first touches it, so a guest costs what it
 /// uses, not its size. A size the host cannot map at all fails here.
-fn guest_memory(memory_mib: u64, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
+fn guest_memory(memory_mib: u64, mem_size: u64) -> Result<GuestRam, VmError> {
     let ranges: Vec<(GuestAddress, usize)> = boot::ram_ranges(mem_size)
         .iter()
         .map(|r| usize::try_from(r.size).map(|size| (GuestAddress(r.start), size)))
@@ -107,28 +108,11 @@ fn guest_memory(memory_mib: u64, mem_size: u64) -> Result<GuestMemoryMmap, VmErr
                 "memory_mib {memory_mib} does not fit the host's address space"
             ))
         })?;
-    GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| {
+    GuestRam::from_ranges(&ranges).map_err(|e| {
         VmError::Memory(format!(
             "memory_mib {memory_mib} cannot be mapped on this host: {e}"
         ))
     })
-}
-
-/// Registers each range of `mem` with KVM as its own memory slot.
-fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the slot is exactly one mmap of `mem`, which the caller keeps until the
-        // process exits (vCPU threads run until then and `run` never returns while they do).
-        unsafe { vm.set_user_memory_region(region)? };
-    }
-    Ok(())
 }
 
 /// Refuses a guest whose RAM would end above what its vCPUs can address (CPUID 0x8000_0008):
@@ -164,7 +148,7 @@ fn has_gib_pages(cpuid: &CpuId) -> bool {
 /// zero page of a fresh guest; returns the kernel's 64-bit entry point.
 fn load_guest(
     config: &VmConfig,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     mmio: &crate::devices::MmioBus,
     cpuid: &CpuId,
@@ -211,13 +195,33 @@ fn restoring(what: impl Into<String>, e: impl std::fmt::Display) -> VmError {
 
 /// Builds the VM described by `config` and runs it until it ends.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
-    run_from(config, None)
+    run_from(config, Origin::Boot)
 }
 
-/// Builds the VM described by `config`, booting it afresh or, with `restore`, resuming it from
-/// the snapshot in that directory (see [`crate::persist::snapshot`]), and runs it until it
-/// ends. A restored guest runs at once, from where it stood when the snapshot was taken.
-pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason, VmError> {
+/// Where a VM's guest comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// Booted afresh from its kernel.
+    Boot,
+    /// Resumed from the snapshot in this directory (see [`crate::persist::snapshot`]).
+    Restore(&'a Path),
+    /// Received from a migrating VMM through the one connection accepted on this unix socket
+    /// (see [`crate::migration`]).
+    Incoming(&'a Path),
+}
+
+/// The guest's memory and state as it starts.
+struct Arrival {
+    mem: GuestRam,
+    state: Option<VmState>,
+    /// For an incoming guest: the stream, answered once the vCPUs run.
+    incoming: Option<(UnixStream, Instant)>,
+}
+
+/// Builds the VM described by `config`, booting it afresh, resuming it from a snapshot or
+/// receiving it from a migrating VMM (see [`Origin`]), and runs it until it ends. A restored or
+/// received guest runs at once, from where it stood.
+pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmError> {
     // Before any thread starts, so that every thread inherits the mask.
     control::block_termination_signals()?;
     install_kick_handler()?;
@@ -245,9 +249,15 @@ pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason,
         }
     };
     // Before anything is opened: a snapshot that does not fit fails the start first.
-    let snapshot: Option<Snapshot> = restore
-        .map(|dir| snapshot::open(dir, config, mem_size))
-        .transpose()?;
+    let snapshot: Option<Snapshot> = match origin {
+        Origin::Restore(dir) => Some(snapshot::open(dir, config, mem_size)?),
+        _ => None,
+    };
+    // The sender may connect as soon as we start; it waits until the VM is built.
+    let incoming = match origin {
+        Origin::Incoming(path) => Some(bind(&path.to_string_lossy())?),
+        _ => None,
+    };
     // Before KVM, so that a bad image, tap or bridge fails the start with its name.
     let virtio = crate::devices::DeviceSet::open(config)?;
     let kvm = Kvm::new()?;
@@ -261,27 +271,15 @@ pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason,
     };
     // Guest memory is registered before the irqchip exists: on this nested KVM the first memory
     // slot added after KVM_CREATE_IRQCHIP costs 4-7 ms, the same slot added before it 0.2 ms.
-    register_memory(&vm, &mem)?;
+    crate::memory::register(&vm, &mem, false)?;
     vm.set_tss_address(0xfffb_d000)?;
     vm.create_irq_chip()?;
     vm.create_pit2(kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     })?;
-    if let Some(s) = &snapshot {
-        restore_vm(&vm, &s.state.vm).map_err(|e| restoring("the VM", e))?;
-    }
-    let mem = Box::leak(Box::new(mem));
-    let mmio = Arc::new(virtio.attach(&vm, mem)?);
-    let entry = match &snapshot {
-        Some(s) => {
-            mmio.restore(&s.state.virtio)
-                .map_err(|e| restoring("the virtio devices", e))?;
-            None
-        }
-        None => Some(load_guest(config, mem, mem_size, &mmio, &cpuid)?),
-    };
-
+    // Everything that names a path is opened before a guest is received: the receiving VMM
+    // drops root first (below).
     let clients = Arc::new(Mutex::new(Vec::new()));
     let serial_stats = Arc::new(SerialStats::default());
     let out = SerialOut::new(
@@ -290,16 +288,68 @@ pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason,
         Arc::clone(&serial_stats),
     )
     .map_err(|e| VmError::File("serial log".into(), e))?;
+    let serial_listener = config.serial_socket.as_deref().map(bind).transpose()?;
+    let control_listener = config.control_socket.as_deref().map(bind).transpose()?;
+    let arrival = match (snapshot, incoming) {
+        (Some(s), _) => Arrival {
+            mem,
+            state: Some(s.state),
+            incoming: None,
+        },
+        (None, Some(listener)) => receive(config, &listener, mem, mem_size)?,
+        (None, None) => Arrival {
+            mem,
+            state: None,
+            incoming: None,
+        },
+    };
+    let Arrival {
+        mem,
+        state,
+        mut incoming,
+    } = arrival;
+    let restored = Instant::now();
+    // A receiving VMM answers the sender with what failed from here on.
+    let refuse = |incoming: &mut Option<(UnixStream, Instant)>, e: VmError| {
+        if let Some((stream, _)) = incoming {
+            receive::refuse(
+                stream,
+                &receive::Refused {
+                    code: "restore_failed",
+                    message: hvnode_api::error::chain(&e),
+                },
+            );
+        }
+        e
+    };
+    if let Some(s) = &state {
+        restore_vm(&vm, &s.vm).map_err(|e| refuse(&mut incoming, restoring("the VM", e)))?;
+    }
+    let mem = Box::leak(Box::new(mem));
+    let mmio = Arc::new(
+        virtio
+            .attach(&vm, mem)
+            .map_err(|e| refuse(&mut incoming, e.into()))?,
+    );
+    let entry = match &state {
+        Some(s) => {
+            mmio.restore(&s.virtio)
+                .map_err(|e| refuse(&mut incoming, restoring("the virtio devices", e)))?;
+            None
+        }
+        None => Some(load_guest(config, mem, mem_size, &mmio, &cpuid)?),
+    };
+
     let serial_irq = irq_line(&vm, legacy::SERIAL_GSI)?;
-    let console = match &snapshot {
-        Some(s) => console_from_state(&s.state.serial, serial_irq, out)
-            .map_err(|e| restoring("the serial port", e))?,
+    let console = match &state {
+        Some(s) => console_from_state(&s.serial, serial_irq, out)
+            .map_err(|e| refuse(&mut incoming, restoring("the serial port", e)))?,
         None => Serial::new(serial_irq, out),
     };
     let console = Arc::new(Mutex::new(console));
     let keyboard_irq = irq_line(&vm, legacy::KEYBOARD_GSI)?;
-    let keyboard = match &snapshot {
-        Some(s) => I8042::from_state(&s.state.i8042, keyboard_irq),
+    let keyboard = match &state {
+        Some(s) => I8042::from_state(&s.i8042, keyboard_irq),
         None => I8042::new(keyboard_irq),
     };
     let keyboard = Arc::new(Mutex::new(keyboard));
@@ -324,32 +374,31 @@ pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason,
         },
     ));
 
-    if let Some(path) = &config.serial_socket {
-        let l = bind(path)?;
+    if let Some(l) = serial_listener {
         let (c, s, st) = (Arc::clone(&clients), Arc::clone(&console), serial_stats);
         std::thread::spawn(move || console_loop(l, c, s, st));
     }
-    if let Some(path) = &config.control_socket {
-        let l = bind(path)?;
+    if let Some(l) = control_listener {
         let ctl = Arc::clone(&controller);
         std::thread::spawn(move || control_loop(l, ctl));
     }
     std::thread::spawn(move || signal_loop(controller));
     let vcpu_fds = (0..config.vcpus)
-        .map(|id| match (&snapshot, entry) {
+        .map(|id| match (&state, entry) {
             (Some(s), _) => {
                 let fd = vm.create_vcpu(u64::from(id))?;
-                restore_vcpu(&fd, &s.state.vcpus[id as usize])
+                restore_vcpu(&fd, &s.vcpus[id as usize])
                     .map_err(|e| restoring(format!("vCPU {id}"), e))?;
                 Ok(fd)
             }
             (None, Some(entry)) => setup_vcpu(&vm, &cpuid, id, entry),
             (None, None) => Err(VmError::Kernel("no entry point".into())),
         })
-        .collect::<Result<Vec<_>, VmError>>()?;
+        .collect::<Result<Vec<_>, VmError>>()
+        .map_err(|e| refuse(&mut incoming, e))?;
     // Everything the VM needs is open and mapped: the guest runs in the sandbox from its first
     // instruction.
-    crate::seccomp::lock_down(&config.name)?;
+    crate::seccomp::lock_down(&config.name).map_err(|e| refuse(&mut incoming, e.into()))?;
     for (index, fd) in vcpu_fds.into_iter().enumerate() {
         vcpus.spawn(Vcpu {
             fd,
@@ -360,6 +409,22 @@ pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason,
             exit: exit_tx.clone(),
         })?;
     }
+    if let Some((mut stream, received)) = incoming {
+        let restore_ms = restored.elapsed().as_millis() as u64;
+        if let Err(e) = receive::finish(&mut stream, restore_ms) {
+            // The guest runs here; the source decides what to do without our answer (it keeps
+            // its copy paused).
+            eprintln!(
+                "hvnode-vmm: {}: answering the migration source: {e}",
+                config.name
+            );
+        }
+        eprintln!(
+            "hvnode-vmm: {}: arrived by migration, running {} ms after the last byte",
+            config.name,
+            received.elapsed().as_millis()
+        );
+    }
     drop(exit_tx);
     // The VM and its fds stay alive until the process exits with the reason (the controller
     // holds the VM too).
@@ -368,6 +433,27 @@ pub fn run_from(config: &VmConfig, restore: Option<&Path>) -> Result<ExitReason,
         .unwrap_or(ExitReason::Crash("all vCPU threads ended".into()));
     std::mem::forget(vm);
     Ok(reason)
+}
+
+/// Drops root, then takes the guest from the one connection accepted on `listener`.
+fn receive(
+    config: &VmConfig,
+    listener: &UnixListener,
+    mem: GuestRam,
+    mem_size: u64,
+) -> Result<Arrival, VmError> {
+    // Whatever the stream holds is parsed without root (the filter comes once the VM is built).
+    crate::seccomp::drop_privileges()?;
+    let (mut stream, _) = listener
+        .accept()
+        .map_err(|e| VmError::File("accepting the incoming migration".into(), e))?;
+    let arrived = receive::receive(&mut stream, config, &mem, mem_size)
+        .map_err(|e| VmError::Incoming(e.to_string()))?;
+    Ok(Arrival {
+        mem,
+        state: Some(arrived.state),
+        incoming: Some((stream, Instant::now())),
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`FIRST_GSI`] + `i` (edge-triggered). Disks come first (in config order, so the first disk is
 //! the guest's vda), then network devices, then the rng.
 
+use crate::memory::GuestRam;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -12,7 +13,7 @@ use std::time::Instant;
 use hvnode_api::vmm::VmConfig;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::{Block, BlockError};
@@ -246,7 +247,7 @@ impl DeviceSet {
 
     /// Puts each device behind its window: its interrupt as an irqfd on its GSI, each queue's
     /// notification as an ioeventfd on QueueNotify matching the queue index.
-    pub fn attach(self, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<MmioBus, SetupError> {
+    pub fn attach(self, vm: &VmFd, mem: &GuestRam) -> Result<MmioBus, SetupError> {
         let mut slots = Vec::new();
         for (i, (name, device)) in self.devices.into_iter().enumerate() {
             let base = MMIO_BASE + i as u64 * WINDOW_SIZE;

@@ -6,10 +6,11 @@
 //! got still had NEXT set) and refuses the chain, checks every descriptor's range against guest
 //! memory, and checks that device-readable descriptors come before device-writable ones.
 
+use crate::memory::GuestRam;
 use std::ops::Deref;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// A guest buffer: one descriptor's address and length, checked to lie in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +88,8 @@ impl Chain {
 /// Takes the next available chain off `queue`, or `None` when the driver has offered no more.
 pub(crate) fn pop<'a>(
     queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, QueueFault> {
+    mem: &'a GuestRam,
+) -> Result<Option<DescriptorChain<&'a GuestRam>>, QueueFault> {
     let size = queue.size();
     let next = queue.iter(mem).map_err(QueueFault::Avail)?.next();
     match next {
@@ -102,7 +103,7 @@ pub(crate) fn pop<'a>(
 /// guest; the head goes back to the used ring whatever happened.
 pub(crate) fn serve_queue(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mut serve: impl FnMut(Result<Chain, ChainError>) -> u32,
 ) -> Result<Progress, QueueFault> {
     let mut progress = Progress::default();
@@ -122,7 +123,7 @@ pub(crate) fn serve_queue(
 /// Returns a chain's head to the used ring with `len` bytes written.
 pub(crate) fn complete(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     head: u16,
     len: u32,
 ) -> Result<(), QueueFault> {
@@ -133,7 +134,7 @@ pub(crate) fn complete(
 /// [`Chain::fault`].
 pub(crate) fn parse<M>(mut chain: DescriptorChain<M>) -> Result<Chain, ChainError>
 where
-    M: Deref<Target = GuestMemoryMmap>,
+    M: Deref<Target = GuestRam>,
 {
     let mut out = Chain {
         head: chain.head_index(),
@@ -148,7 +149,7 @@ where
     if descs.is_empty() || last_has_next {
         return Err(ChainError::Unterminated);
     }
-    let mem: &GuestMemoryMmap = chain.memory();
+    let mem: &GuestRam = chain.memory();
     let mut seen_writable = false;
     let last = descs.len() - 1;
     for (i, d) in descs.into_iter().enumerate() {
@@ -212,7 +213,7 @@ pub(crate) fn split_last_byte(segs: &[Segment]) -> Option<(Vec<Segment>, GuestAd
 }
 
 /// Fills `buf` from the start of `segs`; `false` if they hold fewer bytes or memory fails.
-pub(crate) fn read_prefix(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> bool {
+pub(crate) fn read_prefix(mem: &GuestRam, segs: &[Segment], buf: &mut [u8]) -> bool {
     let mut done = 0;
     for s in segs {
         if done == buf.len() {
@@ -228,7 +229,7 @@ pub(crate) fn read_prefix(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8
 }
 
 /// Copies as much of `data` as fits into `segs`; the bytes written, or `None` if memory fails.
-pub(crate) fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> Option<usize> {
+pub(crate) fn scatter(mem: &GuestRam, segs: &[Segment], data: &[u8]) -> Option<usize> {
     let mut done = 0;
     for s in segs {
         if done == data.len() {
@@ -244,26 +245,24 @@ pub(crate) fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> O
 /// Test helpers shared by the device tests: guest memory and a driver-side queue.
 #[cfg(test)]
 pub(crate) mod testing {
+    use crate::memory::GuestRam;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     pub use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     /// 16 MiB of guest memory at 0.
-    pub fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    pub fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
     /// Guest memory with a hole, as a guest larger than 3 GiB has: 16 MiB at 0 and 16 MiB at
     /// [`HIGH`].
-    pub fn two_regions() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), 16 << 20),
-            (GuestAddress(HIGH), 16 << 20),
-        ])
-        .unwrap()
+    pub fn two_regions() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20), (GuestAddress(HIGH), 16 << 20)])
+            .unwrap()
     }
 
     /// Start of the second region of [`two_regions`].
@@ -280,7 +279,7 @@ pub(crate) mod testing {
     }
 
     /// Writes `descs` as one chain at descriptor `offset` (NEXT links set here) and offers it.
-    pub fn offer(q: &MockSplitQueue<GuestMemoryMmap>, offset: u16, descs: &[RawDescriptor]) {
+    pub fn offer(q: &MockSplitQueue<GuestRam>, offset: u16, descs: &[RawDescriptor]) {
         let linked: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
@@ -301,7 +300,7 @@ pub(crate) mod testing {
 
     /// Offers descriptors exactly as given (no NEXT fix-up), for malformed chains; the tests
     /// never offer more chains than the queue holds, so the ring index needs no wrap.
-    pub fn offer_raw(q: &MockSplitQueue<GuestMemoryMmap>, offset: u16, descs: &[RawDescriptor]) {
+    pub fn offer_raw(q: &MockSplitQueue<GuestRam>, offset: u16, descs: &[RawDescriptor]) {
         for (i, d) in descs.iter().enumerate() {
             q.desc_table().store(offset + i as u16, *d).unwrap();
         }
@@ -315,12 +314,12 @@ pub(crate) mod testing {
     }
 
     /// The device-side queue for the mock.
-    pub fn queue(q: &MockSplitQueue<GuestMemoryMmap>) -> Queue {
+    pub fn queue(q: &MockSplitQueue<GuestRam>) -> Queue {
         q.create_queue::<Queue>().unwrap()
     }
 
     /// The `(id, len)` of used ring entry `i`.
-    pub fn used(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+    pub fn used(q: &MockSplitQueue<GuestRam>, mem: &GuestRam, i: u16) -> (u32, u32) {
         let base = q.used_addr().0 + 4 + 8 * u64::from(i);
         (
             mem.read_obj(GuestAddress(base)).unwrap(),
@@ -341,7 +340,7 @@ pub(crate) mod testing {
     }
 
     /// The used ring's idx.
-    pub fn used_idx(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u16 {
+    pub fn used_idx(q: &MockSplitQueue<GuestRam>, mem: &GuestRam) -> u16 {
         mem.read_obj(GuestAddress(q.used_addr().0 + 2)).unwrap()
     }
 }
@@ -353,10 +352,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
-    fn parse_first(
-        q: &MockSplitQueue<GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Chain, ChainError> {
+    fn parse_first(q: &MockSplitQueue<GuestRam>, mem: &GuestRam) -> Result<Chain, ChainError> {
         let mut queue = queue(q);
         let c = pop(&mut queue, mem).unwrap().unwrap();
         parse(c)

@@ -7,6 +7,7 @@
 //! DRIVER_OK validates every queue against guest memory and activates the device; a status
 //! write of 0 resets it (stops its worker, resets the queues and the negotiated features).
 
+use crate::memory::GuestRam;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +19,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
@@ -111,7 +112,7 @@ pub struct TransportState {
 /// One device behind a virtio-mmio register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
@@ -139,7 +140,7 @@ impl MmioTransport {
     /// ([`queue_events`](Self::queue_events), for the VMM to register as ioeventfds).
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         interrupt: Arc<Interrupt>,
     ) -> std::io::Result<Self> {
         let mut queues = Vec::new();
@@ -506,7 +507,7 @@ mod tests {
     const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
     const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 
-    fn transport(mem: &GuestMemoryMmap) -> (MmioTransport, Arc<Interrupt>) {
+    fn transport(mem: &GuestRam) -> (MmioTransport, Arc<Interrupt>) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq));
         let t = MmioTransport::new(
@@ -540,7 +541,7 @@ mod tests {
         w(t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK);
     }
 
-    fn setup_queue(t: &mut MmioTransport, q: &MockSplitQueue<GuestMemoryMmap>, size: u32) {
+    fn setup_queue(t: &mut MmioTransport, q: &MockSplitQueue<GuestRam>, size: u32) {
         w(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
         w(t, reg::VIRTIO_MMIO_QUEUE_NUM, size);
         w(

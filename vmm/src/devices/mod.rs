@@ -25,12 +25,13 @@ pub mod pio;
 pub mod rng;
 pub mod worker;
 
+use crate::memory::GuestRam;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 pub use bus::{DeviceSet, MmioBus};
@@ -117,7 +118,7 @@ pub struct ActiveQueue {
 #[derive(Debug)]
 pub struct Activation {
     /// Guest memory (a clone sharing the same mapping).
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// The device's queues, in order.
     pub queues: Vec<ActiveQueue>,
     /// The device's interrupt.

@@ -9,14 +9,16 @@
 //! The files are written once the VMM is sandboxed: only new files in a new directory can be
 //! created (see [`crate::seccomp`]), never an existing one opened.
 
+use crate::memory::GuestRam;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use hvnode_api::vmm::{VmConfig, SNAPSHOT_CONFIG, SNAPSHOT_MEMORY, SNAPSHOT_STATE};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 use super::{StateError, VmState};
 use crate::boot::{self, RamRange};
@@ -77,7 +79,7 @@ pub fn write(
     dir: &Path,
     config: &VmConfig,
     state: &VmState,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
 ) -> io::Result<Written> {
     let config_json = serde_json::to_vec_pretty(config).map_err(io::Error::other)?;
@@ -110,7 +112,7 @@ pub fn write(
 
 /// Writes the pages of `mem` that hold anything into `file` at their place in the layout;
 /// returns the bytes written.
-fn write_memory(file: &File, mem: &GuestMemoryMmap, mem_size: u64) -> io::Result<u64> {
+fn write_memory(file: &File, mem: &GuestRam, mem_size: u64) -> io::Result<u64> {
     file.set_len(mem_size)?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0;
@@ -277,24 +279,25 @@ pub fn mismatch(saved: &VmConfig, now: &VmConfig) -> Option<String> {
 /// Guest memory of `mem_size` bytes mapped from the snapshot's memory file, privately: pages
 /// are read from the file as the guest first touches them (so a large guest resumes at once),
 /// and its writes go to private copies, never to the file.
-pub fn map_memory(file: &File, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
+pub fn map_memory(file: &File, mem_size: u64) -> Result<GuestRam, RestoreError> {
     let err = |e: String| RestoreError::Memory(e);
     let mut regions = Vec::new();
     for (range, offset) in memory_layout(mem_size) {
         let size = usize::try_from(range.size)
             .map_err(|_| err(format!("{} bytes do not fit this host", range.size)))?;
         let fd = file.try_clone().map_err(|e| err(e.to_string()))?;
-        let mapping: MmapRegion = MmapRegionBuilder::new(size)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .with_file_offset(FileOffset::new(fd, offset))
-            .build()
-            .map_err(|e| err(format!("mapping {size} bytes at offset {offset}: {e}")))?;
+        let mapping: MmapRegion<AtomicBitmap> =
+            MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::new(fd, offset))
+                .build()
+                .map_err(|e| err(format!("mapping {size} bytes at offset {offset}: {e}")))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(range.start))
             .ok_or_else(|| err(format!("range at {:#x} overflows", range.start)))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+    GuestRam::from_regions(regions).map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]
@@ -373,7 +376,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let size = 16u64 << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
         mem.write_obj(1u8, GuestAddress(size - 1)).unwrap();
         let path = dir.join("memory");

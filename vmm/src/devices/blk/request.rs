@@ -1,6 +1,7 @@
 //! Parsing and executing virtio-blk requests. Data moves straight between the image file and
 //! guest memory (no bounce buffer), one descriptor at a time.
 
+use crate::memory::GuestRam;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -11,7 +12,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::{Queue, QueueState};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
+use vm_memory::{Bytes, GuestMemoryBackend, ReadVolatile, WriteVolatile};
 
 use super::SECTOR_SIZE;
 use crate::devices::chain::Progress;
@@ -50,7 +51,7 @@ impl Counters {
 }
 
 pub(super) struct BlkHandler {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     pub queue: Queue,
     pub disk: std::sync::Arc<Disk>,
     pub counters: std::sync::Arc<Counters>,
@@ -85,7 +86,7 @@ impl Refused {
 /// Serves up to one queue's worth of requests.
 pub(super) fn process(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     disk: &Disk,
     counters: &Counters,
 ) -> Result<Progress, QueueFault> {
@@ -103,7 +104,7 @@ pub(super) fn process(
 
 /// Runs one request and writes its status; returns the bytes written to the guest (data plus
 /// the status byte), 0 if there is no usable status byte.
-fn execute(mem: &GuestMemoryMmap, c: &Chain, disk: &Disk, counters: &Counters) -> u32 {
+fn execute(mem: &GuestRam, c: &Chain, disk: &Disk, counters: &Counters) -> u32 {
     let status_seg = if c.tail_writable {
         chain::split_last_byte(&c.writable)
     } else {
@@ -140,7 +141,7 @@ fn range(disk: &Disk, sector: u64, len: u64) -> Result<u64, Refused> {
 }
 
 fn request(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     c: &Chain,
     data_out: &[Segment],
     disk: &Disk,
@@ -275,20 +276,20 @@ mod tests {
         }
     }
 
-    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+    fn header(mem: &GuestRam, kind: u32, sector: u64) {
         mem.write_obj(kind, GuestAddress(HDR)).unwrap();
         mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
         mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     }
 
-    fn run(f: &Fixture, q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+    fn run(f: &Fixture, q: &MockSplitQueue<GuestRam>, mem: &GuestRam) {
         let mut queue = queue(q);
         let p = process(&mut queue, mem, &f.disk, &f.counters).unwrap();
         assert!(p.used);
     }
 
-    fn status(mem: &GuestMemoryMmap) -> u8 {
+    fn status(mem: &GuestRam) -> u8 {
         mem.read_obj(GuestAddress(STATUS)).unwrap()
     }
 

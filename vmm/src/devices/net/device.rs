@@ -1,3 +1,4 @@
+use crate::memory::GuestRam;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -8,7 +9,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::tap::VNET_HDR_LEN;
 use crate::devices::chain::Progress;
@@ -117,7 +117,7 @@ enum Rx {
 /// The queues and the tap. A frame read from the tap while the guest has no receive buffer is
 /// kept (one at most) and the tap is not watched until the guest adds buffers.
 struct NetHandler {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     rx: Queue,
     tx: Queue,
     tap: Arc<File>,
@@ -131,13 +131,7 @@ struct NetHandler {
 }
 
 impl NetHandler {
-    fn new(
-        mem: GuestMemoryMmap,
-        rx: Queue,
-        tx: Queue,
-        tap: Arc<File>,
-        counters: Arc<Counters>,
-    ) -> Self {
+    fn new(mem: GuestRam, rx: Queue, tx: Queue, tap: Arc<File>, counters: Arc<Counters>) -> Self {
         NetHandler {
             mem,
             rx,
@@ -324,12 +318,12 @@ mod tests {
     /// A handler whose "tap" is one end of a datagram socket pair (frames keep their
     /// boundaries, as on a tap); the other end plays the host side.
     fn handler<'a>(
-        mem: &'a GuestMemoryMmap,
+        mem: &'a GuestRam,
     ) -> (
         NetHandler,
         UnixDatagram,
-        MockSplitQueue<'a, GuestMemoryMmap>,
-        MockSplitQueue<'a, GuestMemoryMmap>,
+        MockSplitQueue<'a, GuestRam>,
+        MockSplitQueue<'a, GuestRam>,
     ) {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();

@@ -1,3 +1,4 @@
+use crate::memory::GuestRam;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -6,7 +7,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueState};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{GuestMemoryBackend, ReadVolatile};
 
 use crate::devices::chain::Progress;
 use crate::devices::chain::{self, Chain, QueueFault};
@@ -84,7 +85,7 @@ impl VirtioDevice for Rng {
 }
 
 struct RngHandler {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     queue: Queue,
     source: Arc<File>,
     counters: Arc<Counters>,
@@ -102,7 +103,7 @@ impl Handler for RngHandler {
 
 fn process(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     source: &File,
     counters: &Counters,
 ) -> Result<Progress, QueueFault> {
@@ -118,7 +119,7 @@ fn process(
 
 /// Fills the chain's buffers; `None` for a malformed request (device-readable buffers, bad
 /// ranges), which gets nothing.
-fn fill(mem: &GuestMemoryMmap, c: &Chain, source: &File, counters: &Counters) -> Option<u32> {
+fn fill(mem: &GuestRam, c: &Chain, source: &File, counters: &Counters) -> Option<u32> {
     if c.fault.is_some() || !c.readable.is_empty() {
         return None;
     }
@@ -146,7 +147,7 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn run(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) -> (Progress, Counters) {
+    fn run(q: &MockSplitQueue<GuestRam>, mem: &GuestRam) -> (Progress, Counters) {
         let source = File::open("/dev/urandom").unwrap();
         let counters = Counters::default();
         let mut queue = queue(q);
