@@ -2,7 +2,10 @@
 //! registration only `GET` and `POST /v1/registration` answer; afterwards every route needs a
 //! client certificate verified against the registered manager's CA under the current
 //! registration generation, so that unregistering cuts off connections made before it. The
-//! console's routes ([`Route::local_only`]) do not exist over TCP.
+//! console's routes ([`Route::local_only`]) do not exist over TCP. A certificate the manager
+//! signed for a node (another node of this manager) opens the node-to-node routes
+//! ([`Route::node_to_node`], the destination's half of a migration) and nothing else; the
+//! manager's certificate opens everything but those.
 
 use hvnode_api::error::ErrorCode;
 use hvnode_api::routes::{method, Route};
@@ -18,7 +21,11 @@ impl Agent {
         method: &str,
         route: Option<&Route>,
     ) -> Result<(), Error> {
-        let Origin::Tcp { client_generation } = origin else {
+        let Origin::Tcp {
+            client_generation,
+            node_peer,
+        } = origin
+        else {
             return Ok(());
         };
         match route {
@@ -41,6 +48,16 @@ impl Agent {
             Some(g) if g != current => Err(Error::new(
                 ErrorCode::UntrustedClientCertificate,
                 "The client certificate is not signed by the manager this node trusts now: reconnect, or re-register",
+            )),
+            // Another node of this manager may only hand over guests; only another node may.
+            Some(_) if route.is_some_and(Route::node_to_node) != node_peer => Err(Error::new(
+                ErrorCode::NodeCertificateRequired,
+                if node_peer {
+                    "A node's certificate opens only the node-to-node routes (/v1/migrations)"
+                } else {
+                    "Only another node of this manager, with the certificate the manager signed \
+                     for it, may call the node-to-node routes"
+                },
             )),
             Some(_) => Ok(()),
         }

@@ -5,15 +5,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hvnode_api::error::ErrorCode;
 use hvnode_api::routes::CONSOLE_PROTOCOL;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, StatusCode};
 
 use crate::error::{blocking, Error};
 use crate::guests::vmms::GuestError;
-use crate::http::{text_response, Resp};
+use crate::http::{text_response, upgrade_response, wants_upgrade, Resp};
 use crate::Agent;
 
 /// How much of the console log an attach replays, at most.
@@ -66,17 +64,7 @@ impl Agent {
             }
             .into());
         }
-        let has_token = |header, token: &str| {
-            req.headers()
-                .get_all(header)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        };
-        if !has_token(hyper::header::CONNECTION, "upgrade")
-            || !has_token(hyper::header::UPGRADE, CONSOLE_PROTOCOL)
-        {
+        if !wants_upgrade(&req, CONSOLE_PROTOCOL) {
             return Err(Error::new(
                 ErrorCode::UpgradeRequired,
                 format!(
@@ -112,18 +100,7 @@ impl Agent {
                 Err(e) => eprintln!("agent: console of guest {name}: upgrade failed: {e}"),
             }
         });
-        let mut r = Response::new(Full::new(Bytes::new()).boxed());
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = r.headers_mut();
-        h.insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("upgrade"),
-        );
-        h.insert(
-            hyper::header::UPGRADE,
-            hyper::header::HeaderValue::from_static(CONSOLE_PROTOCOL),
-        );
-        Ok(r)
+        Ok(upgrade_response(CONSOLE_PROTOCOL))
     }
 }
 

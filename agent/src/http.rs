@@ -52,6 +52,36 @@ pub fn no_content() -> Resp {
     r
 }
 
+/// Whether a request asks for an HTTP/1.1 upgrade to `protocol` (`Connection: upgrade` and
+/// `Upgrade: <protocol>`, each among comma-separated tokens, any case).
+pub fn wants_upgrade<B>(req: &Request<B>, protocol: &str) -> bool {
+    let has_token = |header, token: &str| {
+        req.headers()
+            .get_all(header)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(hyper::header::CONNECTION, "upgrade") && has_token(hyper::header::UPGRADE, protocol)
+}
+
+/// `101 Switching Protocols` to `protocol`.
+pub fn upgrade_response(protocol: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(protocol),
+    );
+    r
+}
+
 impl Error {
     /// The response: the code's status and the JSON error body (with `Allow` for a 405).
     pub fn into_response(self, route: Option<&Route>) -> Resp {

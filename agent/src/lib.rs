@@ -40,6 +40,7 @@ pub mod images;
 pub mod initctl;
 pub mod listen;
 pub mod manager;
+pub mod migration;
 pub mod network;
 pub mod node;
 pub mod registration;
@@ -96,10 +97,14 @@ pub enum Origin {
     /// The local unix socket: root on the node, trusted.
     Local,
     /// TCP. `client_generation` is the registration generation under which the connection's
-    /// client certificate was verified against the manager CA, if it presented one.
+    /// client certificate was verified against the manager CA, if it presented one;
+    /// `node_peer` says that certificate is one the manager signed for a node (see
+    /// [`tls::NODE_OU`]), not the manager's own.
     Tcp {
         /// See above.
         client_generation: Option<u64>,
+        /// See above.
+        node_peer: bool,
     },
 }
 
@@ -115,6 +120,8 @@ pub struct Agent {
     running: Arc<guests::vmms::Guests>,
     /// Events for `GET /v1/events`.
     events: Arc<events::EventLog>,
+    /// Live migrations in progress, and the last one of each guest.
+    migrations: migration::Migrations,
     config: config::NodeConfigFile,
     init: initctl::InitClient,
 }
@@ -145,6 +152,7 @@ impl Agent {
                 paths.clone(),
             )),
             events,
+            migrations: migration::Migrations::default(),
             config: config::NodeConfigFile::new(paths.node_config()),
             init: initctl::InitClient::new(paths.init_socket.clone()),
             paths,

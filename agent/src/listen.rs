@@ -130,10 +130,16 @@ pub async fn serve_tcp(agent: Arc<Agent>, listener: TcpListener, limits: Limits)
             };
             // rustls has verified any presented certificate against the manager CA of this
             // generation; a connection without one is anonymous.
-            let client_generation = tls.get_ref().1.peer_certificates().map(|_| generation);
-            agent
-                .serve_connection(tls, Origin::Tcp { client_generation }, limits.head)
-                .await;
+            let peer = tls.get_ref().1.peer_certificates();
+            let client_generation = peer.map(|_| generation);
+            let node_peer = peer
+                .and_then(|c| c.first())
+                .is_some_and(|c| crate::tls::is_node_certificate(c));
+            let origin = Origin::Tcp {
+                client_generation,
+                node_peer,
+            };
+            agent.serve_connection(tls, origin, limits.head).await;
         });
     }
 }

@@ -107,6 +107,14 @@ impl Registration {
         self.saved.lock().unwrap_or_else(|e| e.into_inner()).state == RegistrationState::Registered
     }
 
+    /// The registered manager's CA (PEM), if registered.
+    pub fn ca_pem(&self) -> Option<String> {
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        (saved.state == RegistrationState::Registered)
+            .then(|| saved.ca_pem.clone())
+            .flatten()
+    }
+
     /// The current registration generation.
     pub fn generation(&self) -> u64 {
         *self.generation.lock().unwrap_or_else(|e| e.into_inner())

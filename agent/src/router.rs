@@ -101,6 +101,16 @@ impl Agent {
             (PUT, Route::Image(path)) => self.upload_image(path, req.into_body()).await,
             (DELETE, Route::Image(path)) => self.delete_image(path),
             (GET, Route::Events) => Ok(self.event_stream(query("since"))),
+            (GET, Route::NodeCertificate) => self.node_certificate(),
+            (PUT, Route::NodeCertificate) => self.install_node_certificate(read_json(req).await?),
+            (GET, Route::GuestMigration(name)) => self.show_migration(name),
+            (POST, Route::GuestMigration(name)) => {
+                self.start_migration(name.clone(), read_json(req).await?)
+                    .await
+            }
+            (DELETE, Route::GuestMigration(name)) => self.cancel_migration(name.clone()).await,
+            (POST, Route::Migrations) => self.prepare_incoming(read_json(req).await?).await,
+            (GET, Route::MigrationStream(name)) => self.migration_stream(name, req).await,
             // `Route::methods` and this match list the same pairs; a test walks every route
             // and method to keep them so.
             (_, route) => Err(Error::method_not_allowed(route, &m)),

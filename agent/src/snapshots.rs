@@ -280,7 +280,8 @@ impl Agent {
                     format!("Guest {guest:?} has a running VMM: stop it before restoring a snapshot"),
                 ));
             }
-            me.running.start_from(spec, Some(&dir))?;
+            me.running
+                .start_from(spec, crate::guests::vmms::StartFrom::Snapshot(&dir))?;
             me.events.emit(
                 "snapshot",
                 Some(&guest),

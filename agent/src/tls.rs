@@ -26,6 +26,9 @@ pub enum TlsError {
     /// The client verifier could not be built from the manager CA.
     #[error("Manager CA cannot verify clients: {0}")]
     Verifier(String),
+    /// A manager-signed certificate was refused.
+    #[error("The signed certificate was refused: {0}")]
+    Signed(String),
 }
 
 /// The node's key and self-signed certificate.
@@ -119,6 +122,122 @@ pub fn server_config(
     // configuration (a registration change) has a new ticket key, so tickets issued under the
     // old trust do not resume.
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(config)
+}
+
+/// The organizational unit of a node certificate the manager signed: a client presenting one
+/// is another node of the same manager, allowed only the node-to-node routes.
+pub const NODE_OU: &str = "hvnode node";
+/// The manager-signed certificate of this node, next to `node.key`.
+const SIGNED_FILE: &str = "node-signed.pem";
+
+/// A certificate request for the node's own key, for the manager to sign (PEM).
+pub fn csr_pem(id: &Identity, hostname: &str) -> Result<String, TlsError> {
+    let key = rcgen::KeyPair::from_pem(&id.key_pem)?;
+    let name = if hostname.is_empty() { "hvnode" } else { hostname };
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("hvnode node {name}"));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationalUnitName, NODE_OU);
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+/// Whether a certificate (DER) is a node certificate: its subject carries [`NODE_OU`].
+pub fn is_node_certificate(der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| {
+        cert.subject()
+            .iter_organizational_unit()
+            .any(|ou| ou.as_str() == Ok(NODE_OU))
+    })
+}
+
+/// Checks a certificate the manager signed for this node (it must be for the node's key, a
+/// node certificate, and verify against `ca_pem` as a client certificate) and keeps it in
+/// `dir`; its fingerprint and expiry.
+pub fn install_signed(
+    dir: &Path,
+    id: &Identity,
+    cert_pem: &str,
+    ca_pem: &str,
+) -> Result<hvnode_api::node::SignedCertificate, TlsError> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| TlsError::Pem(format!("cert_pem: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| TlsError::Pem(format!("cert_pem: {e}")))?;
+    let key = rcgen::KeyPair::from_pem(&id.key_pem)?;
+    if cert.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key) {
+        return Err(TlsError::Signed(
+            "the certificate is not for this node's key: sign the request from GET /v1/node/certificate".into(),
+        ));
+    }
+    if !is_node_certificate(&der) {
+        return Err(TlsError::Signed(format!(
+            "the certificate's subject has no OU={NODE_OU:?}: it is not a node certificate"
+        )));
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let ca = ca.map_err(|e| TlsError::Pem(e.to_string()))?;
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        hvnode_tls::provider(),
+    )
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    verifier
+        .verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now())
+        .map_err(|e| {
+            TlsError::Signed(format!(
+                "the certificate does not verify against the registered manager's CA: {e}"
+            ))
+        })?;
+    write_private(&dir.join(SIGNED_FILE), cert_pem, 0o644)?;
+    Ok(signed_info(&der))
+}
+
+fn signed_info(der: &[u8]) -> hvnode_api::node::SignedCertificate {
+    let not_after_unix = x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .unwrap_or(0);
+    hvnode_api::node::SignedCertificate {
+        fingerprint: hvnode_api::fingerprint::of_der(der),
+        not_after_unix,
+    }
+}
+
+/// The manager-signed certificate kept in `dir`, PEM, with what the API reports of it.
+pub fn load_signed(dir: &Path) -> Option<(String, hvnode_api::node::SignedCertificate)> {
+    let pem = std::fs::read_to_string(dir.join(SIGNED_FILE)).ok()?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let info = signed_info(&der);
+    Some((pem, info))
+}
+
+/// A client configuration for connecting to another node: this node's manager-signed
+/// certificate as its client certificate, and the other node's certificate pinned by its
+/// fingerprint (given by the manager).
+pub fn peer_client_config(
+    id: &Identity,
+    signed_pem: &str,
+    peer_fingerprint: &str,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(signed_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    let verifier = Arc::new(hvnode_tls::PinnedServerVerifier::new(Some(
+        peer_fingerprint.to_owned(),
+    )));
+    let mut config = hvnode_tls::pinned_client_config(verifier, Some((chain, key)))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

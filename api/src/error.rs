@@ -83,6 +83,11 @@ error_codes! {
     UpgradeRequired = (400, "upgrade_required"),
     /// A join request is malformed.
     InvalidJoinRequest = (400, "invalid_join_request"),
+    /// A certificate to install is not the node's, not a node certificate, or not signed by
+    /// the registered manager.
+    InvalidCertificate = (400, "invalid_certificate"),
+    /// A migration's destination URL or fingerprint is malformed.
+    InvalidMigration = (400, "invalid_migration"),
     /// A client certificate is needed and none was presented.
     ClientCertificateRequired = (401, "client_certificate_required"),
     /// The node is not registered with a manager.
@@ -95,6 +100,9 @@ error_codes! {
     WrongPairingCode = (403, "wrong_pairing_code"),
     /// The certificate presented is not the one in the request.
     CertificateMismatch = (403, "certificate_mismatch"),
+    /// A node-to-node route was called without a node certificate, or a node's certificate
+    /// was presented for any other route.
+    NodeCertificateRequired = (403, "node_certificate_required"),
     /// No such route.
     NotFound = (404, "not_found"),
     /// No such guest.
@@ -105,6 +113,8 @@ error_codes! {
     SnapshotNotFound = (404, "snapshot_not_found"),
     /// No such join request (manager side).
     JoinRequestNotFound = (404, "join_request_not_found"),
+    /// No migration of that guest is known here.
+    MigrationNotFound = (404, "migration_not_found"),
     /// The route exists but does not serve this method.
     MethodNotAllowed = (405, "method_not_allowed"),
     /// The node is registered already.
@@ -131,6 +141,11 @@ error_codes! {
     NoCandidate = (409, "no_candidate"),
     /// No network change pending.
     NoPendingChange = (409, "no_pending_change"),
+    /// This node has no certificate signed by the manager, which node-to-node connections
+    /// need.
+    NodeCertificateMissing = (409, "node_certificate_missing"),
+    /// The guest is migrating already.
+    MigrationInProgress = (409, "migration_in_progress"),
     /// The body is larger than the route accepts.
     BodyTooLarge = (413, "body_too_large"),
     /// The image is larger than the limit.
@@ -153,6 +168,10 @@ error_codes! {
     VmmUnreachable = (502, "vmm_unreachable"),
     /// The guest's VMM refused the request.
     VmmError = (502, "vmm_error"),
+    /// The other node of a migration cannot be reached.
+    PeerUnreachable = (502, "peer_unreachable"),
+    /// The other node of a migration refused it.
+    PeerRefused = (502, "peer_refused"),
     /// Init does not answer.
     InitUnavailable = (503, "init_unavailable"),
     /// The agent has as many connections as it serves (in all, or from this address).

@@ -227,6 +227,9 @@ pub enum GuestState {
     ShuttingDown,
     /// The VMM process died unexpectedly.
     Crashed,
+    /// Moving to or from another node (live migration): on the source it runs until the
+    /// switchover, on the destination it runs from then on.
+    Migrating,
 }
 
 impl GuestState {
@@ -239,6 +242,7 @@ impl GuestState {
             GuestState::Paused => "paused",
             GuestState::ShuttingDown => "shutting_down",
             GuestState::Crashed => "crashed",
+            GuestState::Migrating => "migrating",
         }
     }
 }

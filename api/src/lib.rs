@@ -14,6 +14,7 @@ pub mod event;
 pub mod fingerprint;
 pub mod guest;
 pub mod init;
+pub mod migration;
 pub mod node;
 pub mod paths;
 pub mod registration;

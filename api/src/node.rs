@@ -185,3 +185,31 @@ pub struct ImageFile {
     /// Size in bytes.
     pub size_bytes: u64,
 }
+
+/// `GET /v1/node/certificate`: what the manager needs to sign the node's certificate for
+/// node-to-node connections (live migration), and the one it signed last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertificate {
+    /// A PKCS#10 request (PEM) for the node's own key: the manager signs it with its CA.
+    pub csr_pem: String,
+    /// The certificate the manager signed, if one is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<SignedCertificate>,
+}
+
+/// A manager-signed node certificate, as the node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCertificate {
+    /// Its SHA-256 fingerprint.
+    pub fingerprint: String,
+    /// When it expires (Unix seconds).
+    pub not_after_unix: i64,
+}
+
+/// `PUT /v1/node/certificate`: the certificate the manager signed for the node's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallCertificate {
+    /// The certificate, PEM; it must be for the node's key and signed by the manager's CA.
+    pub cert_pem: String,
+}

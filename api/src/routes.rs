@@ -8,6 +8,9 @@
 
 /// The protocol name of the console attach upgrade (`Upgrade: hvnode-console`).
 pub const CONSOLE_PROTOCOL: &str = "hvnode-console";
+/// The `Upgrade` token of a migration stream between two nodes
+/// (`GET /v1/migrations/{name}/stream`).
+pub const MIGRATION_PROTOCOL: &str = "hvnode-migration";
 
 /// An operation on a guest: `POST /v1/guests/{name}/{action}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,6 +125,14 @@ pub enum Route {
     Power,
     /// `/metrics`
     Metrics,
+    /// `/v1/node/certificate`
+    NodeCertificate,
+    /// `/v1/guests/{name}/migration`
+    GuestMigration(String),
+    /// `/v1/migrations` (node to node)
+    Migrations,
+    /// `/v1/migrations/{name}/stream` (node to node)
+    MigrationStream(String),
 }
 
 /// HTTP methods as the contract names them (this crate has no HTTP library).
@@ -156,6 +167,10 @@ impl Route {
             ["registration", "manager", "reject"] => Route::RegistrationManagerReject,
             ["node"] => Route::Node,
             ["node", "hostname"] => Route::NodeHostname,
+            ["node", "certificate"] => Route::NodeCertificate,
+            ["migrations"] => Route::Migrations,
+            ["migrations", name, "stream"] => Route::MigrationStream(segment(name)?),
+            ["guests", name, "migration"] => Route::GuestMigration(segment(name)?),
             ["stats"] => Route::Stats,
             ["network"] => Route::Network,
             ["network", "confirm"] => Route::NetworkConfirm,
@@ -196,6 +211,8 @@ impl Route {
                 format!("/v1/guests/{}/console/attach", encode(n, false))
             }
             Route::GuestStats(n) => format!("/v1/guests/{}/stats", encode(n, false)),
+            Route::GuestMigration(n) => format!("/v1/guests/{}/migration", encode(n, false)),
+            Route::MigrationStream(n) => format!("/v1/migrations/{}/stream", encode(n, false)),
             Route::GuestSnapshots(n) => format!("/v1/guests/{}/snapshots", encode(n, false)),
             Route::GuestSnapshot(n, s) => format!(
                 "/v1/guests/{}/snapshots/{}",
@@ -263,6 +280,10 @@ impl Route {
             Route::Logs => "/v1/logs",
             Route::Power => "/v1/power",
             Route::Metrics => "/metrics",
+            Route::NodeCertificate => "/v1/node/certificate",
+            Route::GuestMigration(_) => "/v1/guests/{name}/migration",
+            Route::Migrations => "/v1/migrations",
+            Route::MigrationStream(_) => "/v1/migrations/{name}/stream",
         }
     }
 
@@ -272,7 +293,8 @@ impl Route {
         match self {
             Route::Registration => &[GET, POST, DELETE],
             Route::NodeHostname => &[PUT],
-            Route::Network => &[GET, PUT],
+            Route::Network | Route::NodeCertificate => &[GET, PUT],
+            Route::GuestMigration(_) => &[GET, POST, DELETE],
             Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
             Route::GuestSnapshot(..) => &[GET, DELETE],
             Route::Guest(_) => &[GET, PUT, DELETE],
@@ -286,6 +308,7 @@ impl Route {
             | Route::StorageInit
             | Route::GuestAction(..)
             | Route::GuestSnapshotRestore(..)
+            | Route::Migrations
             | Route::Power => &[POST],
             Route::Health
             | Route::Node
@@ -297,6 +320,7 @@ impl Route {
             | Route::Images
             | Route::Events
             | Route::Logs
+            | Route::MigrationStream(_)
             | Route::Metrics => &[GET],
         }
     }
@@ -311,6 +335,13 @@ impl Route {
                 | Route::RegistrationManagerAccept
                 | Route::RegistrationManagerReject
         )
+    }
+
+    /// Served to other nodes of the same manager (a client certificate the manager signed for a
+    /// node), and only these: the two halves of an incoming migration. Everything else refuses
+    /// a node's certificate.
+    pub fn node_to_node(&self) -> bool {
+        matches!(self, Route::Migrations | Route::MigrationStream(_))
     }
 
     /// One example of every route, for tests that walk the whole API.
@@ -345,6 +376,10 @@ impl Route {
             Route::Logs,
             Route::Power,
             Route::Metrics,
+            Route::NodeCertificate,
+            Route::GuestMigration(g()),
+            Route::Migrations,
+            Route::MigrationStream(g()),
         ];
         all.extend(GuestAction::ALL.map(|a| Route::GuestAction(g(), a)));
         all

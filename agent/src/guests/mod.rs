@@ -19,7 +19,7 @@ use crate::http::{json_response, no_content, Resp};
 use crate::Agent;
 
 impl Agent {
-    fn guest_path(&self, name: &str) -> Result<PathBuf, Error> {
+    pub(crate) fn guest_path(&self, name: &str) -> Result<PathBuf, Error> {
         hvnode_api::guest::validate_name(name)
             .map_err(|e| Error::new(ErrorCode::InvalidGuestName, e.to_string()))?;
         Ok(self.paths.guests().join(format!("{name}.toml")))

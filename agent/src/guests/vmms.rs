@@ -49,6 +49,19 @@ enum Intent {
     Shutdown,
     /// `reboot`: started again once the VMM exits.
     Reboot,
+    /// Waiting for a guest migrating here: an exit is a failed migration, not a crash.
+    Incoming,
+}
+
+/// Where a VMM's guest comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum StartFrom<'a> {
+    /// Booted afresh.
+    Boot,
+    /// Resumed from the snapshot in this directory.
+    Snapshot(&'a Path),
+    /// Received from a migrating VMM through this socket (the VMM's `--incoming`).
+    Incoming(&'a Path),
 }
 
 #[derive(Debug, Clone)]
@@ -395,7 +408,7 @@ impl Guests {
 
     /// Starts the VMM for `spec`; a thread watches it until it exits.
     pub fn start(self: &Arc<Self>, spec: &GuestSpec) -> Result<u32, GuestError> {
-        self.start_from(spec, None)
+        self.start_from(spec, StartFrom::Boot)
     }
 
     /// The VM configuration a start of `spec` uses (paths resolved below the image directory,
@@ -437,12 +450,12 @@ impl Guests {
         Ok(config)
     }
 
-    /// Starts a VMM for `spec`, from the snapshot in `restore` if given (the VMM checks that the
-    /// snapshot fits the configuration and resumes the guest where it was).
+    /// Starts a VMM for `spec`: booted, from a snapshot (the VMM checks that the snapshot fits
+    /// the configuration and resumes the guest where it was) or waiting for a migrating guest.
     pub fn start_from(
         self: &Arc<Self>,
         spec: &GuestSpec,
-        restore: Option<&Path>,
+        from: StartFrom<'_>,
     ) -> Result<u32, GuestError> {
         let config = self.vm_config(spec)?;
         let dir = self.dir(&spec.name);
@@ -483,8 +496,15 @@ impl Guests {
         // an agent restart; its output goes to a file, never a pipe to the agent.
         let mut cmd = Command::new(&self.paths.vmm);
         cmd.arg("--config").arg(&cfg_path);
-        if let Some(snapshot) = restore {
-            cmd.arg("--restore").arg(snapshot);
+        match from {
+            StartFrom::Boot => {}
+            StartFrom::Snapshot(dir) => {
+                cmd.arg("--restore").arg(dir);
+            }
+            StartFrom::Incoming(socket) => {
+                let _ = std::fs::remove_file(socket);
+                cmd.arg("--incoming").arg(socket);
+            }
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -508,19 +528,29 @@ impl Guests {
                 pid,
                 pidfd,
                 started: Instant::now(),
-                state: GuestState::Running,
-                intent: Intent::None,
+                state: match from {
+                    StartFrom::Incoming(_) => GuestState::Migrating,
+                    _ => GuestState::Running,
+                },
+                intent: match from {
+                    StartFrom::Incoming(_) => Intent::Incoming,
+                    _ => Intent::None,
+                },
                 taps,
                 spec: spec.clone(),
             },
         );
         drop(t);
-        match restore {
-            Some(from) => self.emit(
+        match from {
+            StartFrom::Snapshot(dir) => self.emit(
                 &spec.name,
-                format!("running (vmm pid {pid}), restored from {}", from.display()),
+                format!("running (vmm pid {pid}), restored from {}", dir.display()),
             ),
-            None => self.emit(&spec.name, format!("running (vmm pid {pid})")),
+            StartFrom::Incoming(_) => self.emit(
+                &spec.name,
+                format!("migrating here (vmm pid {pid} waits for the guest)"),
+            ),
+            StartFrom::Boot => self.emit(&spec.name, format!("running (vmm pid {pid})")),
         }
         let me = Arc::clone(self);
         let name = spec.name.clone();
@@ -575,6 +605,9 @@ impl Guests {
                 Ended::Unknown => "the VMM ended without writing its exit file".to_owned(),
             });
         match (r.intent, code) {
+            (Intent::Incoming, _) => {
+                self.emit(name, format!("stopped: the incoming migration failed: {reason}"));
+            }
             (Intent::Stop, _) | (Intent::Shutdown, Some(0 | 3)) | (Intent::None, Some(0)) => {
                 self.emit(name, "stopped".to_owned());
             }
@@ -597,8 +630,27 @@ impl Guests {
         }
     }
 
+    /// Moves the guest's VMM from state `from` to `to` (a migration's steps); `false` if it is
+    /// not in `from`. `settled` ends a migration's special exit handling: from then on the VMM's
+    /// exit counts as any guest's.
+    pub fn set_state(&self, name: &str, from: GuestState, to: GuestState, settled: bool) -> bool {
+        let mut t = self.lock();
+        match t.running.get_mut(name) {
+            Some(r) if r.state == from => {
+                r.state = to;
+                if settled {
+                    r.intent = Intent::None;
+                }
+                drop(t);
+                self.emit(name, to.as_str().to_owned());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Sends `request` to the guest's VMM; an error answer becomes [`GuestError::Refused`].
-    fn ask(
+    pub fn ask(
         &self,
         name: &str,
         op: &'static str,
@@ -723,6 +775,7 @@ impl Guests {
             GuestState::Running,
             GuestState::Paused,
             GuestState::ShuttingDown,
+            GuestState::Migrating,
         ];
         let id = self.current(name, &active, "stop")?;
         self.update(name, id, |r| r.intent = Intent::Stop);
@@ -895,6 +948,7 @@ impl Guests {
                     VmRunState::Running => GuestState::Running,
                     VmRunState::Paused => GuestState::Paused,
                     VmRunState::Stopping => GuestState::ShuttingDown,
+                    VmRunState::Migrated => GuestState::Migrating,
                 },
                 uptime_secs,
             ),
