@@ -41,6 +41,8 @@ const POLL: Duration = Duration::from_millis(250);
 const STREAM_WAIT: Duration = Duration::from_secs(60);
 /// How long the destination's VMM may take to listen.
 const LISTEN_WAIT: Duration = Duration::from_secs(15);
+/// How long the source's VMM may take to conclude once the stream has ended.
+const VERDICT_WAIT: Duration = Duration::from_secs(60);
 /// Connecting to the destination and preparing it.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -314,7 +316,18 @@ impl Agent {
         if let Err(e) = relayed {
             eprintln!("agent: migration of {name}: relay: {e}");
         }
-        let Some(end) = self.vmm_migration_status(&name).await else {
+        // The relay can end before the VMM has read the destination's last answer: its
+        // verdict is the VMM's, once it has one.
+        let deadline = Instant::now() + VERDICT_WAIT;
+        let mut end = self.vmm_migration_status(&name).await;
+        while end.as_ref().is_some_and(|s| {
+            matches!(s.phase, MigrationPhase::Precopy | MigrationPhase::Switchover)
+        }) && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            end = self.vmm_migration_status(&name).await;
+        }
+        let Some(end) = end else {
             return self.fail_outgoing(
                 &name,
                 "the VMM stopped answering during the migration".into(),

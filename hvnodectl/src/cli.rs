@@ -171,6 +171,9 @@ pub enum NodeCommand {
     },
     /// Prometheus metrics.
     Metrics(NodeArg),
+    /// Sign the node's certificate for node-to-node connections (live migration) with the
+    /// manager's CA; `register` does it too. Run it again to renew.
+    Certify(NodeArg),
 }
 
 /// A node name.
@@ -265,6 +268,34 @@ pub enum GuestCommand {
     Restore(SnapshotArg),
     /// Delete one of a guest's snapshots.
     SnapshotDelete(SnapshotArg),
+    /// Move a running guest to another node while it runs (live migration), following its
+    /// progress; the guest keeps running on the source if anything fails.
+    Migrate {
+        /// Node the guest runs on.
+        node: String,
+        /// Guest name.
+        name: String,
+        /// Node to move it to.
+        #[arg(long)]
+        to: String,
+        /// Longest pause the guest may see, in milliseconds (default 100).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Passes over dirty memory before giving up (default 30).
+        #[arg(long)]
+        max_passes: Option<u32>,
+        /// Seconds before giving up (default 600).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Hash all guest memory on both nodes at the switchover and refuse it if they differ.
+        #[arg(long)]
+        verify_memory: bool,
+        /// Start it and return without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Cancel a guest's migration in progress: it keeps running where it is.
+    MigrateCancel(GuestArg),
     /// Print the guest's serial console log, or attach to the console interactively.
     Console {
         /// Node name.

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use hvnode_api::event::Event;
 use hvnode_api::guest::{GuestState, GuestStatus, SnapshotStatus};
+use hvnode_api::migration::MigrationView;
 use hvnode_api::node::{NodeInfo, NodeStats};
+use hvnode_api::vmm::{MigrationPhase, MigrationStatus};
 use hvnode_api::units::{bytes, secs};
 use serde::Serialize;
 
@@ -217,6 +219,69 @@ pub fn snapshots(list: &[SnapshotStatus]) -> String {
         ));
     }
     s
+}
+
+/// A Unix time as a UTC date (`2027-12-05 01:02 UTC`).
+pub fn unix_date(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .map(|d| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute()
+            )
+        })
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// One line of a migration's progress.
+pub fn migration_progress(s: &MigrationStatus) -> String {
+    let bar = 20usize;
+    let done = if s.pass == 0 {
+        ((s.bytes_sent * bar as u64) / s.memory_bytes.max(1)).min(bar as u64) as usize
+    } else {
+        bar
+    };
+    format!(
+        "[{}{}] pass {}: {} sent, {} left, guest dirties {}/s, sending {}/s, expected downtime {} ms",
+        "=".repeat(done),
+        " ".repeat(bar - done),
+        s.pass,
+        bytes(s.bytes_sent),
+        bytes(s.bytes_left),
+        bytes(s.dirty_rate_bytes_per_sec),
+        bytes(s.bandwidth_bytes_per_sec),
+        s.expected_downtime_ms
+    )
+}
+
+/// A migration's outcome.
+pub fn migration_done(v: &MigrationView, from: &str, to: &str) -> String {
+    let s = &v.status;
+    match (&s.phase, &s.result) {
+        (MigrationPhase::Completed, Some(r)) => format!(
+            "guest {} migrated from {from} to {to}: downtime {} ms (last pass {} ms, device state \
+             {} ms, transfer {} ms, resume {} ms); {} passes, {} sent in {} ms",
+            v.guest,
+            r.downtime_ms,
+            r.last_pass_ms,
+            r.state_ms,
+            r.transfer_ms,
+            r.resume_ms,
+            r.passes,
+            bytes(r.bytes_sent),
+            r.total_ms
+        ),
+        (phase, _) => format!(
+            "guest {} did not migrate ({}): {}",
+            v.guest,
+            state_name(phase),
+            s.error.as_deref().unwrap_or("no reason given")
+        ),
+    }
 }
 
 /// `image list`.

@@ -86,6 +86,46 @@ pub fn issue(
     })
 }
 
+/// How long a node certificate the manager signs is valid.
+pub const NODE_CERT_DAYS: i64 = 365;
+/// The organizational unit that marks a node certificate (the agent's `tls::NODE_OU`).
+pub const NODE_OU: &str = "hvnode node";
+
+/// Signs a node's certificate request (PEM) with the CA: a certificate for the node's own key,
+/// for TLS client and server use between nodes, marked as a node's ([`NODE_OU`]), valid for
+/// [`NODE_CERT_DAYS`] days. Only the request's key and common name are taken from it.
+pub fn sign_node(ca: &KeyAndCert, csr_pem: &str) -> Result<String, PkiError> {
+    let err = |e| PkiError::Generate("node certificate".into(), e);
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(PkiError::LoadCa)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(PkiError::LoadCa)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(err)?;
+    let cn = csr
+        .params
+        .distinguished_name
+        .get(&DnType::CommonName)
+        .and_then(|v| match v {
+            rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "hvnode node".into());
+    let p = &mut csr.params;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.distinguished_name
+        .push(DnType::OrganizationalUnitName, NODE_OU);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.use_authority_key_identifier_extension = true;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::minutes(5);
+    p.not_after = now + time::Duration::days(NODE_CERT_DAYS);
+    Ok(csr.signed_by(&issuer).map_err(err)?.pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

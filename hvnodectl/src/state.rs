@@ -231,6 +231,15 @@ impl StateDir {
         Ok(true)
     }
 
+    /// The CA's key and certificate, to sign with.
+    pub fn ca(&self) -> Result<KeyAndCert, StateError> {
+        self.manager()?;
+        Ok(KeyAndCert {
+            key_pem: self.read_string(CA_KEY)?,
+            cert_pem: self.read_string(CA_CERT)?,
+        })
+    }
+
     /// The manager identity.
     pub fn manager(&self) -> Result<ManagerInfo, StateError> {
         if !self.root.join(MANAGER).exists() {

@@ -772,3 +772,88 @@ fn guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_gue
         "snapshot_not_found",
     );
 }
+
+/// The counter values of the complete lines of a guest's console log on a node.
+fn console_counts(agent: &Agent, guest: &str) -> Vec<u32> {
+    let log = std::fs::read_to_string(agent.dir.join(format!("run/vms/{guest}/console.log")))
+        .unwrap_or_default();
+    let complete = log.rfind('\n').map_or("", |end| &log[..end]);
+    complete
+        .split('\n')
+        .filter_map(|l| (l.len() == 8).then(|| u32::from_str_radix(l, 16).ok()).flatten())
+        .collect()
+}
+
+#[test]
+fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
+    let test = "guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on";
+    let Some(RealGuests {
+        agent: a,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(test, "mig-a")
+    else {
+        return;
+    };
+    let bin = agent_binary().unwrap();
+    let vmm = bin.with_file_name("hvnode-vmm");
+    let b = Agent::start_with(&bin, "mig-b", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let _vmms_b = Vmms(b.dir.clone());
+    let code = b.pairing_code();
+    let registered = ok(&ctl(
+        &m,
+        &["register", "n2", "--url", &b.url(), "--code", &code, "--yes"],
+    ));
+    assert!(registered.contains("registered"), "{registered}");
+    let payload = hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER);
+    std::fs::write(a.dir.join("images/count.elf"), &payload).unwrap();
+    let spec = work.join("count.toml");
+    std::fs::write(
+        &spec,
+        "name = \"count\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n",
+    )
+    .unwrap();
+    ok(&ctl(&m, &["guest", "define", "n1", spec.to_str().unwrap()]));
+    ok(&ctl(&m, &["guest", "start", "n1", "count"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while console_counts(&a, "count").len() < 3 {
+        assert!(Instant::now() < deadline, "the guest never counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Refused before anything moves: the kernel image is not on n2; the guest runs on n1.
+    let refused = ctl(&m, &["guest", "migrate", "n1", "count", "--to", "n2"]);
+    fails_with(&refused, "peer_refused");
+    fails_with(&refused, "count.elf");
+    assert!(ok(&ctl(&m, &["guest", "show", "n1", "count"])).contains("running"));
+    fails_with(&ctl(&m, &["guest", "show", "n2", "count"]), "guest_not_found");
+
+    std::fs::write(b.dir.join("images/count.elf"), &payload).unwrap();
+    let moved = ok(&ctl(
+        &m,
+        &["guest", "migrate", "n1", "count", "--to", "n2", "--verify-memory"],
+    ));
+    assert!(moved.contains("guest count migrated from n1 to n2: downtime"), "{moved}");
+    let last_on_a = *console_counts(&a, "count").last().unwrap();
+    assert!(ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests"));
+    assert!(ok(&ctl(&m, &["guest", "show", "n2", "count"])).contains("running"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let on_b = loop {
+        let c = console_counts(&b, "count");
+        if c.len() >= 2 {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the guest does not count on n2");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        on_b[0] == last_on_a + 1 || on_b[0] == last_on_a + 2,
+        "n2 counts on from n1's {last_on_a}: {on_b:?}"
+    );
+    let arrival = b.local_json("GET", &Route::GuestMigration("count".into()).path(), None);
+    assert_eq!(arrival["direction"], "incoming", "{arrival}");
+    assert_eq!(arrival["status"]["phase"], "completed", "{arrival}");
+    ok(&ctl(&m, &["guest", "stop", "n2", "count"]));
+    let _ = std::fs::remove_dir_all(&work);
+}

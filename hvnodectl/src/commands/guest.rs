@@ -5,7 +5,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::io::IsTerminal;
+
 use hvnode_api::guest::{self, CreateSnapshot, GuestSpec, GuestState, GuestStatus, SnapshotStatus};
+use hvnode_api::migration::{MigrateRequest, MigrationView};
+use hvnode_api::vmm::MigrationPhase;
 use hvnode_api::routes::{GuestAction, Route};
 use hyper::Method;
 
@@ -128,6 +132,82 @@ impl Ctx {
                 c.call(Method::DELETE, &path, None, "").await?;
                 self.answer(b"{}", || {
                     format!("deleted snapshot {} of guest {}", a.snapshot, a.name)
+                })
+            }
+            GuestCommand::Migrate {
+                node,
+                name,
+                to,
+                downtime_ms,
+                max_passes,
+                timeout,
+                verify_memory,
+                no_wait,
+            } => {
+                guest::validate_name(&name)?;
+                let dest = self
+                    .state
+                    .node(&to)?
+                    .ok_or_else(|| CmdError::UnknownNode(to.clone()))?;
+                if to == node {
+                    return Err(CmdError::SameNode(node));
+                }
+                let c = self.connect(&node)?;
+                let req = MigrateRequest {
+                    to: dest.url.clone(),
+                    to_fingerprint: dest.fingerprint.clone(),
+                    downtime_limit_ms: downtime_ms,
+                    max_passes,
+                    timeout_secs: timeout,
+                    verify_memory,
+                };
+                let path = Route::GuestMigration(name.clone()).path();
+                let (_, raw): (MigrationView, _) =
+                    c.send_json(Method::POST, &path, Some(&req)).await?;
+                if no_wait {
+                    return self.answer(&raw, || {
+                        format!("guest {name} is migrating from {node} to {to}")
+                    });
+                }
+                let tty = std::io::stderr().is_terminal();
+                let mut last = None;
+                let (view, raw) = loop {
+                    let (view, raw): (MigrationView, _) = c.get_json(&path).await?;
+                    if !matches!(
+                        view.status.phase,
+                        MigrationPhase::Precopy | MigrationPhase::Switchover
+                    ) {
+                        break (view, raw);
+                    }
+                    let line = output::migration_progress(&view.status);
+                    if tty {
+                        eprint!("\r{line}   ");
+                    } else if last.as_ref() != Some(&view.status.pass) {
+                        eprintln!("{line}");
+                    }
+                    last = Some(view.status.pass);
+                    tokio::time::sleep(WAIT_POLL).await;
+                };
+                if tty {
+                    eprintln!();
+                }
+                self.answer(&raw, || output::migration_done(&view, &node, &to))?;
+                if view.status.phase == MigrationPhase::Completed {
+                    Ok(())
+                } else {
+                    Err(CmdError::MigrationFailed(
+                        view.status.error.unwrap_or_default(),
+                    ))
+                }
+            }
+            GuestCommand::MigrateCancel(a) => {
+                guest::validate_name(&a.name)?;
+                let c = self.connect(&a.node)?;
+                let path = Route::GuestMigration(a.name.clone()).path();
+                let (_, raw): (MigrationView, _) =
+                    c.send_json::<(), _>(Method::DELETE, &path, None).await?;
+                self.answer(&raw, || {
+                    format!("migration of guest {} cancelled: it keeps running on {}", a.name, a.node)
                 })
             }
             GuestCommand::Console {

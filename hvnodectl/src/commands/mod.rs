@@ -107,6 +107,12 @@ pub enum CmdError {
     /// The event stream ended.
     #[error("The node closed the event stream")]
     StreamEnded,
+    /// A migration to the node the guest is on.
+    #[error("The guest is on node {0:?} already: migrate it to another node")]
+    SameNode(String),
+    /// The migration ended without moving the guest.
+    #[error("The migration failed: {0}")]
+    MigrationFailed(String),
     /// Writing to stdout failed.
     #[error(transparent)]
     Output(#[from] OutputError),

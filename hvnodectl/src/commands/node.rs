@@ -1,6 +1,9 @@
 //! `node ...`: facts, statistics, host name, log, power and metrics of one node.
 
-use hvnode_api::node::{Hostname, NodeInfo, NodeStats, PowerAction};
+use hvnode_api::node::{
+    Hostname, InstallCertificate, NodeCertificate, NodeInfo, NodeStats, PowerAction,
+    SignedCertificate,
+};
 use hvnode_api::routes::Route;
 use hyper::Method;
 
@@ -48,6 +51,17 @@ impl Ctx {
                     .await?;
                 self.answer(&raw, || format!("node {node}: {what} requested"))
             }
+            NodeCommand::Certify(a) => {
+                let signed = self.certify(&a.node).await?;
+                self.answer(b"{}", || {
+                    format!(
+                        "node {}: certificate {} signed, valid until {}",
+                        a.node,
+                        signed.fingerprint,
+                        output::unix_date(signed.not_after_unix)
+                    )
+                })
+            }
             NodeCommand::Metrics(a) => {
                 let c = self.connect(&a.node)?;
                 let raw = c
@@ -56,5 +70,24 @@ impl Ctx {
                 self.print(&raw)
             }
         }
+    }
+}
+
+impl Ctx {
+    /// Signs the node's certificate request with the manager's CA and installs the
+    /// certificate on the node: what another node checks before it takes a guest from it.
+    pub(super) async fn certify(&self, node: &str) -> Result<SignedCertificate, CmdError> {
+        let c = self.connect(node)?;
+        let (req, _): (NodeCertificate, _) = c.get_json(&Route::NodeCertificate.path()).await?;
+        let cert_pem = crate::pki::sign_node(&self.state.ca()?, &req.csr_pem)
+            .map_err(crate::state::StateError::from)?;
+        let (now, _): (NodeCertificate, _) = c
+            .send_json(
+                Method::PUT,
+                &Route::NodeCertificate.path(),
+                Some(&InstallCertificate { cert_pem }),
+            )
+            .await?;
+        now.signed.ok_or(CmdError::StreamEnded)
     }
 }

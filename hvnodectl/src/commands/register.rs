@@ -86,6 +86,14 @@ impl Ctx {
         // Prove the client certificate is accepted now.
         let check = self.client_for(node, &entry)?;
         let _: (NodeInfo, _) = check.get_json(&Route::Node.path()).await?;
+        // The node's certificate for other nodes (live migration).
+        match self.certify(node).await {
+            Ok(s) => eprintln!("node certificate signed ({})", s.fingerprint),
+            Err(e) => eprintln!(
+                "warning: signing the node's certificate failed ({e}): it cannot take part in \
+                 migrations until `hvnodectl node certify {node}` succeeds"
+            ),
+        }
         self.answer(&raw, || {
             format!(
                 "node {node} at {} registered with manager {:?} (state: {})",
