@@ -552,12 +552,26 @@ impl Agent {
             }
         }
         let socket = self.paths.run.join("vms").join(name).join(INCOMING_SOCKET);
-        let vmm = tokio::net::UnixStream::connect(&socket).await.map_err(|e| {
-            Error::new(
-                ErrorCode::VmmUnreachable,
-                format!("The VMM waiting for {name:?} does not answer: {e}"),
-            )
-        })?;
+        // The socket file appears at bind(), a moment before listen(): refused until then.
+        let deadline = Instant::now() + LISTEN_WAIT;
+        let vmm = loop {
+            match tokio::net::UnixStream::connect(&socket).await {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline
+                        && self.running.is_active(name) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => {
+                    return Err(Error::new(
+                        ErrorCode::VmmUnreachable,
+                        format!("The VMM waiting for {name:?} does not answer: {e}"),
+                    ))
+                }
+            }
+        };
         let upgrade = hyper::upgrade::on(&mut req);
         let me = Arc::clone(self);
         let name = name.to_owned();

@@ -51,6 +51,7 @@ async fn call(
 
 const ANON: Origin = Origin::Tcp {
     client_generation: None,
+    node_peer: false,
 };
 
 fn ca_pem() -> String {
@@ -116,6 +117,7 @@ async fn pairs_with_the_right_code_then_requires_client_certificates() {
     );
     let stale = Origin::Tcp {
         client_generation: Some(gen - 1),
+        node_peer: false,
     };
     assert_eq!(
         call(&a, req("GET", "/v1/node", ""), stale).await.0,
@@ -123,10 +125,34 @@ async fn pairs_with_the_right_code_then_requires_client_certificates() {
     );
     let manager = Origin::Tcp {
         client_generation: Some(gen),
+        node_peer: false,
     };
     let (s, info) = call(&a, req("GET", "/v1/node", ""), manager).await;
     assert_eq!(s, StatusCode::OK);
     assert!(info["kvm"].is_boolean());
+    // Another node of this manager may hand over a guest, and do nothing else; the manager
+    // may not call the node-to-node routes.
+    let node = Origin::Tcp {
+        client_generation: Some(gen),
+        node_peer: true,
+    };
+    let (s, e) = call(&a, req("GET", "/v1/node", ""), node).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("node_certificate_required"))
+    );
+    let (s, e) = call(&a, req("POST", "/v1/migrations", "{}"), manager).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("node_certificate_required"))
+    );
+    let (s, e) = call(&a, req("POST", "/v1/migrations", "{}"), node).await;
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_json")));
+    let (s, e) = call(&a, req("GET", "/v1/migrations/web/stream", ""), node).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("upgrade_required"))
+    );
     // A second manager cannot take over over the network.
     let (s, e) = call(&a, req("POST", "/v1/registration", &body), ANON).await;
     assert_eq!(

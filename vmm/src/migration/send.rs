@@ -360,6 +360,9 @@ fn precopy<S: Read + Write>(
 ) -> Result<(u32, u64), Failure> {
     let mut sent = 0u64;
     let mut sending = Duration::ZERO;
+    // The dirty passes alone: pass 0 mostly scans for zero pages, which says little about how
+    // fast the last pass (dirty pages only) will go.
+    let (mut dirty_sent, mut dirty_sending) = (0u64, Duration::ZERO);
     let mut passes = 0u32;
     // Pass 0, then the dirty passes.
     loop {
@@ -386,8 +389,17 @@ fn precopy<S: Read + Write>(
         let took = pass_started.elapsed();
         sent += pass_sent;
         sending += took;
+        if passes > 0 {
+            dirty_sent += pass_sent;
+            dirty_sending += took;
+        }
         passes += 1;
-        let bandwidth = (sent as u128 * 1_000_000 / sending.as_micros().max(1)) as u64;
+        let (bytes, time) = if dirty_sent >= 1 << 20 {
+            (dirty_sent, dirty_sending)
+        } else {
+            (sent, sending)
+        };
+        let bandwidth = (bytes as u128 * 1_000_000 / time.as_micros().max(1)) as u64;
         // What the guest dirtied while this pass ran: a peek costs a KVM call and clears the
         // log, so it is taken as the next pass's input instead; its size is estimated from the
         // pass just sent (dirty rate x pass time) until the next pass measures it.

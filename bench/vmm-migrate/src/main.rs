@@ -1,0 +1,321 @@
+//! Live migration of a payload guest between two `hvnode-vmm` processes on the host's /dev/kvm
+//! (release build), the stream relayed over TLS on loopback as the agents relay it node to
+//! node. Guests of 256 MiB, 1 GiB and 4 GiB (two memory slots), each idle (it counts in memory
+//! and prints the count) and busy (it also rewrites a 16 MiB working set as fast as it can).
+//! Prints, per case, medians over RUNS: total time, downtime and its parts, passes, bytes sent,
+//! throughput, and the dirty rate the source measured.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hvnode_api::vmm::{MigrationPhase, MigrationStatus, VmmRequest, VmmResponse};
+use hvnode_vmm::payload::{elf64, DIRTIER, MEMORY_COUNTER};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+const RUNS: usize = 3;
+const SIZES_MIB: [u64; 3] = [256, 1024, 4096];
+
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ask(socket: &Path, req: &VmmRequest) -> Option<VmmResponse> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    writeln!(s, "{}", serde_json::to_string(req).ok()?).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+fn wait(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !f() {
+        if Instant::now() > deadline {
+            eprintln!("error: {what} did not happen within 5 minutes");
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn config(dir: &Path, run: &str, kernel: &Path, mib: u64) -> PathBuf {
+    let path = dir.join(format!("{run}.json"));
+    let c = serde_json::json!({
+        "name": run, "vcpus": 1, "memory_mib": mib, "kernel": kernel,
+        "serial_log": dir.join(format!("{run}.log")),
+        "control_socket": dir.join(format!("{run}.sock")),
+    });
+    std::fs::write(&path, c.to_string()).expect("write config");
+    path
+}
+
+fn start(vmm: &Path, config: &Path, incoming: Option<&Path>) -> Vmm {
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--config").arg(config);
+    if let Some(s) = incoming {
+        cmd.arg("--incoming").arg(s);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("stderr"))
+        .expect("stderr file");
+    Vmm(cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start hvnode-vmm"))
+}
+
+/// A TLS server on loopback that relays its one connection to the destination's incoming
+/// socket, and a TLS client that relays the source's stream to it: the agents' relay, without
+/// HTTP around it.
+fn tls_relay(source: UnixStream, incoming: &Path) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .and_then(|p| p.self_signed(&key))
+        .expect("cert");
+    let cert_der = CertificateDer::from(cert.der().to_vec());
+    let fp = hvnode_api::fingerprint::of_der(&cert_der);
+    let server_cfg = rustls::ServerConfig::builder_with_provider(hvnode_tls::provider())
+        .with_safe_default_protocol_versions()
+        .and_then(|b| {
+            b.with_no_client_auth().with_single_cert(
+                vec![cert_der],
+                PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+            )
+        })
+        .expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let incoming = incoming.to_owned();
+    std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        tcp.set_nodelay(true).ok();
+        let conn = rustls::ServerConnection::new(Arc::new(server_cfg)).expect("tls");
+        let tls = rustls::StreamOwned::new(conn, tcp);
+        // The socket file appears at bind(), a moment before listen(): refused until then.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dest = loop {
+            match UnixStream::connect(&incoming) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("incoming: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        relay_tls(tls, dest);
+    });
+    let verifier = Arc::new(hvnode_tls::PinnedServerVerifier::new(Some(fp)));
+    let client_cfg = hvnode_tls::pinned_client_config(verifier, None).expect("client config");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_nodelay(true).ok();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(client_cfg),
+        ServerName::try_from("localhost").expect("name"),
+    )
+    .expect("tls");
+    let tls = rustls::StreamOwned::new(conn, tcp);
+    std::thread::spawn(move || relay_tls(tls, source));
+}
+
+/// Both directions between a TLS stream and a unix stream, on one thread that polls both
+/// sockets, until both sides have closed.
+fn relay_tls<C, S>(mut tls: rustls::StreamOwned<C, TcpStream>, mut local: UnixStream)
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut local_open, mut peer_open) = (true, true);
+    while local_open || peer_open {
+        let flag = |open: bool| if open { PollFlags::POLLIN } else { PollFlags::empty() };
+        let (local_ready, peer_ready) = {
+            let mut fds = [
+                PollFd::new(local.as_fd(), flag(local_open)),
+                PollFd::new(tls.sock.as_fd(), flag(peer_open)),
+            ];
+            if poll(&mut fds, PollTimeout::from(1000u16)).is_err() {
+                break;
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if local_ready {
+            match local.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    local_open = false;
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+                Ok(n) => {
+                    if tls.write_all(&buf[..n]).and_then(|()| tls.flush()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if peer_ready {
+            match tls.conn.read_tls(&mut tls.sock) {
+                Ok(0) | Err(_) => peer_open = false,
+                Ok(_) => {
+                    if tls.conn.process_new_packets().is_err() {
+                        break;
+                    }
+                    // Handshake messages and alerts the other side waits for.
+                    while tls.conn.wants_write() {
+                        if tls.conn.write_tls(&mut tls.sock).is_err() {
+                            peer_open = false;
+                            break;
+                        }
+                    }
+                    loop {
+                        match tls.conn.reader().read(&mut buf) {
+                            Ok(0) => {
+                                peer_open = false;
+                                break;
+                            }
+                            Ok(n) => {
+                                if local.write_all(&buf[..n]).is_err() {
+                                    peer_open = false;
+                                    break;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if !peer_open {
+                let _ = local.shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+}
+
+fn status(sock: &Path) -> Option<MigrationStatus> {
+    match ask(sock, &VmmRequest::MigrateStatus)? {
+        VmmResponse::Migration { migration } => Some(migration),
+        _ => None,
+    }
+}
+
+fn main() {
+    let vmm = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/hvnode-vmm"));
+    if !vmm.is_file() {
+        eprintln!("error: {} missing: cargo build --release -p hvnode-vmm", vmm.display());
+        std::process::exit(1);
+    }
+    let dir = std::env::temp_dir().join(format!("hvnode-bench-migrate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let idle = dir.join("idle.elf");
+    std::fs::write(&idle, elf64(&MEMORY_COUNTER)).expect("payload");
+    let busy = dir.join("busy.elf");
+    std::fs::write(&busy, elf64(&DIRTIER)).expect("payload");
+    for mib in SIZES_MIB {
+        for (kind, kernel) in [("idle", &idle), ("busy", &busy)] {
+            let mut figures: Vec<Vec<f64>> = vec![Vec::new(); 9];
+            for run in 0..RUNS {
+                let src_cfg = config(&dir, "src", kernel, mib);
+                let dst_cfg = config(&dir, "dst", kernel, mib);
+                let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+                let incoming = dir.join("dst.in");
+                let _src = start(&vmm, &src_cfg, None);
+                wait("the source guest to count", || {
+                    std::fs::read_to_string(dir.join("src.log"))
+                        .map(|l| l.lines().count() > 3)
+                        .unwrap_or(false)
+                });
+                let _dst = start(&vmm, &dst_cfg, Some(&incoming));
+                wait("the destination to listen", || incoming.exists());
+                let mut s = UnixStream::connect(&src_sock).expect("control");
+                let req = VmmRequest::MigrateSend {
+                    downtime_limit_ms: None,
+                    max_passes: None,
+                    timeout_secs: None,
+                    verify_memory: false,
+                };
+                writeln!(s, "{}", serde_json::to_string(&req).expect("json")).expect("send");
+                let mut line = Vec::new();
+                let mut b = [0u8];
+                while b[0] != b'\n' {
+                    s.read_exact(&mut b).expect("answer");
+                    line.push(b[0]);
+                }
+                tls_relay(s, &incoming);
+                wait("the migration to end", || {
+                    status(&src_sock).is_some_and(|s| {
+                        !matches!(s.phase, MigrationPhase::Precopy | MigrationPhase::Switchover)
+                    })
+                });
+                let st = status(&src_sock).expect("status");
+                let Some(r) = st.result.clone() else {
+                    eprintln!(
+                        "error: {kind} {mib} MiB run {run}: {:?} (VMM logs in {})",
+                        st.error,
+                        dir.display()
+                    );
+                    std::process::exit(1);
+                };
+                wait("the guest to run on the destination", || {
+                    matches!(ask(&dst_sock, &VmmRequest::Describe),
+                        Some(VmmResponse::Description { state: hvnode_api::vmm::VmRunState::Running, .. }))
+                });
+                let f = [
+                    r.total_ms as f64,
+                    r.downtime_ms as f64,
+                    r.last_pass_ms as f64,
+                    r.state_ms as f64,
+                    r.transfer_ms as f64,
+                    r.resume_ms as f64,
+                    f64::from(r.passes),
+                    (r.bytes_sent >> 20) as f64,
+                    (st.dirty_rate_bytes_per_sec >> 20) as f64,
+                ];
+                for (v, x) in figures.iter_mut().zip(f) {
+                    v.push(x);
+                }
+                for f in ["src.log", "dst.log", "dst.in"] {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+            }
+            let m: Vec<f64> = figures.into_iter().map(median).collect();
+            let name = format!("migrate_{kind}_{mib}mib");
+            println!("{name}_total_ms {:.0}", m[0]);
+            println!("{name}_downtime_ms {:.0}", m[1]);
+            println!(
+                "{name}_downtime_parts_ms last_pass {:.0} state {:.0} transfer {:.0} resume {:.0}",
+                m[2], m[3], m[4], m[5]
+            );
+            println!("{name}_passes {:.0}", m[6]);
+            println!("{name}_sent_mib {:.0}", m[7]);
+            println!("{name}_throughput_mib_s {:.0}", m[7] / (m[0] / 1000.0).max(0.001));
+            println!("{name}_dirty_rate_mib_s {:.0}", m[8]);
+        }
+    }
+    if std::env::var_os("HVNODE_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
