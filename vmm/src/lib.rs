@@ -8,7 +8,8 @@
 //! the i8042 reset line (`reboot=k`); graceful shutdown is ctrl-alt-del on the i8042 keyboard.
 //! virtio-blk, virtio-net and virtio-rng sit on the virtio-mmio transport, described to the
 //! guest in the DSDT. The [`control`] socket and the termination signals pause, resume, shut
-//! down, stop, count and snapshot; [`run_from`] resumes a guest from a snapshot.
+//! down, stop, count, snapshot and migrate; [`run_from`] resumes a guest from a snapshot or
+//! receives a migrating one.
 //!
 //! # Modules
 //!
@@ -18,6 +19,8 @@
 //! - [`vm`]: the builder: checks the config, sets up KVM, guest memory, the kernel, the ACPI
 //!   tables and the devices, starts the vCPUs and waits for the reason the VM ended.
 //! - [`control`]: the control socket and the termination signals, acting through one controller.
+//! - [`migration`]: live migration: the stream between two VMMs, the pre-copy sender and the
+//!   receiver.
 //! - `vcpu`: the vCPU threads, their exit dispatch and counters, and the pause gate.
 //! - [`error`]: [`VmError`], why a VM could not be set up.
 //! - [`seccomp`]: the run-phase sandbox: dropped privileges and the seccomp filter.
@@ -25,9 +28,6 @@
 //!   - [`persist::kvm`]: the vCPUs' and the VM's KVM state, saved and restored in KVM's order.
 //!   - [`persist::snapshot`]: the snapshot directory: writing it, reading it back, the sparse
 //!     memory file mapped copy-on-write.
-//! - [`migration`]: live migration: the stream between two VMMs, the pre-copy sender and the
-//!   receiver.
-//! - [`memory`]: guest RAM, its KVM slots, and dirty page tracking.
 //! - [`boot`]: the guest memory layout, page tables, long-mode registers and the zero page.
 //! - [`devices`]: the devices, and [`DeviceStats`](devices::DeviceStats) for their counters.
 //!   - [`devices::bus`]: the virtio devices from the config, wired to KVM, on the `MmioBus`.
@@ -42,6 +42,7 @@
 //!   - [`devices::blk`], [`devices::net`], [`devices::rng`]: the virtio devices.
 //! - [`acpi`]: the ACPI tables, as blobs with guest addresses.
 //! - [`exit`]: [`ExitReason`], why a VM ended.
+//! - [`memory`]: guest RAM, its KVM slots, and dirty page tracking.
 //! - [`hex`]: bytes as hex strings in the state file.
 //! - [`payload`]: tiny hand-assembled guests for tests and the start-up benchmark.
 //!
