@@ -81,8 +81,10 @@ comp=${HVNODE_SQUASHFS_COMP:-zstd -Xcompression-level 19}
 # -reproducible orders fragments the same whatever the thread timing; every inode and the
 # superblock get SOURCE_DATE_EPOCH instead of the tree's mtimes (which record when a package
 # was unpacked).
+# mksquashfs refuses SOURCE_DATE_EPOCH in its environment together with the explicit times (which
+# are stricter: the variable only clamps times after it).
 # shellcheck disable=SC2086
-mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
+env -u SOURCE_DATE_EPOCH mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
     -reproducible -mkfs-time "$SOURCE_DATE_EPOCH" -all-time "$SOURCE_DATE_EPOCH" \
     -e boot efi initrd.img initrd.img.old vmlinuz vmlinuz.old >/dev/null
 
