@@ -7,6 +7,7 @@
 #   HVNODE_CACHE   cache directory outside the checkout (default /var/cache/hvnode): mkosi itself,
 #                  its package cache and incremental tree survive fresh clones.
 #   HVNODE_SQUASHFS_COMP  squashfs compressor options (default "zstd -Xcompression-level 19").
+#   HVNODE_COMMIT  the commit named in /etc/hvnode-release (default: HEAD's short hash).
 #   SOURCE_DATE_EPOCH     the one timestamp in the image (default: the commit time of HEAD). Two
 #                  builds of one commit give the same root image and root hash
 #                  (image/check-reproducible.sh checks it; image/README.md says what is pinned).
@@ -51,7 +52,7 @@ cp -a "$top/image/rootfs/." "$extra/"
 # /etc is read-only on the node: runtime files live on /run.
 ln -sfn ../run/hvnode/resolv.conf "$extra/etc/resolv.conf"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -n1)
-printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "${HVNODE_COMMIT:-$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
     > "$extra/etc/hvnode-release"
 
 step "root tree (mkosi $("$top/image/mkosi.sh" --version 2>/dev/null | awk '{print $2}'), Debian bookworm)"
@@ -163,7 +164,17 @@ find "$initrd" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 step "hybrid BIOS+UEFI ISO (grub-mkrescue)"
 install -m 0644 "$top/image/grub.cfg" "$iso/boot/grub/grub.cfg"
-grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNODE >"$build/grub-mkrescue.log" 2>&1 ||
+# Reproducible ISO: every date xorriso writes (volume dates, its UUID, every file's) is
+# SOURCE_DATE_EPOCH, and the FAT image of the UEFI boot gets a fixed volume serial: grub-mkrescue
+# runs mformat without -N, which picks a random one, so a wrapper earlier in PATH adds it.
+tools=$build/tools
+install -d "$tools"
+printf '#!/bin/sh\nexec %s -N 48564e44 "$@"\n' "$(command -v mformat)" > "$tools/mformat"
+chmod 0755 "$tools/mformat"
+iso_date=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y%m%d%H%M%S00)
+PATH=$tools:$PATH grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNODE \
+    -volume_date uuid "$iso_date" -volume_date all_file_dates "=$SOURCE_DATE_EPOCH" \
+    -volume_date c "=$SOURCE_DATE_EPOCH" -volume_date m "=$SOURCE_DATE_EPOCH" >"$build/grub-mkrescue.log" 2>&1 ||
     { cat "$build/grub-mkrescue.log" >&2; die "grub-mkrescue failed"; }
 mv "$build/hvnode.iso.tmp" "$build/hvnode.iso"
 
