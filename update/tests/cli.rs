@@ -96,7 +96,11 @@ fn keygen_create_verify_show() {
         s(&out),
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("older than the running 0.3.0"), "{}", text(&o));
+    assert!(
+        text(&o).contains("older than the running 0.3.0"),
+        "{}",
+        text(&o)
+    );
 
     let o = bin(&["show", s(&out)]);
     assert!(o.status.success(), "{}", text(&o));

@@ -11,7 +11,11 @@ use hvnode_update::bundle::{self, BundleReader, BundleWriter, Header, Manifest, 
 use hvnode_update::keys::{self, to_hex};
 
 #[derive(Parser, Debug)]
-#[command(name = "hvnode-bundle", version, about = "hvnode update bundles and release keys")]
+#[command(
+    name = "hvnode-bundle",
+    version,
+    about = "hvnode update bundles and release keys"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -207,6 +211,11 @@ fn print_manifest(m: &Manifest) {
     println!("created     {}", m.created);
     println!("root hash   {}", m.root_hash);
     for f in &m.files {
-        println!("{:<11} {:>12} bytes  sha256 {}", f.role.name(), f.size, f.sha256);
+        println!(
+            "{:<11} {:>12} bytes  sha256 {}",
+            f.role.name(),
+            f.size,
+            f.sha256
+        );
     }
 }
