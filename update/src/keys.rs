@@ -121,6 +121,21 @@ pub fn read_public(path: &Path) -> Result<VerifyingKey, Error> {
     parse_public(&text, path)
 }
 
+/// Reads every `*.pub` file in `dir` (the release keys a node trusts), in name order. A malformed
+/// file is an error, not skipped: a root that ships one is a broken release.
+pub fn read_trusted_dir(dir: &Path) -> Result<Vec<VerifyingKey>, Error> {
+    let read_err = |e| Error::Read(dir.to_owned(), e);
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        if path.extension().is_some_and(|e| e == "pub") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths.iter().map(|p| read_public(p)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +183,22 @@ mod tests {
             read_private(&path),
             Err(Error::PrivateSize(_, 33))
         ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn reads_every_public_key_of_a_directory_and_nothing_else() {
+        let d = temp_dir("dir");
+        let (a, b) = (generate().unwrap(), generate().unwrap());
+        write_public(&b.verifying_key(), &d.join("b.pub")).unwrap();
+        write_public(&a.verifying_key(), &d.join("a.pub")).unwrap();
+        std::fs::write(d.join("README"), "not a key").unwrap();
+        assert_eq!(
+            read_trusted_dir(&d).unwrap(),
+            [a.verifying_key(), b.verifying_key()]
+        );
+        std::fs::write(d.join("c.pub"), "not a key").unwrap();
+        assert!(matches!(read_trusted_dir(&d), Err(Error::PublicFormat(_))));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

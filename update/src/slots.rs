@@ -149,6 +149,16 @@ impl AbState {
         Ok(s)
     }
 
+    /// Reads the slot state from the environment block at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Self, Error> {
+        Self::from_env(GrubEnv::load(path)?)
+    }
+
+    /// Writes the slot state back to `path`, atomically.
+    pub fn store(&self, path: &std::path::Path) -> Result<(), Error> {
+        Ok(self.env.store(path)?)
+    }
+
     /// The environment block to write back.
     pub fn env(&self) -> &GrubEnv {
         &self.env
@@ -546,6 +556,24 @@ mod tests {
         let mut s = AbState::from_env(env).unwrap();
         s.mark_try_once(Slot::A).unwrap();
         assert_eq!(s.env().get("saved_entry"), Some("1"));
+    }
+
+    #[test]
+    fn state_survives_a_store_and_load() {
+        let dir = std::env::temp_dir().join(format!("hvnode-slots-{}", std::process::id()));
+        let path = dir.join("grubenv");
+        let mut s = AbState::installed(Slot::A);
+        s.mark_try_once(Slot::B).unwrap();
+        s.store(&path).unwrap();
+        let back = AbState::load(&path).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.pending().unwrap(), Some(Slot::B));
+        std::fs::write(&path, b"not a block").unwrap();
+        assert!(matches!(
+            AbState::load(&path),
+            Err(Error::Env(grubenv::Error::Size(11)))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
