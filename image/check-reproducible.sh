@@ -6,9 +6,9 @@
 #
 # The second build reuses cargo's and mkosi's caches (Incremental=yes), so it checks everything
 # after package installation: mkosi's final steps, the extra trees, mksquashfs, veritysetup, the
-# initrd. HVNODE_REPRO_FRESH=1 makes the second build drop mkosi's cached tree first (mkosi -f
-# clean), which also checks package installation, as long as the mirror serves the same package
-# versions.
+# initrd. HVNODE_REPRO_FRESH=1 makes the second build compile our four binaries again and drop
+# mkosi's cached tree first (mkosi -f clean), which also checks compilation and package
+# installation, as long as the mirror serves the same package versions.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -35,7 +35,10 @@ echo "==> build 1 of 2 (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
 keep 1
 echo "==> build 2 of 2"
 if [ -n "${HVNODE_REPRO_FRESH:-}" ]; then
-    # clean with one -f drops the cached package tree, not the downloaded packages.
+    # Our four crates are compiled again (their dependencies stay cached)...
+    cargo clean --release --target x86_64-unknown-linux-gnu \
+        -p hvnode-init -p hvnode-agent -p hvnode-vmm -p hvnode-console
+    # ...and mkosi's clean with one -f drops the cached package tree, not the downloaded packages.
     "$top/image/mkosi.sh" --cache-directory="${HVNODE_CACHE:-/var/cache/hvnode}/mkosi-cache" -f clean
 fi
 "$top/image/build.sh"
