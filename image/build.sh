@@ -7,6 +7,10 @@
 #   HVNODE_CACHE   cache directory outside the checkout (default /var/cache/hvnode): mkosi itself,
 #                  its package cache and incremental tree survive fresh clones.
 #   HVNODE_SQUASHFS_COMP  squashfs compressor options (default "zstd -Xcompression-level 19").
+#   HVNODE_COMMIT  the commit named in /etc/hvnode-release (default: HEAD's short hash).
+#   SOURCE_DATE_EPOCH     the one timestamp in the image (default: the commit time of HEAD). Two
+#                  builds of one commit give the same root image and root hash
+#                  (image/check-reproducible.sh checks it; image/README.md says what is pinned).
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +19,12 @@ cache=${HVNODE_CACHE:-/var/cache/hvnode}
 build=$top/build
 target=x86_64-unknown-linux-gnu
 start=$(date +%s)
+# Every timestamp that ends up in the root, the initrd and the ISO comes from here, not the clock.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || echo 1700000000)}
+export SOURCE_DATE_EPOCH
+# Locale-independent sorting and messages, and the same umask on every builder.
+export LC_ALL=C TZ=UTC
+umask 022
 
 step() { printf '==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -25,9 +35,12 @@ for tool in python3 mksquashfs veritysetup grub-mkrescue xorriso mformat cpio zs
 done
 
 step "building static binaries (cargo, release, $target, crt-static)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$target" \
+# The paths of the checkout and of the cargo registry end up in panic messages and debug info;
+# remapping them makes the binaries independent of where the tree was checked out.
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$top=/hvnode --remap-path-prefix=$cargo_home=/cargo" cargo build --release --target "$target" \
     -p hvnode-init -p hvnode-agent -p hvnode-vmm -p hvnode-console --bins
-bindir=$top/target/$target/release
+bindir=${CARGO_TARGET_DIR:-$top/target}/$target/release
 
 extra=$build/rootfs-extra
 rm -rf "$extra"
@@ -39,11 +52,14 @@ cp -a "$top/image/rootfs/." "$extra/"
 # /etc is read-only on the node: runtime files live on /run.
 ln -sfn ../run/hvnode/resolv.conf "$extra/etc/resolv.conf"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -n1)
-printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "${HVNODE_COMMIT:-$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
     > "$extra/etc/hvnode-release"
 
 step "root tree (mkosi $("$top/image/mkosi.sh" --version 2>/dev/null | awk '{print $2}'), Debian bookworm)"
-"$top/image/mkosi.sh" --cache-directory="$cache/mkosi-cache" --package-cache-dir="$cache/mkosi-pkgs" -f build
+# --source-date-epoch clamps the mtimes mkosi leaves in the tree and is handed to the package
+# scripts (mkosi.conf's Seed= fixes the rest mkosi would pick at random).
+"$top/image/mkosi.sh" --cache-directory="$cache/mkosi-cache" --package-cache-dir="$cache/mkosi-pkgs" \
+    --source-date-epoch="$SOURCE_DATE_EPOCH" -f build
 root=$build/mkosi.output/hvnode-root
 [ -d "$root/usr/lib/modules" ] || die "mkosi produced no root tree at $root"
 kver=$(ls "$root/usr/lib/modules" | head -n1)
@@ -63,8 +79,14 @@ install -m 0644 "$root/usr/lib/modules/$kver/vmlinuz" "$iso/boot/vmlinuz"
 step "squashfs root ($(du -sh "$root" | cut -f1) tree)"
 comp=${HVNODE_SQUASHFS_COMP:-zstd -Xcompression-level 19}
 # The kernel and its initrd live on the ISO; the root keeps the kernel as the guest kernel.
+# -reproducible orders fragments the same whatever the thread timing; every inode and the
+# superblock get SOURCE_DATE_EPOCH instead of the tree's mtimes (which record when a package
+# was unpacked).
+# mksquashfs refuses SOURCE_DATE_EPOCH in its environment together with the explicit times (which
+# are stricter: the variable only clamps times after it).
 # shellcheck disable=SC2086
-mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
+env -u SOURCE_DATE_EPOCH mksquashfs "$root" "$iso/live/root.squashfs" -noappend -quiet -no-progress -comp $comp \
+    -reproducible -mkfs-time "$SOURCE_DATE_EPOCH" -all-time "$SOURCE_DATE_EPOCH" \
     -e boot efi initrd.img initrd.img.old vmlinuz vmlinuz.old >/dev/null
 
 step "dm-verity hash tree of the root (veritysetup format)"
@@ -72,8 +94,14 @@ step "dm-verity hash tree of the root (veritysetup format)"
 [ $(($(stat -c %s "$iso/live/root.squashfs") % 4096)) = 0 ] || die "the squashfs is not a multiple of 4 KiB"
 # The superblock veritysetup writes at the start of the tree lets an admin check a medium with
 # `veritysetup verify`; the kernel table skips it (hash start block 1).
+# veritysetup picks a random salt and superblock UUID; both are derived from the squashfs instead,
+# so one root image always gets one root hash, and two different images never share a salt.
+image_sum=$(sha256sum "$iso/live/root.squashfs" | cut -d' ' -f1)
+verity_salt=$(printf 'hvnode verity salt %s' "$image_sum" | sha256sum | cut -d' ' -f1)
+u=$(printf 'hvnode verity uuid %s' "$image_sum" | sha256sum | cut -c1-32)
+verity_uuid="${u:0:8}-${u:8:4}-4${u:13:3}-8${u:17:3}-${u:20:12}"
 verity_out=$(veritysetup format --hash=sha256 --data-block-size=4096 --hash-block-size=4096 \
-    "$iso/live/root.squashfs" "$iso/live/root.verity")
+    --salt="$verity_salt" --uuid="$verity_uuid" "$iso/live/root.squashfs" "$iso/live/root.verity")
 field() { printf '%s\n' "$verity_out" | sed -n "s/^$1:[[:space:]]*//p" | head -n1; }
 root_hash=$(field "Root hash"); salt=$(field "Salt"); data_blocks=$(field "Data blocks")
 [ -n "$root_hash" ] && [ -n "$salt" ] && [ -n "$data_blocks" ] ||
@@ -128,14 +156,29 @@ done
 [ -s "$initrd/etc/hvnode-initrd-modules" ] || die "no initrd modules resolved (modprobe --show-depends)"
 grep -q '/dm-verity\.ko' "$initrd/etc/hvnode-initrd-modules" ||
     die "dm-verity is not among the initrd modules: the node could not verify its root"
-(cd "$initrd" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) |
+# Sorted names, one mtime, cpio's --reproducible (no inode or device numbers from the build
+# host): the same tree gives the same archive.
+find "$initrd" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+(cd "$initrd" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) |
     zstd -q -19 -T0 > "$iso/boot/initrd.img"
 
 step "hybrid BIOS+UEFI ISO (grub-mkrescue)"
 install -m 0644 "$top/image/grub.cfg" "$iso/boot/grub/grub.cfg"
-grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNODE >"$build/grub-mkrescue.log" 2>&1 ||
+# Reproducible ISO: every date xorriso writes (volume dates, its UUID, every file's) is
+# SOURCE_DATE_EPOCH, and the FAT image of the UEFI boot gets a fixed volume serial: grub-mkrescue
+# runs mformat without -N, which picks a random one, so a wrapper earlier in PATH adds it.
+tools=$build/tools
+install -d "$tools"
+printf '#!/bin/sh\nexec %s -N 48564e44 "$@"\n' "$(command -v mformat)" > "$tools/mformat"
+chmod 0755 "$tools/mformat"
+iso_date=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y%m%d%H%M%S00)
+PATH=$tools:$PATH grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNODE \
+    -volume_date uuid "$iso_date" -volume_date all_file_dates "=$SOURCE_DATE_EPOCH" \
+    -volume_date c "=$SOURCE_DATE_EPOCH" -volume_date m "=$SOURCE_DATE_EPOCH" >"$build/grub-mkrescue.log" 2>&1 ||
     { cat "$build/grub-mkrescue.log" >&2; die "grub-mkrescue failed"; }
 mv "$build/hvnode.iso.tmp" "$build/hvnode.iso"
+
+printf '%s\n' "$root_hash" > "$build/root-hash"
 
 size=$(stat -c %s "$build/hvnode.iso")
 step "done: build/hvnode.iso, $((size / 1048576)) MiB (kernel $kver, root hash $root_hash)"
