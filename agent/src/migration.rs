@@ -111,7 +111,10 @@ impl Agent {
     /// `PUT /v1/node/certificate`: installs the certificate the manager signed.
     pub(crate) fn install_node_certificate(&self, req: InstallCertificate) -> Result<Resp, Error> {
         let ca = self.registration.ca_pem().ok_or_else(|| {
-            Error::new(ErrorCode::NotRegistered, "The node is not registered with a manager")
+            Error::new(
+                ErrorCode::NotRegistered,
+                "The node is not registered with a manager",
+            )
         })?;
         let info = tls::install_signed(&self.tls_dir(), &self.identity, &req.cert_pem, &ca)
             .map_err(|e| Error::new(ErrorCode::InvalidCertificate, e.to_string()))?;
@@ -128,7 +131,10 @@ impl Agent {
 
     /// `GET /v1/guests/{name}/migration`.
     pub(crate) fn show_migration(&self, name: &str) -> Result<Resp, Error> {
-        let view = self.migrations.view(name).ok_or_else(|| no_migration(name))?;
+        let view = self
+            .migrations
+            .view(name)
+            .ok_or_else(|| no_migration(name))?;
         Ok(json_response(StatusCode::OK, &view))
     }
 
@@ -136,14 +142,18 @@ impl Agent {
     /// guest keeps running here.
     pub(crate) async fn cancel_migration(self: &Arc<Self>, name: String) -> Result<Resp, Error> {
         match self.migrations.view(&name) {
-            Some(v) if v.direction == Direction::Outgoing && self.migrations.in_progress(&name) => {}
+            Some(v) if v.direction == Direction::Outgoing && self.migrations.in_progress(&name) => {
+            }
             _ => return Err(no_migration(&name)),
         }
         let me = Arc::clone(self);
         blocking("Cancelling the migration", move || {
             me.running
                 .ask(&name, "migrate_cancel", &VmmRequest::MigrateCancel)?;
-            let view = me.migrations.view(&name).ok_or_else(|| no_migration(&name))?;
+            let view = me
+                .migrations
+                .view(&name)
+                .ok_or_else(|| no_migration(&name))?;
             Ok(json_response(StatusCode::ACCEPTED, &view))
         })
         .await
@@ -167,8 +177,12 @@ impl Agent {
                 ),
             ));
         }
-        let base = BaseUrl::parse(&req.to)
-            .map_err(|_| Error::new(ErrorCode::InvalidMigration, format!("Invalid destination {:?}: use https://HOST[:PORT]", req.to)))?;
+        let base = BaseUrl::parse(&req.to).map_err(|_| {
+            Error::new(
+                ErrorCode::InvalidMigration,
+                format!("Invalid destination {:?}: use https://HOST[:PORT]", req.to),
+            )
+        })?;
         let fp = hvnode_api::fingerprint::normalize(&req.to_fingerprint)
             .map_err(|e| Error::new(ErrorCode::InvalidFingerprint, e.to_string()))?;
         if fp == self.fingerprint {
@@ -222,33 +236,35 @@ impl Agent {
             .running
             .set_state(&name, GuestState::Running, GuestState::Migrating, false)
         {
-            self.fail_outgoing(&name, "the guest stopped running".into(), GuestState::Running);
+            self.fail_outgoing(
+                &name,
+                "the guest stopped running".into(),
+                GuestState::Running,
+            );
             return Err(Error::new(
                 ErrorCode::InvalidGuestState,
                 format!("Guest {name:?} is no longer running"),
             ));
         }
-        let upgraded = match tokio::time::timeout(
-            PREPARE_TIMEOUT,
-            open_stream(&base, config, &status.spec),
-        )
-        .await
-        {
-            Ok(Ok(u)) => u,
-            Ok(Err(e)) => {
-                self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
-                return Err(e);
-            }
-            Err(_) => {
-                let e = peer_error(
-                    ErrorCode::PeerUnreachable,
-                    &req.to,
-                    format!("no answer within {} s", PREPARE_TIMEOUT.as_secs()),
-                );
-                self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
-                return Err(e);
-            }
-        };
+        let upgraded =
+            match tokio::time::timeout(PREPARE_TIMEOUT, open_stream(&base, config, &status.spec))
+                .await
+            {
+                Ok(Ok(u)) => u,
+                Ok(Err(e)) => {
+                    self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
+                    return Err(e);
+                }
+                Err(_) => {
+                    let e = peer_error(
+                        ErrorCode::PeerUnreachable,
+                        &req.to,
+                        format!("no answer within {} s", PREPARE_TIMEOUT.as_secs()),
+                    );
+                    self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
+                    return Err(e);
+                }
+            };
         self.events.emit(
             "migration",
             Some(&name),
@@ -257,7 +273,10 @@ impl Agent {
         let me = Arc::clone(self);
         let task_name = name.clone();
         tokio::spawn(async move { me.run_outgoing(task_name, req, upgraded).await });
-        let view = self.migrations.view(&name).ok_or_else(|| no_migration(&name))?;
+        let view = self
+            .migrations
+            .view(&name)
+            .ok_or_else(|| no_migration(&name))?;
         Ok(json_response(StatusCode::ACCEPTED, &view))
     }
 
@@ -321,7 +340,10 @@ impl Agent {
         let deadline = Instant::now() + VERDICT_WAIT;
         let mut end = self.vmm_migration_status(&name).await;
         while end.as_ref().is_some_and(|s| {
-            matches!(s.phase, MigrationPhase::Precopy | MigrationPhase::Switchover)
+            matches!(
+                s.phase,
+                MigrationPhase::Precopy | MigrationPhase::Switchover
+            )
         }) && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -359,7 +381,8 @@ impl Agent {
                 let _ = tokio::task::spawn_blocking(move || me.hand_over(&name)).await;
             }
             _ if end.outcome_unknown => {
-                self.migrations.update(&name, |v| v.status.phase = MigrationPhase::Failed);
+                self.migrations
+                    .update(&name, |v| v.status.phase = MigrationPhase::Failed);
                 self.running
                     .set_state(&name, GuestState::Migrating, GuestState::Paused, true);
                 self.events.emit(
@@ -393,8 +416,11 @@ impl Agent {
             let _ = std::fs::remove_file(path);
         }
         self.running.forget(name);
-        self.events
-            .emit("guest_deleted", Some(name), "migrated away: defined on its new node");
+        self.events.emit(
+            "guest_deleted",
+            Some(name),
+            "migrated away: defined on its new node",
+        );
     }
 
     async fn vmm_migration_status(self: &Arc<Self>, name: &str) -> Option<MigrationStatus> {
@@ -440,7 +466,11 @@ impl Agent {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(STREAM_WAIT).await;
-            let never_came = me.migrations.lock().get(&name).is_some_and(|e| !e.streaming);
+            let never_came = me
+                .migrations
+                .lock()
+                .get(&name)
+                .is_some_and(|e| !e.streaming);
             if never_came {
                 me.events.emit(
                     "migration",
@@ -476,9 +506,11 @@ impl Agent {
         let deadline = Instant::now() + LISTEN_WAIT;
         while !socket.exists() {
             if !self.running.is_active(name) || Instant::now() > deadline {
-                let why = self.running.state(name).crash_reason.unwrap_or_else(|| {
-                    "its VMM did not listen for the guest in time".into()
-                });
+                let why = self
+                    .running
+                    .state(name)
+                    .crash_reason
+                    .unwrap_or_else(|| "its VMM did not listen for the guest in time".into());
                 let _ = self.running.stop(name);
                 return Err(undo(Error::new(
                     ErrorCode::VmmStartFailed,
@@ -565,10 +597,14 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
                 Err(e) => {
+                    // Nothing will arrive: undo the preparation now.
+                    let me = Arc::clone(self);
+                    let n = name.to_owned();
+                    tokio::task::spawn_blocking(move || me.drop_incoming(&n));
                     return Err(Error::new(
                         ErrorCode::VmmUnreachable,
                         format!("The VMM waiting for {name:?} does not answer: {e}"),
-                    ))
+                    ));
                 }
             }
         };
@@ -583,20 +619,24 @@ impl Agent {
             let me2 = Arc::clone(&me);
             let n = name.clone();
             let arrived = tokio::task::spawn_blocking(move || {
-                me2.running.set_state(&n, GuestState::Migrating, GuestState::Running, true)
+                me2.running
+                    .set_state(&n, GuestState::Migrating, GuestState::Running, true)
             })
             .await
             .unwrap_or(false);
             let source = view_source(&me, &name);
             if arrived {
-                me.migrations.update(&name, |v| v.status.phase = MigrationPhase::Completed);
+                me.migrations
+                    .update(&name, |v| v.status.phase = MigrationPhase::Completed);
                 me.events.emit(
                     "migration",
                     Some(&name),
                     format!("arrived from {source}: running here"),
                 );
             } else {
-                let why = relayed.err().unwrap_or_else(|| "the guest did not arrive".into());
+                let why = relayed
+                    .err()
+                    .unwrap_or_else(|| "the guest did not arrive".into());
                 me.events.emit(
                     "migration",
                     Some(&name),
@@ -764,7 +804,12 @@ async fn open_stream(
         .map_err(|e| unreachable(&e))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
-        let answer = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let answer = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         return Err(refused(&url, status, &answer));
     }
     hyper::upgrade::on(resp).await.map_err(|e| unreachable(&e))

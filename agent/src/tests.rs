@@ -147,7 +147,10 @@ async fn pairs_with_the_right_code_then_requires_client_certificates() {
         (StatusCode::FORBIDDEN, Some("node_certificate_required"))
     );
     let (s, e) = call(&a, req("POST", "/v1/migrations", "{}"), node).await;
-    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_json")));
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
     let (s, e) = call(&a, req("GET", "/v1/migrations/web/stream", ""), node).await;
     assert_eq!(
         (s, e["code"].as_str()),

@@ -134,7 +134,11 @@ const SIGNED_FILE: &str = "node-signed.pem";
 /// A certificate request for the node's own key, for the manager to sign (PEM).
 pub fn csr_pem(id: &Identity, hostname: &str) -> Result<String, TlsError> {
     let key = rcgen::KeyPair::from_pem(&id.key_pem)?;
-    let name = if hostname.is_empty() { "hvnode" } else { hostname };
+    let name = if hostname.is_empty() {
+        "hvnode"
+    } else {
+        hostname
+    };
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
     params
         .distinguished_name
@@ -185,12 +189,10 @@ pub fn install_signed(
             .add(ca)
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        hvnode_tls::provider(),
-    )
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), hvnode_tls::provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
     verifier
         .verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now())
         .map_err(|e| {

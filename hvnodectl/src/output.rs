@@ -9,8 +9,8 @@ use hvnode_api::event::Event;
 use hvnode_api::guest::{GuestState, GuestStatus, SnapshotStatus};
 use hvnode_api::migration::MigrationView;
 use hvnode_api::node::{NodeInfo, NodeStats};
-use hvnode_api::vmm::{MigrationPhase, MigrationStatus};
 use hvnode_api::units::{bytes, secs};
+use hvnode_api::vmm::{MigrationPhase, MigrationStatus};
 use serde::Serialize;
 
 use crate::state::JoinRecord;

@@ -780,7 +780,11 @@ fn console_counts(agent: &Agent, guest: &str) -> Vec<u32> {
     let complete = log.rfind('\n').map_or("", |end| &log[..end]);
     complete
         .split('\n')
-        .filter_map(|l| (l.len() == 8).then(|| u32::from_str_radix(l, 16).ok()).flatten())
+        .filter_map(|l| {
+            (l.len() == 8)
+                .then(|| u32::from_str_radix(l, 16).ok())
+                .flatten()
+        })
         .collect()
 }
 
@@ -803,7 +807,15 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
     let code = b.pairing_code();
     let registered = ok(&ctl(
         &m,
-        &["register", "n2", "--url", &b.url(), "--code", &code, "--yes"],
+        &[
+            "register",
+            "n2",
+            "--url",
+            &b.url(),
+            "--code",
+            &code,
+            "--yes",
+        ],
     ));
     assert!(registered.contains("registered"), "{registered}");
     let payload = hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER);
@@ -827,14 +839,28 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
     fails_with(&refused, "peer_refused");
     fails_with(&refused, "count.elf");
     assert!(ok(&ctl(&m, &["guest", "show", "n1", "count"])).contains("running"));
-    fails_with(&ctl(&m, &["guest", "show", "n2", "count"]), "guest_not_found");
+    fails_with(
+        &ctl(&m, &["guest", "show", "n2", "count"]),
+        "guest_not_found",
+    );
 
     std::fs::write(b.dir.join("images/count.elf"), &payload).unwrap();
     let moved = ok(&ctl(
         &m,
-        &["guest", "migrate", "n1", "count", "--to", "n2", "--verify-memory"],
+        &[
+            "guest",
+            "migrate",
+            "n1",
+            "count",
+            "--to",
+            "n2",
+            "--verify-memory",
+        ],
     ));
-    assert!(moved.contains("guest count migrated from n1 to n2: downtime"), "{moved}");
+    assert!(
+        moved.contains("guest count migrated from n1 to n2: downtime"),
+        "{moved}"
+    );
     let last_on_a = *console_counts(&a, "count").last().unwrap();
     assert!(ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests"));
     assert!(ok(&ctl(&m, &["guest", "show", "n2", "count"])).contains("running"));

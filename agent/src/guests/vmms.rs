@@ -606,7 +606,10 @@ impl Guests {
             });
         match (r.intent, code) {
             (Intent::Incoming, _) => {
-                self.emit(name, format!("stopped: the incoming migration failed: {reason}"));
+                self.emit(
+                    name,
+                    format!("stopped: the incoming migration failed: {reason}"),
+                );
             }
             (Intent::Stop, _) | (Intent::Shutdown, Some(0 | 3)) | (Intent::None, Some(0)) => {
                 self.emit(name, "stopped".to_owned());

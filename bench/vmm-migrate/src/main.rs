@@ -148,7 +148,13 @@ where
     let mut buf = vec![0u8; 256 << 10];
     let (mut local_open, mut peer_open) = (true, true);
     while local_open || peer_open {
-        let flag = |open: bool| if open { PollFlags::POLLIN } else { PollFlags::empty() };
+        let flag = |open: bool| {
+            if open {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            }
+        };
         let (local_ready, peer_ready) = {
             let mut fds = [
                 PollFd::new(local.as_fd(), flag(local_open)),
@@ -225,7 +231,10 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/release/hvnode-vmm"));
     if !vmm.is_file() {
-        eprintln!("error: {} missing: cargo build --release -p hvnode-vmm", vmm.display());
+        eprintln!(
+            "error: {} missing: cargo build --release -p hvnode-vmm",
+            vmm.display()
+        );
         std::process::exit(1);
     }
     let dir = std::env::temp_dir().join(format!("hvnode-bench-migrate-{}", std::process::id()));
@@ -270,7 +279,10 @@ fn main() {
                 tls_relay(s, &incoming);
                 wait("the migration to end", || {
                     status(&src_sock).is_some_and(|s| {
-                        !matches!(s.phase, MigrationPhase::Precopy | MigrationPhase::Switchover)
+                        !matches!(
+                            s.phase,
+                            MigrationPhase::Precopy | MigrationPhase::Switchover
+                        )
                     })
                 });
                 let st = status(&src_sock).expect("status");
@@ -283,8 +295,13 @@ fn main() {
                     std::process::exit(1);
                 };
                 wait("the guest to run on the destination", || {
-                    matches!(ask(&dst_sock, &VmmRequest::Describe),
-                        Some(VmmResponse::Description { state: hvnode_api::vmm::VmRunState::Running, .. }))
+                    matches!(
+                        ask(&dst_sock, &VmmRequest::Describe),
+                        Some(VmmResponse::Description {
+                            state: hvnode_api::vmm::VmRunState::Running,
+                            ..
+                        })
+                    )
                 });
                 let f = [
                     r.total_ms as f64,
@@ -314,7 +331,10 @@ fn main() {
             );
             println!("{name}_passes {:.0}", m[6]);
             println!("{name}_sent_mib {:.0}", m[7]);
-            println!("{name}_throughput_mib_s {:.0}", m[7] / (m[0] / 1000.0).max(0.001));
+            println!(
+                "{name}_throughput_mib_s {:.0}",
+                m[7] / (m[0] / 1000.0).max(0.001)
+            );
             println!("{name}_dirty_rate_mib_s {:.0}", m[8]);
         }
     }

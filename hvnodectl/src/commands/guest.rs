@@ -9,8 +9,8 @@ use std::io::IsTerminal;
 
 use hvnode_api::guest::{self, CreateSnapshot, GuestSpec, GuestState, GuestStatus, SnapshotStatus};
 use hvnode_api::migration::{MigrateRequest, MigrationView};
-use hvnode_api::vmm::MigrationPhase;
 use hvnode_api::routes::{GuestAction, Route};
+use hvnode_api::vmm::MigrationPhase;
 use hyper::Method;
 
 use super::{path_with, CmdError, Ctx};
@@ -207,7 +207,10 @@ impl Ctx {
                 let (_, raw): (MigrationView, _) =
                     c.send_json::<(), _>(Method::DELETE, &path, None).await?;
                 self.answer(&raw, || {
-                    format!("migration of guest {} cancelled: it keeps running on {}", a.name, a.node)
+                    format!(
+                        "migration of guest {} cancelled: it keeps running on {}",
+                        a.name, a.node
+                    )
                 })
             }
             GuestCommand::Console {
