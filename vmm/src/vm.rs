@@ -424,6 +424,17 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
             config.name,
             received.elapsed().as_millis()
         );
+        // The network learns where the guest's MACs are now.
+        let (announced, failed) = mmio.announce();
+        for (device, e) in failed {
+            eprintln!("hvnode-vmm: {}: announcing on {device}: {e}", config.name);
+        }
+        if announced > 0 {
+            eprintln!(
+                "hvnode-vmm: {}: announced the guest's MAC on {announced} NIC(s)",
+                config.name
+            );
+        }
     }
     drop(exit_tx);
     // The VM and its fds stay alive until the process exits with the reason (the controller

@@ -159,6 +159,21 @@ impl MmioBus {
         Ok(())
     }
 
+    /// Has every NIC announce the guest's MAC on its network (after a migration): the devices
+    /// that did, and the failures by device name.
+    pub fn announce(&self) -> (usize, Vec<(String, std::io::Error)>) {
+        let (mut done, mut failed) = (0, Vec::new());
+        for slot in &self.slots {
+            let t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+            match t.announce() {
+                Ok(true) => done += 1,
+                Ok(false) => {}
+                Err(e) => failed.push((slot.name.clone(), e)),
+            }
+        }
+        (done, failed)
+    }
+
     /// Every transport with its device, in window order; call while paused.
     pub fn save(&self) -> Vec<TransportState> {
         self.slots

@@ -196,6 +196,11 @@ impl MmioTransport {
         self.device.flush()
     }
 
+    /// See [`VirtioDevice::announce`].
+    pub fn announce(&self) -> std::io::Result<bool> {
+        self.device.announce()
+    }
+
     /// The transport and its device as they are; call while paused. The queues of an active
     /// device come from its parked worker, which alone knows where it is in the rings.
     pub fn save(&self) -> TransportState {

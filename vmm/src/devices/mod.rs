@@ -165,6 +165,11 @@ pub trait VirtioDevice: Send {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Tells the network where the guest is now, after it arrived by migration; `false` for a
+    /// device with nothing to announce (the default).
+    fn announce(&self) -> std::io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A counter a worker bumps and the control socket reads.
