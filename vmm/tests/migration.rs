@@ -231,8 +231,10 @@ fn a_guest_dirtying_memory_migrates_and_counts_on_from_where_it_was() {
     let stream = migrate_send(
         &dir,
         "src",
-        json!({"verify_memory": true, "downtime_limit_ms": 300}),
+        json!({"verify_memory": true, "downtime_limit_ms": 5000}),
     );
+    // A generous limit: on a loaded machine a debug build sends the 16 MiB working set slowly,
+    // and this test is about what arrives, not how fast (bench/vmm-migrate measures that).
     let relay = Relay::start(stream, connect(&incoming(&dir, "dst")), false);
     let s = ended(&dir, "src");
     relay.join();
