@@ -777,15 +777,7 @@ fn guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_gue
 fn console_counts(agent: &Agent, guest: &str) -> Vec<u32> {
     let log = std::fs::read_to_string(agent.dir.join(format!("run/vms/{guest}/console.log")))
         .unwrap_or_default();
-    let complete = log.rfind('\n').map_or("", |end| &log[..end]);
-    complete
-        .split('\n')
-        .filter_map(|l| {
-            (l.len() == 8)
-                .then(|| u32::from_str_radix(l, 16).ok())
-                .flatten()
-        })
-        .collect()
+    hvnode_vmm::payload::counter_lines(&log)
 }
 
 #[test]

@@ -77,6 +77,21 @@ pub const MEMORY_COUNTER: [u8; 61] = [
     0x0a, 0xee, 0xb9, 0x00, 0x00, 0x04, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xc3,
 ];
 
+/// The counts that [`MEMORY_COUNTER`] (or [`DIRTIER`]) printed in a serial log: one per
+/// complete line of eight hex digits; a line cut off at the end (the guest still printing it, or
+/// paused or migrated in the middle of it) is left out.
+pub fn counter_lines(log: &str) -> Vec<u32> {
+    let complete = log.rfind('\n').map_or("", |end| &log[..end]);
+    complete
+        .split('\n')
+        .filter_map(|l| {
+            (l.len() == 8)
+                .then(|| u32::from_str_radix(l, 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
 /// Where [`DIRTIER`] writes: the 16 MiB from here (a guest needs at least 20 MiB).
 pub const DIRTIER_AREA: u64 = 0x40_0000;
 
@@ -135,6 +150,12 @@ pub const SCANCODE_ECHO: [u8; 89] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_lines_skip_a_line_cut_off_and_other_output() {
+        assert_eq!(counter_lines("00000001\n0000000A\nboot\n0000"), vec![1, 10]);
+        assert!(counter_lines("").is_empty());
+    }
 
     #[test]
     fn builds_a_loadable_elf() {

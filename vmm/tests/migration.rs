@@ -66,15 +66,7 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 /// The counter values of the complete lines of a run's serial log.
 fn counts(dir: &Path, run: &str) -> Vec<u32> {
     let log = std::fs::read_to_string(dir.join(format!("{run}.log"))).unwrap_or_default();
-    let complete = log.rfind('\n').map_or("", |end| &log[..end]);
-    complete
-        .split('\n')
-        .filter_map(|l| {
-            (l.len() == 8)
-                .then(|| u32::from_str_radix(l, 16).ok())
-                .flatten()
-        })
-        .collect()
+    hvnode_vmm::payload::counter_lines(&log)
 }
 
 /// Waits until the run has printed `n` more counts than it had.
