@@ -7,54 +7,23 @@
 //! unless `HVNODE_BENCH_DOWNTIME_MS` sets one.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hvnode_api::vmm::{MigrationPhase, MigrationStatus, VmmRequest, VmmResponse};
+use hvnode_bench_common::{ask, median, vmm_binary, wait, Vmm};
 use hvnode_vmm::payload::{elf64, DIRTIER, MEMORY_COUNTER};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 const RUNS: usize = 3;
+/// How long a step may take (a 4 GiB busy migration included).
+const LIMIT: Duration = Duration::from_secs(300);
 const SIZES_MIB: [u64; 3] = [256, 1024, 4096];
-
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ask(socket: &Path, req: &VmmRequest) -> Option<VmmResponse> {
-    let mut s = UnixStream::connect(socket).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
-    writeln!(s, "{}", serde_json::to_string(req).ok()?).ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
-fn wait(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !f() {
-        if Instant::now() > deadline {
-            eprintln!("error: {what} did not happen within 5 minutes");
-            std::process::exit(1);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn config(dir: &Path, run: &str, kernel: &Path, mib: u64) -> PathBuf {
     let path = dir.join(format!("{run}.json"));
@@ -226,17 +195,7 @@ fn status(sock: &Path) -> Option<MigrationStatus> {
 }
 
 fn main() {
-    let vmm = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/release/hvnode-vmm"));
-    if !vmm.is_file() {
-        eprintln!(
-            "error: {} missing: cargo build --release -p hvnode-vmm",
-            vmm.display()
-        );
-        std::process::exit(1);
-    }
+    let vmm = vmm_binary();
     let dir = std::env::temp_dir().join(format!("hvnode-bench-migrate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -253,13 +212,13 @@ fn main() {
                 let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
                 let incoming = dir.join("dst.in");
                 let _src = start(&vmm, &src_cfg, None);
-                wait("the source guest to count", || {
+                wait("the source guest to count", LIMIT, || {
                     std::fs::read_to_string(dir.join("src.log"))
                         .map(|l| l.lines().count() > 3)
                         .unwrap_or(false)
                 });
                 let _dst = start(&vmm, &dst_cfg, Some(&incoming));
-                wait("the destination to listen", || incoming.exists());
+                wait("the destination to listen", LIMIT, || incoming.exists());
                 let mut s = UnixStream::connect(&src_sock).expect("control");
                 let req = VmmRequest::MigrateSend {
                     downtime_limit_ms: std::env::var("HVNODE_BENCH_DOWNTIME_MS")
@@ -277,7 +236,7 @@ fn main() {
                     line.push(b[0]);
                 }
                 tls_relay(s, &incoming);
-                wait("the migration to end", || {
+                wait("the migration to end", LIMIT, || {
                     status(&src_sock).is_some_and(|s| {
                         !matches!(
                             s.phase,
@@ -287,14 +246,13 @@ fn main() {
                 });
                 let st = status(&src_sock).expect("status");
                 let Some(r) = st.result.clone() else {
-                    eprintln!(
-                        "error: {kind} {mib} MiB run {run}: {:?} (VMM logs in {})",
+                    panic!(
+                        "{kind} {mib} MiB run {run}: {:?} (VMM logs in {})",
                         st.error,
                         dir.display()
                     );
-                    std::process::exit(1);
                 };
-                wait("the guest to run on the destination", || {
+                wait("the guest to run on the destination", LIMIT, || {
                     matches!(
                         ask(&dst_sock, &VmmRequest::Describe),
                         Some(VmmResponse::Description {

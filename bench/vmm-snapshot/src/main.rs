@@ -8,52 +8,19 @@
 //!   guest running (memory mapped lazily, state restored).
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use hvnode_bench_common::{ask, median, vmm_binary, wait, Vmm};
 
 use hvnode_api::vmm::{SnapshotInfo, VmmRequest, VmmResponse};
 use hvnode_vmm::payload::{elf64, MEMORY_COUNTER};
 
 const RUNS: usize = 5;
+/// How long a step may take.
+const LIMIT: Duration = Duration::from_secs(60);
 const SIZES_MIB: [u64; 3] = [256, 1024, 4096];
-
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ask(socket: &Path, req: &VmmRequest) -> Option<VmmResponse> {
-    let mut s = UnixStream::connect(socket).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
-    writeln!(s, "{}", serde_json::to_string(req).ok()?).ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
-/// Polls until `f` holds, for at most a minute.
-fn wait(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        if Instant::now() > deadline {
-            eprintln!("error: {what} did not happen within a minute");
-            std::process::exit(1);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn start(vmm: &Path, config: &Path, restore: Option<&Path>) -> Vmm {
     let mut cmd = Command::new(vmm);
@@ -69,17 +36,7 @@ fn start(vmm: &Path, config: &Path, restore: Option<&Path>) -> Vmm {
 }
 
 fn main() {
-    let vmm = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/release/hvnode-vmm"));
-    if !vmm.is_file() {
-        eprintln!(
-            "error: {} missing: cargo build --release -p hvnode-vmm",
-            vmm.display()
-        );
-        std::process::exit(1);
-    }
+    let vmm = vmm_binary();
     let root = std::env::temp_dir().join(format!("hvnode-bench-snapshot-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).expect("scratch directory");
@@ -113,7 +70,7 @@ fn main() {
             let snap = dir.join("snap");
             {
                 let _guest = start(&vmm, &config, None);
-                wait("the first count", || {
+                wait("the first count", LIMIT, || {
                     std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 2)
                 });
                 let req = VmmRequest::Snapshot {
@@ -121,10 +78,7 @@ fn main() {
                 };
                 match ask(&socket, &req) {
                     Some(VmmResponse::Snapshot { snapshot }) => info = snapshot,
-                    other => {
-                        eprintln!("error: snapshot answered {other:?}");
-                        std::process::exit(1);
-                    }
+                    other => panic!("snapshot answered {other:?}"),
                 }
                 paused.push(info.paused_ms as f64);
                 write.push(info.write_ms as f64);
@@ -132,7 +86,7 @@ fn main() {
             let _ = std::fs::remove_file(&socket);
             let started = Instant::now();
             let _restored = start(&vmm, &config, Some(&snap));
-            wait("the restored VMM's answer", || {
+            wait("the restored VMM's answer", LIMIT, || {
                 matches!(
                     ask(&socket, &VmmRequest::Describe),
                     Some(VmmResponse::Description { .. })

@@ -4,7 +4,7 @@
 //! - `vmm_overhead_kib`: the VMM's resident memory minus the guest pages it touched.
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,17 +41,7 @@ fn smaps_guest_rss_kib(pid: u32) -> Option<(u64, u64)> {
 }
 
 fn main() {
-    let vmm = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/release/hvnode-vmm"));
-    if !vmm.is_file() {
-        eprintln!(
-            "error: {} missing: cargo build --release -p hvnode-vmm",
-            vmm.display()
-        );
-        std::process::exit(1);
-    }
+    let vmm = hvnode_bench_common::vmm_binary();
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
