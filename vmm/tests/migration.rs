@@ -11,45 +11,24 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kvm_usable, scratch, Vmm};
+use common::{kvm_usable, scratch, spawn_payload, Start, Vmm};
 
-use hvnode_vmm::payload::{elf64, DIRTIER};
+use hvnode_vmm::payload::DIRTIER;
 use serde_json::{json, Value};
 
 /// How long anything the tests wait for may take, on a loaded machine too.
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn config(dir: &Path, run: &str, memory_mib: u64) -> String {
-    let kernel = dir.join("payload.elf");
-    if !kernel.exists() {
-        std::fs::write(&kernel, elf64(&DIRTIER)).unwrap();
-    }
-    json!({
-        "name": "dirtier",
-        "vcpus": 1,
-        "memory_mib": memory_mib,
-        "kernel": kernel,
-        "serial_log": dir.join(format!("{run}.log")),
-        "control_socket": dir.join(format!("{run}.sock")),
-        "exit_file": dir.join(format!("{run}.exit.json")),
-    })
-    .to_string()
-}
-
+/// The dirtier's run `run` in `dir`, booted or waiting for it on `incoming`.
 fn spawn(dir: &Path, run: &str, memory_mib: u64, incoming: Option<&Path>) -> Vmm {
-    let stderr = std::fs::File::create(dir.join(format!("{run}.stderr"))).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"));
-    cmd.args(["--config-json", &config(dir, run, memory_mib)]);
-    if let Some(sock) = incoming {
-        cmd.arg("--incoming").arg(sock);
-    }
-    Vmm::spawn(cmd.stderr(Stdio::from(stderr)))
+    let start = incoming.map_or(Start::Boot, Start::Incoming);
+    spawn_payload(dir, run, "dirtier", &DIRTIER, memory_mib, start)
 }
 
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {

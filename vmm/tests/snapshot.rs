@@ -7,44 +7,22 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kvm_usable, scratch, Vmm};
+use common::{kvm_usable, scratch, spawn_payload, Start, Vmm};
 
 use hvnode_api::vmm::{SNAPSHOT_CONFIG, SNAPSHOT_MEMORY, SNAPSHOT_STATE};
-use hvnode_vmm::payload::{elf64, MEMORY_COUNTER, MEMORY_COUNTER_ADDR};
+use hvnode_vmm::payload::{MEMORY_COUNTER, MEMORY_COUNTER_ADDR};
 
 /// How long anything the tests wait for may take, on a loaded machine too.
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// The config of a run in `dir` (its own log, sockets and exit file) of the counter payload.
-fn config(dir: &Path, run: &str, memory_mib: u64) -> String {
-    let kernel = dir.join("payload.elf");
-    if !kernel.exists() {
-        std::fs::write(&kernel, elf64(&MEMORY_COUNTER)).unwrap();
-    }
-    serde_json::json!({
-        "name": "counter",
-        "vcpus": 1,
-        "memory_mib": memory_mib,
-        "kernel": kernel,
-        "serial_log": dir.join(format!("{run}.log")),
-        "control_socket": dir.join(format!("{run}.sock")),
-        "exit_file": dir.join(format!("{run}.exit.json")),
-    })
-    .to_string()
-}
-
+/// The counter payload's run `run` in `dir`, booted or restored from `restore`.
 fn spawn(dir: &Path, run: &str, memory_mib: u64, restore: Option<&Path>) -> Vmm {
-    let stderr = std::fs::File::create(dir.join(format!("{run}.stderr"))).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"));
-    cmd.args(["--config-json", &config(dir, run, memory_mib)]);
-    if let Some(snap) = restore {
-        cmd.arg("--restore").arg(snap);
-    }
-    Vmm::spawn(cmd.stderr(Stdio::from(stderr)))
+    let start = restore.map_or(Start::Boot, Start::Restore);
+    spawn_payload(dir, run, "counter", &MEMORY_COUNTER, memory_mib, start)
 }
 
 fn wait_status(child: &mut Child) -> ExitStatus {

@@ -1,8 +1,8 @@
 //! Helpers shared by the VMM's integration tests (each test file is its own crate).
 
 use std::ops::{Deref, DerefMut};
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 /// Whether /dev/kvm can be opened; says why `test` is skipped when it cannot.
 pub fn kvm_usable(test: &str) -> bool {
@@ -56,4 +56,57 @@ impl Drop for Vmm {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// How a payload's VMM starts.
+#[allow(dead_code)] // Each test crate uses the helpers it needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Booted.
+    Boot,
+    /// Restored from the snapshot in this directory.
+    Restore(&'a Path),
+    /// Waiting for a migrating guest on this socket.
+    Incoming(&'a Path),
+}
+
+/// Starts the VMM on the payload `code` (written to `dir/payload.elf` once) as run `run` of
+/// guest `name`: one vCPU, `memory_mib`, and the run's own serial log (`run.log`), control
+/// socket (`run.sock`), exit file (`run.exit.json`) and stderr (`run.stderr`) in `dir`.
+#[allow(dead_code)]
+pub fn spawn_payload(
+    dir: &Path,
+    run: &str,
+    name: &str,
+    code: &[u8],
+    memory_mib: u64,
+    start: Start<'_>,
+) -> Vmm {
+    let kernel = dir.join("payload.elf");
+    if !kernel.exists() {
+        std::fs::write(&kernel, hvnode_vmm::payload::elf64(code)).unwrap();
+    }
+    let config = serde_json::json!({
+        "name": name,
+        "vcpus": 1,
+        "memory_mib": memory_mib,
+        "kernel": kernel,
+        "serial_log": dir.join(format!("{run}.log")),
+        "control_socket": dir.join(format!("{run}.sock")),
+        "exit_file": dir.join(format!("{run}.exit.json")),
+    })
+    .to_string();
+    let stderr = std::fs::File::create(dir.join(format!("{run}.stderr"))).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hvnode-vmm"));
+    cmd.args(["--config-json", &config]);
+    match start {
+        Start::Boot => {}
+        Start::Restore(snap) => {
+            cmd.arg("--restore").arg(snap);
+        }
+        Start::Incoming(sock) => {
+            cmd.arg("--incoming").arg(sock);
+        }
+    }
+    Vmm::spawn(cmd.stderr(Stdio::from(stderr)))
 }
