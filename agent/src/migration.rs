@@ -76,12 +76,9 @@ impl Migrations {
 
     /// Whether the guest is migrating (either way) now.
     pub fn in_progress(&self, name: &str) -> bool {
-        self.lock().get(name).is_some_and(|e| {
-            matches!(
-                e.view.status.phase,
-                MigrationPhase::Precopy | MigrationPhase::Switchover
-            )
-        })
+        self.lock()
+            .get(name)
+            .is_some_and(|e| e.view.status.phase.in_progress())
     }
 }
 
@@ -203,12 +200,9 @@ impl Agent {
             .map_err(|e| Error::internal("Node TLS", e))?;
         {
             let mut t = self.migrations.lock();
-            if t.get(&name).is_some_and(|e| {
-                matches!(
-                    e.view.status.phase,
-                    MigrationPhase::Precopy | MigrationPhase::Switchover
-                )
-            }) {
+            if t.get(&name)
+                .is_some_and(|e| e.view.status.phase.in_progress())
+            {
                 return Err(Error::new(
                     ErrorCode::MigrationInProgress,
                     format!("Guest {name:?} is migrating already"),
@@ -339,13 +333,7 @@ impl Agent {
         // verdict is the VMM's, once it has one.
         let deadline = Instant::now() + VERDICT_WAIT;
         let mut end = self.vmm_migration_status(&name).await;
-        while end.as_ref().is_some_and(|s| {
-            matches!(
-                s.phase,
-                MigrationPhase::Precopy | MigrationPhase::Switchover
-            )
-        }) && Instant::now() < deadline
-        {
+        while end.as_ref().is_some_and(|s| s.phase.in_progress()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
             end = self.vmm_migration_status(&name).await;
         }

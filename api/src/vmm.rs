@@ -167,6 +167,13 @@ pub enum MigrationPhase {
     Cancelled,
 }
 
+impl MigrationPhase {
+    /// Whether the migration is still under way (pre-copy or switchover).
+    pub fn in_progress(self) -> bool {
+        matches!(self, MigrationPhase::Precopy | MigrationPhase::Switchover)
+    }
+}
+
 /// A migration's progress and, once it ended, its outcome.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationStatus {

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvnode_api::vmm::{MigrationPhase, MigrationStatus, VmmRequest, VmmResponse};
+use hvnode_api::vmm::{MigrationStatus, VmmRequest, VmmResponse};
 use hvnode_bench_common::{ask, median, vmm_binary, wait, Vmm};
 use hvnode_vmm::payload::{elf64, DIRTIER, MEMORY_COUNTER};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -237,12 +237,7 @@ fn main() {
                 }
                 tls_relay(s, &incoming);
                 wait("the migration to end", LIMIT, || {
-                    status(&src_sock).is_some_and(|s| {
-                        !matches!(
-                            s.phase,
-                            MigrationPhase::Precopy | MigrationPhase::Switchover
-                        )
-                    })
+                    status(&src_sock).is_some_and(|s| !s.phase.in_progress())
                 });
                 let st = status(&src_sock).expect("status");
                 let Some(r) = st.result.clone() else {

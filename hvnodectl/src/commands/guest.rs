@@ -173,10 +173,7 @@ impl Ctx {
                 let mut last = None;
                 let (view, raw) = loop {
                     let (view, raw): (MigrationView, _) = c.get_json(&path).await?;
-                    if !matches!(
-                        view.status.phase,
-                        MigrationPhase::Precopy | MigrationPhase::Switchover
-                    ) {
+                    if !view.status.phase.in_progress() {
                         break (view, raw);
                     }
                     let line = output::migration_progress(&view.status);
