@@ -313,6 +313,12 @@ impl Controller {
         if self.paused.load(Ordering::SeqCst) {
             return Err(PauseError::InvalidState("The VM is already paused"));
         }
+        self.park()
+    }
+
+    /// Parks the vCPUs, then every device worker, with the `pausing` lock held and the state
+    /// checked by the caller.
+    fn park(&self) -> Result<(), PauseError> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         // vCPUs first: with them parked no driver can notify a queue or reset a device.
         self.vcpus.pause(deadline)?;
@@ -547,14 +553,7 @@ impl Source for Controller {
     fn pause(&self) -> Result<(), String> {
         // The migration's own pause: `busy_migrating` would refuse it.
         let _op = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        self.vcpus.pause(deadline).map_err(|e| e.to_string())?;
-        if let Err(e) = self.virtio.pause(deadline) {
-            let _ = self.vcpus.resume();
-            return Err(format!("device {} did not stop", e.0));
-        }
-        self.paused.store(true, Ordering::SeqCst);
-        Ok(())
+        self.park().map_err(|e| e.to_string())
     }
 
     fn resume(&self) {

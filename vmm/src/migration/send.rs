@@ -163,12 +163,18 @@ impl<'a, W: Write> Frames<'a, W> {
         protocol::MAX_MEMORY.saturating_sub(table + self.data.len() as u64)
     }
 
+    /// Sends the frame so far if another page or range would not fit in it.
+    fn make_room(&mut self) -> Result<(), Failure> {
+        if self.room() < PAGE || self.ranges.len() as u32 >= protocol::MAX_RANGES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Adds `len` bytes of guest memory at `addr`, read now.
     fn add(&mut self, mem: &GuestRam, mut addr: u64, mut len: u64) -> Result<(), Failure> {
         while len > 0 {
-            if self.room() < PAGE || self.ranges.len() as u32 >= protocol::MAX_RANGES {
-                self.flush()?;
-            }
+            self.make_room()?;
             let n = len.min(self.room());
             let at = self.data.len();
             self.data.resize(at + n as usize, 0);
@@ -229,9 +235,7 @@ fn send_all<W: Write>(
                 if page != &zero[..page.len()] {
                     let addr = start + done + i as u64 * PAGE;
                     // Copied from the chunk just read rather than read again.
-                    if frames.room() < PAGE || frames.ranges.len() as u32 >= protocol::MAX_RANGES {
-                        frames.flush()?;
-                    }
+                    frames.make_room()?;
                     frames.data.extend_from_slice(page);
                     frames.push(addr, page.len() as u64);
                 }
