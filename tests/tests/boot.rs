@@ -44,8 +44,13 @@ fn boot_ready_poweroff(name: &str, firmware: Firmware, medium: Medium, console: 
         let read = |vm: &Qemu| {
             screen::vga_text_screen(&vm.vga_text_memory(), 25, |r| r.contains("GNU GRUB"))
         };
-        let menu = wait_physical(&vm, &read, "hvnode, creating the data partition");
-        assert!(menu.contains("hvnode, debug"), "{menu}");
+        // GRUB draws the entries one character at a time: wait for the end of the last one
+        // before checking the others (a read in the middle of the drawing saw half a list).
+        let menu = wait_physical(&vm, &read, "hvnode, debug: verbose kernel and init log [v]");
+        assert!(
+            menu.contains("hvnode, creating the data partition on the first blank disk [d]"),
+            "{menu}"
+        );
         vm.press_keys(&["ret"], None);
     }
     if console == Some(Keyboard::Usb) && firmware == Firmware::Ovmf {
