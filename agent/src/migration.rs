@@ -275,13 +275,14 @@ impl Agent {
     }
 
     /// Records a failed outgoing migration and puts the guest back in `state`.
+    /// The guest's state comes first: a client that sees `failed` sees the guest back too.
     fn fail_outgoing(&self, name: &str, why: String, state: GuestState) {
+        self.running
+            .set_state(name, GuestState::Migrating, state, true);
         self.migrations.update(name, |v| {
             v.status.phase = MigrationPhase::Failed;
             v.status.error = Some(why.clone());
         });
-        self.running
-            .set_state(name, GuestState::Migrating, state, true);
         self.events
             .emit("migration", Some(name), format!("migration failed: {why}"));
     }
@@ -321,7 +322,10 @@ impl Agent {
                             last_pass = Some(s.pass);
                             self.events.emit("migration", Some(&name), progress(&s));
                         }
-                        self.migrations.update(&name, |v| v.status = s);
+                        // A finished phase is published only once its outcome is applied.
+                        if s.phase.in_progress() {
+                            self.migrations.update(&name, |v| v.status = s);
+                        }
                     }
                 }
             }
@@ -344,7 +348,8 @@ impl Agent {
                 GuestState::Crashed,
             );
         };
-        self.migrations.update(&name, |v| v.status = end.clone());
+        // Each outcome is applied before the migration shows it: a client that reads
+        // `completed` finds the guest gone from this node, one that reads `failed` finds it back.
         match end.phase {
             MigrationPhase::Completed => {
                 let r = end.result.clone().unwrap_or_default();
@@ -366,13 +371,17 @@ impl Agent {
                     ),
                 );
                 let me = Arc::clone(&self);
-                let _ = tokio::task::spawn_blocking(move || me.hand_over(&name)).await;
+                let handed = name.clone();
+                let _ = tokio::task::spawn_blocking(move || me.hand_over(&handed)).await;
+                self.migrations.update(&name, |v| v.status = end);
             }
             _ if end.outcome_unknown => {
-                self.migrations
-                    .update(&name, |v| v.status.phase = MigrationPhase::Failed);
                 self.running
                     .set_state(&name, GuestState::Migrating, GuestState::Paused, true);
+                self.migrations.update(&name, |v| {
+                    v.status = end.clone();
+                    v.status.phase = MigrationPhase::Failed;
+                });
                 self.events.emit(
                     "migration",
                     Some(&name),
@@ -389,7 +398,15 @@ impl Agent {
                     .error
                     .clone()
                     .unwrap_or_else(|| "the migration ended without completing".into());
-                self.fail_outgoing(&name, why, GuestState::Running);
+                self.running
+                    .set_state(&name, GuestState::Migrating, GuestState::Running, true);
+                self.migrations.update(&name, |v| {
+                    v.status = end;
+                    v.status.phase = MigrationPhase::Failed;
+                    v.status.error = Some(why.clone());
+                });
+                self.events
+                    .emit("migration", Some(&name), format!("migration failed: {why}"));
             }
         }
     }

@@ -21,6 +21,8 @@ use crate::output;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often `wait` asks for the guest's state.
 const WAIT_POLL: Duration = Duration::from_millis(250);
+/// How long a migrated guest may take to show as running on its destination.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
 
 /// Reads and validates a guest definition file.
 pub fn read_spec(path: &Path) -> Result<GuestSpec, CmdError> {
@@ -187,6 +189,26 @@ impl Ctx {
                 };
                 if tty {
                     eprintln!();
+                }
+                if view.status.phase == MigrationPhase::Completed {
+                    // The destination learns the guest is its own when the stream ends, a
+                    // moment after the source does: done is when the destination says so.
+                    let d = self.connect(&to)?;
+                    let gpath = Route::Guest(name.clone()).path();
+                    let deadline = Instant::now() + ARRIVAL_WAIT;
+                    let state = loop {
+                        let (g, _): (GuestStatus, _) = d.get_json(&gpath).await?;
+                        if g.state != GuestState::Migrating || Instant::now() >= deadline {
+                            break g.state;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    };
+                    if state != GuestState::Running {
+                        return Err(CmdError::MigrationFailed(format!(
+                            "the source handed {name} over, but on {to} it is {}",
+                            state.as_str()
+                        )));
+                    }
                 }
                 self.answer(&raw, || output::migration_done(&view, &node, &to))?;
                 if view.status.phase == MigrationPhase::Completed {
