@@ -278,6 +278,11 @@ pub enum GuestCommand {
         /// Node to move it to.
         #[arg(long)]
         to: String,
+        /// The URL the source node reaches the destination at, when it is not the one this
+        /// manager uses (NAT, another network between the nodes); the destination is still
+        /// pinned by its registered certificate.
+        #[arg(long)]
+        to_url: Option<String>,
         /// Longest pause the guest may see, in milliseconds (default 100).
         #[arg(long)]
         downtime_ms: Option<u64>,

@@ -460,6 +460,7 @@ fn node_initiated_registration_through_serve_and_approve() {
             .arg("--state-dir")
             .arg(&m)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("HVNODECTL_RENEW_CHECK_SECS", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -523,6 +524,22 @@ fn node_initiated_registration_through_serve_and_approve() {
     }
     let info = ok(&ctl(&m, &["node", "info", "n2"]));
     assert!(info.contains("hostname:"), "{info}");
+    // The manager never talked to this node on its own: `serve` signs its node certificate.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = agent.local_json("GET", &Route::NodeCertificate.path(), None);
+        if c["signed"]["not_after_unix"]
+            .as_i64()
+            .is_some_and(|t| t > 0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve never signed the node's certificate: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -703,3 +703,186 @@ fn seabios_cd_with_a_modified_root_image_stops_before_ready() {
     drop(vm);
     let _ = std::fs::remove_file(&tampered);
 }
+
+/// The migrating guest: a Linux guest that, once up and on the network, ticks once a second on
+/// its serial port and reports each tick over TCP to the host (`hvnode-guest.report=PORT`).
+fn mover_spec(report_port: u16) -> String {
+    format!(
+        r#"name = "mover"
+vcpus = 1
+memory_mib = 256
+kernel = "test/vmlinuz"
+initrd = "test/initramfs.img"
+cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off hvnode-guest.expect=net hvnode-guest.count hvnode-guest.report={report_port}"
+rng = false
+nics = [{{ bridge = "br0" }}]
+"#
+    )
+}
+
+/// The tick numbers in a guest's console log.
+fn ticks(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.split("hvnode-guest: tick ").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_running_linux_guest_migrates_between_two_nodes_and_carries_on() {
+    let name = "two-node-migration";
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let guest = repo_root().join("build/guest");
+    for f in ["vmlinuz", "initramfs.img"] {
+        assert!(
+            guest.join(f).is_file(),
+            "build/guest/{f} is missing: run tests/guest/build.sh"
+        );
+    }
+    let dir = scratch_dir(name);
+    // Two nodes, each its own QEMU; node A reaches node B's API through the host (QEMU's user
+    // network maps 10.0.2.2 to the host's loopback, where B's API port is forwarded).
+    let start = |n: &str| {
+        let d = dir.join(n);
+        std::fs::create_dir_all(&d).expect("node dir");
+        let mut opts = Options::new(&format!("{name}-{n}"), Firmware::SeaBios, Medium::Cd);
+        opts.nested = true;
+        opts.memory_mib = 1536;
+        Qemu::start(&iso, &opts, &d)
+    };
+    let mut a = start("a");
+    let mut b = start("b");
+    a.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    b.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    let state = dir.join("manager");
+    ok(&state, &["init", "--name", "test-manager"]);
+    for (node, vm) in [("node-a", &mut a), ("node-b", &mut b)] {
+        let code = pairing_code(&console_screen(vm, b"3", "Pairing code"));
+        let url = format!("https://127.0.0.1:{}", vm.api_port);
+        let out = ok(
+            &state,
+            &["register", node, "--url", &url, "--code", &code, "--yes"],
+        );
+        assert!(out.contains("registered"), "{out}");
+        for f in ["vmlinuz", "initramfs.img"] {
+            let local = guest.join(f);
+            ok(
+                &state,
+                &[
+                    "image",
+                    "upload",
+                    node,
+                    local.to_str().unwrap_or_default(),
+                    &format!("test/{f}"),
+                ],
+            );
+        }
+    }
+    // The guest's reports reach the host wherever it runs.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
+    let port = listener.local_addr().expect("addr").port();
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = std::sync::Arc::clone(&reports);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(conn), &mut line);
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    let reported = || ticks(&reports.lock().unwrap_or_else(|e| e.into_inner()).join(""));
+    let spec = dir.join("mover.toml");
+    std::fs::write(&spec, mover_spec(port)).expect("write guest spec");
+    ok(
+        &state,
+        &[
+            "guest",
+            "define",
+            "node-a",
+            spec.to_str().unwrap_or_default(),
+        ],
+    );
+    ok(&state, &["guest", "start", "node-a", "mover"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, console) = hvnodectl(&state, &["guest", "console", "node-a", "mover"]);
+        assert!(
+            !console.contains("FAIL"),
+            "the guest failed on node A:\n{console}"
+        );
+        if ticks(&console).len() >= 3 && !reported().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not tick and report on node A within 600 s:\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    let to_url = format!("https://10.0.2.2:{}", b.api_port);
+    let moved = ok(
+        &state,
+        &[
+            "guest",
+            "migrate",
+            "node-a",
+            "mover",
+            "--to",
+            "node-b",
+            "--to-url",
+            &to_url,
+            "--downtime-ms",
+            "2000",
+        ],
+    );
+    eprintln!("{moved}");
+    assert!(
+        moved.contains("guest mover migrated from node-a to node-b"),
+        "{moved}"
+    );
+    let last_on_a = reported().into_iter().max().unwrap_or(0);
+    let list_a = ok(&state, &["guest", "list", "node-a"]);
+    assert!(
+        !list_a.contains("mover"),
+        "node A still has the guest:\n{list_a}"
+    );
+    // On node B it ticks on from where it was, without booting again, and reports over its
+    // network.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let console_b = loop {
+        let (_, console) = hvnodectl(&state, &["guest", "console", "node-b", "mover"]);
+        let after: Vec<u64> = reported()
+            .into_iter()
+            .filter(|&t| t > last_on_a + 1)
+            .collect();
+        if ticks(&console).len() >= 2 && after.len() >= 2 {
+            break console;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not tick and report on node B (last report on A: {last_on_a}):\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(
+        !console_b.contains("hvnode-guest: started"),
+        "the guest booted again on node B:\n{console_b}"
+    );
+    let first_on_b = ticks(&console_b)[0];
+    assert!(
+        first_on_b > last_on_a.saturating_sub(3) && first_on_b <= last_on_a + 3,
+        "node B's first tick {first_on_b} does not follow node A's last report {last_on_a}"
+    );
+    let show = ok(&state, &["--json", "guest", "show", "node-b", "mover"]);
+    assert!(show.contains("\"running\""), "{show}");
+    ok(&state, &["guest", "stop", "node-b", "mover"]);
+    for vm in [&mut a, &mut b] {
+        let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
+        assert!(status.success(), "QEMU exit status {status}");
+        vm.assert_clean_console();
+    }
+}

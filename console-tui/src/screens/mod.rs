@@ -70,12 +70,17 @@ pub enum Reaction {
     Say(Option<String>),
 }
 
-/// Guests with a VMM (running or paused).
+/// Guests with a VMM that runs them (running, paused, or moving to or from another node).
 pub fn running_guests(data: Option<&Snapshot>) -> usize {
     data.map_or(0, |d| {
         d.guests
             .iter()
-            .filter(|g| matches!(g.state, GuestState::Running | GuestState::Paused))
+            .filter(|g| {
+                matches!(
+                    g.state,
+                    GuestState::Running | GuestState::Paused | GuestState::Migrating
+                )
+            })
             .count()
     })
 }

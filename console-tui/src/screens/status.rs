@@ -1,7 +1,6 @@
 //! The Status screen: host name, version, registration, guests, CPU and memory, uptime, the
 //! API's URL, the node certificate's fingerprint and each NIC. No state and no keys of its own.
 
-use hvnode_api::guest::GuestState;
 use hvnode_api::units::bytes;
 use ratatui::text::Line;
 
@@ -18,11 +17,7 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
         ),
         kv("Manager", reg_state(&d.registration)),
     ];
-    let running = d
-        .guests
-        .iter()
-        .filter(|g| matches!(g.state, GuestState::Running | GuestState::Paused))
-        .count();
+    let running = super::running_guests(Some(d));
     l.push(kv(
         "Guests",
         format!("{running} running / {} defined", d.guests.len()),

@@ -140,6 +140,7 @@ impl Ctx {
                 node,
                 name,
                 to,
+                to_url,
                 downtime_ms,
                 max_passes,
                 timeout,
@@ -156,7 +157,7 @@ impl Ctx {
                 }
                 let c = self.connect(&node)?;
                 let req = MigrateRequest {
-                    to: dest.url.clone(),
+                    to: to_url.unwrap_or_else(|| dest.url.clone()),
                     to_fingerprint: dest.fingerprint.clone(),
                     downtime_limit_ms: downtime_ms,
                     max_passes,

@@ -1,10 +1,14 @@
 //! The manager itself: `init` (CA, client and server certificates), `ca`, and `serve`, the
-//! endpoint nodes send join requests to.
+//! endpoint nodes send join requests to, which also renews the nodes' certificates.
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use hvnode_api::node::NodeCertificate;
+use hvnode_api::routes::Route;
 
 use super::{CmdError, Ctx};
-use crate::serve;
+use crate::{output, serve};
 
 impl Ctx {
     pub(super) fn init(&self, name: &str, sans: &[String]) -> Result<(), CmdError> {
@@ -48,6 +52,62 @@ impl Ctx {
         if self.state.ensure_server_names(sans)? {
             eprintln!("server certificate re-issued with names {sans:?}");
         }
+        // The manager keeps the nodes' certificates fresh while it serves.
+        let renewer = Ctx {
+            state: self.state.clone(),
+            json: false,
+        };
+        let every = std::env::var(RENEW_CHECK_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(RENEW_CHECK, Duration::from_secs);
+        tokio::spawn(async move {
+            loop {
+                renewer.renew_node_certificates().await;
+                tokio::time::sleep(every).await;
+            }
+        });
         Ok(serve::run(self.state.clone(), listen).await?)
     }
+
+    /// Signs again every registered node's certificate that is missing or expires within
+    /// [`RENEW_BEFORE`]; an unreachable node is tried at the next check.
+    pub(super) async fn renew_node_certificates(&self) {
+        let Ok(nodes) = self.state.load_nodes() else {
+            return;
+        };
+        let now = crate::state::now() as i64;
+        for (name, entry) in &nodes.nodes {
+            let Ok(c) = self.client_for(name, entry) else {
+                continue;
+            };
+            let due = match c
+                .get_json::<NodeCertificate>(&Route::NodeCertificate.path())
+                .await
+            {
+                Ok((cert, _)) => cert
+                    .signed
+                    .is_none_or(|s| s.not_after_unix - now < RENEW_BEFORE.as_secs() as i64),
+                Err(_) => false,
+            };
+            if due {
+                match self.certify_with(&c).await {
+                    Ok(s) => eprintln!(
+                        "node {name}: certificate renewed ({}), valid until {}",
+                        s.fingerprint,
+                        output::unix_date(s.not_after_unix)
+                    ),
+                    Err(e) => eprintln!("node {name}: renewing its certificate failed: {e}"),
+                }
+            }
+        }
+    }
 }
+
+/// How often `serve` looks at the nodes' certificates: a node registered by a join request
+/// (which the manager never talks to on its own) gets its first one within this time.
+const RENEW_CHECK: Duration = Duration::from_secs(600);
+/// Seconds between the checks instead of [`RENEW_CHECK`] (tests).
+const RENEW_CHECK_ENV: &str = "HVNODECTL_RENEW_CHECK_SECS";
+/// A node certificate this close to its expiry (of the 365 days it is valid) is signed again.
+pub(super) const RENEW_BEFORE: Duration = Duration::from_secs(60 * 86_400);

@@ -78,6 +78,14 @@ impl Ctx {
     /// certificate on the node: what another node checks before it takes a guest from it.
     pub(super) async fn certify(&self, node: &str) -> Result<SignedCertificate, CmdError> {
         let c = self.connect(node)?;
+        self.certify_with(&c).await
+    }
+
+    /// [`Ctx::certify`] through a client already made.
+    pub(super) async fn certify_with(
+        &self,
+        c: &crate::client::NodeClient,
+    ) -> Result<SignedCertificate, CmdError> {
         let (req, _): (NodeCertificate, _) = c.get_json(&Route::NodeCertificate.path()).await?;
         let cert_pem = crate::pki::sign_node(&self.state.ca()?, &req.csr_pem)
             .map_err(crate::state::StateError::from)?;

@@ -8,6 +8,11 @@
 //!   the guest off (ACPI S5).
 //!
 //! Which devices it checks comes from `hvnode-guest.expect=disk,rng,net` on its command line.
+//! With `hvnode-guest.count` it then runs on instead of powering off, for the migration test:
+//! once a second it prints `hvnode-guest: tick <n> up <uptime>` and, with
+//! `hvnode-guest.report=PORT`, sends the same line over TCP to the gateway (10.0.2.2:PORT,
+//! the host through QEMU's user network), so the test sees the guest both counting and on the
+//! network.
 //!
 //! Failures print `hvnode-guest: FAIL <what>`; the guest powers off either way.
 #![forbid(unsafe_code)]
@@ -152,6 +157,29 @@ fn check_net() {
     net.stop();
 }
 
+/// Ticks forever, once a second: the serial line and, with a port, a TCP report to the host.
+fn count(report: Option<u16>) -> ! {
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        let line = format!(
+            "tick {n} up {}",
+            up.split_whitespace().next().unwrap_or("?")
+        );
+        say(&line);
+        if let Some(port) = report {
+            let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
+            if let Ok(mut s) =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            {
+                let _ = writeln!(s, "hvnode-guest: {line}");
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// MemTotal of /proc/meminfo in MiB (0 if absent): what the guest kernel made of its e820 map.
 fn mem_total_mib(meminfo: &str) -> u64 {
     meminfo
@@ -199,6 +227,16 @@ fn main() {
         mem_total_mib(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default())
     ));
     say("done");
+    if cmdline
+        .split_whitespace()
+        .any(|a| a == "hvnode-guest.count")
+    {
+        let report = cmdline
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("hvnode-guest.report="))
+            .and_then(|p| p.parse::<u16>().ok());
+        count(report);
+    }
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     loop {

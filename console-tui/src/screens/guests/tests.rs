@@ -46,6 +46,16 @@ fn guests_screen_shows_why_the_selected_guest_crashed() {
 }
 
 #[test]
+fn a_migrating_guest_shows_as_such_and_counts_as_running() {
+    let mut a = app();
+    set_state(&mut a, 1, GuestState::Migrating);
+    a.on_key(key(KeyCode::Char('4')));
+    let s = render(&a);
+    assert!(s.contains("migrating"), "{s}");
+    assert_eq!(super::super::running_guests(a.data.as_ref()), 2);
+}
+
+#[test]
 fn p_pauses_a_running_guest_and_resumes_a_paused_one() {
     let mut a = guests_app();
     assert_eq!(
