@@ -66,7 +66,9 @@ impl From<etcd_client::Error> for Error {
             E::TransportError(t) => Error::Unreachable(t.to_string()),
             E::IoError(io) => Error::Unreachable(io.to_string()),
             E::GRpcStatus(s) => match s.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => {
                     Error::Unreachable(format!("{:?}: {}", s.code(), s.message()))
                 }
                 tonic::Code::Unknown if is_transport_message(s.message()) => {

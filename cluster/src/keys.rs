@@ -155,7 +155,10 @@ mod tests {
             ("é", "a-z"),
         ] {
             let e = k.guest(name).unwrap_err().to_string();
-            assert!(e.contains("invalid guest name") && e.contains(why), "{name:?}: {e}");
+            assert!(
+                e.contains("invalid guest name") && e.contains(why),
+                "{name:?}: {e}"
+            );
         }
         assert!(k.guest(&"a".repeat(63)).is_ok());
         let e = k.node(&"a".repeat(64)).unwrap_err().to_string();

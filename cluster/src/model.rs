@@ -15,7 +15,11 @@ pub trait Record: Serialize + DeserializeOwned {
     /// The format this build writes.
     const FORMAT: u64;
     /// The oldest format this build reads: the previous one.
-    const MIN_FORMAT: u64 = if Self::FORMAT > 1 { Self::FORMAT - 1 } else { 1 };
+    const MIN_FORMAT: u64 = if Self::FORMAT > 1 {
+        Self::FORMAT - 1
+    } else {
+        1
+    };
 }
 
 /// Encodes a record as JSON with `format` set to the record's current format.
@@ -190,7 +194,13 @@ mod tests {
         let bytes = encode(&guest());
         let back: ClusterGuest = decode("k", &bytes).unwrap();
         assert_eq!(back.format, ClusterGuest::FORMAT);
-        assert_eq!(back, ClusterGuest { format: 1, ..guest() });
+        assert_eq!(
+            back,
+            ClusterGuest {
+                format: 1,
+                ..guest()
+            }
+        );
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["desired"], "running");
     }
@@ -201,7 +211,17 @@ mod tests {
         v["format"] = 2.into();
         let e = decode::<ClusterGuest>("/hvnode/guests/web-1", &serde_json::to_vec(&v).unwrap())
             .unwrap_err();
-        assert!(matches!(e, Error::NewerFormat { found: 2, supported: 1, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                Error::NewerFormat {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("newer than this build reads"), "{e}");
     }
 
@@ -236,9 +256,16 @@ mod tests {
         let v3 = br#"{"format":3,"name":"x"}"#;
         assert!(matches!(
             decode_formats::<V2>("k", v3, "test", 1, 2),
-            Err(Error::NewerFormat { found: 3, supported: 2, .. })
+            Err(Error::NewerFormat {
+                found: 3,
+                supported: 2,
+                ..
+            })
         ));
         let v0 = br#"{"format":0,"name":"x"}"#;
-        assert!(matches!(decode_formats::<V2>("k", v0, "test", 1, 2), Err(Error::BadData { .. })));
+        assert!(matches!(
+            decode_formats::<V2>("k", v0, "test", 1, 2),
+            Err(Error::BadData { .. })
+        ));
     }
 }

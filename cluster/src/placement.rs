@@ -45,7 +45,8 @@ pub fn rooms<'a>(
     guests: &[ClusterGuest],
     except: &str,
 ) -> HashMap<&'a str, Room> {
-    let by_name: HashMap<&str, &ClusterGuest> = guests.iter().map(|g| (g.name.as_str(), g)).collect();
+    let by_name: HashMap<&str, &ClusterGuest> =
+        guests.iter().map(|g| (g.name.as_str(), g)).collect();
     let mut placed: HashMap<&str, (u64, u32, usize)> = HashMap::new();
     for p in placements.iter().filter(|p| p.guest != except) {
         let e = placed.entry(p.node.as_str()).or_default();
@@ -108,8 +109,14 @@ pub fn place(
             format!("no active node ({} in maintenance)", nodes.len()),
         ));
     }
-    let mem_short = active.iter().filter(|(_, r)| r.mem_free_mib < guest.memory_mib).count();
-    let cpu_short = active.iter().filter(|(_, r)| r.vcpus_free < guest.vcpus).count();
+    let mem_short = active
+        .iter()
+        .filter(|(_, r)| r.mem_free_mib < guest.memory_mib)
+        .count();
+    let cpu_short = active
+        .iter()
+        .filter(|(_, r)| r.vcpus_free < guest.vcpus)
+        .count();
     let (most_mem_node, most_mem) = active
         .iter()
         .map(|(n, r)| (n.id.as_str(), r.mem_free_mib))
