@@ -184,7 +184,15 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: i64, tx: watch::Sender<
             }
             Ok(Err(e)) => {
                 stream = None;
-                if lost_after(&tx, last_ok, ttl_d, &Error::from(e).to_string()) {
+                let e = Error::from(e).to_string();
+                // etcd answers a keepalive of a revoked or expired lease with "lease not found".
+                if e.contains("lease not found") {
+                    let _ = tx.send(LeaseState::Lost {
+                        reason: format!("lease {lease:x} expired or was revoked ({e})"),
+                    });
+                    return;
+                }
+                if lost_after(&tx, last_ok, ttl_d, &e) {
                     return;
                 }
             }
