@@ -150,7 +150,8 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: i64, tx: watch::Sender<
             match tokio::time::timeout(interval, client.lease_keep_alive(lease)).await {
                 Ok(Ok(s)) => stream = Some(s),
                 Ok(Err(e)) => {
-                    if lost_after(&tx, last_ok, ttl_d, &Error::from(e).to_string()) {
+                    let e = Error::from(e).to_string();
+                    if gone(&tx, lease, &e) || lost_after(&tx, last_ok, ttl_d, &e) {
                         return;
                     }
                     continue;
@@ -185,14 +186,7 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: i64, tx: watch::Sender<
             Ok(Err(e)) => {
                 stream = None;
                 let e = Error::from(e).to_string();
-                // etcd answers a keepalive of a revoked or expired lease with "lease not found".
-                if e.contains("lease not found") {
-                    let _ = tx.send(LeaseState::Lost {
-                        reason: format!("lease {lease:x} expired or was revoked ({e})"),
-                    });
-                    return;
-                }
-                if lost_after(&tx, last_ok, ttl_d, &e) {
+                if gone(&tx, lease, &e) || lost_after(&tx, last_ok, ttl_d, &e) {
                     return;
                 }
             }
@@ -204,6 +198,17 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: i64, tx: watch::Sender<
             }
         }
     }
+}
+
+/// etcd answers a keepalive of a revoked or expired lease with "lease not found": reports Lost.
+fn gone(tx: &watch::Sender<LeaseState>, lease: i64, error: &str) -> bool {
+    if !error.contains("lease not found") {
+        return false;
+    }
+    let _ = tx.send(LeaseState::Lost {
+        reason: format!("lease {lease:x} expired or was revoked ({error})"),
+    });
+    true
 }
 
 /// Reports Lost if the lease has not been renewed for its TTL (then etcd has dropped it too, or
