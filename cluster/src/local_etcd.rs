@@ -80,7 +80,7 @@ impl LocalEtcd {
                     me.log()
                 ));
             }
-            if let Ok(mut c) = crate::connect(&[me.endpoint.clone()]).await {
+            if let Ok(mut c) = crate::connect(std::slice::from_ref(&me.endpoint)).await {
                 if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await {
                     return Ok(me);
                 }
@@ -102,7 +102,7 @@ impl LocalEtcd {
 
     /// A new client of this etcd.
     pub async fn client(&self) -> crate::Result<Client> {
-        crate::connect(&[self.endpoint.clone()]).await
+        crate::connect(std::slice::from_ref(&self.endpoint)).await
     }
 
     /// etcd's log so far.
