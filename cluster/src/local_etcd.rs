@@ -36,8 +36,21 @@ fn free_port() -> std::io::Result<u16> {
 
 impl LocalEtcd {
     /// Starts `etcd` (see [`etcd_binary`]) on two free loopback ports and waits until it
-    /// answers a status request (polling; gives up after `timeout`, with etcd's log).
+    /// answers a status request (polling; gives up after `timeout`, with etcd's log). A port
+    /// taken between choosing it and etcd binding it (tests run in parallel) means a new try on
+    /// other ports, three at most.
     pub async fn start(etcd: &Path, timeout: Duration) -> Result<LocalEtcd, String> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(etcd, timeout).await {
+                Err(e) if tries < 3 && e.contains("address already in use") => continue,
+                r => return r,
+            }
+        }
+    }
+
+    async fn start_once(etcd: &Path, timeout: Duration) -> Result<LocalEtcd, String> {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())

@@ -32,7 +32,7 @@ fn node(id: &str) -> NodeRecord {
     NodeRecord {
         format: NodeRecord::FORMAT,
         id: id.into(),
-        address: format!("127.0.0.1:{}", 8443),
+        address: "127.0.0.1:8443".into(),
         state: NodeState::Active,
         mem_total_mib: 65536,
         mem_free_mib: 60000,
