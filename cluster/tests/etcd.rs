@@ -8,7 +8,7 @@ use hvnode_cluster::election::Election;
 use hvnode_cluster::keys::Keys;
 use hvnode_cluster::local_etcd::{etcd_binary, LocalEtcd};
 use hvnode_cluster::membership::{list_nodes, LeaseState, Membership};
-use hvnode_cluster::model::{ClusterGuest, Desired, NodeRecord, NodeState, Record};
+use hvnode_cluster::model::{ClusterGuest, Desired, NodeRecord, NodeState, Record, StorageDomain};
 use hvnode_cluster::store::Store;
 use hvnode_cluster::{Client, Error};
 
@@ -192,6 +192,32 @@ async fn guest_writes_are_revision_checked() {
         store.create_guest(&guest("Web")).await,
         Err(Error::InvalidName { .. })
     ));
+
+    // Storage domains follow the same rules.
+    let mut d = StorageDomain {
+        format: StorageDomain::FORMAT,
+        name: "nfs-a".into(),
+        server: "10.0.0.2".into(),
+        export: "/export/a".into(),
+        nfs_version: "4.2".into(),
+        options: "hard".into(),
+    };
+    let drev = store.create_domain(&d).await.unwrap();
+    assert!(matches!(
+        store.create_domain(&d).await,
+        Err(Error::Conflict { expected: 0, .. })
+    ));
+    d.options = "hard,timeo=600".into();
+    let drev2 = store.update_domain(&d, drev).await.unwrap();
+    assert!(matches!(
+        store.update_domain(&d, drev).await,
+        Err(Error::Conflict { .. })
+    ));
+    let domains = store.list_domains().await.unwrap();
+    assert_eq!((domains.len(), domains[0].revision), (1, drev2));
+    assert_eq!(domains[0].value, d);
+    store.delete_domain("nfs-a", drev2).await.unwrap();
+    assert!(store.list_domains().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,37 +234,52 @@ async fn one_leader_then_the_other_after_resign() {
         .unwrap();
     let election = Election::new(&client, &keys);
     assert_eq!(election.leader().await.unwrap(), None);
-    let lead_a = election.campaign(a.lease_id(), "a").await.unwrap();
-    assert_eq!(election.leader().await.unwrap().as_deref(), Some("a"));
-    let mut observer = election.observe().await.unwrap();
-    assert_eq!(observer.next().await.unwrap().as_deref(), Some("a"));
 
-    let e2 = election.clone();
-    let lease_b = b.lease_id();
-    let mut campaign_b = tokio::spawn(async move { e2.campaign(lease_b, "b").await });
-    // b waits while a leads.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), &mut campaign_b)
-            .await
-            .is_err()
+    // Both campaign at once: one leads, the other waits.
+    let (ea, eb) = (election.clone(), election.clone());
+    let (lease_a, lease_b) = (a.lease_id(), b.lease_id());
+    let mut campaign_a = tokio::spawn(async move { ea.campaign(lease_a, "a").await });
+    let mut campaign_b = tokio::spawn(async move { eb.campaign(lease_b, "b").await });
+    let (first, mut other) = tokio::select! {
+        r = &mut campaign_a => (r.unwrap().unwrap(), campaign_b),
+        r = &mut campaign_b => (r.unwrap().unwrap(), campaign_a),
+    };
+    let winner = first.value().to_string();
+    let loser = if winner == "a" { "b" } else { "a" };
+    assert_eq!(
+        election.leader().await.unwrap().as_deref(),
+        Some(winner.as_str())
     );
-    assert_eq!(election.leader().await.unwrap().as_deref(), Some("a"));
-
-    election.resign(lead_a).await.unwrap();
-    let lead_b = tokio::time::timeout(WAIT, campaign_b)
+    let mut observer = election.observe().await.unwrap();
+    assert_eq!(
+        observer.next().await.unwrap().as_deref(),
+        Some(winner.as_str())
+    );
+    // The other still waits while the first leads.
+    assert!(tokio::time::timeout(Duration::from_millis(500), &mut other)
         .await
-        .expect("b leads")
+        .is_err());
+    assert_eq!(
+        election.leader().await.unwrap().as_deref(),
+        Some(winner.as_str())
+    );
+
+    election.resign(first).await.unwrap();
+    let second = tokio::time::timeout(WAIT, other)
+        .await
+        .expect("the other leads")
         .unwrap()
         .unwrap();
-    assert_eq!(lead_b.value(), "b");
-    assert_eq!(election.leader().await.unwrap().as_deref(), Some("b"));
+    assert_eq!(second.value(), loser);
+    assert_eq!(election.leader().await.unwrap().as_deref(), Some(loser));
     let next = tokio::time::timeout(WAIT, observer.next())
         .await
         .expect("observed")
         .unwrap();
-    assert_eq!(next.as_deref(), Some("b"));
-    // Leadership ends with membership: b's lease goes, nobody leads.
-    b.leave().await.unwrap();
+    assert_eq!(next.as_deref(), Some(loser));
+    // Leadership ends with membership: the leader's lease goes, nobody leads.
+    let leader_membership = if loser == "a" { a } else { b };
+    leader_membership.leave().await.unwrap();
     assert_eq!(election.leader().await.unwrap(), None);
 }
 
