@@ -25,6 +25,12 @@ impl Leadership {
     pub fn value(&self) -> &str {
         &self.value
     }
+
+    /// etcd's key of this candidacy (under `<prefix>leader/`) and its creation revision: a
+    /// leader's write compares them so that it fails once the leadership is over.
+    pub fn key(&self) -> (&[u8], i64) {
+        (self.key.key(), self.key.rev())
+    }
 }
 
 /// A stream of leader changes.

@@ -23,6 +23,9 @@ pub enum Error {
     /// The guest already has a placement (on `node`): a second placement is refused.
     #[error("guest {guest} is already placed on node {node}")]
     AlreadyPlaced { guest: String, node: String },
+    /// A leader's write was refused: this node no longer leads (resigned, or its lease is gone).
+    #[error("not the leader: {0}")]
+    NotLeader(String),
     /// No value at `key`.
     #[error("not found: {key}")]
     NotFound { key: String },

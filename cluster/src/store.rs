@@ -230,6 +230,33 @@ impl Store {
         read_revision: i64,
         reason: &str,
     ) -> Result<i64> {
+        self.place_checked(guest, node, read_revision, reason, None)
+            .await
+    }
+
+    /// [`Store::place`] by the leader, in the same transaction as a check that `leadership` is
+    /// still current: a former leader (resigned, lease lost) gets [`Error::NotLeader`] and writes
+    /// nothing.
+    pub async fn place_as_leader(
+        &self,
+        leadership: &crate::election::Leadership,
+        guest: &str,
+        node: &str,
+        read_revision: i64,
+        reason: &str,
+    ) -> Result<i64> {
+        self.place_checked(guest, node, read_revision, reason, Some(leadership.key()))
+            .await
+    }
+
+    async fn place_checked(
+        &self,
+        guest: &str,
+        node: &str,
+        read_revision: i64,
+        reason: &str,
+        leader: Option<(&[u8], i64)>,
+    ) -> Result<i64> {
         let gkey = self.keys.guest(guest)?;
         let pkey = self.keys.placement(guest)?;
         crate::keys::validate_name("node id", node)?;
@@ -240,19 +267,34 @@ impl Store {
             placed_at_revision: read_revision,
             reason: reason.to_string(),
         };
+        let mut when = vec![
+            Compare::mod_revision(gkey.clone(), CompareOp::Equal, read_revision),
+            Compare::create_revision(pkey.clone(), CompareOp::Equal, 0),
+        ];
+        let mut otherwise = vec![
+            TxnOp::get(gkey.clone(), None),
+            TxnOp::get(pkey.clone(), None),
+        ];
+        if let Some((key, rev)) = leader {
+            when.push(Compare::create_revision(key, CompareOp::Equal, rev));
+            otherwise.push(TxnOp::get(key, None));
+        }
         let txn = Txn::new()
-            .when([
-                Compare::mod_revision(gkey.clone(), CompareOp::Equal, read_revision),
-                Compare::create_revision(pkey.clone(), CompareOp::Equal, 0),
-            ])
+            .when(when)
             .and_then([TxnOp::put(pkey.clone(), encode(&placement), None)])
-            .or_else([
-                TxnOp::get(gkey.clone(), None),
-                TxnOp::get(pkey.clone(), None),
-            ]);
+            .or_else(otherwise);
         let resp = self.client.clone().txn(txn).await?;
         if resp.succeeded() {
             return Ok(revision_of(&resp));
+        }
+        if let Some((key, rev)) = leader {
+            let found = txn_get(&resp, 2).first().map(|kv| kv.create_revision());
+            if found != Some(rev) {
+                return Err(Error::NotLeader(format!(
+                    "candidacy {} (revision {rev}) is gone",
+                    String::from_utf8_lossy(key)
+                )));
+            }
         }
         if let Some(kv) = txn_get(&resp, 1).first() {
             let existing: Placement = decode(&pkey, kv.value())?;

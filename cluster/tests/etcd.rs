@@ -264,7 +264,22 @@ async fn one_leader_then_the_other_after_resign() {
         Some(winner.as_str())
     );
 
+    // The leader's placement carries a leadership check; once it resigned, it is refused.
+    let store = Store::new(&client, &keys);
+    let g1 = store.create_guest(&guest("g1")).await.unwrap();
+    let g2 = store.create_guest(&guest("g2")).await.unwrap();
+    store
+        .place_as_leader(&first, "g1", &winner, g1, "test")
+        .await
+        .unwrap();
+    let former = first.clone();
     election.resign(first).await.unwrap();
+    let e = store
+        .place_as_leader(&former, "g2", &winner, g2, "test")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotLeader(_)), "{e:?}");
+    assert_eq!(store.get_placement("g2").await.unwrap(), None);
     let second = tokio::time::timeout(WAIT, other)
         .await
         .expect("the other leads")
@@ -277,6 +292,10 @@ async fn one_leader_then_the_other_after_resign() {
         .expect("observed")
         .unwrap();
     assert_eq!(next.as_deref(), Some(loser));
+    store
+        .place_as_leader(&second, "g2", loser, g2, "test")
+        .await
+        .unwrap();
     // Leadership ends with membership: the leader's lease goes, nobody leads.
     let leader_membership = if loser == "a" { a } else { b };
     leader_membership.leave().await.unwrap();
