@@ -6,7 +6,7 @@ set -euo pipefail
 
 pkgs=(python3 squashfs-tools cryptsetup-bin grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
       cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc g++
-      iproute2 jq prometheus)
+      iproute2 jq prometheus etcd-server protobuf-compiler)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,6 +26,7 @@ SRC
     need_qemu=1
 fi
 had_prometheus=$(dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -c "install ok installed" || true)
+had_etcd=$(dpkg-query -W -f='${Status}' etcd-server 2>/dev/null | grep -c "install ok installed" || true)
 if [ ${#missing[@]} -gt 0 ] || [ -n "${need_qemu:-}" ]; then
     echo "==> installing Debian packages: ${missing[*]} ${need_qemu:+qemu-system-x86 (bookworm-backports)}"
     apt-get update -qq
@@ -46,6 +47,13 @@ fi
 # script installed is stopped and disabled, the tests need only the tool.
 if [ "$had_prometheus" = 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+# etcd (Debian's etcd-server) for the cluster crate's tests and bench, which start their own etcd
+# on free loopback ports; the etcd-client crate's build compiles etcd's .proto files with protoc
+# (protobuf-compiler). The package starts an etcd service on :2379: one this script installed is
+# stopped and disabled.
+if [ "$had_etcd" = 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 # The fuzz targets (scripts/fuzz.sh) run under cargo-fuzz, from crates.io.
 if ! cargo fuzz --version >/dev/null 2>&1; then
