@@ -65,7 +65,7 @@ impl Agent {
             (PUT, Route::NodeHostname) => self.set_hostname(read_json(req).await?).await,
             (GET, Route::Stats) => Ok(json_response(StatusCode::OK, &self.stats())),
             (GET, Route::Metrics) => Ok(self.metrics().await),
-            (GET, Route::Logs) => Ok(self.logs(query("lines"))),
+            (GET, Route::Logs) => self.logs(query("lines")),
             (POST, Route::Power) => self.power(read_json(req).await?).await,
             (GET, Route::Network) => Ok(json_response(StatusCode::OK, &self.network_view()?)),
             (PUT, Route::Network) => self.apply_network(read_json(req).await?).await,
@@ -100,7 +100,7 @@ impl Agent {
             (GET, Route::Images) => Ok(self.images()),
             (PUT, Route::Image(path)) => self.upload_image(path, req.into_body()).await,
             (DELETE, Route::Image(path)) => self.delete_image(path),
-            (GET, Route::Events) => Ok(self.event_stream(query("since"))),
+            (GET, Route::Events) => self.event_stream(query("since")),
             // `Route::methods` and this match list the same pairs; a test walks every route
             // and method to keep them so.
             (_, route) => Err(Error::method_not_allowed(route, &m)),
