@@ -35,7 +35,9 @@ impl Agent {
         let me = Arc::clone(self);
         blocking("Console log", move || {
             let bytes = crate::http::query_number("bytes", bytes, u64::MAX)?
-                .map_or(CONSOLE_TAIL_DEFAULT, |n| usize::try_from(n).unwrap_or(usize::MAX));
+                .map_or(CONSOLE_TAIL_DEFAULT, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                });
             me.guest(&name)?;
             let data = std::fs::read(me.console_dir(&name).join("console.log")).unwrap_or_default();
             let tail = &data[data.len().saturating_sub(bytes)..];

@@ -35,7 +35,9 @@ fn schemathesis() -> Option<PathBuf> {
 fn vmm() -> Option<PathBuf> {
     std::env::var_os("HVNODE_VMM_BIN")
         .map(PathBuf::from)
-        .or_else(|| Some(Path::new(env!("CARGO_BIN_EXE_hvnode-agent")).with_file_name("hvnode-vmm")))
+        .or_else(|| {
+            Some(Path::new(env!("CARGO_BIN_EXE_hvnode-agent")).with_file_name("hvnode-vmm"))
+        })
         .filter(|p| p.is_file())
 }
 
@@ -128,7 +130,10 @@ fn manager_pki() -> (String, String, String) {
     ca.distinguished_name
         .push(DnType::CommonName, "contract manager");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
@@ -221,7 +226,11 @@ fn the_agent_answers_as_its_openapi_document_says() {
         if let Ok(Some(status)) = run.children[0].try_wait() {
             panic!("the agent exited with {status}: {}", agent_log());
         }
-        assert!(Instant::now() < deadline, "agent not ready: {}", agent_log());
+        assert!(
+            Instant::now() < deadline,
+            "agent not ready: {}",
+            agent_log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::fs::write(dir.join("node.log"), "node log line 1\nnode log line 2\n").unwrap();
@@ -243,7 +252,7 @@ fn the_agent_answers_as_its_openapi_document_says() {
         r#"{"name":"web","kernel":"vmlinuz","memory_mib":64,"rng":false}"#,
     );
 
-    let examples = std::env::var("HVNODE_CONTRACT_EXAMPLES").unwrap_or_else(|_| "20".into());
+    let examples = std::env::var("HVNODE_CONTRACT_EXAMPLES").unwrap_or_else(|_| "12".into());
     let document = Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.yaml");
     let mut cmd = Command::new(&st);
     cmd.current_dir(&dir)
@@ -288,10 +297,7 @@ fn the_agent_answers_as_its_openapi_document_says() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    eprintln!(
-        "schemathesis ran {:.0?}:\n{output}",
-        started.elapsed()
-    );
+    eprintln!("schemathesis ran {:.0?}:\n{output}", started.elapsed());
     assert!(
         status.success(),
         "schemathesis found disagreements with agent/openapi.yaml ({status}); the agent's log:\n{}",
