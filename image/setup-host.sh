@@ -60,4 +60,19 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "==> installing cargo-fuzz (crates.io)"
     cargo install --locked cargo-fuzz
 fi
+# The API contract test (agent/tests/api_contract.rs) runs schemathesis, from PyPI, in a venv of
+# Debian's python3 (python3-venv).
+st_venv=/var/cache/hvnode/schemathesis-venv
+st_version=4.32.5
+if ! "$st_venv/bin/st" --version 2>/dev/null | grep -q "version $st_version\$"; then
+    echo "==> installing schemathesis $st_version (PyPI) into $st_venv"
+    dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" || {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    }
+    rm -rf "$st_venv"
+    mkdir -p "$(dirname "$st_venv")"
+    /usr/bin/python3 -m venv "$st_venv"
+    "$st_venv/bin/pip" install -q "schemathesis==$st_version"
+fi
 echo "==> host ready: $(qemu-system-x86_64 --version | head -n1)"

@@ -14,7 +14,9 @@ step() { printf '\n==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 step "host setup"
 ./image/setup-host.sh
 
-step "unit and host KVM integration tests"
+step "unit and host KVM integration tests, the API contract (schemathesis) among them"
+# The VMM and agent binaries first: the agent's VMM tests and its contract test
+# (agent/tests/api_contract.rs) run them.
 cargo build --workspace --bins
 cargo test --workspace --exclude hvnode-tests
 

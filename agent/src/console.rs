@@ -32,10 +32,11 @@ impl Agent {
     ) -> Result<Resp, Error> {
         let me = Arc::clone(self);
         blocking("Console log", move || {
+            let bytes = crate::http::query_number("bytes", bytes, u64::MAX)?
+                .map_or(CONSOLE_TAIL_DEFAULT, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                });
             me.guest(&name)?;
-            let bytes = bytes
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(CONSOLE_TAIL_DEFAULT);
             let data = std::fs::read(me.console_dir(&name).join("console.log")).unwrap_or_default();
             let tail = &data[data.len().saturating_sub(bytes)..];
             Ok(text_response(

@@ -98,6 +98,19 @@ impl Error {
     }
 }
 
+/// A query parameter that must be a whole number from 0 to `max` when given: 400
+/// `invalid_query` for anything else, as agent/openapi.yaml bounds it.
+pub fn query_number(key: &str, value: Option<String>, max: u64) -> Result<Option<u64>, Error> {
+    let Some(v) = value else { return Ok(None) };
+    match v.parse::<u64>() {
+        Ok(n) if n <= max => Ok(Some(n)),
+        _ => Err(Error::new(
+            ErrorCode::InvalidQuery,
+            format!("{key}={v:?}: give a whole number from 0 to {max}"),
+        )),
+    }
+}
+
 /// Reads a whole JSON body (at most [`BODY_LIMIT`] bytes) as `T`.
 pub async fn read_json<T, B>(req: Request<B>) -> Result<T, Error>
 where

@@ -102,6 +102,12 @@ impl Agent {
                         .map_err(|e| Error::internal("Writing the image", e))?;
                 }
             }
+            if total == 0 {
+                return Err(Error::new(
+                    ErrorCode::BodyRequired,
+                    "Send the image as the request body (application/octet-stream); it was empty",
+                ));
+            }
             f.sync_all()
                 .await
                 .map_err(|e| Error::internal("Writing the image", e))?;

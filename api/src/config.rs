@@ -252,15 +252,17 @@ pub fn validate_hostname(name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks a Linux interface name.
+/// Checks a Linux interface name: 1 to 15 printable ASCII characters (the kernel counts bytes;
+/// agent/openapi.yaml's pattern counts characters, so both mean the same), not `/` or `:`,
+/// not `.` or `..`.
 pub fn validate_ifname(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
     if ok {
         Ok(())
     } else {

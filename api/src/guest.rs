@@ -126,7 +126,9 @@ pub fn validate_name(name: &str) -> Result<(), GuestSpecError> {
 /// Checks that a path is a plain relative path that stays inside the image directory.
 pub fn validate_image_path(path: &str) -> Result<(), GuestSpecError> {
     let bad = || GuestSpecError::Path(path.to_owned());
-    if path.is_empty() || path.len() > 255 || path.starts_with('/') || path.contains('\0') {
+    // Characters, not bytes, as agent/openapi.yaml's maxLength counts them.
+    if path.is_empty() || path.chars().count() > 255 || path.starts_with('/') || path.contains('\0')
+    {
         return Err(bad());
     }
     for comp in path.split('/') {

@@ -7,9 +7,12 @@ use super::{sse_frame, ChannelBody};
 impl crate::Agent {
     /// `GET /v1/events?since=SEQ`: the events after `since` still kept, then every new one, as
     /// server-sent events. A client too slow for the broadcast skips what it missed.
-    pub(crate) fn event_stream(&self, since: Option<String>) -> crate::http::Resp {
+    pub(crate) fn event_stream(
+        &self,
+        since: Option<String>,
+    ) -> Result<crate::http::Resp, crate::error::Error> {
         use http_body_util::BodyExt;
-        let since = since.and_then(|v| v.parse().ok()).unwrap_or(0);
+        let since = crate::http::query_number("since", since, u64::MAX)?.unwrap_or(0);
         let (backlog, mut live) = self.events.subscribe(since);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -35,6 +38,6 @@ impl crate::Agent {
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static("text/event-stream"),
         );
-        r
+        Ok(r)
     }
 }

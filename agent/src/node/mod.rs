@@ -92,15 +92,17 @@ impl Agent {
     }
 
     /// `GET /v1/logs?lines=N`: the tail of the node log.
-    pub(crate) fn logs(&self, lines: Option<String>) -> Resp {
-        let lines = lines
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(LOG_LINES_DEFAULT)
-            .min(LOG_LINES_MAX);
+    pub(crate) fn logs(&self, lines: Option<String>) -> Result<Resp, Error> {
+        let lines = crate::http::query_number("lines", lines, LOG_LINES_MAX as u64)?
+            .map_or(LOG_LINES_DEFAULT, |n| n as usize);
         let text = std::fs::read_to_string(&self.paths.node_log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         let tail = all[all.len().saturating_sub(lines)..].join("\n");
-        text_response(StatusCode::OK, tail + "\n", "text/plain; charset=utf-8")
+        Ok(text_response(
+            StatusCode::OK,
+            tail + "\n",
+            "text/plain; charset=utf-8",
+        ))
     }
 
     /// `POST /v1/power`: through init, which stops guests and services first.
