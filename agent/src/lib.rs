@@ -24,12 +24,15 @@
 //! - [`images`]: the image directory: list, streamed upload, delete.
 //! - [`console`]: a guest's console log and the interactive attach upgrade.
 //! - [`events`]: the event log and its server-sent-events stream.
+//! - [`cluster`]: joining a cluster (etcd), membership, the leader's placements, running the
+//!   cluster guests placed here.
 //!
 //! Shared by the domains: [`config`] (node.toml, one owner), [`initctl`] (init's control
 //! socket), [`tls`] (the node's identity and server configuration).
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod error;
@@ -124,6 +127,8 @@ pub struct Agent {
     migrations: migration::Migrations,
     config: config::NodeConfigFile,
     init: initctl::InitClient,
+    /// The node's membership of a cluster.
+    cluster: cluster::Cluster,
 }
 
 impl std::fmt::Debug for Agent {
@@ -155,6 +160,7 @@ impl Agent {
             migrations: migration::Migrations::default(),
             config: config::NodeConfigFile::new(paths.node_config()),
             init: initctl::InitClient::new(paths.init_socket.clone()),
+            cluster: cluster::Cluster::default(),
             paths,
         })
     }

@@ -89,6 +89,7 @@ async fn run(args: Args) -> Result<(), String> {
     tokio::task::spawn_blocking(move || starter.start_guests())
         .await
         .map_err(|e| format!("taking over guests: {e}"))?;
+    agent.spawn_cluster();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("SIGTERM handler: {e}"))?;
     tokio::select! {

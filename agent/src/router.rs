@@ -102,6 +102,9 @@ impl Agent {
             (DELETE, Route::Image(path)) => self.delete_image(path),
             (GET, Route::Events) => self.event_stream(query("since")),
             (GET, Route::NodeCertificate) => self.node_certificate(),
+            (GET, Route::Cluster) => Ok(self.cluster_view()),
+            (PUT, Route::Cluster) => self.join_cluster(read_json(req).await?).await,
+            (DELETE, Route::Cluster) => self.leave_cluster().await,
             (PUT, Route::NodeCertificate) => self.install_node_certificate(read_json(req).await?),
             (GET, Route::GuestMigration(name)) => self.show_migration(name),
             (POST, Route::GuestMigration(name)) => {

@@ -88,6 +88,8 @@ error_codes! {
     InvalidCertificate = (400, "invalid_certificate"),
     /// A migration's destination URL or fingerprint is malformed.
     InvalidMigration = (400, "invalid_migration"),
+    /// A cluster join request is malformed.
+    InvalidCluster = (400, "invalid_cluster"),
     /// A client certificate is needed and none was presented.
     ClientCertificateRequired = (401, "client_certificate_required"),
     /// The node is not registered with a manager.
@@ -109,6 +111,8 @@ error_codes! {
     GuestNotFound = (404, "guest_not_found"),
     /// No such image.
     ImageNotFound = (404, "image_not_found"),
+    /// The node is in no cluster.
+    NotInCluster = (404, "not_in_cluster"),
     /// No such snapshot.
     SnapshotNotFound = (404, "snapshot_not_found"),
     /// No such join request (manager side).
@@ -135,6 +139,8 @@ error_codes! {
     BridgeNotFound = (409, "bridge_not_found"),
     /// A guest NIC's tap is in use.
     TapInUse = (409, "tap_in_use"),
+    /// The guest belongs to the cluster: change it through the cluster (etcd), not this node.
+    ClusterGuest = (409, "cluster_guest"),
     /// Init refused the request.
     InitRefused = (409, "init_refused"),
     /// No manager candidate to accept.

@@ -177,6 +177,23 @@ pub fn parse_mac(mac: &str) -> Result<[u8; 6], GuestSpecError> {
 }
 
 impl GuestSpec {
+    /// A guest of the default size booting `kernel`, nothing else attached (a start for
+    /// tests and tools; `..GuestSpec::minimal(..)` fills the rest).
+    pub fn minimal(name: &str, kernel: &str) -> Self {
+        GuestSpec {
+            name: name.to_owned(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory(),
+            kernel: kernel.to_owned(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            rng: true,
+            autostart: false,
+        }
+    }
+
     /// Validates every field.
     pub fn validate(&self) -> Result<(), GuestSpecError> {
         validate_name(&self.name)?;
@@ -265,6 +282,10 @@ pub struct GuestStatus {
     /// Why the guest is `crashed`: the VMM's last word (its exit file or log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash_reason: Option<String>,
+    /// The guest belongs to the cluster (placed on this node by it): it is changed through the
+    /// cluster, not through this node's definition routes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
     /// Names of the guest's snapshots, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<String>,

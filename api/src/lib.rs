@@ -8,6 +8,7 @@
 //! (agent, console, manager CLI, init) rejects bad input with the same message.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -127,6 +127,8 @@ pub enum Route {
     Metrics,
     /// `/v1/node/certificate`
     NodeCertificate,
+    /// `/v1/cluster`
+    Cluster,
     /// `/v1/guests/{name}/migration`
     GuestMigration(String),
     /// `/v1/migrations` (node to node)
@@ -168,6 +170,7 @@ impl Route {
             ["node"] => Route::Node,
             ["node", "hostname"] => Route::NodeHostname,
             ["node", "certificate"] => Route::NodeCertificate,
+            ["cluster"] => Route::Cluster,
             ["migrations"] => Route::Migrations,
             ["migrations", name, "stream"] => Route::MigrationStream(segment(name)?),
             ["guests", name, "migration"] => Route::GuestMigration(segment(name)?),
@@ -281,6 +284,7 @@ impl Route {
             Route::Power => "/v1/power",
             Route::Metrics => "/metrics",
             Route::NodeCertificate => "/v1/node/certificate",
+            Route::Cluster => "/v1/cluster",
             Route::GuestMigration(_) => "/v1/guests/{name}/migration",
             Route::Migrations => "/v1/migrations",
             Route::MigrationStream(_) => "/v1/migrations/{name}/stream",
@@ -292,6 +296,7 @@ impl Route {
         use method::*;
         match self {
             Route::Registration => &[GET, POST, DELETE],
+            Route::Cluster => &[GET, PUT, DELETE],
             Route::NodeHostname => &[PUT],
             Route::Network | Route::NodeCertificate => &[GET, PUT],
             Route::GuestMigration(_) => &[GET, POST, DELETE],
@@ -377,6 +382,7 @@ impl Route {
             Route::Power,
             Route::Metrics,
             Route::NodeCertificate,
+            Route::Cluster,
             Route::GuestMigration(g()),
             Route::Migrations,
             Route::MigrationStream(g()),

@@ -6,6 +6,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use hvnode_api::guest::GuestSpec;
+
 use crate::error::{Error, Result};
 
 /// A record kept in etcd.
@@ -97,6 +99,9 @@ pub struct NodeRecord {
     pub agent_version: String,
     /// When the node last wrote this record (seconds since the Unix epoch).
     pub heartbeat_unix: u64,
+    /// The cluster guests whose VMMs run on the node.
+    #[serde(default)]
+    pub guests_running: Vec<String>,
 }
 
 impl Record for NodeRecord {
@@ -112,21 +117,53 @@ pub enum Desired {
     Stopped,
 }
 
-/// A guest of the cluster, at `guests/<name>`.
+/// A guest of the cluster, at `guests/<name>`: its definition as a node runs it, and what the
+/// cluster does with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterGuest {
     /// The record format (set to [`Record::FORMAT`] on write).
     pub format: u64,
-    pub name: String,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-    /// Disks as `domain:path` (a storage domain's name, a path inside its export).
-    pub disks: Vec<String>,
+    /// The definition (name, memory, vCPUs, kernel, disks, NICs), as on a node.
+    pub spec: GuestSpec,
     /// Restarted elsewhere when its node is lost.
+    #[serde(default)]
     pub ha: bool,
     /// Higher first when there is not room for all.
+    #[serde(default)]
     pub priority: i32,
     pub desired: Desired,
+    /// The node it must run on, when pinned (`hvnodectl guest start --cluster --on NODE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+}
+
+impl ClusterGuest {
+    /// A guest that should run, anywhere, not HA.
+    pub fn new(spec: GuestSpec) -> Self {
+        ClusterGuest {
+            format: Self::FORMAT,
+            spec,
+            ha: false,
+            priority: 0,
+            desired: Desired::Running,
+            pinned: None,
+        }
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The guest's memory, MiB.
+    pub fn memory_mib(&self) -> u64 {
+        self.spec.memory_mib
+    }
+
+    /// The guest's vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.spec.vcpus
+    }
 }
 
 impl Record for ClusterGuest {
@@ -177,16 +214,15 @@ mod tests {
     use super::*;
 
     fn guest() -> ClusterGuest {
-        ClusterGuest {
-            format: 0,
-            name: "web-1".into(),
-            memory_mib: 2048,
+        let mut g = ClusterGuest::new(GuestSpec {
             vcpus: 2,
-            disks: vec!["nfs-a:web-1/root.raw".into()],
-            ha: true,
-            priority: 10,
-            desired: Desired::Running,
-        }
+            memory_mib: 2048,
+            ..GuestSpec::minimal("web-1", "vmlinuz")
+        });
+        g.format = 0;
+        g.ha = true;
+        g.priority = 10;
+        g
     }
 
     #[test]

@@ -45,14 +45,13 @@ pub fn rooms<'a>(
     guests: &[ClusterGuest],
     except: &str,
 ) -> HashMap<&'a str, Room> {
-    let by_name: HashMap<&str, &ClusterGuest> =
-        guests.iter().map(|g| (g.name.as_str(), g)).collect();
+    let by_name: HashMap<&str, &ClusterGuest> = guests.iter().map(|g| (g.name(), g)).collect();
     let mut placed: HashMap<&str, (u64, u32, usize)> = HashMap::new();
     for p in placements.iter().filter(|p| p.guest != except) {
         let e = placed.entry(p.node.as_str()).or_default();
         if let Some(g) = by_name.get(p.guest.as_str()) {
-            e.0 += g.memory_mib;
-            e.1 += g.vcpus;
+            e.0 += g.memory_mib();
+            e.1 += g.vcpus();
         }
         e.2 += 1;
     }
@@ -79,15 +78,16 @@ pub fn place(
     placements: &[Placement],
     guests: &[ClusterGuest],
 ) -> Result<String, NoRoom> {
-    let rooms = rooms(nodes, placements, guests, &guest.name);
+    let rooms = rooms(nodes, placements, guests, guest.name());
     let active: Vec<(&NodeRecord, Room)> = nodes
         .iter()
         .filter(|n| n.state == NodeState::Active)
+        .filter(|n| guest.pinned.as_ref().is_none_or(|p| *p == n.id))
         .map(|n| (n, rooms[n.id.as_str()]))
         .collect();
     let best = active
         .iter()
-        .filter(|(_, r)| r.mem_free_mib >= guest.memory_mib && r.vcpus_free >= guest.vcpus)
+        .filter(|(_, r)| r.mem_free_mib >= guest.memory_mib() && r.vcpus_free >= guest.vcpus())
         .min_by(|(a, ra), (b, rb)| {
             // Most free memory after placement first (the guest's memory is the same for all).
             rb.mem_free_mib
@@ -99,10 +99,16 @@ pub fn place(
         return Ok(n.id.clone());
     }
     let no_room = |short, reason| NoRoom {
-        guest: guest.name.clone(),
+        guest: guest.name().to_owned(),
         short,
         reason,
     };
+    if let (Some(pin), true) = (&guest.pinned, active.is_empty()) {
+        return Err(no_room(
+            Resource::Nodes,
+            format!("it is pinned to node {pin}, which is not an active member"),
+        ));
+    }
     if active.is_empty() {
         return Err(no_room(
             Resource::Nodes,
@@ -111,11 +117,11 @@ pub fn place(
     }
     let mem_short = active
         .iter()
-        .filter(|(_, r)| r.mem_free_mib < guest.memory_mib)
+        .filter(|(_, r)| r.mem_free_mib < guest.memory_mib())
         .count();
     let cpu_short = active
         .iter()
-        .filter(|(_, r)| r.vcpus_free < guest.vcpus)
+        .filter(|(_, r)| r.vcpus_free < guest.vcpus())
         .count();
     let (most_mem_node, most_mem) = active
         .iter()
@@ -130,18 +136,18 @@ pub fn place(
     let n = active.len();
     let mem = format!(
         "memory is short on {mem_short} of {n} active nodes (needs {} MiB, most free {most_mem} MiB on {most_mem_node})",
-        guest.memory_mib
+        guest.memory_mib()
     );
     let cpu = format!(
         "vCPUs are short on {cpu_short} of {n} active nodes (needs {}, most free {most_cpu} on {most_cpu_node})",
-        guest.vcpus
+        guest.vcpus()
     );
     // The shortest resource: the one short on more nodes; on a tie, the one with less headroom
     // relative to the need.
     let mem_first = mem_short > cpu_short
         || (mem_short == cpu_short
-            && (most_mem as u128) * (guest.vcpus.max(1) as u128)
-                <= (most_cpu as u128) * (guest.memory_mib.max(1) as u128));
+            && (most_mem as u128) * (guest.vcpus().max(1) as u128)
+                <= (most_cpu as u128) * (guest.memory_mib().max(1) as u128));
     if mem_first {
         Err(no_room(Resource::Memory, format!("{mem}; {cpu}")))
     } else {
@@ -152,7 +158,7 @@ pub fn place(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Desired;
+    use hvnode_api::guest::GuestSpec;
 
     fn node(id: &str, mem_free: u64, vcpus_free: u32) -> NodeRecord {
         NodeRecord {
@@ -166,19 +172,15 @@ mod tests {
             vcpus_used: 32 - vcpus_free,
             agent_version: "0.1.0".into(),
             heartbeat_unix: 0,
+            guests_running: Vec::new(),
         }
     }
     fn guest(name: &str, mem: u64, vcpus: u32) -> ClusterGuest {
-        ClusterGuest {
-            format: 1,
-            name: name.into(),
-            memory_mib: mem,
+        ClusterGuest::new(GuestSpec {
             vcpus,
-            disks: vec![],
-            ha: false,
-            priority: 0,
-            desired: Desired::Running,
-        }
+            memory_mib: mem,
+            ..GuestSpec::minimal(name, "vmlinuz")
+        })
     }
     fn placed(guest: &str, node: &str) -> Placement {
         Placement {
@@ -253,5 +255,19 @@ mod tests {
         assert_eq!(e.short, Resource::Vcpus, "{e}");
         let e = place(&guest("g", 1024, 1), &[], &[], &[]).unwrap_err();
         assert_eq!(e.short, Resource::Nodes);
+    }
+
+    #[test]
+    fn a_pinned_guest_goes_to_its_node_or_nowhere() {
+        let nodes = [node("a", 4096, 8), node("b", 8192, 8)];
+        let mut g = guest("g", 1024, 1);
+        g.pinned = Some("a".into());
+        assert_eq!(place(&g, &nodes, &[], &[]).unwrap(), "a");
+        g.spec.memory_mib = 8192;
+        let e = place(&g, &nodes, &[], &[]).unwrap_err();
+        assert_eq!(e.short, Resource::Memory, "{e}");
+        g.pinned = Some("c".into());
+        let e = place(&g, &nodes, &[], &[]).unwrap_err();
+        assert!(e.reason.contains("pinned to node c"), "{e}");
     }
 }

@@ -170,7 +170,7 @@ impl Store {
 
     /// Creates a guest (refused with a conflict if it exists); returns its revision.
     pub async fn create_guest(&self, guest: &ClusterGuest) -> Result<i64> {
-        self.create(self.keys.guest(&guest.name)?, guest).await
+        self.create(self.keys.guest(guest.name())?, guest).await
     }
 
     /// A guest and its revision.
@@ -185,7 +185,7 @@ impl Store {
 
     /// Replaces a guest if it is still at `revision` (the one read); returns the new revision.
     pub async fn update_guest(&self, guest: &ClusterGuest, revision: i64) -> Result<i64> {
-        self.update(self.keys.guest(&guest.name)?, guest, revision)
+        self.update(self.keys.guest(guest.name())?, guest, revision)
             .await
     }
 

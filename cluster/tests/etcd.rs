@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
+use hvnode_api::guest::GuestSpec;
 use hvnode_cluster::election::Election;
 use hvnode_cluster::keys::Keys;
 use hvnode_cluster::local_etcd::{etcd_binary, LocalEtcd};
 use hvnode_cluster::membership::{list_nodes, LeaseState, Membership};
-use hvnode_cluster::model::{ClusterGuest, Desired, NodeRecord, NodeState, Record, StorageDomain};
+use hvnode_cluster::model::{ClusterGuest, NodeRecord, NodeState, Record, StorageDomain};
 use hvnode_cluster::store::Store;
 use hvnode_cluster::{Client, Error};
 
@@ -40,20 +41,18 @@ fn node(id: &str) -> NodeRecord {
         vcpus_used: 0,
         agent_version: "0.1.0".into(),
         heartbeat_unix: 1,
+        guests_running: Vec::new(),
     }
 }
 
 fn guest(name: &str) -> ClusterGuest {
-    ClusterGuest {
-        format: ClusterGuest::FORMAT,
-        name: name.into(),
-        memory_mib: 2048,
+    let mut g = ClusterGuest::new(GuestSpec {
         vcpus: 2,
-        disks: vec!["nfs-a:web/root.raw".into()],
-        ha: true,
-        priority: 0,
-        desired: Desired::Running,
-    }
+        memory_mib: 2048,
+        ..GuestSpec::minimal(name, "vmlinuz")
+    });
+    g.ha = true;
+    g
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,11 +165,11 @@ async fn guest_writes_are_revision_checked() {
     let read = store.get_guest("web").await.unwrap();
     assert_eq!(read.revision, rev);
     let mut g = read.value.clone();
-    g.memory_mib = 4096;
+    g.spec.memory_mib = 4096;
     let rev2 = store.update_guest(&g, read.revision).await.unwrap();
     assert!(rev2 > rev);
     // A second writer with the old revision loses.
-    g.memory_mib = 1024;
+    g.spec.memory_mib = 1024;
     let e = store.update_guest(&g, read.revision).await.unwrap_err();
     assert!(
         matches!(e, Error::Conflict { expected, found, .. } if expected == rev && found == rev2),
@@ -178,7 +177,10 @@ async fn guest_writes_are_revision_checked() {
     );
     let e = store.delete_guest("web", rev).await.unwrap_err();
     assert!(matches!(e, Error::Conflict { .. }), "{e:?}");
-    assert_eq!(store.get_guest("web").await.unwrap().value.memory_mib, 4096);
+    assert_eq!(
+        store.get_guest("web").await.unwrap().value.memory_mib(),
+        4096
+    );
     store.delete_guest("web", rev2).await.unwrap();
     assert!(matches!(
         store.get_guest("web").await,
@@ -311,7 +313,7 @@ async fn placement_txn_refuses_a_second_placement() {
     let rev = store.create_guest(&guest("web")).await.unwrap();
     // A decision made on an older revision of the guest is refused.
     let mut g = guest("web");
-    g.vcpus = 4;
+    g.spec.vcpus = 4;
     let rev2 = store.update_guest(&g, rev).await.unwrap();
     let e = store
         .place("web", "a", rev, "most free memory")

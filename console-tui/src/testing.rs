@@ -46,6 +46,7 @@ pub(crate) fn snapshot() -> Snapshot {
             autostart: false,
         },
         state,
+        cluster: false,
         pid: None,
         uptime_secs: None,
         crash_reason: None,

@@ -101,6 +101,9 @@ pub enum Command {
     /// Image directory commands.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// The cluster: its state in etcd, its members, its guests.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Follow the node's events.
     Events {
         /// Node name.
@@ -125,6 +128,75 @@ pub enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+}
+
+/// `cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Set the cluster up on etcd (it must answer); every registered node joins it.
+    Init {
+        /// An etcd client URL (http://HOST:PORT); repeat for each member of the etcd cluster.
+        #[arg(long = "etcd", required = true)]
+        etcd: Vec<String>,
+        /// The key prefix of this cluster in etcd.
+        #[arg(long, default_value = hvnode_api::cluster::DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Have a registered node join the cluster (one registered before `cluster init`).
+    Join(NodeArg),
+    /// Have a node leave the cluster (it must run no cluster guest).
+    Leave(NodeArg),
+    /// The cluster as etcd has it: the live members, the leader, the guests and their nodes.
+    Status,
+    /// Cluster guests: defined in etcd, placed by the cluster's leader on a node with room.
+    #[command(subcommand)]
+    Guest(ClusterGuestCommand),
+}
+
+/// `cluster guest ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterGuestCommand {
+    /// Define a cluster guest from a TOML file (the format of `guest define`); it is placed and
+    /// started unless --stopped.
+    Define {
+        /// The definition.
+        file: PathBuf,
+        /// Restart it on another node when its node is lost.
+        #[arg(long)]
+        ha: bool,
+        /// Placement priority: higher first when there is not room for all.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Define it without starting it.
+        #[arg(long)]
+        stopped: bool,
+    },
+    /// List the cluster's guests with their node and state.
+    List,
+    /// Start a stopped cluster guest, on the node the leader chooses or on --on NODE.
+    Start {
+        /// Guest name.
+        name: String,
+        /// Run it on this node (a pin: it stays there until started again without --on).
+        #[arg(long)]
+        on: Option<String>,
+        /// Return without waiting for it to run.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a cluster guest (its VMM is stopped; it stays defined).
+    Stop {
+        /// Guest name.
+        name: String,
+        /// Return without waiting for it to stop.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a stopped cluster guest.
+    Delete {
+        /// Guest name.
+        name: String,
     },
 }
 

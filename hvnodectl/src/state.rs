@@ -79,6 +79,16 @@ pub struct Nodes {
     pub nodes: BTreeMap<String, NodeEntry>,
 }
 
+/// `cluster.toml`: the cluster this manager set up (`hvnodectl cluster init`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// The key prefix in etcd.
+    pub prefix: String,
+}
+
 /// `join-requests/<fingerprint>.toml`: a node asked to join (node-initiated registration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinRecord {
@@ -129,6 +139,7 @@ const SERVER_CERT: &str = "server.pem";
 const MANAGER: &str = "manager.toml";
 const NODES: &str = "nodes.toml";
 const JOIN_DIR: &str = "join-requests";
+const CLUSTER: &str = "cluster.toml";
 
 /// A client or server identity ready for rustls.
 #[derive(Debug)]
@@ -290,6 +301,20 @@ impl StateDir {
     /// Saves the registered nodes.
     pub fn save_nodes(&self, nodes: &Nodes) -> Result<(), StateError> {
         self.write_toml(NODES, nodes)
+    }
+
+    /// The cluster, once `cluster init` set it up.
+    pub fn cluster(&self) -> Result<Option<ClusterConfig>, StateError> {
+        self.manager()?;
+        if !self.root.join(CLUSTER).exists() {
+            return Ok(None);
+        }
+        self.read_toml(CLUSTER).map(Some)
+    }
+
+    /// Saves the cluster's settings.
+    pub fn save_cluster(&self, cluster: &ClusterConfig) -> Result<(), StateError> {
+        self.write_toml(CLUSTER, cluster)
     }
 
     /// One registered node.

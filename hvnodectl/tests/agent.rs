@@ -892,3 +892,186 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
     ok(&ctl(&m, &["guest", "stop", "n2", "count"]));
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// A `cluster status --json` of the manager at `m`.
+fn cluster_status(m: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&ctl(m, &["--json", "cluster", "status"]))).expect("status JSON")
+}
+
+/// Waits (30 s at most) until the manager's `cluster status` satisfies `done`.
+fn wait_status(
+    m: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster_status(m);
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_node() {
+    let test = "two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_node";
+    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
+        hvnode_base::testing::cannot_run(
+            test,
+            "no etcd (Debian's etcd-server; image/setup-host.sh)",
+        );
+        return;
+    };
+    let Some(RealGuests {
+        agent: a,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(test, "cl-a")
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut etcd = rt
+        .block_on(hvnode_cluster::local_etcd::LocalEtcd::start(
+            &etcd_bin,
+            Duration::from_secs(20),
+        ))
+        .expect("etcd starts");
+    let bin = agent_binary().unwrap();
+    let vmm = bin.with_file_name("hvnode-vmm");
+    let mut b = Agent::start_with(&bin, "cl-b", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let _vmms_b = Vmms(b.dir.clone());
+
+    // Bad endpoints are refused before anything is saved; a good one sets the cluster up and
+    // the registered node joins it; a node registered after joins at registration.
+    fails_with(
+        &ctl(&m, &["cluster", "init", "--etcd", "127.0.0.1:2379"]),
+        "not an http:// or https:// URL",
+    );
+    fails_with(&ctl(&m, &["cluster", "status"]), "No cluster is set up");
+    let endpoint = format!("http://{}", etcd.endpoint());
+    let init = ok(&ctl(&m, &["cluster", "init", "--etcd", &endpoint]));
+    assert!(init.contains("nodes joining: n1"), "{init}");
+    let code = b.pairing_code();
+    ok(&ctl(
+        &m,
+        &[
+            "register",
+            "n2",
+            "--url",
+            &b.url(),
+            "--code",
+            &code,
+            "--yes",
+        ],
+    ));
+    let s = wait_status(&m, "both nodes are members with a leader", |s| {
+        s["members"].as_object().is_some_and(|m| m.len() == 2) && s["leader"].is_string()
+    });
+    let leader = s["leader"].as_str().unwrap().to_owned();
+    assert!(leader == "n1" || leader == "n2", "{s:#}");
+    // Each agent shows the same cluster.
+    for agent in [&a, &b] {
+        let (_, view) = agent.local("GET", &Route::Cluster.path(), None).unwrap();
+        assert!(view.contains("\"connection\":\"member\""), "{view}");
+    }
+
+    // A cluster guest, the same image on both nodes (shared storage comes with NFS domains).
+    let payload = hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER);
+    for agent in [&a, &b] {
+        std::fs::write(agent.dir.join("images/count.elf"), &payload).unwrap();
+    }
+    let spec = work.join("cg.toml");
+    std::fs::write(
+        &spec,
+        "name = \"cg\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n",
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    ok(&ctl(&m, &["cluster", "guest", "define", spec, "--stopped"]));
+    fails_with(
+        &ctl(&m, &["cluster", "guest", "define", spec]),
+        "A cluster guest named \"cg\" exists",
+    );
+    let started = ok(&ctl(&m, &["cluster", "guest", "start", "cg", "--on", "n1"]));
+    assert!(started.contains("cluster guest cg runs on n1"), "{started}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while console_counts(&a, "cg").len() < 2 {
+        assert!(Instant::now() < deadline, "cg does not count on n1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // On n1 it is a guest like another, but the cluster's: not changed through the node.
+    let shown = ok(&ctl(&m, &["--json", "guest", "show", "n1", "cg"]));
+    assert!(shown.contains("\"cluster\":true"), "{shown}");
+    fails_with(&ctl(&m, &["guest", "delete", "n1", "cg"]), "cluster_guest");
+    fails_with(&ctl(&m, &["cluster", "leave", "n1"]), "guest_running");
+    fails_with(
+        &ctl(&m, &["cluster", "guest", "delete", "cg"]),
+        "is not stopped",
+    );
+
+    // Stopped through the cluster, then started on the other node.
+    let stopped = ok(&ctl(&m, &["cluster", "guest", "stop", "cg"]));
+    assert!(stopped.contains("cluster guest cg stopped"), "{stopped}");
+    assert!(ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests"));
+    let started = ok(&ctl(&m, &["cluster", "guest", "start", "cg", "--on", "n2"]));
+    assert!(started.contains("cluster guest cg runs on n2"), "{started}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while console_counts(&b, "cg").len() < 2 {
+        assert!(Instant::now() < deadline, "cg does not count on n2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list = ok(&ctl(&m, &["cluster", "guest", "list"]));
+    assert!(
+        list.contains("cg") && list.contains("n2") && list.contains("yes"),
+        "{list}"
+    );
+
+    // n2's agent dies: its lease lapses and everyone sees it gone within the TTL; its guest
+    // stays placed there (not HA): nothing starts it twice.
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    let s = wait_status(&m, "n2 is lost", |s| {
+        s["members"].as_object().is_some_and(|m| m.len() == 1)
+            && s["not_members"].as_array().is_some_and(|n| n.len() == 1)
+    });
+    assert_eq!(s["leader"], "n1", "{s:#}");
+    assert_eq!(s["guests"]["cg"]["node"], "n2", "{s:#}");
+    assert!(ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests"));
+
+    // etcd goes away: n1 says so and keeps what it runs.
+    let name = "local";
+    let local = work.join("local.toml");
+    std::fs::write(
+        &local,
+        format!("name = \"{name}\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n"),
+    )
+    .unwrap();
+    ok(&ctl(
+        &m,
+        &["guest", "define", "n1", local.to_str().unwrap()],
+    ));
+    ok(&ctl(&m, &["guest", "start", "n1", name]));
+    etcd.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, view) = a.local("GET", &Route::Cluster.path(), None).unwrap();
+        if view.contains("\"connection\":\"unreachable\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n1 does not see etcd gone: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ok(&ctl(&m, &["guest", "show", "n1", name])).contains("running"));
+    fails_with(&ctl(&m, &["cluster", "status"]), "etcd unreachable");
+}

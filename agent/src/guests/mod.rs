@@ -25,6 +25,16 @@ impl Agent {
         Ok(self.paths.guests().join(format!("{name}.toml")))
     }
 
+    fn cluster_owned(name: &str) -> Error {
+        Error::new(
+            ErrorCode::ClusterGuest,
+            format!(
+                "Guest {name:?} belongs to the cluster: change or delete it through the cluster \
+                 (hvnodectl guest ... --cluster)"
+            ),
+        )
+    }
+
     fn no_guest(name: &str) -> Error {
         Error::new(ErrorCode::GuestNotFound, format!("No guest named {name:?}"))
     }
@@ -42,6 +52,7 @@ impl Agent {
             pid: rt.pid,
             uptime_secs: rt.uptime_secs,
             crash_reason: rt.crash_reason,
+            cluster: self.is_cluster_guest(name),
             snapshots: self
                 .snapshots_of(name)
                 .into_iter()
@@ -102,6 +113,9 @@ impl Agent {
         spec.validate()
             .map_err(|e| Error::new(ErrorCode::InvalidGuestSpec, e.to_string()))?;
         let path = self.guest_path(&spec.name)?;
+        if self.is_cluster_guest(&spec.name) {
+            return Err(Self::cluster_owned(&spec.name));
+        }
         match (path.exists(), update) {
             (true, false) => {
                 return Err(Error::new(
@@ -147,6 +161,9 @@ impl Agent {
     /// `DELETE /v1/guests/{name}`: only without a VMM.
     pub(crate) fn delete_guest(&self, name: &str) -> Result<Resp, Error> {
         let path = self.guest_path(name)?;
+        if self.is_cluster_guest(name) {
+            return Err(Self::cluster_owned(name));
+        }
         if self.running.is_active(name) {
             return Err(Error::new(
                 ErrorCode::GuestRunning,
@@ -227,7 +244,7 @@ impl Agent {
     }
 
     /// Every valid guest definition; invalid ones are logged and left out.
-    fn guest_specs(&self) -> Vec<GuestSpec> {
+    pub(crate) fn guest_specs(&self) -> Vec<GuestSpec> {
         match self.guests() {
             Ok(list) => list.into_iter().map(|g| g.spec).collect(),
             Err(e) => {

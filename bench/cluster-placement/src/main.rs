@@ -9,10 +9,11 @@
 
 use std::time::{Duration, Instant};
 
+use hvnode_api::guest::GuestSpec;
 use hvnode_cluster::keys::Keys;
 use hvnode_cluster::local_etcd::{etcd_binary, LocalEtcd};
 use hvnode_cluster::membership::Membership;
-use hvnode_cluster::model::{ClusterGuest, Desired, NodeRecord, NodeState, Placement, Record};
+use hvnode_cluster::model::{ClusterGuest, NodeRecord, NodeState, Placement, Record};
 use hvnode_cluster::placement;
 use hvnode_cluster::store::Store;
 
@@ -62,6 +63,7 @@ async fn main() {
             vcpus_used: (i % 5) as u32,
             agent_version: "0.1.0".into(),
             heartbeat_unix: 0,
+            guests_running: Vec::new(),
         };
         members.push(
             Membership::join(&client, &keys, &rec, 30)
@@ -71,16 +73,13 @@ async fn main() {
     }
     let mut creates = Vec::new();
     for i in 0..GUESTS {
-        let g = ClusterGuest {
-            format: ClusterGuest::FORMAT,
-            name: format!("guest-{i:04}"),
-            memory_mib: 1024 * (1 + (i as u64 * 7) % 8),
+        let mut g = ClusterGuest::new(GuestSpec {
             vcpus: 1 + (i as u32 * 3) % 4,
-            disks: vec![format!("nfs-a:guest-{i:04}/root.raw")],
-            ha: i % 3 == 0,
-            priority: (i % 10) as i32,
-            desired: Desired::Running,
-        };
+            memory_mib: 1024 * (1 + (i as u64 * 7) % 8),
+            ..GuestSpec::minimal(&format!("guest-{i:04}"), "vmlinuz")
+        });
+        g.ha = i % 3 == 0;
+        g.priority = (i % 10) as i32;
         let t = Instant::now();
         store.create_guest(&g).await.expect("create guest");
         creates.push(t.elapsed());
@@ -104,13 +103,13 @@ async fn main() {
         };
         let t = Instant::now();
         store
-            .place(&g.value.name, &node, g.revision, "most free memory")
+            .place(&g.value.name(), &node, g.revision, "most free memory")
             .await
             .expect("placement txn");
         txns.push(t.elapsed());
         placements.push(Placement {
             format: Placement::FORMAT,
-            guest: g.value.name.clone(),
+            guest: g.value.name().to_owned(),
             node,
             placed_at_revision: g.revision,
             reason: String::new(),

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use hvnode_api::cluster::{ClusterConnection, ClusterView};
 use hvnode_api::node::NodeCertificate;
 use hvnode_api::routes::Route;
 
@@ -98,6 +99,17 @@ impl Ctx {
                         output::unix_date(s.not_after_unix)
                     ),
                     Err(e) => eprintln!("node {name}: renewing its certificate failed: {e}"),
+                }
+            }
+            // A node registered through a join request joins the cluster here.
+            if let Ok(Some(cluster)) = self.state.cluster() {
+                if let Ok((view, _)) = c.get_json::<ClusterView>(&Route::Cluster.path()).await {
+                    if view.connection == ClusterConnection::NotJoined {
+                        match self.join_node(name, &cluster).await {
+                            Ok(_) => eprintln!("node {name}: joining the cluster"),
+                            Err(e) => eprintln!("node {name}: joining the cluster failed: {e}"),
+                        }
+                    }
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! share: the run context ([`Ctx`]) with its node clients and the human/JSON choice, the
 //! errors, and the dispatch from a parsed [`Command`] to its module.
 
+mod cluster;
 mod console;
 mod events;
 mod guest;
@@ -113,6 +114,15 @@ pub enum CmdError {
     /// The migration ended without moving the guest.
     #[error("The migration failed: {0}")]
     MigrationFailed(String),
+    /// The cluster's etcd.
+    #[error("Cluster: {0}")]
+    Cluster(#[from] hvnode_cluster::Error),
+    /// A cluster command before `cluster init`.
+    #[error("No cluster is set up: run `hvnodectl cluster init --etcd http://HOST:2379` first")]
+    NoCluster,
+    /// A cluster request or guest that cannot be.
+    #[error("{0}")]
+    ClusterRefused(String),
     /// Writing to stdout failed.
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -154,6 +164,7 @@ impl Ctx {
             Command::Reject { request } => self.reject(&request),
             Command::Node(cmd) => self.node_cmd(cmd).await,
             Command::Guest(cmd) => self.guest_cmd(cmd).await,
+            Command::Cluster(cmd) => self.cluster_cmd(cmd).await,
             Command::Image(cmd) => self.image_cmd(cmd).await,
             Command::Events { node, since, count } => self.events(&node, since, count).await,
             Command::Wait {

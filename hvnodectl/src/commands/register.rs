@@ -94,6 +94,16 @@ impl Ctx {
                  migrations until `hvnodectl node certify {node}` succeeds"
             ),
         }
+        // A cluster set up already: the node joins it.
+        if let Some(cluster) = self.state.cluster()? {
+            match self.join_node(node, &cluster).await {
+                Ok(_) => eprintln!("joining the cluster"),
+                Err(e) => eprintln!(
+                    "warning: the node did not join the cluster ({e}): run `hvnodectl cluster \
+                     join {node}`"
+                ),
+            }
+        }
         self.answer(&raw, || {
             format!(
                 "node {node} at {} registered with manager {:?} (state: {})",

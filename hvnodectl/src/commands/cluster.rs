@@ -1,0 +1,467 @@
+//! `cluster ...`: setting the cluster up on etcd, nodes joining and leaving it, its status, and
+//! its guests. The manager reads and writes etcd directly (docs/cluster.md: "who writes what");
+//! nodes are told to join through their API.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hvnode_api::cluster::{ClusterView, JoinCluster};
+use hvnode_api::routes::Route;
+use hvnode_cluster::election::Election;
+use hvnode_cluster::keys::Keys;
+use hvnode_cluster::model::{ClusterGuest, Desired};
+use hvnode_cluster::store::{ClusterState, Store};
+use hvnode_cluster::Error as EtcdError;
+use hyper::Method;
+use serde::Serialize;
+
+use super::{read_spec, CmdError, Ctx};
+use crate::cli::{ClusterCommand, ClusterGuestCommand};
+use crate::state::ClusterConfig;
+
+/// How long `start` and `stop` wait for the cluster to do it.
+const WAIT: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(250);
+
+/// The cluster as `cluster status` prints it (and `--json` gives it).
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The etcd revision it was read at.
+    pub revision: i64,
+    /// The leader's node id.
+    pub leader: Option<String>,
+    /// Live members by id.
+    pub members: BTreeMap<String, Member>,
+    /// Guests by name.
+    pub guests: BTreeMap<String, GuestRow>,
+    /// Registered nodes that are not members.
+    pub not_members: Vec<String>,
+}
+
+/// A live member.
+#[derive(Debug, Serialize)]
+pub struct Member {
+    /// Its agent's URL.
+    pub address: String,
+    /// `active` or `maintenance`.
+    pub state: String,
+    /// Free memory, MiB.
+    pub mem_free_mib: u64,
+    /// vCPUs used of total.
+    pub vcpus: (u32, u32),
+    /// The cluster guests it runs.
+    pub guests_running: Vec<String>,
+}
+
+/// A cluster guest.
+#[derive(Debug, Serialize)]
+pub struct GuestRow {
+    /// `running` or `stopped`: what the cluster wants.
+    pub desired: String,
+    /// Its node, when placed.
+    pub node: Option<String>,
+    /// Its pin.
+    pub pinned: Option<String>,
+    /// Whether its node runs it.
+    pub running: bool,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// HA.
+    pub ha: bool,
+}
+
+impl Ctx {
+    fn cluster_config(&self) -> Result<ClusterConfig, CmdError> {
+        self.state.cluster()?.ok_or(CmdError::NoCluster)
+    }
+
+    async fn etcd(&self) -> Result<(Store, Election, ClusterConfig), CmdError> {
+        let cfg = self.cluster_config()?;
+        let keys = Keys::new(&cfg.prefix)?;
+        let client = hvnode_cluster::connect(&cfg.endpoints).await?;
+        Ok((
+            Store::new(&client, &keys),
+            Election::new(&client, &keys),
+            cfg,
+        ))
+    }
+
+    pub(super) async fn cluster_cmd(&self, cmd: ClusterCommand) -> Result<(), CmdError> {
+        match cmd {
+            ClusterCommand::Init { etcd, prefix } => self.cluster_init(etcd, prefix).await,
+            ClusterCommand::Join(a) => {
+                let cfg = self.cluster_config()?;
+                let view = self.join_node(&a.node, &cfg).await?;
+                self.show(&view, || format!("node {} is joining the cluster", a.node))
+            }
+            ClusterCommand::Leave(a) => {
+                let c = self.connect(&a.node)?;
+                c.send_json_raw::<()>(Method::DELETE, &Route::Cluster.path(), None)
+                    .await?;
+                self.show(&serde_json::json!({}), || {
+                    format!("node {} left the cluster", a.node)
+                })
+            }
+            ClusterCommand::Status => {
+                let (store, election, _) = self.etcd().await?;
+                let status = self.status(&store, &election).await?;
+                self.show(&status, || status_text(&status))
+            }
+            ClusterCommand::Guest(g) => self.cluster_guest(g).await,
+        }
+    }
+
+    /// `cluster init`: etcd must answer; the settings are saved; every registered node joins.
+    async fn cluster_init(&self, etcd: Vec<String>, prefix: String) -> Result<(), CmdError> {
+        // The same rules the nodes apply, checked before anything is saved.
+        let probe = JoinCluster {
+            endpoints: etcd.clone(),
+            prefix: prefix.clone(),
+            node_id: "manager".into(),
+            address: "https://manager:1".into(),
+        };
+        probe.validate().map_err(CmdError::ClusterRefused)?;
+        let keys = Keys::new(&prefix)?;
+        let client = hvnode_cluster::connect(&etcd).await?;
+        Store::new(&client, &keys).state().await?;
+        let cfg = ClusterConfig {
+            endpoints: etcd,
+            prefix,
+        };
+        self.state.save_cluster(&cfg)?;
+        eprintln!("cluster set up on {}", cfg.endpoints.join(", "));
+        let nodes = self.state.load_nodes()?;
+        let mut joined = Vec::new();
+        for name in nodes.nodes.keys() {
+            match self.join_node(name, &cfg).await {
+                Ok(_) => joined.push(name.clone()),
+                Err(e) => eprintln!("warning: node {name} did not join: {e}; run `hvnodectl cluster join {name}` later"),
+            }
+        }
+        self.show(&serde_json::json!({ "joined": joined }), || {
+            format!(
+                "cluster ready; nodes joining: {}",
+                if joined.is_empty() {
+                    "none".to_owned()
+                } else {
+                    joined.join(", ")
+                }
+            )
+        })
+    }
+
+    /// Tells a registered node to join: its name is its id in the cluster, its registered URL
+    /// its address.
+    pub(super) async fn join_node(
+        &self,
+        node: &str,
+        cfg: &ClusterConfig,
+    ) -> Result<ClusterView, CmdError> {
+        let entry = self
+            .state
+            .node(node)?
+            .ok_or_else(|| CmdError::UnknownNode(node.to_owned()))?;
+        let req = JoinCluster {
+            endpoints: cfg.endpoints.clone(),
+            prefix: cfg.prefix.clone(),
+            node_id: node.to_owned(),
+            address: entry.url.clone(),
+        };
+        req.validate().map_err(|e| {
+            CmdError::ClusterRefused(format!(
+                "node {node} cannot join under that name: {e} (cluster node ids are lower-case \
+                 letters, digits, '-' and '_')"
+            ))
+        })?;
+        let c = self.connect(node)?;
+        let (view, _): (ClusterView, _) = c
+            .send_json(Method::PUT, &Route::Cluster.path(), Some(&req))
+            .await?;
+        Ok(view)
+    }
+
+    async fn status(&self, store: &Store, election: &Election) -> Result<Status, CmdError> {
+        let state = store.state().await?;
+        let leader = election.leader().await?;
+        let registered = self.state.load_nodes()?;
+        Ok(status_of(&state, leader, registered.nodes.keys()))
+    }
+
+    async fn cluster_guest(&self, cmd: ClusterGuestCommand) -> Result<(), CmdError> {
+        let (store, election, _) = self.etcd().await?;
+        match cmd {
+            ClusterGuestCommand::Define {
+                file,
+                ha,
+                priority,
+                stopped,
+            } => {
+                let spec = read_spec(&file)?;
+                let name = spec.name.clone();
+                let mut g = ClusterGuest::new(spec);
+                g.ha = ha;
+                g.priority = priority;
+                if stopped {
+                    g.desired = Desired::Stopped;
+                }
+                match store.create_guest(&g).await {
+                    Ok(_) => {}
+                    Err(EtcdError::Conflict { .. }) => {
+                        return Err(CmdError::ClusterRefused(format!(
+                            "A cluster guest named {name:?} exists"
+                        )))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.show(&serde_json::json!({ "defined": name }), || {
+                    format!(
+                        "cluster guest {name} defined{}",
+                        if stopped {
+                            ""
+                        } else {
+                            "; the leader places it"
+                        }
+                    )
+                })
+            }
+            ClusterGuestCommand::List => {
+                let status = self.status(&store, &election).await?;
+                self.show(&status.guests, || guests_text(&status.guests))
+            }
+            ClusterGuestCommand::Start { name, on, no_wait } => {
+                if let Some(node) = &on {
+                    hvnode_api::cluster::node_id(node).map_err(CmdError::ClusterRefused)?;
+                }
+                loop {
+                    let g = store.get_guest(&name).await?;
+                    if let Some(p) = store.get_placement(&name).await? {
+                        if on.as_ref().is_some_and(|n| *n != p.value.node) {
+                            return Err(CmdError::ClusterRefused(format!(
+                                "Guest {name} is placed on {} (it may still be stopping): stop \
+                                 it and wait for it to be stopped, or migrate it",
+                                p.value.node
+                            )));
+                        }
+                    }
+                    let mut v = g.value.clone();
+                    v.desired = Desired::Running;
+                    v.pinned = on.clone();
+                    match store.update_guest(&v, g.revision).await {
+                        Ok(_) => break,
+                        Err(EtcdError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if no_wait {
+                    return self.show(&serde_json::json!({ "started": name }), || {
+                        format!("cluster guest {name} is to run")
+                    });
+                }
+                let row = self
+                    .wait_guest(&store, &election, &name, |r| r.running)
+                    .await?;
+                self.show(&row, || {
+                    format!(
+                        "cluster guest {name} runs on {}",
+                        row.node.as_deref().unwrap_or("?")
+                    )
+                })
+            }
+            ClusterGuestCommand::Stop { name, no_wait } => {
+                loop {
+                    let g = store.get_guest(&name).await?;
+                    let mut v = g.value.clone();
+                    v.desired = Desired::Stopped;
+                    match store.update_guest(&v, g.revision).await {
+                        Ok(_) => break,
+                        Err(EtcdError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if no_wait {
+                    return self.show(&serde_json::json!({ "stopped": name }), || {
+                        format!("cluster guest {name} is to stop")
+                    });
+                }
+                let row = self
+                    .wait_guest(&store, &election, &name, |r| !r.running && r.node.is_none())
+                    .await?;
+                self.show(&row, || format!("cluster guest {name} stopped"))
+            }
+            ClusterGuestCommand::Delete { name } => {
+                let g = store.get_guest(&name).await?;
+                if g.value.desired == Desired::Running
+                    || store.get_placement(&name).await?.is_some()
+                {
+                    return Err(CmdError::ClusterRefused(format!(
+                        "Cluster guest {name} is not stopped: `hvnodectl cluster guest stop \
+                         {name}` first"
+                    )));
+                }
+                store.delete_guest(&name, g.revision).await?;
+                self.show(&serde_json::json!({ "deleted": name }), || {
+                    format!("cluster guest {name} deleted")
+                })
+            }
+        }
+    }
+
+    /// Waits until the guest's row satisfies `done`; on timeout, says where it stands and why.
+    async fn wait_guest(
+        &self,
+        store: &Store,
+        election: &Election,
+        name: &str,
+        done: impl Fn(&GuestRow) -> bool,
+    ) -> Result<GuestRow, CmdError> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut status = self.status(store, election).await?;
+            let row = status
+                .guests
+                .remove(name)
+                .ok_or_else(|| CmdError::ClusterRefused(format!("Cluster guest {name} is gone")))?;
+            if done(&row) {
+                return Ok(row);
+            }
+            if Instant::now() >= deadline {
+                return Err(CmdError::ClusterRefused(format!(
+                    "Cluster guest {name} did not get there within {} s: placed on {}, {}; \
+                     `hvnodectl events NODE` on the nodes says why",
+                    WAIT.as_secs(),
+                    row.node.as_deref().unwrap_or("no node"),
+                    if row.running {
+                        "running"
+                    } else {
+                        "not running"
+                    }
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// The status of a state read at one revision.
+pub fn status_of<'a>(
+    state: &ClusterState,
+    leader: Option<String>,
+    registered: impl Iterator<Item = &'a String>,
+) -> Status {
+    let members: BTreeMap<String, Member> = state
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id.clone(),
+                Member {
+                    address: n.address.clone(),
+                    state: serde_json::to_value(n.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    mem_free_mib: n.mem_free_mib,
+                    vcpus: (n.vcpus_used, n.vcpus_total),
+                    guests_running: n.guests_running.clone(),
+                },
+            )
+        })
+        .collect();
+    let guests = state
+        .guests
+        .iter()
+        .map(|g| {
+            let g = &g.value;
+            let node = state
+                .placements
+                .iter()
+                .find(|p| p.value.guest == g.name())
+                .map(|p| p.value.node.clone());
+            let running = node.as_ref().is_some_and(|n| {
+                members
+                    .get(n)
+                    .is_some_and(|m| m.guests_running.iter().any(|r| r == g.name()))
+            });
+            (
+                g.name().to_owned(),
+                GuestRow {
+                    desired: match g.desired {
+                        Desired::Running => "running",
+                        Desired::Stopped => "stopped",
+                    }
+                    .to_owned(),
+                    node,
+                    pinned: g.pinned.clone(),
+                    running,
+                    memory_mib: g.memory_mib(),
+                    vcpus: g.vcpus(),
+                    ha: g.ha,
+                },
+            )
+        })
+        .collect();
+    let not_members = registered
+        .filter(|n| !members.contains_key(*n))
+        .cloned()
+        .collect();
+    Status {
+        revision: state.revision,
+        leader,
+        members,
+        guests,
+        not_members,
+    }
+}
+
+fn status_text(s: &Status) -> String {
+    let mut out = format!(
+        "cluster at revision {}, leader {}\n",
+        s.revision,
+        s.leader.as_deref().unwrap_or("none")
+    );
+    out.push_str("MEMBER          STATE        FREE MiB   VCPUS    GUESTS\n");
+    for (id, m) in &s.members {
+        out.push_str(&format!(
+            "{:<15} {:<12} {:>8}   {:>2}/{:<4}  {}{}\n",
+            id,
+            m.state,
+            m.mem_free_mib,
+            m.vcpus.0,
+            m.vcpus.1,
+            m.guests_running.join(","),
+            if s.leader.as_deref() == Some(id) {
+                "  (leader)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for n in &s.not_members {
+        out.push_str(&format!("{n:<15} not a member (lost, or not joined)\n"));
+    }
+    out.push_str(&guests_text(&s.guests));
+    out
+}
+
+fn guests_text(guests: &BTreeMap<String, GuestRow>) -> String {
+    if guests.is_empty() {
+        return "no cluster guests".to_owned();
+    }
+    let mut out =
+        "GUEST           DESIRED   NODE            RUNNING  MEMORY  VCPUS  HA\n".to_owned();
+    for (name, g) in guests {
+        out.push_str(&format!(
+            "{:<15} {:<9} {:<15} {:<8} {:>6}  {:>5}  {}\n",
+            name,
+            g.desired,
+            g.node.as_deref().unwrap_or("-"),
+            if g.running { "yes" } else { "no" },
+            g.memory_mib,
+            g.vcpus,
+            if g.ha { "yes" } else { "no" }
+        ));
+    }
+    out.trim_end().to_owned()
+}
