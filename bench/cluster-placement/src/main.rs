@@ -103,7 +103,7 @@ async fn main() {
         };
         let t = Instant::now();
         store
-            .place(&g.value.name(), &node, g.revision, "most free memory")
+            .place(g.value.name(), &node, g.revision, "most free memory")
             .await
             .expect("placement txn");
         txns.push(t.elapsed());
