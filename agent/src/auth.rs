@@ -50,15 +50,22 @@ impl Agent {
                 "The client certificate is not signed by the manager this node trusts now: reconnect, or re-register",
             )),
             // Another node of this manager may only hand over guests; only another node may.
-            Some(_) if route.is_some_and(Route::node_to_node) != node_peer => Err(Error::new(
+            // A method the route does not serve is the router's 405 for the manager as for
+            // anyone registered (the document is public; the answer reveals nothing).
+            Some(_)
+                if route.is_some_and(Route::node_to_node) != node_peer
+                    && route.is_none_or(|r| r.methods().contains(&method)) =>
+            {
+                Err(Error::new(
                 ErrorCode::NodeCertificateRequired,
                 if node_peer {
                     "A node's certificate opens only the node-to-node routes (/v1/migrations)"
                 } else {
                     "Only another node of this manager, with the certificate the manager signed \
                      for it, may call the node-to-node routes"
-                },
-            )),
+                    },
+                ))
+            }
             Some(_) => Ok(()),
         }
     }

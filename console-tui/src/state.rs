@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub guests: Vec<GuestStatus>,
     /// Storage.
     pub storage: StorageView,
+    /// The cluster as the node sees it.
+    pub cluster: hvnode_api::cluster::ClusterView,
 }
 
 /// A request for the agent, produced by a key or, for [`Action::Refresh`], by the clock.

@@ -98,6 +98,7 @@ pub(crate) fn snapshot() -> Snapshot {
             },
             blank_disks: vec![],
         },
+        cluster: hvnode_api::cluster::ClusterView::not_joined(),
     }
 }
 

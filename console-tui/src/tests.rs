@@ -58,6 +58,7 @@ impl FakeAgent {
                     ["GET", "/v1/stats"] => json(serde_json::to_string(&snap.stats)),
                     ["GET", "/v1/guests"] => json(serde_json::to_string(&snap.guests)),
                     ["GET", "/v1/storage"] => json(serde_json::to_string(&snap.storage)),
+                    ["GET", "/v1/cluster"] => json(serde_json::to_string(&snap.cluster)),
                     ["GET", "/v1/network"] => json(serde_json::to_string(&network_view())),
                     ["POST", "/v1/guests/web-1/start"] => {
                         std::thread::sleep(delay);

@@ -80,6 +80,7 @@ fn refresh(c: &Client, node_log: bool) -> Result<Answer, ClientError> {
             stats: c.get(&Route::Stats.path())?,
             guests: c.get(&Route::Guests.path())?,
             storage: c.get(&Route::Storage.path())?,
+            cluster: c.get(&Route::Cluster.path())?,
         })
     })();
     if let Err(e @ ClientError::Unreachable(..)) = snapshot {

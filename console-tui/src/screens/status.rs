@@ -4,6 +4,8 @@
 use hvnode_api::units::bytes;
 use ratatui::text::Line;
 
+use hvnode_api::cluster::{ClusterConnection, ClusterView};
+
 use super::{fingerprint_halves, kv, reg_state};
 use crate::state::Snapshot;
 
@@ -16,6 +18,7 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
             format!("hvnode {} (kernel {})", d.info.version, d.info.kernel),
         ),
         kv("Manager", reg_state(&d.registration)),
+        kv("Cluster", cluster_state(&d.cluster)),
     ];
     let running = super::running_guests(Some(d));
     l.push(kv(
@@ -67,6 +70,38 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
     l
 }
 
+/// One line on the node's place in the cluster.
+fn cluster_state(c: &ClusterView) -> String {
+    let me = c.node_id.as_deref().unwrap_or("?");
+    match c.connection {
+        ClusterConnection::NotJoined => match &c.error {
+            Some(e) => format!("not in a cluster ({e})"),
+            None => "not in a cluster".into(),
+        },
+        ClusterConnection::Connecting => format!("joining as {me}"),
+        ClusterConnection::Member => {
+            let leader = match c.leader.as_deref() {
+                Some(l) if l == me => "this node leads".to_owned(),
+                Some(l) => format!("leader {l}"),
+                None => "no leader yet".to_owned(),
+            };
+            let here = c
+                .guests
+                .iter()
+                .filter(|g| g.node.as_deref() == Some(me))
+                .count();
+            format!(
+                "{me}, one of {} nodes alive, {leader}, {here} cluster guest(s) here",
+                c.members.len()
+            )
+        }
+        ClusterConnection::Unreachable => format!(
+            "etcd unreachable, guests keep running: {}",
+            c.error.as_deref().unwrap_or("no answer")
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::testing::{app, render};
@@ -82,8 +117,45 @@ mod tests {
             "AB:AB",
             "1 running / 2 defined",
             "52:54:00:12:34:56",
+            "not in a cluster",
         ] {
             assert!(s.contains(want), "{want:?} missing:\n{s}");
         }
+    }
+
+    #[test]
+    fn the_cluster_line_says_how_the_node_stands() {
+        use hvnode_api::cluster::{ClusterConnection, ClusterGuestView, ClusterView};
+        let mut c = ClusterView::not_joined();
+        assert_eq!(super::cluster_state(&c), "not in a cluster");
+        c.connection = ClusterConnection::Member;
+        c.node_id = Some("n1".into());
+        c.leader = Some("n1".into());
+        c.guests.push(ClusterGuestView {
+            name: "web".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            desired: "running".into(),
+            ha: false,
+            priority: 0,
+            pinned: None,
+            node: Some("n1".into()),
+            reason: None,
+            running: true,
+        });
+        let line = super::cluster_state(&c);
+        assert!(
+            line.contains("this node leads") && line.contains("1 cluster guest(s) here"),
+            "{line}"
+        );
+        c.leader = Some("n2".into());
+        assert!(super::cluster_state(&c).contains("leader n2"));
+        c.connection = ClusterConnection::Unreachable;
+        c.error = Some("etcd unreachable: connection refused".into());
+        let line = super::cluster_state(&c);
+        assert!(
+            line.contains("guests keep running") && line.contains("connection refused"),
+            "{line}"
+        );
     }
 }
