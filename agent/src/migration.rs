@@ -28,7 +28,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{blocking, Error};
-use crate::guests::vmms::StartFrom;
+use crate::guests::vmms::{self, StartFrom};
 use crate::http::{json_response, upgrade_response, wants_upgrade, Resp};
 use crate::manager::BaseUrl;
 use crate::{node, tls, Agent};
@@ -174,6 +174,31 @@ impl Agent {
                 ),
             ));
         }
+        // A writable disk lives on this node's own storage (shared storage domains come with
+        // the cluster): two nodes would write two copies that part ways.
+        if let Some(d) = status.spec.disks.iter().find(|d| !d.read_only) {
+            return Err(Error::new(
+                ErrorCode::DiskNotShared,
+                format!(
+                    "Guest {name:?} has the writable disk {:?} on this node's storage: only \
+                     read-only disks (the same image on both nodes) migrate; attach it \
+                     read-only, or stop the guest and copy the disk",
+                    d.path
+                ),
+            ));
+        }
+        let disk_bytes = status
+            .spec
+            .disks
+            .iter()
+            .map(|d| {
+                let p = vmms::resolve(&self.paths.images, "disk", &d.path)
+                    .map_err(|e| Error::new(ErrorCode::InvalidGuestPath, e.to_string()))?;
+                std::fs::metadata(&p)
+                    .map(|m| m.len())
+                    .map_err(|e| Error::internal("Reading a disk's size", e))
+            })
+            .collect::<Result<Vec<u64>, Error>>()?;
         let base = BaseUrl::parse(&req.to).map_err(|_| {
             Error::new(
                 ErrorCode::InvalidMigration,
@@ -240,25 +265,27 @@ impl Agent {
                 format!("Guest {name:?} is no longer running"),
             ));
         }
-        let upgraded =
-            match tokio::time::timeout(PREPARE_TIMEOUT, open_stream(&base, config, &status.spec))
-                .await
-            {
-                Ok(Ok(u)) => u,
-                Ok(Err(e)) => {
-                    self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
-                    return Err(e);
-                }
-                Err(_) => {
-                    let e = peer_error(
-                        ErrorCode::PeerUnreachable,
-                        &req.to,
-                        format!("no answer within {} s", PREPARE_TIMEOUT.as_secs()),
-                    );
-                    self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
-                    return Err(e);
-                }
-            };
+        let upgraded = match tokio::time::timeout(
+            PREPARE_TIMEOUT,
+            open_stream(&base, config, &status.spec, disk_bytes),
+        )
+        .await
+        {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
+                return Err(e);
+            }
+            Err(_) => {
+                let e = peer_error(
+                    ErrorCode::PeerUnreachable,
+                    &req.to,
+                    format!("no answer within {} s", PREPARE_TIMEOUT.as_secs()),
+                );
+                self.fail_outgoing(&name, e.message.clone(), GuestState::Running);
+                return Err(e);
+            }
+        };
         self.events.emit(
             "migration",
             Some(&name),
@@ -461,6 +488,44 @@ impl Agent {
                 ErrorCode::GuestExists,
                 format!("A guest named {name:?} exists on the destination"),
             ));
+        }
+        if !req.disk_bytes.is_empty() && req.disk_bytes.len() != spec.disks.len() {
+            return Err(Error::new(
+                ErrorCode::InvalidMigration,
+                format!(
+                    "{} disk sizes for {} disks",
+                    req.disk_bytes.len(),
+                    spec.disks.len()
+                ),
+            ));
+        }
+        for (d, &bytes) in spec.disks.iter().zip(&req.disk_bytes) {
+            let here = vmms::resolve(&self.paths.images, "disk", &d.path)
+                .ok()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len());
+            match here {
+                None => {
+                    return Err(Error::new(
+                        ErrorCode::InvalidGuestPath,
+                        format!(
+                            "The disk {:?} is not on the destination: upload it there first",
+                            d.path
+                        ),
+                    ))
+                }
+                Some(n) if n != bytes => {
+                    return Err(Error::new(
+                        ErrorCode::InvalidGuestPath,
+                        format!(
+                            "The disk {:?} is {n} bytes on the destination and {bytes} on the \
+                             source: not the same image",
+                            d.path
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
         }
         let me = Arc::clone(self);
         let source = req.source.clone();
@@ -756,6 +821,7 @@ async fn open_stream(
     base: &BaseUrl,
     config: rustls::ClientConfig,
     spec: &GuestSpec,
+    disk_bytes: Vec<u64>,
 ) -> Result<hyper::upgrade::Upgraded, Error> {
     let url = format!("https://{}:{}", base.host, base.port);
     let unreachable = |e: &dyn std::fmt::Display| peer_error(ErrorCode::PeerUnreachable, &url, e);
@@ -775,6 +841,7 @@ async fn open_stream(
     let body = serde_json::to_vec(&IncomingMigration {
         guest: spec.clone(),
         source: node::facts::hostname(),
+        disk_bytes,
     })
     .map_err(|e| Error::internal("Migration request", e))?;
     let prepare = Request::post(Route::Migrations.path())

@@ -239,7 +239,8 @@ mod tests {
 
     #[test]
     fn bad_joins_are_refused_naming_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut JoinCluster)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut JoinCluster)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|j| j.endpoints.clear()), "endpoints: give 1 to 7"),
             (
                 Box::new(|j| j.endpoints = vec!["e1:2379".into()]),

@@ -139,6 +139,8 @@ error_codes! {
     BridgeNotFound = (409, "bridge_not_found"),
     /// A guest NIC's tap is in use.
     TapInUse = (409, "tap_in_use"),
+    /// A guest with a writable disk on this node's own storage cannot migrate.
+    DiskNotShared = (409, "disk_not_shared"),
     /// The guest belongs to the cluster: change it through the cluster (etcd), not this node.
     ClusterGuest = (409, "cluster_guest"),
     /// Init refused the request.

@@ -47,6 +47,10 @@ pub struct IncomingMigration {
     pub guest: GuestSpec,
     /// The source node's name, for the destination's events.
     pub source: String,
+    /// The size in bytes of each of the guest's disks on the source, in order: the destination
+    /// refuses a disk whose file differs (not the same image).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_bytes: Vec<u64>,
 }
 
 /// Which end of a migration a node is.

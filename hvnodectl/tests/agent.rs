@@ -890,6 +890,35 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
     assert_eq!(arrival["direction"], "incoming", "{arrival}");
     assert_eq!(arrival["status"]["phase"], "completed", "{arrival}");
     ok(&ctl(&m, &["guest", "stop", "n2", "count"]));
+
+    // Disks: a writable one is on the node's own storage and does not migrate; a read-only one
+    // must be the same image on the destination.
+    std::fs::write(a.dir.join("images/disk.raw"), vec![0u8; 4096]).unwrap();
+    std::fs::write(b.dir.join("images/disk.raw"), vec![0u8; 8192]).unwrap();
+    for (guest, read_only) in [("rw", false), ("ro", true)] {
+        let spec = work.join(format!("{guest}.toml"));
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"{guest}\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n\
+                 [[disks]]\npath = \"disk.raw\"\nread_only = {read_only}\n"
+            ),
+        )
+        .unwrap();
+        ok(&ctl(&m, &["guest", "define", "n1", spec.to_str().unwrap()]));
+        ok(&ctl(&m, &["guest", "start", "n1", guest]));
+    }
+    let refused = ctl(&m, &["guest", "migrate", "n1", "rw", "--to", "n2"]);
+    fails_with(&refused, "disk_not_shared");
+    fails_with(&refused, "disk.raw");
+    let refused = ctl(&m, &["guest", "migrate", "n1", "ro", "--to", "n2"]);
+    fails_with(&refused, "peer_refused");
+    fails_with(&refused, "not the same image");
+    for guest in ["rw", "ro"] {
+        assert!(ok(&ctl(&m, &["guest", "show", "n1", guest])).contains("running"));
+        ok(&ctl(&m, &["guest", "stop", "n1", guest]));
+    }
+    fails_with(&ctl(&m, &["guest", "show", "n2", "ro"]), "guest_not_found");
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -123,6 +123,72 @@ pub const DIRTIER: [u8; 74] = {
     code
 };
 
+/// This host's TSC rate (ticks a second), measured against the monotonic clock over `over`.
+/// A KVM guest's TSC runs at the host's rate (KVM's default `tsc_khz`), so a payload paced on
+/// its TSC ([`paced_dirtier`]) is paced in real time.
+pub fn tsc_hz(over: std::time::Duration) -> u64 {
+    let t0 = std::time::Instant::now();
+    // SAFETY: RDTSC reads a counter; it has no preconditions and touches no memory.
+    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+    std::thread::sleep(over);
+    // SAFETY: as above.
+    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+    let ns = t0.elapsed().as_nanos().max(1);
+    (u128::from(c1.wrapping_sub(c0)) * 1_000_000_000 / ns) as u64
+}
+
+/// [`DIRTIER`] paced to `bytes_per_sec`: the same count in memory and on the serial port (one
+/// line per 16 MiB written, so [`counter_lines`] reads it), but after each 4 KiB page it waits
+/// for a TSC deadline that advances by the page's share of a second (`tsc_hz` from
+/// [`tsc_hz`]). The guest thus dirties its 16 MiB working set at a steady rate, as a real busy
+/// guest does, instead of in bursts. Behind by more than a whole round of the working set
+/// (paused, migrated, starved of CPU), it starts the deadlines afresh rather than catching up
+/// at full speed.
+///
+/// ```text
+///     mov r8, ticks_per_page; mov r9, r8; shl r9, 12      ; r9: a round of 4096 pages
+///     rdtsc; shl rdx, 32; or rax, rdx; mov rsi, rax        ; rsi: the next deadline
+/// 1:  (MEMORY_COUNTER up to its delay loop: count and print)
+///     mov edi, 0x400000; mov ecx, 0x1000
+/// 4:  mov [rdi], eax; add rsi, r8
+/// 5:  rdtsc; shl rdx, 32; or rax, rdx; cmp rax, rsi; jb 5b
+///     mov rdx, rax; sub rdx, rsi; cmp rdx, r9; jbe 6f; mov rsi, rax
+/// 6:  add edi, 0x1000; dec ecx; jnz 4b; jmp 1b
+/// ```
+pub fn paced_dirtier(bytes_per_sec: u64, tsc_hz: u64) -> Vec<u8> {
+    let ticks_per_page = (u128::from(tsc_hz) * 4096 / u128::from(bytes_per_sec.max(1))) as u64;
+    const RDTSC64: [u8; 9] = [0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0];
+    let mut c = vec![0x49, 0xb8];
+    c.extend_from_slice(&ticks_per_page.to_le_bytes());
+    c.extend_from_slice(&[0x4d, 0x89, 0xc1, 0x49, 0xc1, 0xe1, 0x0c]);
+    c.extend_from_slice(&RDTSC64);
+    c.extend_from_slice(&[0x48, 0x89, 0xc6]);
+    let top = c.len();
+    c.extend_from_slice(&MEMORY_COUNTER[..50]);
+    c.extend_from_slice(&[0xbf, 0x00, 0x00, 0x40, 0x00, 0xb9, 0x00, 0x10, 0x00, 0x00]);
+    let page = c.len();
+    c.extend_from_slice(&[0x89, 0x07, 0x4c, 0x01, 0xc6]);
+    let spin = c.len();
+    c.extend_from_slice(&RDTSC64);
+    c.extend_from_slice(&[0x48, 0x39, 0xf0, 0x72]);
+    c.push(rel8(c.len() + 1, spin));
+    c.extend_from_slice(&[
+        0x48, 0x89, 0xc2, 0x48, 0x29, 0xf2, 0x4c, 0x39, 0xca, 0x76, 0x03, 0x48, 0x89, 0xc6,
+    ]);
+    c.extend_from_slice(&[0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75]);
+    c.push(rel8(c.len() + 1, page));
+    c.push(0xeb);
+    c.push(rel8(c.len() + 1, top));
+    c
+}
+
+/// The rel8 of a short jump whose next instruction is at `next`, to `target` (backwards).
+fn rel8(next: usize, target: usize) -> u8 {
+    let d = target as i64 - next as i64;
+    assert!((-128..0).contains(&d), "a short jump back of {d} bytes");
+    d as i8 as u8
+}
+
 /// Drives the i8042 by polling: disables the keyboard interface, runs the controller self test,
 /// enables the interface, then prints every byte read from port 0x60 as two hex digits and a
 /// space, and resets through the i8042 (`out 0x64, 0xfe`) once it has read 0x53 (Del make).
@@ -166,5 +232,33 @@ mod tests {
             serial_print("A"),
             [0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee]
         );
+    }
+
+    #[test]
+    fn the_paced_dirtier_waits_its_share_per_page_and_loops_where_it_should() {
+        // 2 GHz at 64 MiB/s: 16384 pages a second, 122070 ticks each.
+        let c = paced_dirtier(64 << 20, 2_000_000_000);
+        assert_eq!(&c[..2], &[0x49, 0xb8]);
+        assert_eq!(u64::from_le_bytes(c[2..10].try_into().unwrap()), 122_070);
+        // The three backward jumps: to the spin (jb), to the next page (jnz), to the count (jmp).
+        let (top, page, spin) = (29, 29 + 50 + 10, 29 + 50 + 10 + 5);
+        let target = |at: usize| (at as i64 + 2 + i64::from(c[at + 1] as i8)) as usize;
+        let jb = spin + 9 + 3;
+        assert_eq!((c[jb], target(jb)), (0x72, spin));
+        let jnz = c.len() - 4;
+        assert_eq!((c[jnz], target(jnz)), (0x75, page));
+        let jmp = c.len() - 2;
+        assert_eq!((c[jmp], target(jmp)), (0xeb, top));
+        assert_eq!(&c[top..top + 50], &MEMORY_COUNTER[..50]);
+        // The skip over the resync lands on `add edi, 0x1000`.
+        let jbe = jb + 2 + 9;
+        assert_eq!((c[jbe], jbe + 2 + c[jbe + 1] as usize), (0x76, jnz - 8));
+        assert_eq!(&c[jnz - 8..jnz - 6], &[0x81, 0xc7]);
+    }
+
+    #[test]
+    fn the_tsc_ticks() {
+        let hz = tsc_hz(std::time::Duration::from_millis(20));
+        assert!(hz > 100_000_000, "a TSC of {hz} Hz");
     }
 }
