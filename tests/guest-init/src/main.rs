@@ -134,7 +134,9 @@ fn check_rng() {
     }
 }
 
-fn check_net() {
+/// Brings the network up by DHCP and reports the addresses; the network is returned (it keeps
+/// the lease renewed) so that a counting guest can keep reporting over it.
+fn check_net() -> Option<hvnode_net::Network> {
     let config = NodeConfig {
         hostname: Some("hvnode-test-guest".into()),
         network: NetworkConfig {
@@ -144,17 +146,21 @@ fn check_net() {
     };
     let net = match hvnode_net::Network::start(&config, None, Box::new(|l: &str| say(l))) {
         Ok(n) => n,
-        Err(e) => return say(&format!("FAIL net: {e}")),
+        Err(e) => {
+            say(&format!("FAIL net: {e}"));
+            return None;
+        }
     };
     if !net.wait_configured(Duration::from_secs(90)) {
-        return say("FAIL net: no address from DHCP within 90 s");
+        say("FAIL net: no address from DHCP within 90 s");
+        return None;
     }
     for nic in net.status().interfaces {
         for a in nic.addresses.iter().filter(|a| !a.contains(':')) {
             say(&format!("net {} {a}", nic.name));
         }
     }
-    net.stop();
+    Some(net)
 }
 
 /// Ticks forever, once a second: the serial line and, with a port, a TCP report to the host.
@@ -211,9 +217,11 @@ fn main() {
     if expect.iter().any(|d| d == "rng") {
         check_rng();
     }
-    if expect.iter().any(|d| d == "net") {
-        check_net();
-    }
+    let net = if expect.iter().any(|d| d == "net") {
+        check_net()
+    } else {
+        None
+    };
     let cpus = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -231,11 +239,16 @@ fn main() {
         .split_whitespace()
         .any(|a| a == "hvnode-guest.count")
     {
+        // The network stays up (its lease renewed) while the guest counts and reports.
+        let _net = net;
         let report = cmdline
             .split_whitespace()
             .find_map(|a| a.strip_prefix("hvnode-guest.report="))
             .and_then(|p| p.parse::<u16>().ok());
         count(report);
+    }
+    if let Some(net) = net {
+        net.stop();
     }
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);

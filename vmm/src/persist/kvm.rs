@@ -475,7 +475,12 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), KvmStateError>
             ..Default::default()
         };
     }
-    ioctl("KVM_SET_XCRS", fd.set_xcrs(&xcrs))?;
+    // A host without XSAVE (QEMU's qemu64 CPU, say) reports no XCRs and refuses KVM_SET_XCRS
+    // (EINVAL) even with none: a state without XCRs skips it. A state with XCRs on such a host
+    // is refused by KVM, as it must be (the CPUs differ).
+    if !state.xcrs.is_empty() {
+        ioctl("KVM_SET_XCRS", fd.set_xcrs(&xcrs))?;
+    }
     ioctl(
         "KVM_SET_DEBUGREGS",
         fd.set_debug_regs(&state.debug_regs.load()),
