@@ -893,15 +893,16 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
 
     // Disks: a writable one is on the node's own storage and does not migrate; a read-only one
     // must be the same image on the destination.
-    std::fs::write(a.dir.join("images/disk.raw"), vec![0u8; 4096]).unwrap();
-    std::fs::write(b.dir.join("images/disk.raw"), vec![0u8; 8192]).unwrap();
+    std::fs::write(a.dir.join("images/rw.raw"), vec![0u8; 4096]).unwrap();
+    std::fs::write(a.dir.join("images/ro.raw"), vec![0u8; 4096]).unwrap();
+    std::fs::write(b.dir.join("images/ro.raw"), vec![0u8; 8192]).unwrap();
     for (guest, read_only) in [("rw", false), ("ro", true)] {
         let spec = work.join(format!("{guest}.toml"));
         std::fs::write(
             &spec,
             format!(
                 "name = \"{guest}\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n\
-                 [[disks]]\npath = \"disk.raw\"\nread_only = {read_only}\n"
+                 [[disks]]\npath = \"{guest}.raw\"\nread_only = {read_only}\n"
             ),
         )
         .unwrap();
@@ -910,7 +911,7 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
     }
     let refused = ctl(&m, &["guest", "migrate", "n1", "rw", "--to", "n2"]);
     fails_with(&refused, "disk_not_shared");
-    fails_with(&refused, "disk.raw");
+    fails_with(&refused, "rw.raw");
     let refused = ctl(&m, &["guest", "migrate", "n1", "ro", "--to", "n2"]);
     fails_with(&refused, "peer_refused");
     fails_with(&refused, "not the same image");
