@@ -29,6 +29,49 @@ pub enum BlockError {
     /// The image is not a whole number of sectors.
     #[error("Disk image {0} is {1} bytes, not a multiple of 512")]
     Size(String, u64),
+    /// Another VMM holds a lock on the image that this one's use conflicts with.
+    #[error(
+        "Disk image {0} is in use by another VMM ({1}), on this node or, on shared storage, on \
+         another: a disk is written by one VMM at a time"
+    )]
+    Locked(String, &'static str),
+}
+
+/// Takes an open file description lock on the whole of `file`: a write lock for a disk the
+/// guest writes, a read lock for a read-only one, so that any number of VMMs read an image and
+/// none writes one that another uses. OFD locks belong to the open file, not the process (so
+/// no other thread's close drops them), last as long as the VMM holds it open, and on NFSv4
+/// are held by the server: they exclude VMMs on every node that mounts the same export.
+fn lock(file: &std::fs::File, path: &str, read_only: bool) -> Result<(), BlockError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value (all integers); the fields that matter are set
+    // below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // to the end of the file, however long it grows
+                  // SAFETY: F_OFD_SETLK reads the flock we own for the duration of the call; the fd is open.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(BlockError::Locked(
+            path.to_owned(),
+            if read_only {
+                "it writes it"
+            } else {
+                "it uses it"
+            },
+        )),
+        _ => Err(BlockError::Open(path.to_owned(), e)),
+    }
 }
 
 /// The virtio-blk device.
@@ -49,6 +92,7 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(err)?;
+        lock(&file, path, read_only)?;
         // Seeking also measures block devices, whose metadata length is 0.
         let size = file.seek(SeekFrom::End(0)).map_err(err)?;
         if size % SECTOR_SIZE != 0 {
@@ -159,8 +203,35 @@ mod tests {
         assert_eq!(b.config()[12..16], SEG_MAX.to_le_bytes());
         assert_ne!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(&b.disk.id, b"a-disk-with-a-long-n");
+        drop(b);
         let rw = Block::open(path.to_str().unwrap(), false).unwrap();
         assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// OFD locks exclude between open files, in one process as across processes and nodes:
+    /// readers share an image, a writer has it alone, and the lock goes with the file.
+    #[test]
+    fn one_writer_or_many_readers_per_image() {
+        let dir = std::env::temp_dir().join(format!("hvnode-blk-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shared.img");
+        std::fs::write(&path, vec![0u8; 512]).unwrap();
+        let p = path.to_str().unwrap();
+        let r1 = Block::open(p, true).unwrap();
+        let r2 = Block::open(p, true).unwrap();
+        let e = Block::open(p, false).unwrap_err();
+        assert!(matches!(e, BlockError::Locked(..)), "{e:?}");
+        assert!(
+            e.to_string().contains("shared.img") && e.to_string().contains("one VMM at a time"),
+            "{e}"
+        );
+        drop((r1, r2));
+        let w = Block::open(p, false).unwrap();
+        assert!(matches!(Block::open(p, true), Err(BlockError::Locked(..))));
+        assert!(matches!(Block::open(p, false), Err(BlockError::Locked(..))));
+        drop(w);
+        Block::open(p, false).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
