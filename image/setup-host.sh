@@ -6,7 +6,7 @@ set -euo pipefail
 
 pkgs=(python3 squashfs-tools cryptsetup-bin grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
       cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc g++
-      iproute2 jq prometheus etcd-server protobuf-compiler)
+      iproute2 jq prometheus etcd-server protobuf-compiler nfs-ganesha nfs-ganesha-vfs rpcbind)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,6 +27,7 @@ SRC
 fi
 had_prometheus=$(dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -c "install ok installed" || true)
 had_etcd=$(dpkg-query -W -f='${Status}' etcd-server 2>/dev/null | grep -c "install ok installed" || true)
+had_ganesha=$(dpkg-query -W -f='${Status}' nfs-ganesha 2>/dev/null | grep -c "install ok installed" || true)
 if [ ${#missing[@]} -gt 0 ] || [ -n "${need_qemu:-}" ]; then
     echo "==> installing Debian packages: ${missing[*]} ${need_qemu:+qemu-system-x86 (bookworm-backports)}"
     apt-get update -qq
@@ -54,6 +55,12 @@ fi
 # stopped and disabled.
 if [ "$had_etcd" = 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+# nfs-ganesha (with rpcbind) serves the QEMU cluster test's shared storage: the test starts its
+# own server on a free loopback port (this host's kernel may have no NFS server). The service
+# the package starts is stopped and disabled.
+if [ "$had_ganesha" = 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now nfs-ganesha >/dev/null 2>&1 || true
 fi
 # The fuzz targets (scripts/fuzz.sh) run under cargo-fuzz, from crates.io.
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hvnode_api::cluster::{
-    ClusterConnection, ClusterGuestView, ClusterMember, ClusterView, JoinCluster,
+    ClusterConnection, ClusterGuestView, ClusterMember, ClusterView, DomainView, JoinCluster,
 };
 use hvnode_api::error::ErrorCode;
 use hvnode_api::guest::{GuestSpec, GuestState};
@@ -344,6 +344,8 @@ impl Agent {
                     continue;
                 }
             };
+            let domains: Vec<_> = state.domains.iter().map(|d| d.value.clone()).collect();
+            self.reconcile_domains(&domains).await;
             let leadership = lead_rx.borrow().clone();
             let leader = match &leadership {
                 Some(l) => Some(l.value().to_owned()),
@@ -408,6 +410,7 @@ impl Agent {
                 vcpus_total: n.vcpus_total,
                 vcpus_used: n.vcpus_used,
                 guests_running: n.guests_running.clone(),
+                domains: n.domains.clone(),
                 agent_version: n.agent_version.clone(),
                 heartbeat_unix: n.heartbeat_unix,
             })
@@ -436,9 +439,30 @@ impl Agent {
                 }
             })
             .collect();
+        let health = self.domains.health();
+        let domains = state
+            .domains
+            .iter()
+            .map(|d| {
+                let d = &d.value;
+                DomainView {
+                    name: d.name.clone(),
+                    server: d.server.clone(),
+                    export: d.export.clone(),
+                    nfs_version: d.nfs_version.clone(),
+                    options: d.options.clone(),
+                    here: health
+                        .iter()
+                        .find(|h| h.name == d.name)
+                        .cloned()
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
         self.cluster.update(|v| {
             v.connection = ClusterConnection::Member;
             v.error = None;
+            v.domains = domains;
             v.leader = leader;
             v.revision = state.revision;
             v.members = members;
@@ -478,6 +502,7 @@ impl Agent {
                 agent_version: hvnode_api::VERSION.to_owned(),
                 heartbeat_unix: crate::unix_secs(),
                 guests_running,
+                domains: me.domains.health(),
             }
         })
         .await
@@ -493,6 +518,7 @@ impl Agent {
             agent_version: hvnode_api::VERSION.to_owned(),
             heartbeat_unix: crate::unix_secs(),
             guests_running: Vec::new(),
+            domains: Vec::new(),
         })
     }
 

@@ -25,7 +25,8 @@
 //! - [`console`]: a guest's console log and the interactive attach upgrade.
 //! - [`events`]: the event log and its server-sent-events stream.
 //! - [`cluster`]: joining a cluster (etcd), membership, the leader's placements, running the
-//!   cluster guests placed here.
+//!   cluster guests placed here; [`domains`] mounts and checks the cluster's NFS storage
+//!   domains.
 //!
 //! Shared by the domains: [`config`] (node.toml, one owner), [`initctl`] (init's control
 //! socket), [`tls`] (the node's identity and server configuration).
@@ -35,6 +36,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod domains;
 pub mod error;
 pub mod events;
 pub mod guests;
@@ -129,6 +131,8 @@ pub struct Agent {
     init: initctl::InitClient,
     /// The node's membership of a cluster.
     cluster: cluster::Cluster,
+    /// The cluster's storage domains as mounted here.
+    domains: domains::Domains,
 }
 
 impl std::fmt::Debug for Agent {
@@ -161,6 +165,7 @@ impl Agent {
             config: config::NodeConfigFile::new(paths.node_config()),
             init: initctl::InitClient::new(paths.init_socket.clone()),
             cluster: cluster::Cluster::default(),
+            domains: domains::Domains::default(),
             paths,
         })
     }

@@ -192,7 +192,7 @@ impl Agent {
             .disks
             .iter()
             .map(|d| {
-                let p = vmms::resolve(&self.paths.images, "disk", &d.path)
+                let p = vmms::resolve_file(&self.paths, "disk", &d.path)
                     .map_err(|e| Error::new(ErrorCode::InvalidGuestPath, e.to_string()))?;
                 std::fs::metadata(&p)
                     .map(|m| m.len())
@@ -500,7 +500,7 @@ impl Agent {
             ));
         }
         for (d, &bytes) in spec.disks.iter().zip(&req.disk_bytes) {
-            let here = vmms::resolve(&self.paths.images, "disk", &d.path)
+            let here = vmms::resolve_file(&self.paths, "disk", &d.path)
                 .ok()
                 .and_then(|p| std::fs::metadata(p).ok())
                 .map(|m| m.len());

@@ -141,6 +141,9 @@ pub struct ClusterView {
     /// The cluster's guests.
     #[serde(default)]
     pub guests: Vec<ClusterGuestView>,
+    /// The cluster's storage domains and how this node sees each.
+    #[serde(default)]
+    pub domains: Vec<DomainView>,
 }
 
 impl ClusterView {
@@ -155,6 +158,7 @@ impl ClusterView {
             revision: 0,
             members: Vec::new(),
             guests: Vec::new(),
+            domains: Vec::new(),
         }
     }
 }
@@ -179,6 +183,9 @@ pub struct ClusterMember {
     /// The cluster guests it runs.
     #[serde(default)]
     pub guests_running: Vec<String>,
+    /// The storage domains as it sees them.
+    #[serde(default)]
+    pub domains: Vec<DomainHealth>,
     /// Its agent's version.
     pub agent_version: String,
     /// When it last wrote its record (Unix seconds).
@@ -211,6 +218,104 @@ pub struct ClusterGuestView {
     pub reason: Option<String>,
     /// Whether its node reports it running.
     pub running: bool,
+}
+
+/// A storage domain of the cluster (an NFS export every node mounts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainView {
+    /// Its name: guests' disks on it are `NAME:path`.
+    pub name: String,
+    /// The NFS server (host name or address).
+    pub server: String,
+    /// The exported path.
+    pub export: String,
+    /// NFS version (4.1, 4.2).
+    pub nfs_version: String,
+    /// Extra mount options.
+    pub options: String,
+    /// How this node sees it.
+    pub here: DomainHealth,
+}
+
+/// How a node sees a storage domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainHealth {
+    /// The domain's name.
+    pub name: String,
+    /// Mounted on the node.
+    pub mounted: bool,
+    /// Answered a check (statfs) within its deadline.
+    pub healthy: bool,
+    /// Size of the export's file system, bytes.
+    pub total_bytes: u64,
+    /// Free, bytes.
+    pub free_bytes: u64,
+    /// What went wrong, when it is not mounted or not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A storage domain's name: as a node id (it is a key in etcd and a directory on nodes).
+pub fn domain_name(name: &str) -> Result<(), String> {
+    node_id(name)
+}
+
+/// Checks a storage domain's definition; the message names the field.
+pub fn validate_domain(
+    name: &str,
+    server: &str,
+    export: &str,
+    nfs_version: &str,
+    options: &str,
+) -> Result<(), String> {
+    domain_name(name).map_err(|e| format!("name: {e}"))?;
+    if server.is_empty()
+        || server.len() > 253
+        || !server
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    {
+        return Err(format!(
+            "server: {server:?} is not a host name or an IP address"
+        ));
+    }
+    if !export.starts_with('/')
+        || export.len() > 1024
+        || export.contains(['\0', ',', ' '])
+        || export.split('/').any(|c| c == "..")
+    {
+        return Err(format!(
+            "export: {export:?} must be an absolute path without '..', ',' or spaces"
+        ));
+    }
+    if !["4", "4.0", "4.1", "4.2"].contains(&nfs_version) {
+        return Err(format!(
+            "nfs_version: {nfs_version:?} is not 4, 4.0, 4.1 or 4.2"
+        ));
+    }
+    for o in options.split(',').filter(|o| !o.is_empty()) {
+        let key = o.split('=').next().unwrap_or_default();
+        if !o
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"=._-".contains(&b))
+            || ["addr", "vers", "clientaddr", "nfsvers"].contains(&key)
+        {
+            return Err(format!(
+                "options: {o:?} is not an NFS mount option this node takes (the server's \
+                 address and the version are set from the domain)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Splits a disk path `DOMAIN:path` into the domain and the path on it; `None` for a path in
+/// the node's image directory (no `:` before the first `/`).
+pub fn domain_path(path: &str) -> Option<(&str, &str)> {
+    let first = path.split('/').next()?;
+    let (domain, rest) = path.split_once(':')?;
+    (domain.len() < first.len() && domain_name(domain).is_ok() && !rest.is_empty())
+        .then_some((domain, rest))
 }
 
 #[cfg(test)]
@@ -295,5 +400,36 @@ mod tests {
             r#"{"endpoints":["http://e:1"],"node_id":"n","address":"https://n:1","x":1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn domains_validate_naming_the_field() {
+        validate_domain("nfs-a", "10.0.2.2", "/export", "4.2", "port=2049,soft").unwrap();
+        validate_domain("nfs-a", "nfs.lab", "/srv/vm", "4.1", "").unwrap();
+        for (args, want) in [
+            (("Nfs", "h", "/e", "4.2", ""), "name:"),
+            (("n", "h/x", "/e", "4.2", ""), "server:"),
+            (("n", "h", "e", "4.2", ""), "export:"),
+            (("n", "h", "/e/../f", "4.2", ""), "export:"),
+            (("n", "h", "/e", "3", ""), "nfs_version:"),
+            (("n", "h", "/e", "4.2", "addr=1.2.3.4"), "options:"),
+            (("n", "h", "/e", "4.2", "a b"), "options:"),
+        ] {
+            let e = validate_domain(args.0, args.1, args.2, args.3, args.4).unwrap_err();
+            assert!(e.starts_with(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn domain_paths_are_told_from_local_ones() {
+        assert_eq!(
+            domain_path("nfs-a:web/root.raw"),
+            Some(("nfs-a", "web/root.raw"))
+        );
+        assert_eq!(domain_path("nfs-a:root.raw"), Some(("nfs-a", "root.raw")));
+        assert_eq!(domain_path("disks/web.raw"), None);
+        assert_eq!(domain_path("disks/a:b.raw"), None);
+        assert_eq!(domain_path("Nfs:x"), None);
+        assert_eq!(domain_path("nfs-a:"), None);
     }
 }

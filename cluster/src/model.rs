@@ -102,6 +102,9 @@ pub struct NodeRecord {
     /// The cluster guests whose VMMs run on the node.
     #[serde(default)]
     pub guests_running: Vec<String>,
+    /// The storage domains as the node sees them.
+    #[serde(default)]
+    pub domains: Vec<hvnode_api::cluster::DomainHealth>,
 }
 
 impl Record for NodeRecord {

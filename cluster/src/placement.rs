@@ -173,6 +173,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             heartbeat_unix: 0,
             guests_running: Vec::new(),
+            domains: Vec::new(),
         }
     }
     fn guest(name: &str, mem: u64, vcpus: u32) -> ClusterGuest {

@@ -42,6 +42,7 @@ fn node(id: &str) -> NodeRecord {
         agent_version: "0.1.0".into(),
         heartbeat_unix: 1,
         guests_running: Vec::new(),
+        domains: Vec::new(),
     }
 }
 

@@ -142,6 +142,10 @@ pub enum ClusterCommand {
         /// The key prefix of this cluster in etcd.
         #[arg(long, default_value = hvnode_api::cluster::DEFAULT_PREFIX)]
         prefix: String,
+        /// The etcd URL the nodes use, when it is not the one this manager uses (NAT, another
+        /// network between them); repeat for each member.
+        #[arg(long = "node-etcd")]
+        node_etcd: Vec<String>,
     },
     /// Have a registered node join the cluster (one registered before `cluster init`).
     Join(NodeArg),
@@ -152,6 +156,38 @@ pub enum ClusterCommand {
     /// Cluster guests: defined in etcd, placed by the cluster's leader on a node with room.
     #[command(subcommand)]
     Guest(ClusterGuestCommand),
+    /// Storage domains: NFS exports every node mounts; guests' disks on one are `DOMAIN:path`.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+}
+
+/// `cluster domain ...`.
+#[derive(Debug, Subcommand)]
+pub enum DomainCommand {
+    /// Define a storage domain: every member mounts it under /run/hvnode/domains/NAME.
+    Add {
+        /// Its name (lower-case letters, digits, '-', '_').
+        name: String,
+        /// The NFS server (host name or address).
+        #[arg(long)]
+        server: String,
+        /// The exported path.
+        #[arg(long)]
+        export: String,
+        /// NFS version: 4, 4.1 or 4.2.
+        #[arg(long, default_value = "4.2")]
+        nfs_version: String,
+        /// Extra mount options (e.g. port=20490,timeo=100).
+        #[arg(long, default_value = "")]
+        options: String,
+    },
+    /// The storage domains and how each member sees them.
+    List,
+    /// Remove a storage domain (members unmount it).
+    Remove {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// `cluster guest ...`.

@@ -87,6 +87,9 @@ pub struct ClusterConfig {
     pub endpoints: Vec<String>,
     /// The key prefix in etcd.
     pub prefix: String,
+    /// The etcd URLs nodes use, when not `endpoints`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_endpoints: Vec<String>,
 }
 
 /// `join-requests/<fingerprint>.toml`: a node asked to join (node-initiated registration).

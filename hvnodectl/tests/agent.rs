@@ -1013,6 +1013,81 @@ fn two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_no
         assert!(view.contains("\"connection\":\"member\""), "{view}");
     }
 
+    // A storage domain: every member tries to mount it and says how it went. This host's
+    // kernel has no NFS client, so the mount fails, and each member shows why (the QEMU boot
+    // test mounts a real export); a guest on an unknown domain, or bigger than any member, is
+    // refused at definition.
+    fails_with(
+        &ctl(
+            &m,
+            &[
+                "cluster",
+                "domain",
+                "add",
+                "Bad",
+                "--server",
+                "127.0.0.1",
+                "--export",
+                "/x",
+            ],
+        ),
+        "name:",
+    );
+    ok(&ctl(
+        &m,
+        &[
+            "cluster",
+            "domain",
+            "add",
+            "shared",
+            "--server",
+            "127.0.0.1",
+            "--export",
+            "/export",
+            "--options",
+            "port=1",
+        ],
+    ));
+    let s = wait_status(&m, "both members report the domain", |s| {
+        s["domains"]["shared"]["members"]
+            .as_object()
+            .is_some_and(|m| m.len() == 2 && m.values().all(|h| h["error"].is_string()))
+    });
+    assert_eq!(
+        s["domains"]["shared"]["source"], "127.0.0.1:/export",
+        "{s:#}"
+    );
+    let (_, view) = a.local("GET", &Route::Cluster.path(), None).unwrap();
+    assert!(
+        view.contains("\"name\":\"shared\"") && view.contains("mounting 127.0.0.1:/export"),
+        "{view}"
+    );
+    let on_domain = work.join("on-domain.toml");
+    std::fs::write(
+        &on_domain,
+        "name = \"od\"\nkernel = \"count.elf\"\nmemory_mib = 64\n[[disks]]\npath = \"elsewhere:d.raw\"\n",
+    )
+    .unwrap();
+    fails_with(
+        &ctl(
+            &m,
+            &["cluster", "guest", "define", on_domain.to_str().unwrap()],
+        ),
+        "which the cluster does not have",
+    );
+    let huge = work.join("huge.toml");
+    std::fs::write(
+        &huge,
+        "name = \"huge\"\nkernel = \"count.elf\"\nmemory_mib = 1048576\n",
+    )
+    .unwrap();
+    fails_with(
+        &ctl(&m, &["cluster", "guest", "define", huge.to_str().unwrap()]),
+        "the largest member has",
+    );
+    ok(&ctl(&m, &["cluster", "domain", "remove", "shared"]));
+    assert!(ok(&ctl(&m, &["cluster", "domain", "list"])).contains("no storage domains"));
+
     // A cluster guest, the same image on both nodes (shared storage comes with NFS domains).
     let payload = hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER);
     for agent in [&a, &b] {

@@ -392,6 +392,8 @@ pub fn load_main_stage() {
         "evdev",
         "button",
         "vhost_net",
+        // The cluster's storage domains (NFSv4 mounts by the agent).
+        "nfsv4",
     ]);
     for m in always {
         if loader.has(m) {

@@ -499,3 +499,122 @@ fn connect_retry(path: &Path, child: &mut Child) -> UnixStream {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A process the test started on the host (etcd, an NFS server), killed and reaped on drop.
+#[derive(Debug)]
+pub struct HostService {
+    what: &'static str,
+    child: Child,
+}
+
+impl Drop for HostService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HostService {
+    fn spawn(what: &'static str, cmd: &mut Command, log: &Path) -> HostService {
+        let out = std::fs::File::create(log).expect("service log");
+        let err = out.try_clone().expect("service log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e} (image/setup-host.sh installs it)"));
+        HostService { what, child }
+    }
+
+    /// Waits until something listens on 127.0.0.1:`port`, failing with `log` if the service
+    /// exits or 30 s pass.
+    fn wait_port(&mut self, port: u16, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = self.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{} does not listen on {port} ({exited:?}): {}",
+                self.what,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A single-member etcd on loopback (Debian's etcd-server), its data in `dir`; returns it and
+/// its client port. QEMU nodes on the user network reach it at 10.0.2.2:port.
+pub fn host_etcd(dir: &Path) -> (HostService, u16) {
+    std::fs::create_dir_all(dir).expect("etcd dir");
+    let (client, peer) = (free_port(), free_port());
+    let log = dir.join("etcd.log");
+    let mut s = HostService::spawn(
+        "etcd",
+        Command::new("etcd")
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{client}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{client}"))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{peer}"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{peer}"))
+            .arg("--initial-cluster")
+            .arg(format!("test=http://127.0.0.1:{peer}")),
+        &log,
+    );
+    s.wait_port(client, &log);
+    (s, client)
+}
+
+/// An NFSv4 server (nfs-ganesha, with rpcbind if none runs) exporting `export` as `/export`
+/// on 127.0.0.1; returns what it started and the NFS port. QEMU nodes mount
+/// 10.0.2.2:/export with `port=<port>`.
+pub fn host_nfs(dir: &Path, export: &Path) -> (Vec<HostService>, u16) {
+    std::fs::create_dir_all(dir).expect("nfs dir");
+    std::fs::create_dir_all(export).expect("export dir");
+    let mut started = Vec::new();
+    if std::net::TcpStream::connect(("127.0.0.1", 111)).is_err() {
+        let log = dir.join("rpcbind.log");
+        let mut r = HostService::spawn("rpcbind", Command::new("rpcbind").args(["-w", "-f"]), &log);
+        r.wait_port(111, &log);
+        started.push(r);
+    }
+    let port = free_port();
+    let conf = dir.join("ganesha.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "NFS_CORE_PARAM {{ Protocols = 4; Enable_RQUOTA = false; Enable_NLM = false; \
+             NFS_Port = {port}; Bind_addr = 127.0.0.1; }}\n\
+             NFSV4 {{ Graceless = true; }}\n\
+             EXPORT {{ Export_Id = 1; Path = {}; Pseudo = /export; Access_Type = RW; \
+             Squash = No_Root_Squash; Protocols = 4; Transports = TCP; SecType = sys; \
+             FSAL {{ Name = VFS; }} }}\n",
+            export.display()
+        ),
+    )
+    .expect("ganesha.conf");
+    let log = dir.join("ganesha.log");
+    let mut g = HostService::spawn(
+        "nfs-ganesha",
+        Command::new("ganesha.nfsd")
+            .arg("-F")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-L")
+            .arg(&log)
+            .arg("-p")
+            .arg(dir.join("ganesha.pid")),
+        &dir.join("ganesha.out"),
+    );
+    g.wait_port(port, &log);
+    started.push(g);
+    (started, port)
+}

@@ -886,3 +886,231 @@ fn a_running_linux_guest_migrates_between_two_nodes_and_carries_on() {
         vm.assert_clean_console();
     }
 }
+
+/// A cluster guest's spec: the test guest counting its boots on a disk on the storage domain.
+fn cluster_guest_spec() -> String {
+    r#"name = "clustered"
+vcpus = 1
+memory_mib = 256
+kernel = "test/vmlinuz"
+initrd = "test/initramfs.img"
+cmdline = "console=ttyS0 quiet reboot=k panic=-1 pci=off hvnode-guest.expect=boots hvnode-guest.count"
+rng = false
+disks = [{ path = "shared:clustered/data.raw" }]
+"#
+    .to_owned()
+}
+
+/// Waits until the guest's console on `node` shows `want` (10 minutes at most: TCG).
+fn wait_console(state: &Path, node: &str, guest: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, console) = hvnodectl(state, &["guest", "console", node, guest]);
+        assert!(
+            !console.contains("FAIL"),
+            "the guest failed on {node}:\n{console}"
+        );
+        if console.contains(want) {
+            return console;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {want:?} from {guest} on {node} within 600 s:\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
+    let name = "two-node-cluster";
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let guest = repo_root().join("build/guest");
+    for f in ["vmlinuz", "initramfs.img"] {
+        assert!(
+            guest.join(f).is_file(),
+            "build/guest/{f} is missing: run tests/guest/build.sh"
+        );
+    }
+    let dir = scratch_dir(name);
+    // The host serves the cluster's state (etcd) and its shared storage (an NFSv4 export);
+    // the nodes reach both at 10.0.2.2 through QEMU's user network.
+    let (_etcd, etcd_port) = hvnode_tests::host_etcd(&dir.join("etcd"));
+    let export = dir.join("export");
+    let (_nfs, nfs_port) = hvnode_tests::host_nfs(&dir.join("nfs"), &export);
+    std::fs::create_dir_all(export.join("clustered")).expect("guest dir on the export");
+    let data = export.join("clustered/data.raw");
+    hvnode_tests::blank_disk(&data, 1 << 20);
+
+    let start = |n: &str| {
+        let d = dir.join(n);
+        std::fs::create_dir_all(&d).expect("node dir");
+        let mut opts = Options::new(&format!("{name}-{n}"), Firmware::SeaBios, Medium::Cd);
+        opts.nested = true;
+        opts.memory_mib = 1536;
+        Qemu::start(&iso, &opts, &d)
+    };
+    let mut a = start("a");
+    let mut b = start("b");
+    a.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    b.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    let state = dir.join("manager");
+    ok(&state, &["init", "--name", "test-manager"]);
+    for (node, vm) in [("node-a", &mut a), ("node-b", &mut b)] {
+        let code = pairing_code(&console_screen(vm, b"3", "Pairing code"));
+        let url = format!("https://127.0.0.1:{}", vm.api_port);
+        ok(
+            &state,
+            &["register", node, "--url", &url, "--code", &code, "--yes"],
+        );
+        for f in ["vmlinuz", "initramfs.img"] {
+            let local = guest.join(f);
+            ok(
+                &state,
+                &[
+                    "image",
+                    "upload",
+                    node,
+                    local.to_str().unwrap_or_default(),
+                    &format!("test/{f}"),
+                ],
+            );
+        }
+    }
+    let manager_etcd = format!("http://127.0.0.1:{etcd_port}");
+    let node_etcd = format!("http://10.0.2.2:{etcd_port}");
+    ok(
+        &state,
+        &[
+            "cluster",
+            "init",
+            "--etcd",
+            &manager_etcd,
+            "--node-etcd",
+            &node_etcd,
+        ],
+    );
+    let nfs_options = format!("port={nfs_port}");
+    ok(
+        &state,
+        &[
+            "cluster",
+            "domain",
+            "add",
+            "shared",
+            "--server",
+            "10.0.2.2",
+            "--export",
+            "/export",
+            "--options",
+            &nfs_options,
+        ],
+    );
+    // Both nodes are members, one leads, and both have the domain mounted and healthy.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, s) = hvnodectl(&state, &["--json", "cluster", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+        let members = v["members"].as_object().map_or(0, |m| m.len());
+        let healthy = v["domains"]["shared"]["members"]
+            .as_object()
+            .map_or(0, |m| m.values().filter(|h| h["healthy"] == true).count());
+        if members == 2 && healthy == 2 && v["leader"].is_string() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster did not form with the domain mounted on both nodes:\n{s}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // The cluster guest runs on node A and writes its disk on the export; stopped, started on
+    // node B, it finds what it wrote there.
+    let spec = dir.join("clustered.toml");
+    std::fs::write(&spec, cluster_guest_spec()).expect("write guest spec");
+    ok(
+        &state,
+        &[
+            "cluster",
+            "guest",
+            "define",
+            spec.to_str().unwrap_or_default(),
+            "--stopped",
+        ],
+    );
+    let started = ok(
+        &state,
+        &["cluster", "guest", "start", "clustered", "--on", "node-a"],
+    );
+    assert!(started.contains("runs on node-a"), "{started}");
+    wait_console(&state, "node-a", "clustered", "hvnode-guest: tick 1 ");
+    let console_a = wait_console(&state, "node-a", "clustered", "boots 1");
+    assert!(console_a.contains("boots 1"), "{console_a}");
+    // The disk is written by one VMM at a time, across nodes: node B cannot open it for
+    // writing while node A's VMM holds its lock on the NFS server.
+    let rival = dir.join("rival.toml");
+    std::fs::write(
+        &rival,
+        cluster_guest_spec().replace("name = \"clustered\"", "name = \"rival\""),
+    )
+    .expect("write rival spec");
+    ok(
+        &state,
+        &[
+            "guest",
+            "define",
+            "node-b",
+            rival.to_str().unwrap_or_default(),
+        ],
+    );
+    // Its VMM starts and stops at once, saying why.
+    ok(&state, &["guest", "start", "node-b", "rival"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let show = ok(&state, &["--json", "guest", "show", "node-b", "rival"]);
+        if show.contains("\"crashed\"") {
+            assert!(show.contains("in use by another VMM"), "{show}");
+            break;
+        }
+        assert!(
+            !show.contains("boots"),
+            "a second VMM opened the disk for writing: {show}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rival VMM did not stop: {show}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    ok(&state, &["guest", "delete", "node-b", "rival"]);
+
+    let stopped = ok(&state, &["cluster", "guest", "stop", "clustered"]);
+    assert!(stopped.contains("stopped"), "{stopped}");
+    let on_disk = std::fs::read(&data).expect("read the disk on the export");
+    assert!(
+        on_disk.starts_with(b"hvnode-boots 1\n"),
+        "{:?}",
+        &on_disk[..16]
+    );
+    let started = ok(
+        &state,
+        &["cluster", "guest", "start", "clustered", "--on", "node-b"],
+    );
+    assert!(started.contains("runs on node-b"), "{started}");
+    let console_b = wait_console(&state, "node-b", "clustered", "boots 2");
+    assert!(console_b.contains("boots 2"), "{console_b}");
+    let list_a = ok(&state, &["guest", "list", "node-a"]);
+    assert!(
+        !list_a.contains("clustered"),
+        "node A still has the guest:\n{list_a}"
+    );
+    ok(&state, &["cluster", "guest", "stop", "clustered"]);
+    for vm in [&mut a, &mut b] {
+        let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
+        assert!(status.success(), "QEMU exit status {status}");
+        vm.assert_clean_console();
+    }
+}

@@ -221,6 +221,17 @@ pub fn control(
 
 /// Resolves a spec path against the image directory, refusing anything outside it (symlinks
 /// included).
+/// A guest's file: `DOMAIN:path` below that storage domain's mount point, anything else below
+/// the image directory (see [`resolve`]).
+pub fn resolve_file(paths: &Paths, what: &'static str, rel: &str) -> Result<PathBuf, GuestError> {
+    match hvnode_api::cluster::domain_path(rel) {
+        Some((domain, rest)) => {
+            resolve(&crate::domains::mount_point(&paths.run, domain), what, rest)
+        }
+        None => resolve(&paths.images, what, rel),
+    }
+}
+
 pub fn resolve(images: &Path, what: &'static str, rel: &str) -> Result<PathBuf, GuestError> {
     let err = || GuestError::Path(what, rel.to_owned(), images.display().to_string());
     hvnode_api::guest::validate_image_path(rel).map_err(|_| err())?;
@@ -414,7 +425,7 @@ impl Guests {
     /// The VM configuration a start of `spec` uses (paths resolved below the image directory,
     /// taps named, this run's files under the guest's run directory).
     pub fn vm_config(&self, spec: &GuestSpec) -> Result<VmConfig, GuestError> {
-        let images = &self.paths.images;
+        let paths = &self.paths;
         let dir = self.dir(&spec.name);
         let path_str = |p: PathBuf| p.to_string_lossy().into_owned();
         let disks = spec
@@ -422,7 +433,7 @@ impl Guests {
             .iter()
             .map(|d| {
                 Ok(VmDisk {
-                    path: path_str(resolve(images, "disk", &d.path)?),
+                    path: path_str(resolve_file(paths, "disk", &d.path)?),
                     read_only: d.read_only,
                 })
             })
@@ -432,11 +443,11 @@ impl Guests {
             name: spec.name.clone(),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            kernel: path_str(resolve(images, "kernel", &spec.kernel)?),
+            kernel: path_str(resolve_file(paths, "kernel", &spec.kernel)?),
             initrd: spec
                 .initrd
                 .as_deref()
-                .map(|i| resolve(images, "initrd", i).map(path_str))
+                .map(|i| resolve_file(paths, "initrd", i).map(path_str))
                 .transpose()?,
             cmdline: spec.cmdline.clone(),
             disks,

@@ -64,6 +64,7 @@ async fn main() {
             agent_version: "0.1.0".into(),
             heartbeat_unix: 0,
             guests_running: Vec::new(),
+            domains: Vec::new(),
         };
         members.push(
             Membership::join(&client, &keys, &rec, 30)

@@ -9,14 +9,14 @@ use hvnode_api::cluster::{ClusterView, JoinCluster};
 use hvnode_api::routes::Route;
 use hvnode_cluster::election::Election;
 use hvnode_cluster::keys::Keys;
-use hvnode_cluster::model::{ClusterGuest, Desired};
+use hvnode_cluster::model::{ClusterGuest, Desired, StorageDomain};
 use hvnode_cluster::store::{ClusterState, Store};
 use hvnode_cluster::Error as EtcdError;
 use hyper::Method;
 use serde::Serialize;
 
 use super::{read_spec, CmdError, Ctx};
-use crate::cli::{ClusterCommand, ClusterGuestCommand};
+use crate::cli::{ClusterCommand, ClusterGuestCommand, DomainCommand};
 use crate::state::ClusterConfig;
 
 /// How long `start` and `stop` wait for the cluster to do it.
@@ -36,6 +36,19 @@ pub struct Status {
     pub guests: BTreeMap<String, GuestRow>,
     /// Registered nodes that are not members.
     pub not_members: Vec<String>,
+    /// Storage domains by name, with each member's view of it.
+    pub domains: BTreeMap<String, DomainRow>,
+}
+
+/// A storage domain and how each member sees it.
+#[derive(Debug, Serialize)]
+pub struct DomainRow {
+    /// `server:export`.
+    pub source: String,
+    /// Mount options.
+    pub options: String,
+    /// Each member's view: mounted and healthy, free bytes, or the error.
+    pub members: BTreeMap<String, hvnode_api::cluster::DomainHealth>,
 }
 
 /// A live member.
@@ -90,7 +103,12 @@ impl Ctx {
 
     pub(super) async fn cluster_cmd(&self, cmd: ClusterCommand) -> Result<(), CmdError> {
         match cmd {
-            ClusterCommand::Init { etcd, prefix } => self.cluster_init(etcd, prefix).await,
+            ClusterCommand::Init {
+                etcd,
+                prefix,
+                node_etcd,
+            } => self.cluster_init(etcd, prefix, node_etcd).await,
+            ClusterCommand::Domain(d) => self.domain_cmd(d).await,
             ClusterCommand::Join(a) => {
                 let cfg = self.cluster_config()?;
                 let view = self.join_node(&a.node, &cfg).await?;
@@ -114,21 +132,34 @@ impl Ctx {
     }
 
     /// `cluster init`: etcd must answer; the settings are saved; every registered node joins.
-    async fn cluster_init(&self, etcd: Vec<String>, prefix: String) -> Result<(), CmdError> {
+    async fn cluster_init(
+        &self,
+        etcd: Vec<String>,
+        prefix: String,
+        node_etcd: Vec<String>,
+    ) -> Result<(), CmdError> {
         // The same rules the nodes apply, checked before anything is saved.
-        let probe = JoinCluster {
-            endpoints: etcd.clone(),
-            prefix: prefix.clone(),
-            node_id: "manager".into(),
-            address: "https://manager:1".into(),
+        let nodes_use = if node_etcd.is_empty() {
+            &etcd
+        } else {
+            &node_etcd
         };
-        probe.validate().map_err(CmdError::ClusterRefused)?;
+        for endpoints in [&etcd, nodes_use] {
+            let probe = JoinCluster {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+                node_id: "manager".into(),
+                address: "https://manager:1".into(),
+            };
+            probe.validate().map_err(CmdError::ClusterRefused)?;
+        }
         let keys = Keys::new(&prefix)?;
         let client = hvnode_cluster::connect(&etcd).await?;
         Store::new(&client, &keys).state().await?;
         let cfg = ClusterConfig {
             endpoints: etcd,
             prefix,
+            node_endpoints: node_etcd,
         };
         self.state.save_cluster(&cfg)?;
         eprintln!("cluster set up on {}", cfg.endpoints.join(", "));
@@ -164,7 +195,11 @@ impl Ctx {
             .node(node)?
             .ok_or_else(|| CmdError::UnknownNode(node.to_owned()))?;
         let req = JoinCluster {
-            endpoints: cfg.endpoints.clone(),
+            endpoints: if cfg.node_endpoints.is_empty() {
+                cfg.endpoints.clone()
+            } else {
+                cfg.node_endpoints.clone()
+            },
             prefix: cfg.prefix.clone(),
             node_id: node.to_owned(),
             address: entry.url.clone(),
@@ -200,6 +235,32 @@ impl Ctx {
             } => {
                 let spec = read_spec(&file)?;
                 let name = spec.name.clone();
+                // What no node could host is refused now, with the reason.
+                let state = store.state().await?;
+                let files = spec
+                    .disks
+                    .iter()
+                    .map(|d| d.path.as_str())
+                    .chain(Some(spec.kernel.as_str()))
+                    .chain(spec.initrd.as_deref());
+                for f in files {
+                    if let Some((domain, _)) = hvnode_api::cluster::domain_path(f) {
+                        if !state.domains.iter().any(|d| d.value.name == domain) {
+                            return Err(CmdError::ClusterRefused(format!(
+                                "{f:?} is on storage domain {domain:?}, which the cluster does \
+                                 not have: `hvnodectl cluster domain add` it first"
+                            )));
+                        }
+                    }
+                }
+                let biggest = state.nodes.iter().map(|n| n.mem_total_mib).max();
+                if biggest.is_some_and(|b| b < spec.memory_mib) {
+                    return Err(CmdError::ClusterRefused(format!(
+                        "Guest {name} needs {} MiB; the largest member has {} MiB",
+                        spec.memory_mib,
+                        biggest.unwrap_or_default()
+                    )));
+                }
                 let mut g = ClusterGuest::new(spec);
                 g.ha = ha;
                 g.priority = priority;
@@ -308,6 +369,86 @@ impl Ctx {
         }
     }
 
+    async fn domain_cmd(&self, cmd: DomainCommand) -> Result<(), CmdError> {
+        let (store, election, _) = self.etcd().await?;
+        match cmd {
+            DomainCommand::Add {
+                name,
+                server,
+                export,
+                nfs_version,
+                options,
+            } => {
+                hvnode_api::cluster::validate_domain(
+                    &name,
+                    &server,
+                    &export,
+                    &nfs_version,
+                    &options,
+                )
+                .map_err(CmdError::ClusterRefused)?;
+                let d = StorageDomain {
+                    format: 0,
+                    name: name.clone(),
+                    server,
+                    export,
+                    nfs_version,
+                    options,
+                };
+                match store.create_domain(&d).await {
+                    Ok(_) => {}
+                    Err(EtcdError::Conflict { .. }) => {
+                        return Err(CmdError::ClusterRefused(format!(
+                            "A storage domain named {name:?} exists"
+                        )))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.show(&serde_json::json!({ "added": name }), || {
+                    format!("storage domain {name} added; the members mount it")
+                })
+            }
+            DomainCommand::List => {
+                let status = self.status(&store, &election).await?;
+                self.show(&status.domains, || domains_text(&status.domains))
+            }
+            DomainCommand::Remove { name } => {
+                let state = store.state().await?;
+                let d = state
+                    .domains
+                    .iter()
+                    .find(|d| d.value.name == name)
+                    .ok_or_else(|| {
+                        CmdError::ClusterRefused(format!("No storage domain named {name:?}"))
+                    })?;
+                let prefix = format!("{name}:");
+                let users: Vec<&str> = state
+                    .guests
+                    .iter()
+                    .filter(|g| {
+                        g.value
+                            .spec
+                            .disks
+                            .iter()
+                            .any(|k| k.path.starts_with(&prefix))
+                            || g.value.spec.kernel.starts_with(&prefix)
+                    })
+                    .map(|g| g.value.name())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(CmdError::ClusterRefused(format!(
+                        "Cluster guests use storage domain {name}: {}",
+                        users.join(", ")
+                    )));
+                }
+                store.delete_domain(&name, d.revision).await?;
+                self.show(&serde_json::json!({ "removed": name }), || {
+                    format!("storage domain {name} removed; the members unmount it")
+                })
+            }
+        }
+    }
+
     /// Waits until the guest's row satisfies `done`; on timeout, says where it stands and why.
     async fn wait_guest(
         &self,
@@ -406,12 +547,36 @@ pub fn status_of<'a>(
         .filter(|n| !members.contains_key(*n))
         .cloned()
         .collect();
+    let domains = state
+        .domains
+        .iter()
+        .map(|d| {
+            let d = &d.value;
+            let members = state
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let h = n.domains.iter().find(|h| h.name == d.name)?;
+                    Some((n.id.clone(), h.clone()))
+                })
+                .collect();
+            (
+                d.name.clone(),
+                DomainRow {
+                    source: format!("{}:{}", d.server, d.export),
+                    options: d.options.clone(),
+                    members,
+                },
+            )
+        })
+        .collect();
     Status {
         revision: state.revision,
         leader,
         members,
         guests,
         not_members,
+        domains,
     }
 }
 
@@ -442,7 +607,34 @@ fn status_text(s: &Status) -> String {
         out.push_str(&format!("{n:<15} not a member (lost, or not joined)\n"));
     }
     out.push_str(&guests_text(&s.guests));
+    out.push('\n');
+    out.push_str(&domains_text(&s.domains));
     out
+}
+
+fn domains_text(domains: &BTreeMap<String, DomainRow>) -> String {
+    if domains.is_empty() {
+        return "no storage domains".to_owned();
+    }
+    let mut out = String::new();
+    for (name, d) in domains {
+        out.push_str(&format!("domain {name}: {} {}\n", d.source, d.options));
+        for (node, h) in &d.members {
+            out.push_str(&format!(
+                "  {node:<15} {}\n",
+                match (&h.error, h.healthy) {
+                    (Some(e), _) => format!("error: {e}"),
+                    (None, true) => format!(
+                        "healthy, {} free of {}",
+                        hvnode_api::units::bytes(h.free_bytes),
+                        hvnode_api::units::bytes(h.total_bytes)
+                    ),
+                    (None, false) => "not checked yet".to_owned(),
+                }
+            ));
+        }
+    }
+    out.trim_end().to_owned()
 }
 
 fn guests_text(guests: &BTreeMap<String, GuestRow>) -> String {

@@ -119,6 +119,41 @@ fn check_disk() {
     }
 }
 
+/// Counts the guest's boots on its disk (/dev/vda starts with `hvnode-boots N`): reads the
+/// count, writes it plus one, syncs, and says `boots N+1`. A cluster guest whose disk lives on
+/// shared storage says 2 on the second node it runs on.
+fn count_boots() {
+    if !wait_path("/dev/vda", Duration::from_secs(20)) {
+        return say("FAIL boots: /dev/vda did not appear");
+    }
+    let mut buf = [0u8; 64];
+    let r = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vda")
+        .and_then(|mut f| {
+            f.read_exact(&mut buf)?;
+            let text = String::from_utf8_lossy(&buf);
+            let n: u32 = text
+                .strip_prefix("hvnode-boots ")
+                .and_then(|t| t.split('\n').next())
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+            let mut out = [0u8; 64];
+            let line = format!("hvnode-boots {}\n", n + 1);
+            out[..line.len()].copy_from_slice(line.as_bytes());
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Start(0))?;
+            f.write_all(&out)?;
+            f.sync_all()?;
+            Ok(n + 1)
+        });
+    match r {
+        Ok(n) => say(&format!("boots {n}")),
+        Err(e) => say(&format!("FAIL boots: {e}")),
+    }
+}
+
 fn check_rng() {
     if !wait_path("/dev/hwrng", Duration::from_secs(20)) {
         return say("FAIL rng: /dev/hwrng did not appear");
@@ -213,6 +248,9 @@ fn main() {
     let expect = expected(&cmdline);
     if expect.iter().any(|d| d == "disk") {
         check_disk();
+    }
+    if expect.iter().any(|d| d == "boots") {
+        count_boots();
     }
     if expect.iter().any(|d| d == "rng") {
         check_rng();
