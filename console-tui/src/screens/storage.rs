@@ -54,6 +54,26 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
             "i: initialise a blank disk as the data partition",
         ));
     }
+    if !d.cluster.domains.is_empty() {
+        l.push(Line::raw(""));
+        l.push(Line::raw("Cluster storage domains:"));
+        for dom in &d.cluster.domains {
+            let h = &dom.here;
+            let state = match (&h.error, h.healthy) {
+                (Some(e), _) => format!("ERROR {e}"),
+                (None, true) => format!(
+                    "ok, {} free of {}",
+                    bytes(h.free_bytes),
+                    bytes(h.total_bytes)
+                ),
+                (None, false) => "not checked yet".to_owned(),
+            };
+            l.push(Line::raw(format!(
+                "  {} {}:{} {state}",
+                dom.name, dom.server, dom.export
+            )));
+        }
+    }
     l
 }
 
@@ -102,6 +122,52 @@ mod tests {
         assert_eq!(
             a.on_key(key(KeyCode::Enter)),
             vec![Action::InitStorage("/dev/sdb".into())]
+        );
+    }
+
+    #[test]
+    fn cluster_storage_domains_show_their_health() {
+        use hvnode_api::cluster::{DomainHealth, DomainView};
+        let mut snap = crate::testing::snapshot();
+        for (name, here) in [
+            (
+                "shared",
+                DomainHealth {
+                    name: "shared".into(),
+                    mounted: true,
+                    healthy: true,
+                    total_bytes: 100 << 30,
+                    free_bytes: 40 << 30,
+                    error: None,
+                },
+            ),
+            (
+                "gone",
+                DomainHealth {
+                    name: "gone".into(),
+                    error: Some("the server does not answer".into()),
+                    ..DomainHealth::default()
+                },
+            ),
+        ] {
+            snap.cluster.domains.push(DomainView {
+                name: name.into(),
+                server: "10.0.0.9".into(),
+                export: "/vm".into(),
+                nfs_version: "4.2".into(),
+                options: String::new(),
+                here,
+            });
+        }
+        let text: Vec<String> = super::lines(&snap).iter().map(|l| l.to_string()).collect();
+        let text = text.join("\n");
+        assert!(
+            text.contains("shared 10.0.0.9:/vm ok, 40.0 GiB free of 100.0 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gone 10.0.0.9:/vm ERROR the server does not answer"),
+            "{text}"
         );
     }
 }
