@@ -275,7 +275,8 @@ impl Agent {
     /// One membership: joins, then ticks until the lease is lost or the configuration changes.
     async fn member(self: &Arc<Self>, cfg: &JoinCluster, generation: u64) -> Result<(), String> {
         let keys = Keys::new(&cfg.prefix).map_err(|e| e.to_string())?;
-        let client = hvnode_cluster::connect(&cfg.endpoints)
+        let tls = self.etcd_tls(cfg)?;
+        let client = hvnode_cluster::connect_with(&cfg.endpoints, tls.as_ref())
             .await
             .map_err(|e| e.to_string())?;
         let record = self.node_record(cfg).await;
@@ -365,6 +366,27 @@ impl Agent {
             let _ = membership.leave().await;
         }
         end
+    }
+
+    /// TLS to etcd for `https://` endpoints: the node's manager-signed certificate and key, and
+    /// the manager's CA (which signs etcd's server certificate too).
+    fn etcd_tls(&self, cfg: &JoinCluster) -> Result<Option<hvnode_cluster::Tls>, String> {
+        if !cfg.endpoints.iter().any(|e| e.starts_with("https://")) {
+            return Ok(None);
+        }
+        let ca_pem = self
+            .registration
+            .ca_pem()
+            .ok_or("TLS to etcd needs the manager's CA: the node is not registered")?;
+        let (cert_pem, _) = crate::tls::load_signed(&self.paths.data.join("tls")).ok_or(
+            "TLS to etcd needs the node's certificate signed by the manager: `hvnodectl node \
+             certify NODE`",
+        )?;
+        Ok(Some(hvnode_cluster::Tls {
+            ca_pem,
+            cert_pem,
+            key_pem: self.identity.key_pem.clone(),
+        }))
     }
 
     fn cluster_unreachable(&self, why: &str) {

@@ -18,6 +18,20 @@ pub struct LocalEtcd {
     child: Option<Child>,
     dir: PathBuf,
     endpoint: String,
+    /// With TLS: the client side the readiness check (and [`LocalEtcd::client`]) uses.
+    tls: Option<crate::Tls>,
+}
+
+/// etcd's own TLS for [`LocalEtcd::start_tls`]: its server certificate and key, and the CA its
+/// clients' certificates must chain to (PEM).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// etcd's certificate (for 127.0.0.1).
+    pub cert_pem: String,
+    /// Its key.
+    pub key_pem: String,
+    /// The CA of the client certificates etcd admits.
+    pub client_ca_pem: String,
 }
 
 /// The etcd binary to use: `$HVNODE_ETCD` or /usr/bin/etcd, if it exists.
@@ -40,17 +54,41 @@ impl LocalEtcd {
     /// taken between choosing it and etcd binding it (tests run in parallel) means a new try on
     /// other ports, three at most.
     pub async fn start(etcd: &Path, timeout: Duration) -> Result<LocalEtcd, String> {
+        Self::start_with(etcd, timeout, None).await
+    }
+
+    /// [`LocalEtcd::start`] serving TLS only (`https://`), admitting only clients whose
+    /// certificate chains to `server.client_ca_pem` (`--client-cert-auth`); `client` is what the
+    /// readiness check and [`LocalEtcd::client`] connect with.
+    pub async fn start_tls(
+        etcd: &Path,
+        timeout: Duration,
+        server: &ServerTls,
+        client: &crate::Tls,
+    ) -> Result<LocalEtcd, String> {
+        Self::start_with(etcd, timeout, Some((server, client))).await
+    }
+
+    async fn start_with(
+        etcd: &Path,
+        timeout: Duration,
+        tls: Option<(&ServerTls, &crate::Tls)>,
+    ) -> Result<LocalEtcd, String> {
         let mut tries = 0;
         loop {
             tries += 1;
-            match Self::start_once(etcd, timeout).await {
+            match Self::start_once(etcd, timeout, tls).await {
                 Err(e) if tries < 3 && e.contains("address already in use") => continue,
                 r => return r,
             }
         }
     }
 
-    async fn start_once(etcd: &Path, timeout: Duration) -> Result<LocalEtcd, String> {
+    async fn start_once(
+        etcd: &Path,
+        timeout: Duration,
+        tls: Option<(&ServerTls, &crate::Tls)>,
+    ) -> Result<LocalEtcd, String> {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -62,11 +100,34 @@ impl LocalEtcd {
             (Ok(c), Ok(p)) if c != p => (c, p),
             _ => return Err("no free loopback port".into()),
         };
-        let client_url = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(etcd)
+        let mut cmd = Command::new(etcd);
+        if let Some((server, _)) = tls {
+            let write = |name: &str, pem: &str| {
+                let p = dir.join(name);
+                std::fs::write(&p, pem)
+                    .map(|()| p)
+                    .map_err(|e| e.to_string())
+            };
+            cmd.arg(format!(
+                "--cert-file={}",
+                write("server.pem", &server.cert_pem)?.display()
+            ))
+            .arg(format!(
+                "--key-file={}",
+                write("server.key", &server.key_pem)?.display()
+            ))
+            .arg("--client-cert-auth")
+            .arg(format!(
+                "--trusted-ca-file={}",
+                write("client-ca.pem", &server.client_ca_pem)?.display()
+            ));
+        }
+        let child = cmd
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -84,6 +145,7 @@ impl LocalEtcd {
             child: Some(child),
             dir,
             endpoint: format!("127.0.0.1:{client_port}"),
+            tls: tls.map(|(_, c)| c.clone()),
         };
         let deadline = Instant::now() + timeout;
         loop {
@@ -93,7 +155,7 @@ impl LocalEtcd {
                     me.log()
                 ));
             }
-            if let Ok(mut c) = crate::connect(std::slice::from_ref(&me.endpoint)).await {
+            if let Ok(mut c) = me.client().await {
                 if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await {
                     return Ok(me);
                 }
@@ -113,9 +175,15 @@ impl LocalEtcd {
         &self.endpoint
     }
 
+    /// The client URL: `http://` or, started with TLS, `https://` and the endpoint.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.endpoint)
+    }
+
     /// A new client of this etcd.
     pub async fn client(&self) -> crate::Result<Client> {
-        crate::connect(std::slice::from_ref(&self.endpoint)).await
+        crate::connect_with(&[self.url()], self.tls.as_ref()).await
     }
 
     /// etcd's log so far.

@@ -156,6 +156,16 @@ pub enum ClusterCommand {
     /// Cluster guests: defined in etcd, placed by the cluster's leader on a node with room.
     #[command(subcommand)]
     Guest(ClusterGuestCommand),
+    /// Sign a server certificate for etcd with the manager's CA (etcd then admits the manager
+    /// and its nodes by their certificates: `--client-cert-auth --trusted-ca-file ca.pem`).
+    EtcdCertificate {
+        /// A DNS name or IP address clients reach etcd at; repeat for each.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Where to write server.pem, server.key and ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Storage domains: NFS exports every node mounts; guests' disks on one are `DOMAIN:path`.
     #[command(subcommand)]
     Domain(DomainCommand),

@@ -292,6 +292,15 @@ impl StateDir {
         load_identity(&self.root.join(cert), &self.root.join(key))
     }
 
+    /// TLS to the cluster's etcd: the CA, and the manager's client certificate and key (PEM).
+    pub fn etcd_tls(&self) -> Result<hvnode_cluster::Tls, StateError> {
+        Ok(hvnode_cluster::Tls {
+            ca_pem: self.ca_pem()?,
+            cert_pem: self.read_string(CLIENT_CERT)?,
+            key_pem: self.read_string(CLIENT_KEY)?,
+        })
+    }
+
     /// The registered nodes.
     pub fn load_nodes(&self) -> Result<Nodes, StateError> {
         self.manager()?;

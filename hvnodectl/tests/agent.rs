@@ -946,8 +946,9 @@ fn wait_status(
 }
 
 #[test]
-fn two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_node() {
-    let test = "two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_node";
+fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node() {
+    let test =
+        "two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node";
     let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
         hvnode_base::testing::cannot_run(
             test,
@@ -964,14 +965,41 @@ fn two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_no
     else {
         return;
     };
+    // etcd speaks TLS only and admits clients by certificate: its server certificate and the
+    // client certificates (the manager's, the nodes') are all the manager's CA's.
+    let certs = work.join("etcd-tls");
+    ok(&ctl(
+        &m,
+        &[
+            "cluster",
+            "etcd-certificate",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            certs.to_str().unwrap(),
+        ],
+    ));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let server = hvnode_cluster::local_etcd::ServerTls {
+        cert_pem: read(&certs.join("server.pem")),
+        key_pem: read(&certs.join("server.key")),
+        client_ca_pem: read(&certs.join("ca.pem")),
+    };
+    let manager = hvnode_cluster::Tls {
+        ca_pem: read(&m.join("ca.pem")),
+        cert_pem: read(&m.join("client.pem")),
+        key_pem: read(&m.join("client.key")),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let mut etcd = rt
-        .block_on(hvnode_cluster::local_etcd::LocalEtcd::start(
+        .block_on(hvnode_cluster::local_etcd::LocalEtcd::start_tls(
             &etcd_bin,
             Duration::from_secs(20),
+            &server,
+            &manager,
         ))
         .expect("etcd starts");
     let bin = agent_binary().unwrap();
@@ -986,7 +1014,20 @@ fn two_agents_form_a_cluster_on_a_real_etcd_and_run_a_cluster_guest_on_either_no
         "not an http:// or https:// URL",
     );
     fails_with(&ctl(&m, &["cluster", "status"]), "No cluster is set up");
-    let endpoint = format!("http://{}", etcd.endpoint());
+    fails_with(
+        &ctl(
+            &m,
+            &[
+                "cluster",
+                "init",
+                "--etcd",
+                &format!("http://{}", etcd.endpoint()),
+            ],
+        ),
+        "etcd unreachable",
+    );
+    let endpoint = etcd.url();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
     let init = ok(&ctl(&m, &["cluster", "init", "--etcd", &endpoint]));
     assert!(init.contains("nodes joining: n1"), "{init}");
     let code = b.pairing_code();

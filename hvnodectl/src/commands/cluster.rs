@@ -93,12 +93,27 @@ impl Ctx {
     async fn etcd(&self) -> Result<(Store, Election, ClusterConfig), CmdError> {
         let cfg = self.cluster_config()?;
         let keys = Keys::new(&cfg.prefix)?;
-        let client = hvnode_cluster::connect(&cfg.endpoints).await?;
+        let client = self.etcd_client(&cfg.endpoints).await?;
         Ok((
             Store::new(&client, &keys),
             Election::new(&client, &keys),
             cfg,
         ))
+    }
+
+    /// A client of etcd at `endpoints`: over TLS with the manager's client certificate when
+    /// they are `https://`.
+    async fn etcd_client(&self, endpoints: &[String]) -> Result<hvnode_cluster::Client, CmdError> {
+        let tls = if endpoints.iter().all(|e| e.starts_with("https://")) {
+            Some(self.state.etcd_tls()?)
+        } else if endpoints.iter().any(|e| e.starts_with("https://")) {
+            return Err(CmdError::ClusterRefused(
+                "etcd endpoints are all http:// or all https://, not a mix".into(),
+            ));
+        } else {
+            None
+        };
+        Ok(hvnode_cluster::connect_with(endpoints, tls.as_ref()).await?)
     }
 
     pub(super) async fn cluster_cmd(&self, cmd: ClusterCommand) -> Result<(), CmdError> {
@@ -109,6 +124,30 @@ impl Ctx {
                 node_etcd,
             } => self.cluster_init(etcd, prefix, node_etcd).await,
             ClusterCommand::Domain(d) => self.domain_cmd(d).await,
+            ClusterCommand::EtcdCertificate { sans, out } => {
+                let ca = self.state.ca()?;
+                let server =
+                    crate::pki::issue(&ca, "hvnode etcd", &sans, crate::pki::Usage::Server)
+                        .map_err(crate::state::StateError::from)?;
+                std::fs::create_dir_all(&out).map_err(|e| CmdError::ReadFile(out.clone(), e))?;
+                for (name, data, mode) in [
+                    ("server.pem", &server.cert_pem, 0o644),
+                    ("server.key", &server.key_pem, 0o600),
+                    ("ca.pem", &ca.cert_pem, 0o644),
+                ] {
+                    let p = out.join(name);
+                    hvnode_base::fs::write_atomic(&p, data.as_bytes(), mode)
+                        .map_err(|e| CmdError::ReadFile(p.clone(), e))?;
+                }
+                self.show(&serde_json::json!({ "dir": out }), || {
+                    format!(
+                        "etcd's server certificate for {} is in {} (server.pem, server.key; \
+                         ca.pem is the manager's CA, etcd's --trusted-ca-file)",
+                        sans.join(", "),
+                        out.display()
+                    )
+                })
+            }
             ClusterCommand::Join(a) => {
                 let cfg = self.cluster_config()?;
                 let view = self.join_node(&a.node, &cfg).await?;
@@ -154,7 +193,7 @@ impl Ctx {
             probe.validate().map_err(CmdError::ClusterRefused)?;
         }
         let keys = Keys::new(&prefix)?;
-        let client = hvnode_cluster::connect(&etcd).await?;
+        let client = self.etcd_client(&etcd).await?;
         Store::new(&client, &keys).state().await?;
         let cfg = ClusterConfig {
             endpoints: etcd,
