@@ -5,7 +5,8 @@
 //! its TSC); at 1 GiB also hot (the working set rewritten as fast as it can, ~350 MiB/s here).
 //! Prints, per case, medians over RUNS: total time, downtime and its parts, passes, bytes sent,
 //! throughput, and the dirty rate the source measured. The downtime limit is the VMM's default
-//! unless `HVNODE_BENCH_DOWNTIME_MS` sets one.
+//! unless `HVNODE_BENCH_DOWNTIME_MS` sets one; `HVNODE_BENCH_SIZES` (MiB, comma-separated) picks
+//! the guest sizes.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -214,7 +215,12 @@ fn main() {
         BUSY_RATE >> 20,
         hz as f64 / 1e9
     );
-    for mib in SIZES_MIB {
+    // HVNODE_BENCH_SIZES=1024,4096 runs only those guest sizes (MiB).
+    let sizes: Vec<u64> = std::env::var("HVNODE_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| SIZES_MIB.to_vec());
+    for mib in sizes {
         let hot_too = if mib == 1024 {
             Some(("hot", &hot))
         } else {
