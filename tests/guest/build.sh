@@ -17,7 +17,7 @@ rm -rf "$out" && mkdir -p "$out"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 install -d "$stage/dev" "$stage/proc" "$stage/sys" "$stage/run" "$stage/etc" "$stage/usr/lib/modules/$kver"
-install -m 0755 "$top/target/$target/release/hvnode-guest-init" "$stage/init"
+install -m 0755 "${CARGO_TARGET_DIR:-$top/target}/$target/release/hvnode-guest-init" "$stage/init"
 : > "$stage/etc/guest-modules"
 for m in virtio_mmio virtio_blk virtio_net virtio_rng; do
     modprobe -d "$root" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}' | while read -r path; do
