@@ -3,7 +3,8 @@
 # test that cannot run its subject fails), every fuzz target briefly, then builds the node image
 # and the guest payload and runs the QEMU boot tests (six boots: UEFI/BIOS x CD/USB stick; console,
 # screen and keyboards, registration, a reboot; a Linux guest run by our VMM nested inside the
-# node; a modified root that dm-verity refuses).
+# node; a modified root that dm-verity refuses; two nodes live-migrating a guest; two nodes forming
+# a cluster on the host's etcd and NFS export).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
