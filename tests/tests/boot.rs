@@ -720,21 +720,10 @@ nics = [{{ bridge = "br0" }}]
     )
 }
 
-/// The tick numbers in a guest's console log.
-fn ticks(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.split("hvnode-guest: tick ").nth(1))
-        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
-#[test]
-fn a_running_linux_guest_migrates_between_two_nodes_and_carries_on() {
-    let name = "two-node-migration";
-    let Some(iso) = skip_without_iso(name) else {
-        return;
-    };
+/// Two nodes, `node-a` and `node-b`, each its own QEMU booted (BIOS, CD) with nested KVM from
+/// the ISO, both registered with one manager (its state in `dir/manager`) and given the test
+/// guest's kernel and initrd as `test/vmlinuz` and `test/initramfs.img`.
+fn two_nodes(name: &str, iso: &Path, dir: &Path) -> (Qemu, Qemu, PathBuf) {
     let guest = repo_root().join("build/guest");
     for f in ["vmlinuz", "initramfs.img"] {
         assert!(
@@ -742,16 +731,13 @@ fn a_running_linux_guest_migrates_between_two_nodes_and_carries_on() {
             "build/guest/{f} is missing: run tests/guest/build.sh"
         );
     }
-    let dir = scratch_dir(name);
-    // Two nodes, each its own QEMU; node A reaches node B's API through the host (QEMU's user
-    // network maps 10.0.2.2 to the host's loopback, where B's API port is forwarded).
     let start = |n: &str| {
         let d = dir.join(n);
         std::fs::create_dir_all(&d).expect("node dir");
         let mut opts = Options::new(&format!("{name}-{n}"), Firmware::SeaBios, Medium::Cd);
         opts.nested = true;
         opts.memory_mib = 1536;
-        Qemu::start(&iso, &opts, &d)
+        Qemu::start(iso, &opts, &d)
     };
     let mut a = start("a");
     let mut b = start("b");
@@ -781,6 +767,28 @@ fn a_running_linux_guest_migrates_between_two_nodes_and_carries_on() {
             );
         }
     }
+    (a, b, state)
+}
+
+/// The tick numbers in a guest's console log.
+fn ticks(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.split("hvnode-guest: tick ").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_running_linux_guest_migrates_between_two_nodes_and_carries_on() {
+    let name = "two-node-migration";
+    let Some(iso) = skip_without_iso(name) else {
+        return;
+    };
+    let dir = scratch_dir(name);
+    // Node A reaches node B's API through the host (QEMU's user network maps 10.0.2.2 to the
+    // host's loopback, where B's API port is forwarded).
+    let (mut a, mut b, state) = two_nodes(name, &iso, &dir);
     // The guest's reports reach the host wherever it runs.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("report listener");
     let port = listener.local_addr().expect("addr").port();
@@ -927,13 +935,6 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
     let Some(iso) = skip_without_iso(name) else {
         return;
     };
-    let guest = repo_root().join("build/guest");
-    for f in ["vmlinuz", "initramfs.img"] {
-        assert!(
-            guest.join(f).is_file(),
-            "build/guest/{f} is missing: run tests/guest/build.sh"
-        );
-    }
     let dir = scratch_dir(name);
     // The host serves the cluster's state (etcd) and its shared storage (an NFSv4 export);
     // the nodes reach both at 10.0.2.2 through QEMU's user network.
@@ -944,41 +945,7 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
     let data = export.join("clustered/data.raw");
     hvnode_tests::blank_disk(&data, 1 << 20);
 
-    let start = |n: &str| {
-        let d = dir.join(n);
-        std::fs::create_dir_all(&d).expect("node dir");
-        let mut opts = Options::new(&format!("{name}-{n}"), Firmware::SeaBios, Medium::Cd);
-        opts.nested = true;
-        opts.memory_mib = 1536;
-        Qemu::start(&iso, &opts, &d)
-    };
-    let mut a = start("a");
-    let mut b = start("b");
-    a.wait_for("hvnode: ready", BOOT_TIMEOUT);
-    b.wait_for("hvnode: ready", BOOT_TIMEOUT);
-    let state = dir.join("manager");
-    ok(&state, &["init", "--name", "test-manager"]);
-    for (node, vm) in [("node-a", &mut a), ("node-b", &mut b)] {
-        let code = pairing_code(&console_screen(vm, b"3", "Pairing code"));
-        let url = format!("https://127.0.0.1:{}", vm.api_port);
-        ok(
-            &state,
-            &["register", node, "--url", &url, "--code", &code, "--yes"],
-        );
-        for f in ["vmlinuz", "initramfs.img"] {
-            let local = guest.join(f);
-            ok(
-                &state,
-                &[
-                    "image",
-                    "upload",
-                    node,
-                    local.to_str().unwrap_or_default(),
-                    &format!("test/{f}"),
-                ],
-            );
-        }
-    }
+    let (mut a, mut b, state) = two_nodes(name, &iso, &dir);
     let manager_etcd = format!("http://127.0.0.1:{etcd_port}");
     let node_etcd = format!("http://10.0.2.2:{etcd_port}");
     ok(
