@@ -1,10 +1,13 @@
 //! Live migration of a payload guest between two `hvnode-vmm` processes on the host's /dev/kvm
 //! (release build), the stream relayed over TLS on loopback as the agents relay it node to
 //! node. Guests of 256 MiB, 1 GiB and 4 GiB (two memory slots), each idle (it counts in memory
-//! and prints the count) and busy (it also rewrites a 16 MiB working set as fast as it can).
-//! Prints, per case, medians over RUNS: total time, downtime and its parts, passes, bytes sent,
-//! throughput, and the dirty rate the source measured. The downtime limit is the VMM's default
-//! unless `HVNODE_BENCH_DOWNTIME_MS` sets one.
+//! and prints the count), busy (it also dirties 64 MiB/s, paced by the TSC, over a 128 MiB
+//! area: the busy guest) and hot (it rewrites a 16 MiB working set as fast as it can,
+//! which shows where pre-copy stops converging). Prints, per case, medians over RUNS (or
+//! `HVNODE_BENCH_RUNS`): total time, downtime and its parts, passes, bytes sent, throughput, and
+//! the dirty rate the source measured; and every run's downtime. The downtime limit is the VMM's default
+//! unless `HVNODE_BENCH_DOWNTIME_MS` sets one; `HVNODE_BENCH_KINDS` (`busy,hot`, say) runs only
+//! those kinds of guest.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hvnode_api::vmm::{MigrationStatus, VmmRequest, VmmResponse};
 use hvnode_bench_common::{ask, median, vmm_binary, wait, Vmm};
-use hvnode_vmm::payload::{elf64, DIRTIER, MEMORY_COUNTER};
+use hvnode_vmm::payload::{elf64, DIRTIER, MEMORY_COUNTER, PACED_DIRTIER};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 const RUNS: usize = 3;
@@ -199,14 +202,31 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("hvnode-bench-migrate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    let idle = dir.join("idle.elf");
-    std::fs::write(&idle, elf64(&MEMORY_COUNTER)).expect("payload");
-    let busy = dir.join("busy.elf");
-    std::fs::write(&busy, elf64(&DIRTIER)).expect("payload");
+    let kinds: [(&str, &[u8]); 3] = [
+        ("idle", &MEMORY_COUNTER),
+        ("busy", &PACED_DIRTIER),
+        ("hot", &DIRTIER),
+    ];
+    let kinds = kinds.map(|(kind, code)| {
+        let kernel = dir.join(format!("{kind}.elf"));
+        std::fs::write(&kernel, elf64(code)).expect("payload");
+        (kind, kernel)
+    });
+    let only = std::env::var("HVNODE_BENCH_KINDS").ok();
+    let runs = std::env::var("HVNODE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RUNS);
     for mib in SIZES_MIB {
-        for (kind, kernel) in [("idle", &idle), ("busy", &busy)] {
+        for (kind, kernel) in &kinds {
+            if only
+                .as_deref()
+                .is_some_and(|k| !k.split(',').any(|k| k == *kind))
+            {
+                continue;
+            }
             let mut figures: Vec<Vec<f64>> = vec![Vec::new(); 9];
-            for run in 0..RUNS {
+            for run in 0..runs {
                 let src_cfg = config(&dir, "src", kernel, mib);
                 let dst_cfg = config(&dir, "dst", kernel, mib);
                 let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
@@ -274,10 +294,12 @@ fn main() {
                     let _ = std::fs::remove_file(dir.join(f));
                 }
             }
+            let downtimes: Vec<String> = figures[1].iter().map(|d| format!("{d:.0}")).collect();
             let m: Vec<f64> = figures.into_iter().map(median).collect();
             let name = format!("migrate_{kind}_{mib}mib");
             println!("{name}_total_ms {:.0}", m[0]);
             println!("{name}_downtime_ms {:.0}", m[1]);
+            println!("{name}_downtime_runs_ms {}", downtimes.join(" "));
             println!(
                 "{name}_downtime_parts_ms last_pass {:.0} state {:.0} transfer {:.0} resume {:.0}",
                 m[2], m[3], m[4], m[5]
