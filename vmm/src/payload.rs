@@ -129,8 +129,8 @@ pub const PACED_PAGES_PER_SEC: u64 = 16384;
 
 /// Where [`PACED_DIRTIER`] writes: the 128 MiB from [`DIRTIER_AREA`] (a guest needs at least
 /// 132 MiB), two seconds' worth of pages, so that the pages it dirties in any interval up to two
-/// seconds (a migration's pass 0 of a 4 GiB guest included) are all different pages and count
-/// as the rate.
+/// seconds (a pass of a migration, pass 0 of a 4 GiB guest too, on this machine) are all
+/// different pages and count as the rate.
 pub const PACED_AREA_BYTES: u64 = 128 << 20;
 
 /// The PIT's input clock, Hz.
@@ -155,7 +155,7 @@ pub const PACED_PIT_COUNT: u16 =
 /// carries on (the TSC comes back with the vCPU's MSRs) and the rate measured stays right as long
 /// as the destination's TSC runs at the source's rate. A deadline more than 1024 page periods
 /// (1/16 s) behind is moved up to that: the pages a vCPU descheduled for a moment owes are made
-/// up, but a guest paused for seconds comes back without a burst.
+/// up, but a guest paused for seconds comes back with at most 4 MiB at once, not seconds' worth.
 ///
 /// ```text
 ///     in al, 0x61; and al, 0xfc; or al, 1; out 0x61, al   ; channel 2 gate on, speaker off
