@@ -55,7 +55,7 @@ pub fn mount_point(run: &Path, name: &str) -> PathBuf {
 }
 
 /// Whether `target` is a mount point now (`/proc/self/mountinfo`, field 5).
-fn is_mounted(target: &Path) -> bool {
+pub(crate) fn is_mounted(target: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };

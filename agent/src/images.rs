@@ -20,6 +20,28 @@ fn check_path(rel: &str) -> Result<(), Error> {
 }
 
 impl Agent {
+    /// Where an upload to `rel` goes: below the image directory, or for `DOMAIN:path` below that
+    /// storage domain's mount point, which must be mounted (an upload never fills the empty
+    /// directory under a missing mount).
+    async fn upload_target(&self, rel: &str) -> Result<std::path::PathBuf, Error> {
+        let Some((domain, path)) = hvnode_api::cluster::domain_path(rel) else {
+            return Ok(self.paths.images.join(rel));
+        };
+        check_path(path)?;
+        let root = crate::domains::mount_point(&self.paths.run, domain);
+        let r = root.clone();
+        let mounted = tokio::task::spawn_blocking(move || crate::domains::is_mounted(&r))
+            .await
+            .unwrap_or(false);
+        if !mounted {
+            return Err(Error::new(
+                ErrorCode::InvalidPath,
+                format!("Storage domain {domain:?} is not mounted on this node"),
+            ));
+        }
+        Ok(root.join(path))
+    }
+
     /// `GET /v1/images`: every file below the image directory, by path.
     pub(crate) fn images(&self) -> Resp {
         fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<ImageFile>) {
@@ -67,7 +89,7 @@ impl Agent {
     {
         use tokio::io::AsyncWriteExt;
         check_path(rel)?;
-        let dest = self.paths.images.join(rel);
+        let dest = self.upload_target(rel).await?;
         let dir = dest.parent().unwrap_or(&self.paths.images).to_owned();
         tokio::fs::create_dir_all(&dir)
             .await

@@ -187,7 +187,8 @@ pub struct MigrationStatus {
     pub bytes_sent: u64,
     /// Bytes found dirty by the last pass: what is left to send.
     pub bytes_left: u64,
-    /// How fast the guest dirties memory (bytes per second, last pass).
+    /// How fast the guest dirties memory (bytes per second): the bytes found dirty at the
+    /// start of the last pass over the time since the dirty log was read before (0 after pass 0).
     pub dirty_rate_bytes_per_sec: u64,
     /// Measured transfer bandwidth (bytes per second, last pass).
     pub bandwidth_bytes_per_sec: u64,

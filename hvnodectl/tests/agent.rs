@@ -1098,6 +1098,22 @@ fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_
         s["domains"]["shared"]["source"], "127.0.0.1:/export",
         "{s:#}"
     );
+    // An upload to a domain that is not mounted is refused, not written under the mount point.
+    let blank = work.join("blank.raw");
+    std::fs::write(&blank, vec![0u8; 4096]).unwrap();
+    fails_with(
+        &ctl(
+            &m,
+            &[
+                "image",
+                "upload",
+                "n1",
+                blank.to_str().unwrap(),
+                "shared:x/blank.raw",
+            ],
+        ),
+        "Storage domain \"shared\" is not mounted",
+    );
     let (_, view) = a.local("GET", &Route::Cluster.path(), None).unwrap();
     assert!(
         view.contains("\"name\":\"shared\"") && view.contains("mounting 127.0.0.1:/export"),

@@ -941,9 +941,8 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
     let (_etcd, etcd_port) = hvnode_tests::host_etcd(&dir.join("etcd"));
     let export = dir.join("export");
     let (_nfs, nfs_port) = hvnode_tests::host_nfs(&dir.join("nfs"), &export);
-    std::fs::create_dir_all(export.join("clustered")).expect("guest dir on the export");
-    let data = export.join("clustered/data.raw");
-    hvnode_tests::blank_disk(&data, 1 << 20);
+    let blank = dir.join("blank.raw");
+    hvnode_tests::blank_disk(&blank, 1 << 20);
 
     let (mut a, mut b, state) = two_nodes(name, &iso, &dir);
     let manager_etcd = format!("http://127.0.0.1:{etcd_port}");
@@ -994,6 +993,22 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
         std::thread::sleep(Duration::from_secs(2));
     }
 
+    // Its disk goes onto the domain through node A (an upload to `DOMAIN:path`).
+    ok(
+        &state,
+        &[
+            "image",
+            "upload",
+            "node-a",
+            blank.to_str().unwrap_or_default(),
+            "shared:clustered/data.raw",
+        ],
+    );
+    let data = export.join("clustered/data.raw");
+    assert_eq!(
+        std::fs::metadata(&data).map(|m| m.len()).ok(),
+        Some(1 << 20)
+    );
     // The cluster guest runs on node A and writes its disk on the export; stopped, started on
     // node B, it finds what it wrote there.
     let spec = dir.join("clustered.toml");

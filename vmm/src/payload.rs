@@ -77,7 +77,7 @@ pub const MEMORY_COUNTER: [u8; 61] = [
     0x0a, 0xee, 0xb9, 0x00, 0x00, 0x04, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xc3,
 ];
 
-/// The counts that [`MEMORY_COUNTER`] (or [`DIRTIER`]) printed in a serial log: one per
+/// The counts that [`MEMORY_COUNTER`] (or [`DIRTIER`], or [`PACED_DIRTIER`]) printed in a serial log: one per
 /// complete line of eight hex digits; a line cut off at the end (the guest still printing it, or
 /// paused or migrated in the middle of it) is left out.
 pub fn counter_lines(log: &str) -> Vec<u32> {
@@ -123,71 +123,100 @@ pub const DIRTIER: [u8; 74] = {
     code
 };
 
-/// This host's TSC rate (ticks a second), measured against the monotonic clock over `over`.
-/// A KVM guest's TSC runs at the host's rate (KVM's default `tsc_khz`), so a payload paced on
-/// its TSC ([`paced_dirtier`]) is paced in real time.
-pub fn tsc_hz(over: std::time::Duration) -> u64 {
-    let t0 = std::time::Instant::now();
-    // SAFETY: RDTSC reads a counter; it has no preconditions and touches no memory.
-    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
-    std::thread::sleep(over);
-    // SAFETY: as above.
-    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
-    let ns = t0.elapsed().as_nanos().max(1);
-    (u128::from(c1.wrapping_sub(c0)) * 1_000_000_000 / ns) as u64
-}
+/// The rate [`PACED_DIRTIER`] dirties memory at: 16384 pages of 4 KiB a second, 64 MiB/s (the
+/// busy guest of the migration issue).
+pub const PACED_PAGES_PER_SEC: u64 = 16384;
 
-/// [`DIRTIER`] paced to `bytes_per_sec`: the same count in memory and on the serial port (one
-/// line per 16 MiB written, so [`counter_lines`] reads it), but after each 4 KiB page it waits
-/// for a TSC deadline that advances by the page's share of a second (`tsc_hz` from
-/// [`tsc_hz`]). The guest thus dirties its 16 MiB working set at a steady rate, as a real busy
-/// guest does, instead of in bursts. Behind by more than a whole round of the working set
-/// (paused, migrated, starved of CPU), it starts the deadlines afresh rather than catching up
-/// at full speed.
+/// Where [`PACED_DIRTIER`] writes: the 128 MiB from [`DIRTIER_AREA`] (a guest needs at least
+/// 132 MiB), two seconds' worth of pages, so that the pages it dirties in any interval up to two
+/// seconds (a pass of a migration, pass 0 of a 4 GiB guest too, on this machine) are all
+/// different pages and count as the rate.
+pub const PACED_AREA_BYTES: u64 = 128 << 20;
+
+/// The PIT's input clock, Hz.
+pub const PIT_HZ: u64 = 1_193_182;
+
+/// How [`PACED_DIRTIER`] measures the TSC: it counts TSC ticks over this many PIT ticks, 2^9
+/// page periods (1/32 s), then shifts right by 9 for the ticks of one page period. Over 31 ms
+/// the error of one port read (microseconds, even nested) stays far below 0.1 %.
+pub const PACED_PIT_COUNT: u16 =
+    ((PIT_HZ * 512 + PACED_PAGES_PER_SEC / 2) / PACED_PAGES_PER_SEC) as u16;
+
+/// [`MEMORY_COUNTER`] that dirties memory at [`PACED_PAGES_PER_SEC`] (64 MiB/s) in real time,
+/// for migration tests and benchmarks: it writes the counter into one page after another of the
+/// [`PACED_AREA_BYTES`] at [`DIRTIER_AREA`], wrapping around, each write when the TSC reaches
+/// its deadline, and prints the next count every 4096 pages (four lines a second).
+///
+/// The TSC rate comes from the PIT. CPUID leaves 0x15 and 0x16 would give it, but KVM passes on
+/// the host's, and this nested KVM's host has none (both read zero); the VMM has KVM's in-kernel
+/// PIT, whose channel 2 is read through port 0x61 without leaving the kernel (the VMM creates it
+/// with `KVM_PIT_SPEAKER_DUMMY`), so the payload calibrates itself once at start, as Linux's
+/// `pit_calibrate_tsc` does, and needs nothing from the VMM. After a migration the deadline
+/// carries on (the TSC comes back with the vCPU's MSRs) and the rate measured stays right as long
+/// as the destination's TSC runs at the source's rate. A deadline more than 1024 page periods
+/// (1/16 s) behind is moved up to that: the pages a vCPU descheduled for a moment owes are made
+/// up, but a guest paused for seconds comes back with at most 4 MiB at once, not seconds' worth.
 ///
 /// ```text
-///     mov r8, ticks_per_page; mov r9, r8; shl r9, 12      ; r9: a round of 4096 pages
-///     rdtsc; shl rdx, 32; or rax, rdx; mov rsi, rax        ; rsi: the next deadline
-/// 1:  (MEMORY_COUNTER up to its delay loop: count and print)
-///     mov edi, 0x400000; mov ecx, 0x1000
-/// 4:  mov [rdi], eax; add rsi, r8
-/// 5:  rdtsc; shl rdx, 32; or rax, rdx; cmp rax, rsi; jb 5b
-///     mov rdx, rax; sub rdx, rsi; cmp rdx, r9; jbe 6f; mov rsi, rax
-/// 6:  add edi, 0x1000; dec ecx; jnz 4b; jmp 1b
+///     in al, 0x61; and al, 0xfc; or al, 1; out 0x61, al   ; channel 2 gate on, speaker off
+///     mov al, 0xb0; out 0x43, al                          ; channel 2, lo/hi byte, mode 0
+///     mov al, lo(PACED_PIT_COUNT); out 0x42, al
+///     mov al, hi(PACED_PIT_COUNT); out 0x42, al           ; counting from here
+///     rdtsc; shl rdx, 32; lea rsi, [rax + rdx]            ; rsi: TSC at the start
+/// 5:  in al, 0x61; test al, 0x20; jz 5b                   ; until channel 2's output goes high
+///     rdtsc; shl rdx, 32; or rax, rdx                     ; rax: TSC now
+///     mov r8, rax                                         ; r8: the next write's deadline
+///     sub rax, rsi; shr rax, 9; mov rbp, rax              ; rbp: TSC ticks per page period
+///     mov r9, rax; shl r9, 10                             ; r9: the most a deadline may lag
+///     xor edi, edi                                        ; rdi: offset in the area
+/// 1:  (MEMORY_COUNTER's count and print; ebx holds the count after the print)
+///     mov ecx, 0x1000                                     ; 4096 pages a line
+/// 4:  rdtsc; shl rdx, 32; or rax, rdx
+///     cmp rax, r8; jl 4b                                  ; until the deadline
+///     mov [rdi + 0x400000], ebx                           ; dirty one page
+///     add r8, rbp                                         ; the next deadline
+///     sub rax, r9; cmp r8, rax; cmovl r8, rax             ; at most r9 behind now
+///     add edi, 0x1000; and edi, 0x7ffffff                 ; the next page, wrapping at 128 MiB
+///     dec ecx; jnz 4b; jmp 1b
 /// ```
-pub fn paced_dirtier(bytes_per_sec: u64, tsc_hz: u64) -> Vec<u8> {
-    let ticks_per_page = (u128::from(tsc_hz) * 4096 / u128::from(bytes_per_sec.max(1))) as u64;
-    const RDTSC64: [u8; 9] = [0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0];
-    let mut c = vec![0x49, 0xb8];
-    c.extend_from_slice(&ticks_per_page.to_le_bytes());
-    c.extend_from_slice(&[0x4d, 0x89, 0xc1, 0x49, 0xc1, 0xe1, 0x0c]);
-    c.extend_from_slice(&RDTSC64);
-    c.extend_from_slice(&[0x48, 0x89, 0xc6]);
-    let top = c.len();
-    c.extend_from_slice(&MEMORY_COUNTER[..50]);
-    c.extend_from_slice(&[0xbf, 0x00, 0x00, 0x40, 0x00, 0xb9, 0x00, 0x10, 0x00, 0x00]);
-    let page = c.len();
-    c.extend_from_slice(&[0x89, 0x07, 0x4c, 0x01, 0xc6]);
-    let spin = c.len();
-    c.extend_from_slice(&RDTSC64);
-    c.extend_from_slice(&[0x48, 0x39, 0xf0, 0x72]);
-    c.push(rel8(c.len() + 1, spin));
-    c.extend_from_slice(&[
-        0x48, 0x89, 0xc2, 0x48, 0x29, 0xf2, 0x4c, 0x39, 0xca, 0x76, 0x03, 0x48, 0x89, 0xc6,
-    ]);
-    c.extend_from_slice(&[0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75]);
-    c.push(rel8(c.len() + 1, page));
-    c.push(0xeb);
-    c.push(rel8(c.len() + 1, top));
-    c
-}
+pub const PACED_DIRTIER: [u8; 173] = {
+    let [lo, hi] = PACED_PIT_COUNT.to_le_bytes();
+    let head: [u8; PACED_COUNT_AT] = [
+        0xe4, 0x61, 0x24, 0xfc, 0x0c, 0x01, 0xe6, 0x61, 0xb0, 0xb0, 0xe6, 0x43, 0xb0, lo, 0xe6,
+        0x42, 0xb0, hi, 0xe6, 0x42, 0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x8d, 0x34, 0x10,
+        0xe4, 0x61, 0xa8, 0x20, 0x74, 0xfa, 0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0,
+        0x49, 0x89, 0xc0, 0x48, 0x29, 0xf0, 0x48, 0xc1, 0xe8, 0x09, 0x48, 0x89, 0xc5, 0x49, 0x89,
+        0xc1, 0x49, 0xc1, 0xe1, 0x0a, 0x31, 0xff,
+    ];
+    let tail = [
+        0xb9, 0x00, 0x10, 0x00, 0x00, 0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0, 0x4c,
+        0x39, 0xc0, 0x7c, 0xf2, 0x89, 0x9f, 0x00, 0x00, 0x40, 0x00, 0x49, 0x01, 0xe8, 0x4c, 0x29,
+        0xc8, 0x49, 0x39, 0xc0, 0x4c, 0x0f, 0x4c, 0xc0, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x81,
+        0xe7, 0xff, 0xff, 0xff, 0x07, 0xff, 0xc9, 0x75, 0xcf, 0xeb, 0x96,
+    ];
+    let mut code = [0u8; 173];
+    let mut i = 0;
+    while i < head.len() {
+        code[i] = head[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < PACED_COUNT_LEN {
+        code[i + j] = MEMORY_COUNTER[j];
+        j += 1;
+    }
+    let mut k = 0;
+    while k < tail.len() {
+        code[i + j + k] = tail[k];
+        k += 1;
+    }
+    code
+};
 
-/// The rel8 of a short jump whose next instruction is at `next`, to `target` (backwards).
-fn rel8(next: usize, target: usize) -> u8 {
-    let d = target as i64 - next as i64;
-    assert!((-128..0).contains(&d), "a short jump back of {d} bytes");
-    d as i8 as u8
-}
+/// Where the count and print of [`MEMORY_COUNTER`] (label `1:`) start in [`PACED_DIRTIER`].
+const PACED_COUNT_AT: usize = 67;
+/// How long they are: [`MEMORY_COUNTER`] up to its delay loop.
+const PACED_COUNT_LEN: usize = 50;
 
 /// Drives the i8042 by polling: disables the keyboard interface, runs the controller self test,
 /// enables the interface, then prints every byte read from port 0x60 as two hex digits and a
@@ -223,6 +252,75 @@ mod tests {
         assert!(counter_lines("").is_empty());
     }
 
+    /// Where the rel8 jump whose opcode is at `at` lands.
+    fn rel8_target(code: &[u8], at: usize) -> usize {
+        (at as isize + 2 + code[at + 1] as i8 as isize) as usize
+    }
+
+    fn find(code: &[u8], bytes: &[u8]) -> usize {
+        code.windows(bytes.len())
+            .position(|w| w == bytes)
+            .unwrap_or_else(|| panic!("{bytes:x?} not in the code"))
+    }
+
+    #[test]
+    fn the_paced_dirtier_counts_and_prints_as_the_memory_counter_does() {
+        let c = &PACED_DIRTIER;
+        assert_eq!(
+            c[PACED_COUNT_AT..PACED_COUNT_AT + PACED_COUNT_LEN],
+            MEMORY_COUNTER[..PACED_COUNT_LEN]
+        );
+        // Its last instruction jumps back to the count; the page loop's two jumps go back to
+        // its rdtsc; the calibration's to its port read.
+        assert_eq!(c[c.len() - 2], 0xeb);
+        assert_eq!(rel8_target(c, c.len() - 2), PACED_COUNT_AT);
+        let page_loop = PACED_COUNT_AT + PACED_COUNT_LEN + 5;
+        assert_eq!(c[page_loop..page_loop + 2], [0x0f, 0x31], "rdtsc");
+        let jl = find(c, &[0x7c]);
+        let jnz = c.len() - 4;
+        assert_eq!(c[jnz], 0x75);
+        assert_eq!(rel8_target(c, jl), page_loop);
+        assert_eq!(rel8_target(c, jnz), page_loop);
+        let jz = find(c, &[0x74]);
+        assert_eq!(c[rel8_target(c, jz)..][..2], [0xe4, 0x61], "in al, 0x61");
+    }
+
+    #[test]
+    fn the_paced_dirtier_writes_its_area_at_64_mib_a_second() {
+        let c = &PACED_DIRTIER;
+        // The PIT interval is 2^9 page periods, the TSC ticks over it shifted right by 9.
+        assert_eq!(PACED_PIT_COUNT, 37287);
+        let lo = find(c, &[0xb0, 0xb0, 0xe6, 0x43]) + 5;
+        assert_eq!(
+            u16::from_le_bytes([c[lo], c[lo + 4]]),
+            PACED_PIT_COUNT,
+            "mov al, lo; out 0x42, al; mov al, hi"
+        );
+        assert_eq!(c[find(c, &[0x48, 0xc1, 0xe8]) + 3], 9, "shr rax, 9");
+        let pages_per_sec = (PIT_HZ * 512) as f64 / f64::from(PACED_PIT_COUNT);
+        assert!(
+            (pages_per_sec / PACED_PAGES_PER_SEC as f64 - 1.0).abs() < 1e-4,
+            "{pages_per_sec}"
+        );
+        assert_eq!(PACED_PAGES_PER_SEC * 4096, 64 << 20);
+        // One page of the area per write, the offset wrapping at its end.
+        let store = find(c, &[0x89, 0x9f]) + 2;
+        assert_eq!(
+            u32::from_le_bytes(c[store..store + 4].try_into().unwrap()),
+            DIRTIER_AREA as u32
+        );
+        let step = find(c, &[0x81, 0xc7]) + 2;
+        assert_eq!(
+            u32::from_le_bytes(c[step..step + 4].try_into().unwrap()),
+            4096
+        );
+        let mask = find(c, &[0x81, 0xe7]) + 2;
+        assert_eq!(
+            u64::from(u32::from_le_bytes(c[mask..mask + 4].try_into().unwrap())) + 1,
+            PACED_AREA_BYTES
+        );
+    }
+
     #[test]
     fn builds_a_loadable_elf() {
         let e = elf64(&SPIN);
@@ -232,33 +330,5 @@ mod tests {
             serial_print("A"),
             [0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee]
         );
-    }
-
-    #[test]
-    fn the_paced_dirtier_waits_its_share_per_page_and_loops_where_it_should() {
-        // 2 GHz at 64 MiB/s: 16384 pages a second, 122070 ticks each.
-        let c = paced_dirtier(64 << 20, 2_000_000_000);
-        assert_eq!(&c[..2], &[0x49, 0xb8]);
-        assert_eq!(u64::from_le_bytes(c[2..10].try_into().unwrap()), 122_070);
-        // The three backward jumps: to the spin (jb), to the next page (jnz), to the count (jmp).
-        let (top, page, spin) = (29, 29 + 50 + 10, 29 + 50 + 10 + 5);
-        let target = |at: usize| (at as i64 + 2 + i64::from(c[at + 1] as i8)) as usize;
-        let jb = spin + 9 + 3;
-        assert_eq!((c[jb], target(jb)), (0x72, spin));
-        let jnz = c.len() - 4;
-        assert_eq!((c[jnz], target(jnz)), (0x75, page));
-        let jmp = c.len() - 2;
-        assert_eq!((c[jmp], target(jmp)), (0xeb, top));
-        assert_eq!(&c[top..top + 50], &MEMORY_COUNTER[..50]);
-        // The skip over the resync lands on `add edi, 0x1000`.
-        let jbe = jb + 2 + 9;
-        assert_eq!((c[jbe], jbe + 2 + c[jbe + 1] as usize), (0x76, jnz - 8));
-        assert_eq!(&c[jnz - 8..jnz - 6], &[0x81, 0xc7]);
-    }
-
-    #[test]
-    fn the_tsc_ticks() {
-        let hz = tsc_hz(std::time::Duration::from_millis(20));
-        assert!(hz > 100_000_000, "a TSC of {hz} Hz");
     }
 }

@@ -101,6 +101,11 @@ pub fn expected_downtime(left: u64, bandwidth: u64) -> Duration {
     )
 }
 
+/// `bytes` over `time`, in bytes per second.
+pub fn per_second(bytes: u64, time: Duration) -> u64 {
+    (bytes as u128 * 1_000_000 / time.as_micros().max(1)).min(u64::MAX as u128) as u64
+}
+
 /// What the sender needs of the VM beyond memory.
 pub trait Source {
     /// The guest's config.
@@ -368,6 +373,10 @@ fn precopy<S: Read + Write>(
     // fast the last pass (dirty pages only) will go.
     let (mut dirty_sent, mut dirty_sending) = (0u64, Duration::ZERO);
     let mut passes = 0u32;
+    // When the dirty log was last read (logging began just before pass 0), and how fast the
+    // guest dirtied memory between that read and the one before it.
+    let mut last_read = Instant::now();
+    let mut dirty_rate = 0u64;
     // Pass 0, then the dirty passes.
     loop {
         let pass_started = Instant::now();
@@ -378,6 +387,10 @@ fn precopy<S: Read + Write>(
             let dirty = log
                 .take()
                 .map_err(|e| Failure::new(format!("reading the dirty log: {e}")))?;
+            let read = Instant::now();
+            let dirtied = dirty.iter().map(|r| r.bytes()).sum();
+            dirty_rate = per_second(dirtied, read - last_read);
+            last_read = read;
             for region in &dirty {
                 for (addr, len) in region.runs() {
                     if cancel.load(Ordering::SeqCst) {
@@ -403,12 +416,12 @@ fn precopy<S: Read + Write>(
         } else {
             (sent, sending)
         };
-        let bandwidth = (bytes as u128 * 1_000_000 / time.as_micros().max(1)) as u64;
+        let bandwidth = per_second(bytes, time);
         // What the guest dirtied while this pass ran: a peek costs a KVM call and clears the
-        // log, so it is taken as the next pass's input instead; its size is estimated from the
-        // pass just sent (dirty rate x pass time) until the next pass measures it.
+        // log, so it is taken as the next pass's input instead; until then it is taken to be
+        // as much as this pass sent (what the guest dirtied during the pass before), which
+        // errs on the safe side while the passes shrink.
         let left = if passes == 1 { sent } else { pass_sent };
-        let dirty_rate = (left as u128 * 1_000_000 / took.as_micros().max(1)) as u64;
         let decision = decide(passes, left, bandwidth, started.elapsed(), limits);
         update(status, |s| {
             s.pass = passes;
@@ -582,6 +595,13 @@ mod tests {
             decide(1, MIB, 0, Duration::ZERO, &LIMITS),
             Decision::Continue
         );
+    }
+
+    #[test]
+    fn rates_are_bytes_over_time_and_never_divide_by_zero() {
+        assert_eq!(per_second(64 * MIB, Duration::from_millis(500)), 128 * MIB);
+        assert_eq!(per_second(MIB, Duration::ZERO), MIB * 1_000_000);
+        assert_eq!(per_second(0, Duration::from_secs(1)), 0);
     }
 
     #[test]
