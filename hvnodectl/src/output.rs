@@ -322,6 +322,10 @@ pub fn join_requests(list: &[JoinRecord]) -> String {
 /// has always printed its keys so.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeRow {
+    /// How the cluster sees it (`member`, `leader`, `lost`), when a cluster is set up; why not
+    /// known when etcd does not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// The first error of the probes, if any.
     pub error: Option<String>,
     /// Pinned fingerprint.
@@ -347,9 +351,16 @@ pub fn nodes(rows: &[NodeRow]) -> String {
     if rows.is_empty() {
         return "no nodes registered".into();
     }
+    let cluster = rows.iter().any(|r| r.cluster.is_some());
     let mut text = format!(
-        "{:<16} {:<28} {:<10} {:<18} {:<20} {}\n",
-        "NAME", "URL", "REACHABLE", "STATE", "HOSTNAME", "GUESTS"
+        "{:<16} {:<28} {:<10} {:<18} {:<20} {:<7}{}\n",
+        "NAME",
+        "URL",
+        "REACHABLE",
+        "STATE",
+        "HOSTNAME",
+        "GUESTS",
+        if cluster { " CLUSTER" } else { "" }
     );
     for r in rows {
         let guests = match (r.guests_running, r.guests_total) {
@@ -357,13 +368,17 @@ pub fn nodes(rows: &[NodeRow]) -> String {
             _ => "-".into(),
         };
         text.push_str(&format!(
-            "{:<16} {:<28} {:<10} {:<18} {:<20} {}\n",
+            "{:<16} {:<28} {:<10} {:<18} {:<20} {:<7}{}\n",
             r.name,
             r.url,
             if r.reachable { "yes" } else { "no" },
             r.state,
             r.hostname.as_deref().unwrap_or("-"),
-            guests
+            guests,
+            r.cluster
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default()
         ));
     }
     text
@@ -451,6 +466,7 @@ mod tests {
     #[test]
     fn nodes_json_keeps_its_keys_in_alphabetical_order() {
         let row = NodeRow {
+            cluster: Some("leader".into()),
             error: None,
             fingerprint: "AB".into(),
             guests_running: Some(1),
@@ -464,7 +480,12 @@ mod tests {
         let typed = json(&row);
         let untyped = serde_json::to_value(&row).unwrap().to_string();
         assert_eq!(typed, untyped);
-        assert!(nodes(&[row]).contains("n1               https://n1:8443"));
+        let text = nodes(&[row]);
+        assert!(text.contains("n1               https://n1:8443"), "{text}");
+        assert!(
+            text.contains("CLUSTER") && text.contains("1/2     leader"),
+            "{text}"
+        );
     }
 
     #[test]

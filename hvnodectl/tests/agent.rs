@@ -1048,6 +1048,11 @@ fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_
     });
     let leader = s["leader"].as_str().unwrap().to_owned();
     assert!(leader == "n1" || leader == "n2", "{s:#}");
+    let nodes = ok(&ctl(&m, &["nodes"]));
+    assert!(
+        nodes.contains("CLUSTER") && nodes.contains(" leader") && nodes.contains(" member"),
+        "{nodes}"
+    );
     // Each agent shows the same cluster.
     for agent in [&a, &b] {
         let (_, view) = agent.local("GET", &Route::Cluster.path(), None).unwrap();
@@ -1206,6 +1211,8 @@ fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_
     });
     assert_eq!(s["leader"], "n1", "{s:#}");
     assert_eq!(s["guests"]["cg"]["node"], "n2", "{s:#}");
+    let nodes = ok(&ctl(&m, &["--json", "nodes"]));
+    assert!(nodes.contains("\"cluster\":\"lost\""), "{nodes}");
     assert!(ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests"));
 
     // etcd goes away: n1 says so and keeps what it runs.

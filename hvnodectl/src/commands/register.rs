@@ -129,6 +129,7 @@ impl Ctx {
             });
         }
         let results = futures_util::future::join_all(probes).await;
+        let cluster = self.cluster_membership().await;
         let mut rows = Vec::new();
         for ((name, entry), (reg, info, stats)) in nodes.nodes.iter().zip(results) {
             let reachable = !matches!(reg, Err(ClientError::Unreachable { .. }));
@@ -160,6 +161,14 @@ impl Ctx {
                 reachable,
                 state,
                 url: entry.url.clone(),
+                cluster: cluster.as_ref().map(|c| match c {
+                    Ok((members, leader)) => match (members.contains(name), leader) {
+                        (true, Some(l)) if l == name => "leader".to_owned(),
+                        (true, _) => "member".to_owned(),
+                        (false, _) => "lost".to_owned(),
+                    },
+                    Err(e) => e.clone(),
+                }),
             });
         }
         self.show(&rows, || output::nodes(&rows))
