@@ -84,6 +84,23 @@ fn mount_data(d: &StorageDomain) -> Result<String, String> {
     Ok(data)
 }
 
+/// The kernel's NFSv4 client identity (the `co_ownerid` its EXCHANGE_ID sends): by default it
+/// is derived from the host name, and two nodes with one host name (cloned machines, or QEMU
+/// nodes with one MAC) would present themselves to the server as the same client, each new
+/// session wiping the other's state, so that no READ ever completes (seen as EIO in the cluster
+/// test). The agent sets it to its node identity before the first mount.
+const NFS_CLIENT_ID: &str = "/sys/fs/nfs/net/nfs_client/identifier";
+
+/// Sets the NFSv4 client identity to `id` unless it is that already (blocking).
+fn set_client_identifier(id: &str) -> Result<(), String> {
+    let now =
+        std::fs::read_to_string(NFS_CLIENT_ID).map_err(|e| format!("{NFS_CLIENT_ID}: {e}"))?;
+    if now.trim() == id {
+        return Ok(());
+    }
+    std::fs::write(NFS_CLIENT_ID, id).map_err(|e| format!("{NFS_CLIENT_ID}: {e}"))
+}
+
 /// Mounts `d` at `target` (blocking; the caller bounds it).
 fn mount(d: &StorageDomain, target: &Path) -> Result<(), String> {
     std::fs::create_dir_all(target).map_err(|e| format!("{}: {e}", target.display()))?;
@@ -128,6 +145,18 @@ impl Agent {
     /// API and the node's record.
     pub(crate) async fn reconcile_domains(self: &Arc<Self>, domains: &[StorageDomain]) {
         let mut all = BTreeMap::new();
+        if !domains.is_empty() {
+            // The node's identity (its certificate's fingerprint, hex) names its NFS client.
+            let id: String = self
+                .fingerprint
+                .chars()
+                .filter(char::is_ascii_hexdigit)
+                .take(32)
+                .collect();
+            if let Some(Err(e)) = bounded(CHECK_TIMEOUT, move || set_client_identifier(&id)).await {
+                eprintln!("agent: storage domains: setting the NFS client's identity: {e}");
+            }
+        }
         for d in domains {
             let target = mount_point(&self.paths.run, &d.name);
             let mut h = DomainHealth {

@@ -184,10 +184,8 @@ pub enum DomainCommand {
         /// The exported path.
         #[arg(long)]
         export: String,
-        /// NFS version: 4, 4.1 or 4.2. 4.1 by default: a Linux 6.1 client reads holes of a
-        /// sparse image through 4.2's READ_PLUS, which nfs-ganesha 4.3 answers in a form the
-        /// client refuses (EIO); 4.1 has no READ_PLUS and loses nothing the nodes use.
-        #[arg(long, default_value = "4.1")]
+        /// NFS version: 4, 4.1 or 4.2.
+        #[arg(long, default_value = "4.2")]
         nfs_version: String,
         /// Extra mount options (e.g. port=20490,timeo=100).
         #[arg(long, default_value = "")]
