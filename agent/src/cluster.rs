@@ -295,17 +295,19 @@ impl Agent {
             format!("member of the cluster as {}", cfg.node_id),
         );
         let election = Election::new(&client, &keys);
-        let (lead_tx, mut lead_rx) = watch::channel::<Option<Leadership>>(None);
+        // The campaign's outcome; the loop keeps a sender so that `changed()` fires on a change
+        // only (a dropped sender would make it return at once, every time: a hot loop).
+        let (lead_tx, mut lead_rx) = watch::channel(Campaign::Waiting);
+        let lead_tx = std::sync::Arc::new(lead_tx);
         let campaign = {
             let election = election.clone();
             let (lease, id) = (membership.lease_id(), cfg.node_id.clone());
+            let tx = std::sync::Arc::clone(&lead_tx);
             tokio::spawn(async move {
-                match election.campaign(lease, &id).await {
-                    Ok(l) => {
-                        let _ = lead_tx.send(Some(l));
-                    }
-                    Err(e) => eprintln!("agent: cluster: campaigning: {e}"),
-                }
+                let _ = tx.send(match election.campaign(lease, &id).await {
+                    Ok(l) => Campaign::Leading(l),
+                    Err(e) => Campaign::Failed(e.to_string()),
+                });
             })
         };
         let store = Store::new(&client, &keys);
@@ -347,7 +349,12 @@ impl Agent {
             };
             let domains: Vec<_> = state.domains.iter().map(|d| d.value.clone()).collect();
             self.reconcile_domains(&domains).await;
-            let leadership = lead_rx.borrow().clone();
+            let leadership = match lead_rx.borrow().clone() {
+                Campaign::Waiting => None,
+                Campaign::Leading(l) => Some(l),
+                // Membership starts over, with a new campaign.
+                Campaign::Failed(why) => break Err(format!("campaigning for leadership: {why}")),
+            };
             let leader = match &leadership {
                 Some(l) => Some(l.value().to_owned()),
                 None => election.leader().await.unwrap_or(None),
@@ -361,6 +368,7 @@ impl Agent {
                 .await;
         };
         campaign.abort();
+        drop(lead_tx);
         if end.is_ok() {
             // Leaving or changing cluster: the others see this node go at once.
             let _ = membership.leave().await;
@@ -665,6 +673,17 @@ impl Agent {
         let _ = std::fs::remove_file(self.cluster_guests_dir().join(name));
         self.running.forget(name);
     }
+}
+
+/// Where the node's campaign for leadership stands.
+#[derive(Clone)]
+enum Campaign {
+    /// Another node leads; this one waits its turn.
+    Waiting,
+    /// This node leads.
+    Leading(Leadership),
+    /// The campaign failed (etcd): membership starts over.
+    Failed(String),
 }
 
 fn desired_str(d: Desired) -> &'static str {
