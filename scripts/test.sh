@@ -31,7 +31,12 @@ step "guest payload for the nested test"
 ./tests/guest/build.sh
 
 step "QEMU boot tests"
+# Two single-node QEMUs at a time; the two-node tests (two QEMUs each) one at a time after them,
+# so that no more than two TCG machines share the cores (the nested guest starves with more).
 HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \
-    cargo test -p hvnode-tests -- --test-threads=2 --nocapture
+    cargo test -p hvnode-tests -- --test-threads=2 --nocapture --skip two_nodes
+step "QEMU two-node tests (migration, cluster)"
+HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \
+    cargo test -p hvnode-tests -- --test-threads=1 --nocapture two_nodes
 
 step "all tests passed"
