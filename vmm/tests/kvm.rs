@@ -281,10 +281,12 @@ fn pause_parks_the_vcpus_and_resume_lets_them_run_again() {
     assert_eq!(log_len(&dir), paused_at, "the guest ran while paused");
     assert_eq!(ctl.ask(r#"{"op":"pause"}"#)["code"], "invalid_state");
     let stats = ctl.ask(r#"{"op":"stats"}"#);
-    for vcpu in 0..2 {
-        let kicks = &stats["stats"]["vcpu_exits"][vcpu]["interrupted"];
-        assert!(kicks.as_u64().unwrap() >= 1, "{stats}");
-    }
+    // The second vCPU never leaves KVM_RUN by itself (it waits in the kernel), so only the
+    // kick can have parked it. The first one exits for every character it prints and may meet
+    // the pause at the gate between two runs, without a kick: the log standing still says it
+    // is parked.
+    let kicks = &stats["stats"]["vcpu_exits"][1]["interrupted"];
+    assert!(kicks.as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(ctl.ask(r#"{"op":"resume"}"#)["result"], "ok");
     assert_eq!(ctl.ask(r#"{"op":"describe"}"#)["state"], "running");
     wait_for_log(&dir, "counter resumed", |l| l.len() as u64 > paused_at + 2);
