@@ -533,22 +533,18 @@ impl Agent {
                 heartbeat_unix: crate::unix_secs(),
                 guests_running,
                 domains: me.domains.health(),
+                fingerprint: me.fingerprint.clone(),
+                ..NodeRecord::default()
             }
         })
         .await
         .unwrap_or_else(|_| NodeRecord {
-            format: 0,
             id: cfg.node_id.clone(),
             address: cfg.address.clone(),
-            state: NodeState::Active,
-            mem_total_mib: 0,
-            mem_free_mib: 0,
-            vcpus_total: 0,
-            vcpus_used: 0,
             agent_version: hvnode_api::VERSION.to_owned(),
             heartbeat_unix: crate::unix_secs(),
-            guests_running: Vec::new(),
-            domains: Vec::new(),
+            fingerprint: self.fingerprint.clone(),
+            ..NodeRecord::default()
         })
     }
 

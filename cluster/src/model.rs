@@ -72,10 +72,11 @@ fn decode_formats<T: DeserializeOwned>(
 }
 
 /// A node's state as a member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     /// Takes guests.
+    #[default]
     Active,
     /// Takes no new guests (being drained or serviced).
     Maintenance,
@@ -83,7 +84,7 @@ pub enum NodeState {
 
 /// The membership record of a node, at `nodes/<id>`, written by the node itself under its lease
 /// (so it disappears when the node stops renewing it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// The record format (set to [`Record::FORMAT`] on write).
     pub format: u64,
@@ -105,6 +106,20 @@ pub struct NodeRecord {
     /// The storage domains as the node sees them.
     #[serde(default)]
     pub domains: Vec<hvnode_api::cluster::DomainHealth>,
+    /// The SHA-256 fingerprint of the node's TLS certificate: how another node pins it (live
+    /// migration, the fencing peer check).
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The watchdog that resets the node should it lose the cluster while running HA guests
+    /// (e.g. "i6300esb", "iTCO_wdt", "softdog"); `None` when it has none armed, so nothing
+    /// guarantees that a lost node's guests are gone and the leader restarts none of them
+    /// elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<String>,
+    /// Cluster guests placed on the node that crashed more often than it restarts them in
+    /// place: the leader places them on another node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guests_failed: Vec<String>,
 }
 
 impl Record for NodeRecord {

@@ -174,6 +174,7 @@ mod tests {
             heartbeat_unix: 0,
             guests_running: Vec::new(),
             domains: Vec::new(),
+            ..Default::default()
         }
     }
     fn guest(name: &str, mem: u64, vcpus: u32) -> ClusterGuest {

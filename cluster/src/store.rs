@@ -313,6 +313,67 @@ impl Store {
         }
     }
 
+    /// Moves a guest's placement to `node` if it is still at `revision` (the placement the
+    /// decision was made on): the leader restarting an HA guest of a lost node elsewhere, or a
+    /// draining node handing a guest it migrated to the node that now runs it. With
+    /// `leadership`, only while it is current ([`Error::NotLeader`] otherwise). A placement
+    /// changed or gone since is [`Error::Conflict`] or [`Error::NotFound`]. Returns the new
+    /// placement's revision.
+    pub async fn move_placement(
+        &self,
+        leadership: Option<&crate::election::Leadership>,
+        guest: &str,
+        revision: i64,
+        node: &str,
+        reason: &str,
+    ) -> Result<i64> {
+        let pkey = self.keys.placement(guest)?;
+        crate::keys::validate_name("node id", node)?;
+        let placement = Placement {
+            format: Placement::FORMAT,
+            guest: guest.to_string(),
+            node: node.to_string(),
+            placed_at_revision: revision,
+            reason: reason.to_string(),
+        };
+        let mut when = vec![Compare::mod_revision(
+            pkey.clone(),
+            CompareOp::Equal,
+            revision,
+        )];
+        let mut otherwise = vec![TxnOp::get(pkey.clone(), None)];
+        if let Some(l) = leadership {
+            let (key, rev) = l.key();
+            when.push(Compare::create_revision(key, CompareOp::Equal, rev));
+            otherwise.push(TxnOp::get(key, None));
+        }
+        let txn = Txn::new()
+            .when(when)
+            .and_then([TxnOp::put(pkey.clone(), encode(&placement), None)])
+            .or_else(otherwise);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(revision_of(&resp));
+        }
+        if let Some(l) = leadership {
+            let (key, rev) = l.key();
+            if txn_get(&resp, 1).first().map(|kv| kv.create_revision()) != Some(rev) {
+                return Err(Error::NotLeader(format!(
+                    "candidacy {} (revision {rev}) is gone",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+        }
+        match txn_get(&resp, 0).first() {
+            None => Err(Error::NotFound { key: pkey }),
+            Some(kv) => Err(Error::Conflict {
+                key: pkey,
+                expected: revision,
+                found: kv.mod_revision(),
+            }),
+        }
+    }
+
     /// A guest's placement, if it has one.
     pub async fn get_placement(&self, guest: &str) -> Result<Option<Versioned<Placement>>> {
         match self.get(self.keys.placement(guest)?).await {

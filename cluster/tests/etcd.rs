@@ -43,6 +43,7 @@ fn node(id: &str) -> NodeRecord {
         heartbeat_unix: 1,
         guests_running: Vec::new(),
         domains: Vec::new(),
+        ..Default::default()
     }
 }
 

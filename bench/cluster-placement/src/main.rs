@@ -65,6 +65,7 @@ async fn main() {
             heartbeat_unix: 0,
             guests_running: Vec::new(),
             domains: Vec::new(),
+            ..Default::default()
         };
         members.push(
             Membership::join(&client, &keys, &rec, 30)
