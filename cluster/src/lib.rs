@@ -6,6 +6,8 @@
 
 pub mod election;
 pub mod error;
+pub mod failover;
+pub mod fencing;
 pub mod keys;
 pub mod local_etcd;
 pub mod membership;
