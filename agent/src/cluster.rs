@@ -13,11 +13,11 @@
 //! not answer the node keeps running what it runs and starts nothing: a start needs a placement
 //! read back from etcd at the revision the decision was made on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use hvnode_api::cluster::{
     ClusterConnection, ClusterGuestView, ClusterMember, ClusterView, DomainView, JoinCluster,
@@ -25,6 +25,7 @@ use hvnode_api::cluster::{
 use hvnode_api::error::ErrorCode;
 use hvnode_api::guest::{GuestSpec, GuestState};
 use hvnode_cluster::election::{Election, Leadership};
+use hvnode_cluster::failover::Failover;
 use hvnode_cluster::keys::Keys;
 use hvnode_cluster::membership::{LeaseState, Membership};
 use hvnode_cluster::model::{Desired, NodeRecord, NodeState};
@@ -46,6 +47,11 @@ pub const RETRY: Duration = Duration::from_secs(2);
 pub const LEASE_TTL_SECS: i64 = hvnode_cluster::membership::DEFAULT_TTL_SECS;
 /// Every how many ticks the node rewrites its record (free memory, vCPUs, guests running).
 const RECORD_EVERY: u32 = 3;
+/// An HA guest that crashes is restarted on its node this many times within
+/// [`CRASH_WINDOW`]; at the next crash the node asks the leader to place it elsewhere.
+pub const MAX_LOCAL_RESTARTS: usize = 3;
+/// See [`MAX_LOCAL_RESTARTS`].
+pub const CRASH_WINDOW: Duration = Duration::from_secs(600);
 
 /// The node's side of the cluster: the view the API shows and the wake-up of the loop.
 #[derive(Debug)]
@@ -54,6 +60,14 @@ pub struct Cluster {
     /// Bumped by every join and leave: the loop starts over when it changes.
     generation: AtomicU64,
     wake: Notify,
+    /// What this member saw of lost nodes (the leader's failover decisions).
+    failover: Mutex<Option<Failover>>,
+    /// When each HA guest here crashed lately.
+    crashes: Mutex<HashMap<String, Vec<Instant>>>,
+    /// The HA guests that crashed too often here: the record asks for them to go elsewhere.
+    failed: Mutex<BTreeSet<String>>,
+    /// The node's record is to be rewritten at the next tick, not [`RECORD_EVERY`] later.
+    record_due: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Cluster {
@@ -62,8 +76,16 @@ impl Default for Cluster {
             view: Mutex::new(ClusterView::not_joined()),
             generation: AtomicU64::new(0),
             wake: Notify::new(),
+            failover: Mutex::new(Failover::new(crate::fencing::TIMINGS).ok()),
+            crashes: Mutex::new(HashMap::new()),
+            failed: Mutex::new(BTreeSet::new()),
+            record_due: std::sync::atomic::AtomicBool::new(false),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Cluster {
@@ -73,6 +95,16 @@ impl Cluster {
 
     fn update(&self, f: impl FnOnce(&mut ClusterView)) {
         f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Has the node's record rewritten at the next tick.
+    pub(crate) fn record_now(&self) {
+        self.record_due.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn take_record_due(&self) -> bool {
+        self.record_due.swap(false, Ordering::SeqCst)
     }
 
     /// The node's connection to the cluster now (for the console and the node's info).
@@ -95,8 +127,20 @@ impl Agent {
         self.cluster_guests_dir().join(name).exists()
     }
 
+    /// Whether the cluster guest `name` defined here is HA (its marker says so).
+    pub(crate) fn is_ha_cluster_guest(&self, name: &str) -> bool {
+        std::fs::read(self.cluster_guests_dir().join(name)).is_ok_and(|m| m.starts_with(b"ha"))
+    }
+
+    /// The cluster view with the fencing state of now.
+    pub(crate) fn cluster_view_now(&self) -> ClusterView {
+        let mut v = self.cluster.view();
+        v.fencing = self.fencing.view();
+        v
+    }
+
     /// The cluster guests defined here.
-    fn cluster_guests_here(&self) -> Vec<String> {
+    pub(crate) fn cluster_guests_here(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(self.cluster_guests_dir())
             .into_iter()
             .flatten()
@@ -144,7 +188,7 @@ impl Agent {
 
     /// `GET /v1/cluster`.
     pub(crate) fn cluster_view(&self) -> Resp {
-        json_response(StatusCode::OK, &self.cluster.view())
+        json_response(StatusCode::OK, &self.cluster_view_now())
     }
 
     /// `PUT /v1/cluster` (the manager): join this cluster (or change to it). The join itself
@@ -188,7 +232,10 @@ impl Agent {
                 req.node_id
             ),
         );
-        Ok(json_response(StatusCode::ACCEPTED, &self.cluster.view()))
+        Ok(json_response(
+            StatusCode::ACCEPTED,
+            &self.cluster_view_now(),
+        ))
     }
 
     /// `DELETE /v1/cluster`: leave the cluster (the lease is revoked: the others see the node
@@ -225,6 +272,7 @@ impl Agent {
     pub fn spawn_cluster(self: &Arc<Self>) {
         let me = Arc::clone(self);
         tokio::spawn(async move { me.cluster_loop().await });
+        self.spawn_fencing();
     }
 
     async fn cluster_loop(self: Arc<Self>) {
@@ -332,8 +380,9 @@ impl Agent {
             if let LeaseState::Lost { reason } = lease.borrow().clone() {
                 break Err(format!("membership lease lost: {reason}"));
             }
+            self.fencing.renewed(membership.last_renewed());
             ticks = ticks.wrapping_add(1);
-            if ticks.is_multiple_of(RECORD_EVERY) {
+            if ticks.is_multiple_of(RECORD_EVERY) || self.cluster.take_record_due() {
                 let record = self.node_record(cfg).await;
                 if let Err(e) = membership.update(&record).await {
                     self.cluster_unreachable(&e.to_string());
@@ -347,6 +396,10 @@ impl Agent {
                     continue;
                 }
             };
+            self.fencing.members(&cfg.node_id, &state.nodes);
+            if let Some(f) = lock(&self.cluster.failover).as_mut() {
+                f.observe(Instant::now(), &state);
+            }
             let domains: Vec<_> = state.domains.iter().map(|d| d.value.clone()).collect();
             self.reconcile_domains(&domains).await;
             let leadership = match lead_rx.borrow().clone() {
@@ -362,6 +415,7 @@ impl Agent {
             let mut reasons = HashMap::new();
             if let Some(l) = &leadership {
                 reasons = lead(&store, l, &state, &self.events).await;
+                self.fail_over(&store, l, &state, &mut reasons).await;
             }
             self.show(&state, leader, &reasons);
             self.reconcile(&store, &state, &cfg.node_id, &mut started)
@@ -443,6 +497,7 @@ impl Agent {
                 domains: n.domains.clone(),
                 agent_version: n.agent_version.clone(),
                 heartbeat_unix: n.heartbeat_unix,
+                watchdog: n.watchdog.clone(),
             })
             .collect();
         let guests = state
@@ -534,7 +589,8 @@ impl Agent {
                 guests_running,
                 domains: me.domains.health(),
                 fingerprint: me.fingerprint.clone(),
-                ..NodeRecord::default()
+                watchdog: me.fencing.watchdog(),
+                guests_failed: lock(&me.cluster.failed).iter().cloned().collect(),
             }
         })
         .await
@@ -558,6 +614,9 @@ impl Agent {
         me: &str,
         started: &mut HashMap<String, i64>,
     ) {
+        // A fenced node waits for its watchdog's reset: nothing starts here again (what the
+        // cluster no longer places here still goes).
+        let fenced = self.fencing.is_fenced();
         for p in state.placements.iter().filter(|p| p.value.node == me) {
             let name = p.value.guest.clone();
             let Some(g) = state.guests.iter().find(|g| g.value.name() == name) else {
@@ -565,7 +624,9 @@ impl Agent {
             };
             let active = self.running.is_active(&name);
             match g.value.desired {
-                Desired::Running if !active && started.get(&name) != Some(&p.revision) => {
+                Desired::Running
+                    if !fenced && !active && started.get(&name) != Some(&p.revision) =>
+                {
                     // Ownership checked by revision right before the start: the placement
                     // read in the state must still be the one in etcd.
                     match store.get_placement(&name).await {
@@ -579,8 +640,9 @@ impl Agent {
                     started.insert(name.clone(), p.revision);
                     let me2 = Arc::clone(self);
                     let spec = g.value.spec.clone();
+                    let ha = g.value.ha;
                     let reason = p.value.reason.clone();
-                    let r = tokio::task::spawn_blocking(move || me2.start_cluster_guest(&spec))
+                    let r = tokio::task::spawn_blocking(move || me2.start_cluster_guest(&spec, ha))
                         .await
                         .unwrap_or_else(|e| Err(e.to_string()));
                     match r {
@@ -596,6 +658,7 @@ impl Agent {
                         ),
                     }
                 }
+                Desired::Running if !active && g.value.ha => self.crashed_here(&name, started),
                 Desired::Stopped if active => {
                     let me2 = Arc::clone(self);
                     let n = name.clone();
@@ -623,6 +686,10 @@ impl Agent {
                 continue;
             }
             started.remove(&name);
+            lock(&self.cluster.crashes).remove(&name);
+            if lock(&self.cluster.failed).remove(&name) {
+                self.cluster.record_now();
+            }
             let me2 = Arc::clone(self);
             let n = name.clone();
             let _ = tokio::task::spawn_blocking(move || me2.drop_cluster_guest(&n)).await;
@@ -634,8 +701,92 @@ impl Agent {
         }
     }
 
-    /// Defines a cluster guest here (replacing an earlier definition of it) and starts it.
-    fn start_cluster_guest(&self, spec: &GuestSpec) -> Result<(), String> {
+    /// An HA guest placed here, started for its placement, has no VMM: if it crashed, it is
+    /// started again here ([`MAX_LOCAL_RESTARTS`] times within [`CRASH_WINDOW`]), then the
+    /// node's record asks the leader to place it elsewhere. A guest that powered itself off
+    /// stays off (an admin's or the guest's own decision).
+    fn crashed_here(&self, name: &str, started: &mut HashMap<String, i64>) {
+        let rt = self.running.state(name);
+        if rt.state != GuestState::Crashed || lock(&self.cluster.failed).contains(name) {
+            return;
+        }
+        let now = Instant::now();
+        let count = {
+            let mut crashes = lock(&self.cluster.crashes);
+            let times = crashes.entry(name.to_owned()).or_default();
+            times.retain(|t| now.saturating_duration_since(*t) < CRASH_WINDOW);
+            times.push(now);
+            times.len()
+        };
+        let why = rt.crash_reason.unwrap_or_else(|| "its VMM died".into());
+        if count <= MAX_LOCAL_RESTARTS {
+            self.events.emit(
+                "ha",
+                Some(name),
+                format!(
+                    "crashed ({why}): restarting it on this node ({count} of                      {MAX_LOCAL_RESTARTS} within {} min)",
+                    CRASH_WINDOW.as_secs() / 60
+                ),
+            );
+            // The next tick starts it again, after the same ownership check as any start.
+            started.remove(name);
+        } else {
+            lock(&self.cluster.failed).insert(name.to_owned());
+            self.cluster.record_now();
+            self.events.emit(
+                "ha",
+                Some(name),
+                format!(
+                    "crashed ({why}) {count} times within {} min: asking the cluster to                      restart it on another node",
+                    CRASH_WINDOW.as_secs() / 60
+                ),
+            );
+        }
+    }
+
+    /// The leader's failover: moves the HA guests of lost nodes (once they are certainly
+    /// fenced) and of nodes where they crash too often; says why the others wait.
+    async fn fail_over(
+        &self,
+        store: &Store,
+        leadership: &Leadership,
+        state: &ClusterState,
+        reasons: &mut HashMap<String, String>,
+    ) {
+        let decisions = match lock(&self.cluster.failover).as_mut() {
+            Some(f) => f.decide(Instant::now(), state),
+            None => return,
+        };
+        reasons.extend(decisions.waiting);
+        for r in decisions.restarts {
+            match store
+                .move_placement(
+                    Some(leadership),
+                    &r.guest,
+                    r.placement_revision,
+                    &r.to,
+                    &r.reason,
+                )
+                .await
+            {
+                Ok(_) => {
+                    eprintln!("agent: ha: {} goes to {}: {}", r.guest, r.to, r.reason);
+                    self.events.emit(
+                        "ha",
+                        Some(&r.guest),
+                        format!("restarting it on {} ({})", r.to, r.reason),
+                    );
+                }
+                Err(e) => {
+                    reasons.insert(r.guest.clone(), format!("moving it to {}: {e}", r.to));
+                }
+            }
+        }
+    }
+
+    /// Defines a cluster guest here (replacing an earlier definition of it) and starts it;
+    /// `ha` is kept in its marker (the guard kills HA guests when the node fences itself).
+    fn start_cluster_guest(&self, spec: &GuestSpec, ha: bool) -> Result<(), String> {
         spec.validate().map_err(|e| e.to_string())?;
         let path = self.guest_path(&spec.name).map_err(|e| e.message)?;
         if path.exists() && !self.is_cluster_guest(&spec.name) {
@@ -646,7 +797,8 @@ impl Agent {
         }
         let marker = self.cluster_guests_dir().join(&spec.name);
         std::fs::create_dir_all(self.cluster_guests_dir()).map_err(|e| e.to_string())?;
-        hvnode_base::fs::write_atomic(&marker, b"", 0o644).map_err(|e| e.to_string())?;
+        let mark: &[u8] = if ha { b"ha\n" } else { b"" };
+        hvnode_base::fs::write_atomic(&marker, mark, 0o644).map_err(|e| e.to_string())?;
         let text = toml::to_string(spec).map_err(|e| e.to_string())?;
         hvnode_base::fs::write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| e.to_string())?;
         self.running

@@ -39,6 +39,7 @@ pub mod console;
 pub mod domains;
 pub mod error;
 pub mod events;
+pub mod fencing;
 pub mod guests;
 pub mod http;
 pub mod images;
@@ -133,6 +134,8 @@ pub struct Agent {
     cluster: cluster::Cluster,
     /// The cluster's storage domains as mounted here.
     domains: domains::Domains,
+    /// The watchdog and the guard that fences the node (HA).
+    fencing: fencing::Fencing,
 }
 
 impl std::fmt::Debug for Agent {
@@ -166,6 +169,7 @@ impl Agent {
             init: initctl::InitClient::new(paths.init_socket.clone()),
             cluster: cluster::Cluster::default(),
             domains: domains::Domains::default(),
+            fencing: fencing::Fencing::default(),
             paths,
         })
     }

@@ -87,7 +87,7 @@ fn peer_error(code: ErrorCode, to: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl Agent {
-    fn tls_dir(&self) -> PathBuf {
+    pub(crate) fn tls_dir(&self) -> PathBuf {
         self.paths.data.join("tls")
     }
 

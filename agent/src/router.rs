@@ -103,6 +103,7 @@ impl Agent {
             (GET, Route::Events) => self.event_stream(query("since")),
             (GET, Route::NodeCertificate) => self.node_certificate(),
             (GET, Route::Cluster) => Ok(self.cluster_view()),
+            (GET, Route::ClusterPeer) => Ok(json_response(StatusCode::OK, &self.peer_lease())),
             (PUT, Route::Cluster) => self.join_cluster(read_json(req).await?).await,
             (DELETE, Route::Cluster) => self.leave_cluster().await,
             (PUT, Route::NodeCertificate) => self.install_node_certificate(read_json(req).await?),

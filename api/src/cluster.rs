@@ -144,6 +144,52 @@ pub struct ClusterView {
     /// The cluster's storage domains and how this node sees each.
     #[serde(default)]
     pub domains: Vec<DomainView>,
+    /// The node's watchdog and its guard (docs/ha.md).
+    #[serde(default)]
+    pub fencing: FencingView,
+}
+
+/// Where the node's fencing stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceState {
+    /// No watchdog armed (not in a cluster, or none could be armed: see `message`).
+    #[default]
+    Unarmed,
+    /// Armed and fed: the node holds its lease (or runs no HA guest).
+    Armed,
+    /// The lease was not renewed lately: the node asks its peers.
+    Doubt,
+    /// etcd is lost for every node: the node keeps its guests and starts nothing.
+    QuorumLost,
+    /// The node killed its HA guests and stopped feeding its watchdog: it is being reset.
+    Fenced,
+}
+
+/// The node's watchdog and its guard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FencingView {
+    /// The armed watchdog's identity (e.g. "i6300esb", "Software Watchdog").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<String>,
+    pub state: FenceState,
+    /// Why (a watchdog that could not be armed, the reason for fencing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `GET /v1/cluster/peer` (node to node): whether the node holds its membership lease, for a
+/// peer that cannot renew its own to tell a quorum loss from a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLease {
+    /// The node's id in the cluster (absent when it is in none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Its lease was renewed recently: etcd answers it.
+    pub member: bool,
+    /// Milliseconds since its lease was last renewed (absent when it never held one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_age_ms: Option<u64>,
 }
 
 impl ClusterView {
@@ -159,6 +205,7 @@ impl ClusterView {
             members: Vec::new(),
             guests: Vec::new(),
             domains: Vec::new(),
+            fencing: FencingView::default(),
         }
     }
 }
@@ -190,6 +237,10 @@ pub struct ClusterMember {
     pub agent_version: String,
     /// When it last wrote its record (Unix seconds).
     pub heartbeat_unix: u64,
+    /// The watchdog that fences it (absent: none armed, so its HA guests are not restarted
+    /// elsewhere should it be lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<String>,
 }
 
 /// A cluster guest and where it is placed.

@@ -25,6 +25,15 @@ pub enum InitRequest {
         /// Whole-disk device, e.g. `/dev/sdb`. Init refuses a disk that is not blank.
         device: String,
     },
+    /// Feed the node's watchdog for the next `feed_ms` milliseconds (at most 5000), arming it
+    /// first if it is not (loading softdog where the machine has no watchdog); `0` stops
+    /// feeding at once: the node has fenced itself and its watchdog resets it (docs/ha.md).
+    Watchdog {
+        /// How long init keeps feeding without another grant.
+        feed_ms: u64,
+    },
+    /// Disarm the watchdog (the node left its cluster). Refused once the node fenced itself.
+    WatchdogDisarm,
     /// Stop services and guests, then reboot.
     Reboot,
     /// Stop services and guests, then power off.

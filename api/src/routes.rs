@@ -129,6 +129,8 @@ pub enum Route {
     NodeCertificate,
     /// `/v1/cluster`
     Cluster,
+    /// `/v1/cluster/peer` (node to node): whether this node holds its membership lease.
+    ClusterPeer,
     /// `/v1/guests/{name}/migration`
     GuestMigration(String),
     /// `/v1/migrations` (node to node)
@@ -171,6 +173,7 @@ impl Route {
             ["node", "hostname"] => Route::NodeHostname,
             ["node", "certificate"] => Route::NodeCertificate,
             ["cluster"] => Route::Cluster,
+            ["cluster", "peer"] => Route::ClusterPeer,
             ["migrations"] => Route::Migrations,
             ["migrations", name, "stream"] => Route::MigrationStream(segment(name)?),
             ["guests", name, "migration"] => Route::GuestMigration(segment(name)?),
@@ -285,6 +288,7 @@ impl Route {
             Route::Metrics => "/metrics",
             Route::NodeCertificate => "/v1/node/certificate",
             Route::Cluster => "/v1/cluster",
+            Route::ClusterPeer => "/v1/cluster/peer",
             Route::GuestMigration(_) => "/v1/guests/{name}/migration",
             Route::Migrations => "/v1/migrations",
             Route::MigrationStream(_) => "/v1/migrations/{name}/stream",
@@ -326,6 +330,7 @@ impl Route {
             | Route::Events
             | Route::Logs
             | Route::MigrationStream(_)
+            | Route::ClusterPeer
             | Route::Metrics => &[GET],
         }
     }
@@ -343,10 +348,13 @@ impl Route {
     }
 
     /// Served to other nodes of the same manager (a client certificate the manager signed for a
-    /// node), and only these: the two halves of an incoming migration. Everything else refuses
-    /// a node's certificate.
+    /// node), and only these: the two halves of an incoming migration, and the fencing peer
+    /// check. Everything else refuses a node's certificate.
     pub fn node_to_node(&self) -> bool {
-        matches!(self, Route::Migrations | Route::MigrationStream(_))
+        matches!(
+            self,
+            Route::Migrations | Route::MigrationStream(_) | Route::ClusterPeer
+        )
     }
 
     /// One example of every route, for tests that walk the whole API.
@@ -383,6 +391,7 @@ impl Route {
             Route::Metrics,
             Route::NodeCertificate,
             Route::Cluster,
+            Route::ClusterPeer,
             Route::GuestMigration(g()),
             Route::Migrations,
             Route::MigrationStream(g()),

@@ -59,13 +59,16 @@ enum Cause<'a> {
 }
 
 impl Failover {
-    pub fn new(timings: Timings) -> Self {
-        Failover {
+    /// Failover with `timings`, which must keep the fencing guarantee ([`Timings::check`]):
+    /// a leader never restarts a guest sooner than they prove safe.
+    pub fn new(timings: Timings) -> Result<Self, String> {
+        timings.check()?;
+        Ok(Failover {
             timings,
             seen: HashMap::new(),
             lost: HashMap::new(),
             backoff: HashMap::new(),
-        }
+        })
     }
 
     /// Since when `node` has been gone, as this member saw it.
@@ -107,7 +110,11 @@ impl Failover {
             state.placements.iter().map(|p| p.value.clone()).collect();
         let mut candidates = Vec::new();
         for p in &state.placements {
-            let Some(g) = state.guests.iter().find(|g| g.value.name() == p.value.guest) else {
+            let Some(g) = state
+                .guests
+                .iter()
+                .find(|g| g.value.name() == p.value.guest)
+            else {
                 continue;
             };
             if g.value.desired != Desired::Running {
@@ -116,9 +123,7 @@ impl Failover {
             let node = p.value.node.as_str();
             let cause = match live.get(node) {
                 None => Cause::Lost(node),
-                Some(n) if n.guests_failed.iter().any(|f| *f == p.value.guest) => {
-                    Cause::Crashed(node)
-                }
+                Some(n) if n.guests_failed.contains(&p.value.guest) => Cause::Crashed(node),
                 Some(_) => continue,
             };
             if !g.value.ha {
@@ -172,9 +177,7 @@ impl Failover {
                             );
                             continue;
                         }
-                        Some(Seen {
-                            watchdog: Some(wd),
-                        }) => wd.clone(),
+                        Some(Seen { watchdog: Some(wd) }) => wd.clone(),
                     };
                     let due = since + self.timings.restart_after_loss;
                     if now < due {
@@ -323,7 +326,7 @@ mod tests {
     #[test]
     fn a_lost_nodes_ha_guests_move_only_after_the_fencing_wait_highest_priority_first() {
         let t0 = Instant::now();
-        let mut f = Failover::new(T);
+        let mut f = Failover::new(T).unwrap();
         let guests = vec![
             guest("db", 4096, true, 10),
             guest("web", 4096, true, 1),
@@ -362,9 +365,15 @@ mod tests {
         // Room for one 4 GiB guest on n2: the higher priority goes, nothing is overcommitted.
         assert_eq!(d.restarts.len(), 1, "{d:?}");
         let r = &d.restarts[0];
-        assert_eq!((r.guest.as_str(), r.from.as_str(), r.to.as_str()), ("db", "n1", "n2"));
+        assert_eq!(
+            (r.guest.as_str(), r.from.as_str(), r.to.as_str()),
+            ("db", "n1", "n2")
+        );
         assert_eq!(r.placement_revision, 11);
-        assert!(r.reason.contains("fenced by its watchdog (i6300esb)"), "{r:?}");
+        assert!(
+            r.reason.contains("fenced by its watchdog (i6300esb)"),
+            "{r:?}"
+        );
         assert!(d.waiting["web"].contains("next try in 2 s"), "{d:?}");
         // The next tries back off: 2, 4, 8... seconds.
         let d = f.decide(due + s(1), &lost);
@@ -376,7 +385,7 @@ mod tests {
     #[test]
     fn a_node_back_before_the_wait_keeps_its_guests() {
         let t0 = Instant::now();
-        let mut f = Failover::new(T);
+        let mut f = Failover::new(T).unwrap();
         let guests = vec![guest("db", 1024, true, 0)];
         let placements = vec![placed("db", "n1", 11)];
         let both = state(
@@ -403,19 +412,16 @@ mod tests {
         let placements = vec![placed("db", "n1", 11)];
         let lost = state(vec![node("n2", 8000)], guests.clone(), placements.clone());
         // A leader that never saw n1.
-        let mut f = Failover::new(T);
+        let mut f = Failover::new(T).unwrap();
         f.observe(t0, &lost);
         let d = f.decide(t0 + s(600), &lost);
         assert!(d.restarts.is_empty());
         assert!(d.waiting["db"].contains("never seen"), "{d:?}");
         // A leader that saw n1 without a watchdog.
-        let mut f = Failover::new(T);
+        let mut f = Failover::new(T).unwrap();
         let mut n1 = node("n1", 8000);
         n1.watchdog = None;
-        f.observe(
-            t0,
-            &state(vec![n1, node("n2", 8000)], guests, placements),
-        );
+        f.observe(t0, &state(vec![n1, node("n2", 8000)], guests, placements));
         f.observe(t0 + s(1), &lost);
         let d = f.decide(t0 + s(600), &lost);
         assert!(d.restarts.is_empty());
@@ -425,7 +431,7 @@ mod tests {
     #[test]
     fn a_guest_that_crashes_too_often_goes_to_another_node_and_stopped_guests_stay() {
         let t0 = Instant::now();
-        let mut f = Failover::new(T);
+        let mut f = Failover::new(T).unwrap();
         let mut n1 = node("n1", 8000);
         n1.guests_failed = vec!["db".into(), "off".into()];
         let mut off = guest("off", 1024, true, 0);
@@ -439,7 +445,9 @@ mod tests {
         let d = f.decide(t0, &st);
         assert_eq!(d.restarts.len(), 1, "{d:?}");
         assert_eq!(d.restarts[0].to, "n2");
-        assert!(d.restarts[0].reason.contains("crashed too often on node n1"));
+        assert!(d.restarts[0]
+            .reason
+            .contains("crashed too often on node n1"));
         // With no other node, it waits (it is not placed back on n1).
         let alone = state(
             vec![st.nodes[0].clone()],

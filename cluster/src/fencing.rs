@@ -452,7 +452,10 @@ mod tests {
         assert_eq!(t, 7.0, "{v:?}");
         assert!(why.contains("n2 holds its own"), "{why}");
         // Fed until then, asked its peers from the doubt on.
-        assert!(v.iter().take_while(|(t, _)| *t < 4.0).all(|(_, v)| *v == Verdict::Feed));
+        assert!(v
+            .iter()
+            .take_while(|(t, _)| *t < 4.0)
+            .all(|(_, v)| *v == Verdict::Feed));
         assert!(v.contains(&(4.0, Verdict::Doubt { ask_peers: true })));
         // Fencing is for good, even if the lease came back.
         let later = sim.guard.step(sim.at(13.0), secs(0.0), true, None);

@@ -35,6 +35,7 @@ pub struct Membership {
     lease: i64,
     ttl: i64,
     state: watch::Receiver<LeaseState>,
+    renewed: std::sync::Arc<std::sync::Mutex<Instant>>,
     keeper: JoinHandle<()>,
 }
 
@@ -63,7 +64,14 @@ impl Membership {
             return Err(e.into());
         }
         let (tx, rx) = watch::channel(LeaseState::Alive);
-        let keeper = tokio::spawn(keep_alive(client.clone(), lease, ttl, tx));
+        let renewed = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+        let keeper = tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            ttl,
+            tx,
+            std::sync::Arc::clone(&renewed),
+        ));
         Ok(Membership {
             client: client.clone(),
             key,
@@ -71,6 +79,7 @@ impl Membership {
             lease,
             ttl,
             state: rx,
+            renewed,
             keeper,
         })
     }
@@ -83,6 +92,12 @@ impl Membership {
     /// The lease's TTL in seconds.
     pub fn ttl_secs(&self) -> i64 {
         self.ttl
+    }
+
+    /// When etcd last answered a renewal of the lease (by this node's monotonic clock; the
+    /// grant at joining counts as one).
+    pub fn last_renewed(&self) -> Instant {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The lease's state now.
@@ -139,7 +154,13 @@ impl Drop for Membership {
     }
 }
 
-async fn keep_alive(mut client: Client, lease: i64, ttl: i64, tx: watch::Sender<LeaseState>) {
+async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    ttl: i64,
+    tx: watch::Sender<LeaseState>,
+    renewed: std::sync::Arc<std::sync::Mutex<Instant>>,
+) {
     let interval = Duration::from_millis((ttl as u64 * 1000) / 3);
     let ttl_d = Duration::from_secs(ttl as u64);
     let mut last_ok = Instant::now();
@@ -170,7 +191,10 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: i64, tx: watch::Sender<
             responses.message().await
         };
         match tokio::time::timeout(interval, round).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = Instant::now(),
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                last_ok = Instant::now();
+                *renewed.lock().unwrap_or_else(|e| e.into_inner()) = last_ok;
+            }
             Ok(Ok(Some(_))) => {
                 let _ = tx.send(LeaseState::Lost {
                     reason: format!("lease {lease:x} expired or was revoked"),

@@ -45,6 +45,10 @@ pub trait Handler {
     fn set_hostname(&self, hostname: &str) -> Result<(), String>;
     /// Creates and mounts the data partition on a blank disk.
     fn init_storage(&self, device: &str) -> Result<(), String>;
+    /// Feeds the watchdog for `feed_ms` (0: stop feeding, the node fences itself).
+    fn watchdog(&self, feed_ms: u64) -> Result<(), String>;
+    /// Disarms the watchdog.
+    fn watchdog_disarm(&self) -> Result<(), String>;
     /// Starts the shutdown sequence (after the answer is sent).
     fn power(&self, kind: PowerKind);
 }
@@ -69,6 +73,8 @@ pub fn handle_line(line: &str, h: &dyn Handler) -> (InitResponse, Option<PowerKi
         },
         InitRequest::SetHostname { hostname } => h.set_hostname(hostname),
         InitRequest::InitStorage { device } => h.init_storage(device),
+        InitRequest::Watchdog { feed_ms } => h.watchdog(*feed_ms),
+        InitRequest::WatchdogDisarm => h.watchdog_disarm(),
         InitRequest::Reboot => return (InitResponse::Ok, Some(PowerKind::Reboot)),
         InitRequest::PowerOff => return (InitResponse::Ok, Some(PowerKind::PowerOff)),
     };
@@ -184,6 +190,14 @@ mod tests {
         fn init_storage(&self, device: &str) -> Result<(), String> {
             self.calls.borrow_mut().push(format!("storage {device}"));
             Err(format!("{device} is not blank"))
+        }
+        fn watchdog(&self, feed_ms: u64) -> Result<(), String> {
+            self.calls.borrow_mut().push(format!("watchdog {feed_ms}"));
+            Ok(())
+        }
+        fn watchdog_disarm(&self) -> Result<(), String> {
+            self.calls.borrow_mut().push("disarm".into());
+            Ok(())
         }
         fn power(&self, kind: PowerKind) {
             *self.power.borrow_mut() = Some(kind);

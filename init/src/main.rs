@@ -24,6 +24,7 @@ mod spawn;
 mod storage;
 mod supervisor;
 mod sys;
+mod watchdog;
 
 use std::os::fd::AsFd;
 use std::path::Path;

@@ -44,6 +44,7 @@ struct Node {
     storage: Storage,
     net: OnceLock<Network>,
     events: Sender<Event>,
+    watchdog: crate::watchdog::Watchdog,
 }
 
 impl control::Handler for Node {
@@ -74,7 +75,20 @@ impl control::Handler for Node {
             .map_err(|e| e.to_string())
     }
 
+    fn watchdog(&self, feed_ms: u64) -> Result<(), String> {
+        self.watchdog.grant(feed_ms).map(drop)
+    }
+
+    fn watchdog_disarm(&self) -> Result<(), String> {
+        self.watchdog.disarm()
+    }
+
     fn power(&self, kind: PowerKind) {
+        // A power-off must not turn into the watchdog's reset on the way down. A node that
+        // fenced itself keeps it armed: the reset is the point.
+        if let Err(e) = self.watchdog.disarm() {
+            out::log_only(&format!("init: {e}"));
+        }
         let _ = self.events.send(Event::Power(kind));
     }
 }
@@ -315,7 +329,9 @@ pub fn run() -> String {
         storage: Storage::new(crate::storage::boot_disk()),
         net: OnceLock::new(),
         events: tx.clone(),
+        watchdog: crate::watchdog::Watchdog::default(),
     });
+    node.watchdog.start();
     let (power_tx, power_rx) = channel();
     let boot_node = Arc::clone(&node);
     let boot_tx = tx;

@@ -782,6 +782,21 @@ impl Guests {
         });
     }
 
+    /// Kills the guest's VMM with SIGKILL, without asking it first (fencing: the node must be
+    /// certain it is gone, and quickly), and waits up to 5 s for it to go. Whether it went.
+    pub fn kill_now(&self, name: &str) -> bool {
+        let id = {
+            let t = self.lock();
+            match t.running.get(name) {
+                Some(r) => r.id,
+                None => return true,
+            }
+        };
+        self.update(name, id, |r| r.intent = Intent::Stop);
+        self.kill(name, id);
+        self.wait_gone(name, id, Duration::from_secs(5))
+    }
+
     /// Stops the guest at once (the VMM's `stop`, SIGKILL if it does not comply) and waits
     /// until its VMM has exited.
     pub fn stop(&self, name: &str) -> Result<(), GuestError> {
