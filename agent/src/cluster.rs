@@ -62,8 +62,8 @@ pub struct Cluster {
     wake: Notify,
     /// What this member saw of lost nodes (the leader's failover decisions).
     failover: Mutex<Option<Failover>>,
-    /// When each HA guest here crashed lately.
-    crashes: Mutex<HashMap<String, Vec<Instant>>>,
+    /// When each HA guest here crashed lately, and when it may start again.
+    crashes: Mutex<HashMap<String, Crashes>>,
     /// The HA guests that crashed too often here: the record asks for them to go elsewhere.
     failed: Mutex<BTreeSet<String>>,
     /// The node's record is to be rewritten at the next tick, not [`RECORD_EVERY`] later.
@@ -646,11 +646,20 @@ impl Agent {
                         .await
                         .unwrap_or_else(|e| Err(e.to_string()));
                     match r {
-                        Ok(()) => self.events.emit(
-                            "cluster",
-                            Some(&name),
-                            format!("placed here by the cluster ({reason}): started"),
-                        ),
+                        Ok(()) => {
+                            if ha {
+                                // On the console too: the HA timeline is read from it.
+                                crate::fencing::kmsg_at(
+                                    3,
+                                    &format!("hvnode: ha: started {name} here ({reason})"),
+                                );
+                            }
+                            self.events.emit(
+                                "cluster",
+                                Some(&name),
+                                format!("placed here by the cluster ({reason}): started"),
+                            )
+                        }
                         Err(why) => self.events.emit(
                             "cluster",
                             Some(&name),
@@ -713,10 +722,24 @@ impl Agent {
         let now = Instant::now();
         let count = {
             let mut crashes = lock(&self.cluster.crashes);
-            let times = crashes.entry(name.to_owned()).or_default();
-            times.retain(|t| now.saturating_duration_since(*t) < CRASH_WINDOW);
-            times.push(now);
-            times.len()
+            let c = crashes.entry(name.to_owned()).or_default();
+            match c.restart_at {
+                Some(at) if now < at => return,
+                Some(_) => {
+                    // The wait is over: the next tick starts it, after the same ownership
+                    // check as any start.
+                    c.restart_at = None;
+                    started.remove(name);
+                    return;
+                }
+                None => {}
+            }
+            c.at.retain(|t| now.saturating_duration_since(*t) < CRASH_WINDOW);
+            c.at.push(now);
+            if c.at.len() <= MAX_LOCAL_RESTARTS {
+                c.restart_at = Some(now + Duration::from_secs(1 << c.at.len()));
+            }
+            c.at.len()
         };
         let why = rt.crash_reason.unwrap_or_else(|| "its VMM died".into());
         if count <= MAX_LOCAL_RESTARTS {
@@ -724,12 +747,12 @@ impl Agent {
                 "ha",
                 Some(name),
                 format!(
-                    "crashed ({why}): restarting it on this node ({count} of                      {MAX_LOCAL_RESTARTS} within {} min)",
+                    "crashed ({why}): restarting it on this node in {} s ({count} of \
+                     {MAX_LOCAL_RESTARTS} within {} min)",
+                    1u64 << count,
                     CRASH_WINDOW.as_secs() / 60
                 ),
             );
-            // The next tick starts it again, after the same ownership check as any start.
-            started.remove(name);
         } else {
             lock(&self.cluster.failed).insert(name.to_owned());
             self.cluster.record_now();
@@ -737,7 +760,8 @@ impl Agent {
                 "ha",
                 Some(name),
                 format!(
-                    "crashed ({why}) {count} times within {} min: asking the cluster to                      restart it on another node",
+                    "crashed ({why}) {count} times within {} min: asking the cluster to \
+                     restart it on another node",
                     CRASH_WINDOW.as_secs() / 60
                 ),
             );
@@ -821,6 +845,15 @@ impl Agent {
         let _ = std::fs::remove_file(self.cluster_guests_dir().join(name));
         self.running.forget(name);
     }
+}
+
+/// An HA guest's recent crashes on this node.
+#[derive(Debug, Default)]
+struct Crashes {
+    at: Vec<Instant>,
+    /// The restart waits until then (a backoff: a disk still locked by a dead node's VMM is
+    /// free once the storage server's lease for that node runs out).
+    restart_at: Option<Instant>,
 }
 
 /// Where the node's campaign for leadership stands.

@@ -368,8 +368,12 @@ impl Agent {
 
 /// Asks one peer for its lease over mutual TLS (`config` pins its certificate).
 async fn ask_peer(address: &str, config: rustls::ClientConfig) -> Result<PeerLease, String> {
-    let base = BaseUrl::parse(&format!("https://{address}"))
-        .map_err(|_| format!("its address {address:?} is not host:port"))?;
+    let url = if address.starts_with("https://") {
+        address.to_owned()
+    } else {
+        format!("https://{address}")
+    };
+    let base = BaseUrl::parse(&url).map_err(|_| format!("its address {address:?} is not a URL"))?;
     let tcp = tokio::net::TcpStream::connect((base.host.as_str(), base.port))
         .await
         .map_err(|e| e.to_string())?;
@@ -383,7 +387,7 @@ async fn ask_peer(address: &str, config: rustls::ClientConfig) -> Result<PeerLea
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::get(Route::ClusterPeer.path())
-        .header(hyper::header::HOST, address)
+        .header(hyper::header::HOST, format!("{}:{}", base.host, base.port))
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
@@ -402,8 +406,13 @@ async fn ask_peer(address: &str, config: rustls::ClientConfig) -> Result<PeerLea
 /// A line in the kernel log, which the serial console shows: what fencing did must be on
 /// record even if the node is reset a moment later.
 fn kmsg(line: &str) {
+    kmsg_at(2, line);
+}
+
+/// A line in the kernel log at syslog `level` (the console shows 0 to 3 under `quiet`).
+pub(crate) fn kmsg_at(level: u8, line: &str) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        let _ = f.write_all(format!("<2>{line}\n").as_bytes());
+        let _ = f.write_all(format!("<{}>{line}\n", level.min(7)).as_bytes());
     }
 }

@@ -147,8 +147,9 @@ pub enum ClusterCommand {
         #[arg(long = "node-etcd")]
         node_etcd: Vec<String>,
     },
-    /// Have a registered node join the cluster (one registered before `cluster init`).
-    Join(NodeArg),
+    /// Have a registered node join the cluster (one registered before `cluster init`), or
+    /// join again with another address.
+    Join(JoinArgs),
     /// Have a node leave the cluster (it must run no cluster guest).
     Leave(NodeArg),
     /// The cluster as etcd has it: the live members, the leader, the guests and their nodes.
@@ -299,6 +300,18 @@ pub enum NodeCommand {
 pub struct NodeArg {
     /// Node name.
     pub node: String,
+}
+
+/// `cluster join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Node name.
+    pub node: String,
+    /// The URL the other nodes reach this node's agent at (migrations, the fencing peer
+    /// check), when it is not the one this manager registered it with (NAT, another network
+    /// between the nodes).
+    #[arg(long)]
+    pub address: Option<String>,
 }
 
 /// Power actions.

@@ -48,7 +48,15 @@ pub struct Options {
     pub memory_mib: u32,
     /// Expose SVM + NPT so that KVM loads inside (nested guests).
     pub nested: bool,
+    /// An i6300esb watchdog, which resets the machine when it fires.
+    pub watchdog: bool,
+    /// The host's etcd port, reached by the node at [`NODE_ETCD`] through a link of its own
+    /// that [`Qemu::cut_etcd_link`] cuts (its other traffic, storage included, stays).
+    pub etcd_link: Option<u16>,
 }
+
+/// Where a node started with [`Options::etcd_link`] reaches etcd.
+pub const NODE_ETCD: &str = "http://10.0.2.100:2379";
 
 impl Options {
     /// Defaults: 1 GiB, no disk, not nested.
@@ -60,6 +68,8 @@ impl Options {
             disks: Vec::new(),
             memory_mib: 1024,
             nested: false,
+            watchdog: false,
+            etcd_link: None,
         }
     }
 }
@@ -97,6 +107,13 @@ pub fn blank_disk(path: &Path, size: u64) {
     f.set_len(size).expect("size disk");
 }
 
+/// The name a node's etcd link processes carry (its directory's, made unique).
+fn link_tag(dir: &Path) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&dir, &mut h);
+    format!("hvlink-{:x}", std::hash::Hasher::finish(&h))
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -107,6 +124,8 @@ fn free_port() -> u16 {
 #[derive(Default)]
 struct Serial {
     bytes: Vec<u8>,
+    /// When each chunk arrived: (offset of its first byte, time).
+    arrivals: Vec<(usize, Instant)>,
     closed: bool,
 }
 
@@ -170,9 +189,32 @@ impl Qemu {
         cmd.args(["-device", "VGA,id=video0"]);
         cmd.args(["-device", "qemu-xhci,id=xhci"]);
         cmd.args(["-device", "usb-kbd,bus=xhci.0,display=video0"]);
-        cmd.arg("-netdev")
-            .arg(format!("user,id=n0,hostfwd=tcp:127.0.0.1:{api_port}-:8443"));
+        let mut netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{api_port}-:8443");
+        if let Some(port) = opts.etcd_link {
+            // One socat per connection the node opens (QEMU runs the command for each); the
+            // cut marks the link cut and kills the socats by their log name.
+            let script = dir.join("etcd-link.sh");
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\n[ -e {cut} ] && exit 0\nexec socat -lp {tag} STDIO TCP:127.0.0.1:{port}\n",
+                    cut = dir.join("etcd-link.cut").display(),
+                    tag = link_tag(dir),
+                ),
+            )
+            .expect("write the etcd link script");
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod the etcd link script");
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:10.0.2.100:2379-cmd:{}",
+                script.display()
+            ));
+        }
+        cmd.arg("-netdev").arg(netdev);
         cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
+        if opts.watchdog {
+            cmd.args(["-device", "i6300esb", "-action", "watchdog=reset"]);
+        }
         if opts.firmware == Firmware::Ovmf {
             let vars = dir.join("OVMF_VARS.fd");
             std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("copy OVMF vars");
@@ -238,6 +280,8 @@ impl Qemu {
                         return;
                     }
                     let _ = log.write_all(&buf[..n]);
+                    let at = s.bytes.len();
+                    s.arrivals.push((at, Instant::now()));
                     s.bytes.extend_from_slice(&buf[..n]);
                     cv.notify_all();
                 }
@@ -425,6 +469,39 @@ impl Qemu {
         }
     }
 
+    /// When `needle` first appeared in the serial output after `mark` (the arrival of the chunk
+    /// that completed it).
+    pub fn seen_at(&self, mark: usize, needle: &str) -> Option<Instant> {
+        let (lock, _) = &*self.serial;
+        let s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let from = mark.min(s.bytes.len());
+        let pos = s.bytes[from..]
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())?
+            + from;
+        let end = pos + needle.len() - 1;
+        s.arrivals
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= end)
+            .map(|(_, t)| *t)
+    }
+
+    /// Cuts the node's link to etcd ([`Options::etcd_link`]): open connections close, new ones
+    /// close at once. Its other traffic (the API, NFS) goes on.
+    pub fn cut_etcd_link(&self) {
+        std::fs::write(self.dir.join("etcd-link.cut"), b"").expect("mark the link cut");
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("socat -lp {}", link_tag(&self.dir))])
+            .status();
+    }
+
+    /// Ends QEMU at once, as a node that loses power (no shutdown).
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Presses the ACPI power button and waits for QEMU to exit.
     pub fn power_button_and_wait(&mut self, timeout: Duration) -> ExitStatus {
         self.qmp("system_powerdown");
@@ -593,7 +670,7 @@ pub fn host_nfs(dir: &Path, export: &Path) -> (Vec<HostService>, u16) {
         format!(
             "NFS_CORE_PARAM {{ Protocols = 4; Enable_RQUOTA = false; Enable_NLM = false; \
              NFS_Port = {port}; Bind_addr = 127.0.0.1; }}\n\
-             NFSV4 {{ Graceless = true; }}\n\
+             NFSV4 {{ Graceless = true; Lease_Lifetime = 10; }}\n\
              EXPORT {{ Export_Id = 1; Path = {}; Pseudo = /export; Access_Type = RW; \
              Squash = No_Root_Squash; Protocols = 4; Transports = TCP; SecType = sys; \
              FSAL {{ Name = VFS; }} }}\n",

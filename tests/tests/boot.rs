@@ -724,6 +724,16 @@ nics = [{{ bridge = "br0" }}]
 /// the ISO, both registered with one manager (its state in `dir/manager`) and given the test
 /// guest's kernel and initrd as `test/vmlinuz` and `test/initramfs.img`.
 fn two_nodes(name: &str, iso: &Path, dir: &Path) -> (Qemu, Qemu, PathBuf) {
+    two_nodes_with(name, iso, dir, |_| {})
+}
+
+/// [`two_nodes`], each node's QEMU options changed by `tune` first.
+fn two_nodes_with(
+    name: &str,
+    iso: &Path,
+    dir: &Path,
+    tune: impl Fn(&mut Options),
+) -> (Qemu, Qemu, PathBuf) {
     let guest = repo_root().join("build/guest");
     for f in ["vmlinuz", "initramfs.img"] {
         assert!(
@@ -737,6 +747,7 @@ fn two_nodes(name: &str, iso: &Path, dir: &Path) -> (Qemu, Qemu, PathBuf) {
         let mut opts = Options::new(&format!("{name}-{n}"), Firmware::SeaBios, Medium::Cd);
         opts.nested = true;
         opts.memory_mib = 1536;
+        tune(&mut opts);
         Qemu::start(iso, &opts, &d)
     };
     let mut a = start("a");
@@ -944,9 +955,14 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
     let blank = dir.join("blank.raw");
     hvnode_tests::blank_disk(&blank, 1 << 20);
 
-    let (mut a, mut b, state) = two_nodes(name, &iso, &dir);
+    // Each node has a watchdog, and reaches etcd through a link of its own that the test can
+    // cut while its storage stays.
+    let (a, b, state) = two_nodes_with(name, &iso, &dir, |o| {
+        o.watchdog = true;
+        o.etcd_link = Some(etcd_port);
+    });
     let manager_etcd = format!("http://127.0.0.1:{etcd_port}");
-    let node_etcd = format!("http://10.0.2.2:{etcd_port}");
+    let node_etcd = hvnode_tests::NODE_ETCD.to_owned();
     ok(
         &state,
         &[
@@ -958,6 +974,12 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
             &node_etcd,
         ],
     );
+    // The nodes reach each other through the host (QEMU's user network maps 10.0.2.2 to the
+    // host's loopback, where each node's API port is forwarded).
+    for (node, vm) in [("node-a", &a), ("node-b", &b)] {
+        let address = format!("https://10.0.2.2:{}", vm.api_port);
+        ok(&state, &["cluster", "join", node, "--address", &address]);
+    }
     let nfs_options = format!("port={nfs_port}");
     ok(
         &state,
@@ -1091,9 +1113,131 @@ fn two_nodes_form_a_cluster_and_a_guest_on_nfs_runs_on_either_with_its_data() {
         "node A still has the guest:\n{list_a}"
     );
     ok(&state, &["cluster", "guest", "stop", "clustered"]);
-    for vm in [&mut a, &mut b] {
-        let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
-        assert!(status.success(), "QEMU exit status {status}");
-        vm.assert_clean_console();
+    high_availability(&state, &dir, &blank, a, b);
+}
+
+/// The HA half of the cluster test (docs/ha.md), on its two nodes: an HA guest's node is cut
+/// off from etcd (its storage stays): it kills the guest and its watchdog resets it before the
+/// other node starts the guest, with its disk as it was; the node comes back, joins again, and
+/// the other node dies at once (QEMU killed): the guest starts again on the node that came
+/// back.
+fn high_availability(state: &Path, dir: &Path, blank: &Path, a: Qemu, b: Qemu) {
+    // Both nodes armed their watchdog when they joined.
+    for vm in [&a, &b] {
+        vm.wait_for("armed (8 s)", Duration::from_secs(120));
     }
+    ok(
+        state,
+        &[
+            "image",
+            "upload",
+            "node-a",
+            blank.to_str().unwrap_or_default(),
+            "shared:ha/data.raw",
+        ],
+    );
+    let spec = dir.join("ha.toml");
+    std::fs::write(&spec, cluster_guest_spec().replace("clustered", "ha")).expect("write spec");
+    ok(
+        state,
+        &[
+            "cluster",
+            "guest",
+            "define",
+            spec.to_str().unwrap_or_default(),
+            "--ha",
+            "--stopped",
+        ],
+    );
+    let started = ok(state, &["cluster", "guest", "start", "ha"]);
+    let (mut x, x_name, mut y, y_name) = if started.contains("runs on node-a") {
+        (a, "node-a", b, "node-b")
+    } else {
+        assert!(started.contains("runs on node-b"), "{started}");
+        (b, "node-b", a, "node-a")
+    };
+    wait_console(state, x_name, "ha", "boots 1");
+
+    // (1) A partition: X loses etcd, not its storage.
+    let (x_mark, y_mark) = (x.mark(), y.mark());
+    let cut = std::time::Instant::now();
+    x.cut_etcd_link();
+    let console = wait_console(state, y_name, "ha", "boots 2");
+    assert!(console.contains("boots 2"), "{console}");
+    let fenced = x
+        .seen_at(x_mark, "fence: killed the HA guest ha")
+        .unwrap_or_else(|| {
+            panic!(
+                "{x_name} did not kill the guest (log: {})",
+                x.log_path.display()
+            )
+        });
+    let reset = x
+        .seen_at(x_mark, "SeaBIOS")
+        .unwrap_or_else(|| panic!("{x_name} was not reset (log: {})", x.log_path.display()));
+    let taken = y
+        .seen_at(y_mark, "hvnode: ha: started ha here")
+        .unwrap_or_else(|| {
+            panic!(
+                "{y_name} has no start on its console (log: {})",
+                y.log_path.display()
+            )
+        });
+    let s = |t: std::time::Instant| t.saturating_duration_since(cut).as_secs_f64();
+    eprintln!(
+        "partition of {x_name}: guest killed at +{:.1} s, node reset at +{:.1} s, guest started \
+         on {y_name} at +{:.1} s",
+        s(fenced),
+        s(reset),
+        s(taken)
+    );
+    assert!(
+        fenced < taken && reset < taken,
+        "{y_name} started the guest before {x_name} was fenced"
+    );
+
+    // (2) X is back (it kept nothing: no data disk): registered again, it joins; then Y dies.
+    x.wait_for_after(x_mark, "hvnode: ready", BOOT_TIMEOUT);
+    std::fs::remove_file(x.dir.join("etcd-link.cut")).expect("mend the link");
+    let code = pairing_code(&console_screen(&mut x, b"3", "Pairing code"));
+    let url = format!("https://127.0.0.1:{}", x.api_port);
+    ok(
+        state,
+        &[
+            "register", "node-c", "--url", &url, "--code", &code, "--yes",
+        ],
+    );
+    let address = format!("https://10.0.2.2:{}", x.api_port);
+    ok(state, &["cluster", "join", "node-c", "--address", &address]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, s) = hvnodectl(state, &["--json", "cluster", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+        let healthy = v["domains"]["shared"]["members"]["node-c"]["healthy"] == true;
+        if v["members"]["node-c"].is_object() && healthy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-c did not join with the domain mounted:\n{s}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    x.wait_for_after(x_mark, "armed (8 s)", Duration::from_secs(120));
+    let c_mark = x.mark();
+    let died = std::time::Instant::now();
+    y.kill_now();
+    let console = wait_console(state, "node-c", "ha", "boots 3");
+    assert!(console.contains("boots 3"), "{console}");
+    let taken = x
+        .seen_at(c_mark, "hvnode: ha: started ha here")
+        .unwrap_or_else(|| panic!("node-c has no start on its console"));
+    eprintln!(
+        "failover after {y_name} died: guest started on node-c {:.1} s later",
+        taken.saturating_duration_since(died).as_secs_f64()
+    );
+    ok(state, &["cluster", "guest", "stop", "ha"]);
+    let status = x.power_button_and_wait(POWEROFF_TIMEOUT);
+    assert!(status.success(), "QEMU exit status {status}");
+    x.assert_clean_console();
 }

@@ -150,7 +150,9 @@ impl Ctx {
             }
             ClusterCommand::Join(a) => {
                 let cfg = self.cluster_config()?;
-                let view = self.join_node(&a.node, &cfg).await?;
+                let view = self
+                    .join_node_at(&a.node, &cfg, a.address.as_deref())
+                    .await?;
                 self.show(&view, || format!("node {} is joining the cluster", a.node))
             }
             ClusterCommand::Leave(a) => {
@@ -229,6 +231,16 @@ impl Ctx {
         node: &str,
         cfg: &ClusterConfig,
     ) -> Result<ClusterView, CmdError> {
+        self.join_node_at(node, cfg, None).await
+    }
+
+    /// [`Self::join_node`], the node's address given (its registered URL if `None`).
+    async fn join_node_at(
+        &self,
+        node: &str,
+        cfg: &ClusterConfig,
+        address: Option<&str>,
+    ) -> Result<ClusterView, CmdError> {
         let entry = self
             .state
             .node(node)?
@@ -241,7 +253,7 @@ impl Ctx {
             },
             prefix: cfg.prefix.clone(),
             node_id: node.to_owned(),
-            address: entry.url.clone(),
+            address: address.map_or_else(|| entry.url.clone(), str::to_owned),
         };
         req.validate().map_err(|e| {
             CmdError::ClusterRefused(format!(
