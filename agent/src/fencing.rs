@@ -184,7 +184,7 @@ impl Agent {
             };
             let verdict = guard.step(Instant::now(), age, !ha.is_empty(), round.as_ref());
             let (state, message, ask) = match &verdict {
-                Verdict::Feed => (FenceState::Armed, None, false),
+                Verdict::Feed => (FenceState::Guarding, None, false),
                 Verdict::Doubt { ask_peers } => (
                     FenceState::Doubt,
                     Some(format!(
@@ -214,6 +214,7 @@ impl Agent {
                 let me = Arc::clone(&self);
                 tokio::spawn(async move { me.ask_peers().await });
             }
+            let message_now = message.clone();
             match self
                 .init_request(InitRequest::Watchdog {
                     feed_ms: GRANT.as_millis() as u64,
@@ -251,8 +252,11 @@ impl Agent {
                     armed = None;
                     self.fencing.set_view(FencingView {
                         watchdog: None,
-                        state: FenceState::Unarmed,
-                        message: Some(message),
+                        state,
+                        message: Some(match message_now {
+                            Some(m) => format!("{m}; {message}"),
+                            None => message,
+                        }),
                     });
                 }
             }

@@ -153,11 +153,12 @@ pub struct ClusterView {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FenceState {
-    /// No watchdog armed (not in a cluster, or none could be armed: see `message`).
+    /// Not in a cluster: no watchdog armed, nothing to guard.
     #[default]
     Unarmed,
-    /// Armed and fed: the node holds its lease (or runs no HA guest).
-    Armed,
+    /// The node holds its lease (or runs no HA guest): its watchdog, if it has one (see
+    /// `watchdog` and `message`), is fed.
+    Guarding,
     /// The lease was not renewed lately: the node asks its peers.
     Doubt,
     /// etcd is lost for every node: the node keeps its guests and starts nothing.

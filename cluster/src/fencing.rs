@@ -237,11 +237,11 @@ impl Guard {
             return Verdict::Feed;
         }
         if !ha_guests {
-            // Nothing here could be started elsewhere: nothing to fence. The node starts
-            // nothing while it cannot read its placements from etcd.
+            // Nothing here could be started elsewhere: nothing to fence (the node starts
+            // nothing while it cannot read its placements from etcd). It feeds, in doubt.
             self.quorum_lost = false;
             self.peer_back_since = None;
-            return Verdict::Feed;
+            return Verdict::Doubt { ask_peers: false };
         }
         let ask_peers = self.last_ask.is_none_or(|a| now >= a + t.peer_poll);
         if ask_peers {
@@ -546,7 +546,8 @@ mod tests {
     fn a_node_without_ha_guests_never_fences_and_a_stale_round_does_not_count() {
         let mut sim = Sim::new();
         let v = sim.run(0.0, 30.0, false, |_| vec![], |_| 0.0);
-        assert!(v.iter().all(|(_, v)| *v == Verdict::Feed));
+        assert_eq!(first_fence(&v), None);
+        assert_eq!(v[8], (4.0, Verdict::Doubt { ask_peers: false }));
         // Answers older than two polls are no answers.
         let mut g = Guard::new(T).unwrap();
         let now = Instant::now();

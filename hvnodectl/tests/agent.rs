@@ -945,31 +945,18 @@ fn wait_status(
     }
 }
 
-#[test]
-fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node() {
-    let test =
-        "two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node";
-    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
-        hvnode_base::testing::cannot_run(
-            test,
-            "no etcd (Debian's etcd-server; image/setup-host.sh)",
-        );
-        return;
-    };
-    let Some(RealGuests {
-        agent: a,
-        _vmms,
-        work,
-        m,
-    }) = real_guests(test, "cl-a")
-    else {
-        return;
-    };
-    // etcd speaks TLS only and admits clients by certificate: its server certificate and the
-    // client certificates (the manager's, the nodes') are all the manager's CA's.
+/// A real etcd that speaks TLS only and admits clients by certificate: its server certificate
+/// and the client certificates (the manager's, the nodes') are all the manager's (state `m`)
+/// CA's.
+fn tls_etcd(
+    rt: &tokio::runtime::Runtime,
+    etcd_bin: &Path,
+    m: &Path,
+    work: &Path,
+) -> hvnode_cluster::local_etcd::LocalEtcd {
     let certs = work.join("etcd-tls");
     ok(&ctl(
-        &m,
+        m,
         &[
             "cluster",
             "etcd-certificate",
@@ -990,18 +977,40 @@ fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_
         cert_pem: read(&m.join("client.pem")),
         key_pem: read(&m.join("client.key")),
     };
+    rt.block_on(hvnode_cluster::local_etcd::LocalEtcd::start_tls(
+        etcd_bin,
+        Duration::from_secs(20),
+        &server,
+        &manager,
+    ))
+    .expect("etcd starts")
+}
+
+#[test]
+fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node() {
+    let test =
+        "two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node";
+    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
+        hvnode_base::testing::cannot_run(
+            test,
+            "no etcd (Debian's etcd-server; image/setup-host.sh)",
+        );
+        return;
+    };
+    let Some(RealGuests {
+        agent: a,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(test, "cl-a")
+    else {
+        return;
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut etcd = rt
-        .block_on(hvnode_cluster::local_etcd::LocalEtcd::start_tls(
-            &etcd_bin,
-            Duration::from_secs(20),
-            &server,
-            &manager,
-        ))
-        .expect("etcd starts");
+    let mut etcd = tls_etcd(&rt, &etcd_bin, &m, &work);
     let bin = agent_binary().unwrap();
     let vmm = bin.with_file_name("hvnode-vmm");
     let mut b = Agent::start_with(&bin, "cl-b", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
@@ -1251,4 +1260,271 @@ fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_
     }
     assert!(ok(&ctl(&m, &["guest", "show", "n1", name])).contains("running"));
     fails_with(&ctl(&m, &["cluster", "status"]), "etcd unreachable");
+}
+
+/// A TCP link from a loopback port to `to` that the test cuts and mends: cut, its connections
+/// close and new ones close at once (the node behind it loses etcd, nothing else).
+struct Link {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Link {
+    fn new(to: &str) -> Link {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, o, to) = (cut.clone(), open.clone(), to.to_owned());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(up) = std::net::TcpStream::connect(&to) else {
+                    continue;
+                };
+                let mut list = o.lock().unwrap();
+                for s in [&conn, &up] {
+                    list.push(s.try_clone().unwrap());
+                }
+                for (mut from, mut into) in [
+                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, conn),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Link { port, cut, open }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn mend(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The node's view of the cluster (its local API).
+fn view(agent: &Agent) -> serde_json::Value {
+    agent.local_json("GET", &Route::Cluster.path(), None)
+}
+
+/// Waits (60 s at most) until `agent`'s cluster view satisfies `done`.
+fn wait_view(agent: &Agent, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = view(agent);
+        if done(&v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a VMM runs `guest` on the node.
+fn runs(agent: &Agent, guest: &str) -> bool {
+    let (status, body) = agent
+        .local("GET", &Route::Guest(guest.into()).path(), None)
+        .unwrap();
+    status == 200
+        && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["state"] == "running")
+}
+
+#[test]
+fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum_loss_kills_nothing(
+) {
+    let test = "ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum_loss_kills_nothing";
+    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
+        hvnode_base::testing::cannot_run(
+            test,
+            "no etcd (Debian's etcd-server; image/setup-host.sh)",
+        );
+        return;
+    };
+    let Some(RealGuests {
+        agent: a,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(test, "ha-a")
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = tls_etcd(&rt, &etcd_bin, &m, &work);
+    // Each node reaches etcd through a link of its own; the manager directly.
+    let (link_a, link_b) = (Link::new(etcd.endpoint()), Link::new(etcd.endpoint()));
+    ok(&ctl(&m, &["cluster", "init", "--etcd", &etcd.url()]));
+    let bin = agent_binary().unwrap();
+    let vmm = bin.with_file_name("hvnode-vmm");
+    let b = Agent::start_with(&bin, "ha-b", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let _vmms_b = Vmms(b.dir.clone());
+    let code = b.pairing_code();
+    ok(&ctl(
+        &m,
+        &[
+            "register",
+            "n2",
+            "--url",
+            &b.url(),
+            "--code",
+            &code,
+            "--yes",
+        ],
+    ));
+    // Each node certified by the manager (it asks its peers with that certificate), then
+    // joined through its link.
+    for (agent, node, link) in [(&a, "n1", &link_a), (&b, "n2", &link_b)] {
+        let mut join: serde_json::Value = toml::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(agent.dir.join("data/cluster.toml")).unwrap(),
+        )
+        .unwrap();
+        join["endpoints"] = serde_json::json!([link.url()]);
+        agent.local_json("PUT", &Route::Cluster.path(), Some(&join.to_string()));
+        wait_view(agent, &format!("{node} joins through its link"), |v| {
+            v["connection"] == "member" && v["fencing"]["state"] == "guarding"
+        });
+    }
+    wait_status(&m, "both nodes are members with a leader", |s| {
+        s["members"].as_object().is_some_and(|m| m.len() == 2) && s["leader"].is_string()
+    });
+    // Without init (this test runs the agent alone) there is no watchdog, and each node says
+    // so: should it be lost, its HA guests stay where they are.
+    let v = view(&a);
+    assert!(
+        v["fencing"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no watchdog")),
+        "{v:#}"
+    );
+
+    let payload = hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER);
+    for agent in [&a, &b] {
+        std::fs::write(agent.dir.join("images/count.elf"), &payload).unwrap();
+    }
+    let spec = work.join("hg.toml");
+    std::fs::write(
+        &spec,
+        "name = \"hg\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n",
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    ok(&ctl(
+        &m,
+        &["cluster", "guest", "define", spec, "--ha", "--stopped"],
+    ));
+    ok(&ctl(&m, &["cluster", "guest", "start", "hg", "--on", "n1"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !runs(&a, "hg") {
+        assert!(Instant::now() < deadline, "hg does not run on n1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A quorum loss: no node reaches etcd. n1 (with an HA guest) asks n2, which has lost it
+    // too: nobody fences, the HA guest runs on.
+    link_a.cut();
+    link_b.cut();
+    wait_view(&a, "n1 sees a quorum loss", |v| {
+        v["fencing"]["state"] == "quorum_lost"
+    });
+    wait_view(&b, "n2 is in doubt", |v| v["fencing"]["state"] == "doubt");
+    assert!(runs(&a, "hg"), "a quorum loss killed the HA guest");
+    link_a.mend();
+    link_b.mend();
+    for agent in [&a, &b] {
+        wait_view(agent, "the node is a member again", |v| {
+            v["connection"] == "member" && v["fencing"]["state"] == "guarding"
+        });
+    }
+    assert!(runs(&a, "hg"), "the HA guest stopped over the quorum loss");
+
+    // A partition: n1 alone loses etcd. n2 holds its lease, so n1 kills its HA guest itself,
+    // before the others can see its lease gone.
+    wait_status(&m, "both nodes are members again", |s| {
+        s["members"].as_object().is_some_and(|m| m.len() == 2)
+    });
+    link_a.cut();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut killed_first = None;
+    loop {
+        let lost = cluster_status(&m)["members"]
+            .as_object()
+            .is_some_and(|m| !m.contains_key("n1"));
+        let alive = runs(&a, "hg");
+        if !alive && killed_first.is_none() {
+            killed_first = Some(!lost);
+        }
+        if lost {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 is never lost");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        killed_first,
+        Some(true),
+        "n1 still ran its HA guest when its lease ended"
+    );
+    let v = view(&a);
+    assert_eq!(v["fencing"]["state"], "fenced", "{v:#}");
+    assert!(
+        v["fencing"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("n2 holds its own")),
+        "{v:#}"
+    );
+    // n1 had no watchdog: the leader does not restart its guest elsewhere, and says why.
+    wait_view(&b, "n2 says why hg waits", |v| {
+        v["guests"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["name"] == "hg"))
+            .and_then(|g| g["reason"].as_str())
+            .is_some_and(|r| r.contains("no watchdog armed"))
+    });
+    assert!(!runs(&b, "hg"));
+
+    // The admin moves it (stop, start elsewhere); n1 comes back and gives it up.
+    ok(&ctl(&m, &["cluster", "guest", "stop", "hg"]));
+    wait_status(&m, "hg is unplaced", |s| {
+        s["guests"]["hg"]["node"].is_null()
+    });
+    ok(&ctl(&m, &["cluster", "guest", "start", "hg", "--on", "n2"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !runs(&b, "hg") {
+        assert!(Instant::now() < deadline, "hg does not run on n2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    link_a.mend();
+    wait_view(&a, "n1 is a member again", |v| v["connection"] == "member");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a
+        .local("GET", &Route::Guest("hg".into()).path(), None)
+        .unwrap()
+        .0
+        != 404
+    {
+        assert!(Instant::now() < deadline, "n1 keeps hg's definition");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(runs(&b, "hg") && !runs(&a, "hg"));
 }
