@@ -649,10 +649,8 @@ impl Agent {
                         Ok(()) => {
                             if ha {
                                 // On the console too: the HA timeline is read from it.
-                                crate::fencing::kmsg_at(
-                                    3,
-                                    &format!("hvnode: ha: started {name} here ({reason})"),
-                                );
+                                self.announce(&format!("ha: started {name} here ({reason})"))
+                                    .await;
                             }
                             self.events.emit(
                                 "cluster",

@@ -272,8 +272,7 @@ impl Agent {
             message: Some(reason.to_owned()),
         });
         let line = format!("fence: {reason}: killing the HA guests {}", ha.join(", "));
-        eprintln!("agent: {line}");
-        kmsg(&format!("hvnode: {line}"));
+        self.announce(&line).await;
         self.events.emit("fencing", None, line);
         let me = Arc::clone(self);
         let names = ha.to_vec();
@@ -291,7 +290,7 @@ impl Agent {
             } else {
                 format!("fence: the HA guest {name}'s VMM did not go: the watchdog's reset ends it")
             };
-            kmsg(&format!("hvnode: {line}"));
+            self.announce(&line).await;
             self.events.emit("fencing", Some(name), line);
         }
         let stop = self
@@ -308,8 +307,18 @@ impl Agent {
                 r.err().unwrap_or_else(|| "none armed".into())
             ),
         };
-        kmsg(&format!("hvnode: {line}"));
+        self.announce(&line).await;
         self.events.emit("fencing", None, line);
+    }
+
+    /// A line on the node's consoles (through init, which owns them), in its log and in the
+    /// agent's output: what HA does on a node must be on record where the node is watched.
+    pub(crate) async fn announce(&self, line: &str) {
+        eprintln!("agent: {line}");
+        let message: String = line.chars().filter(|c| !c.is_control()).take(512).collect();
+        if let Err(e) = self.init_request(InitRequest::Announce { message }).await {
+            eprintln!("agent: announcing on the consoles: {e}");
+        }
     }
 
     /// One round of asking every peer whether it holds its lease; the answers are kept for
@@ -405,18 +414,4 @@ async fn ask_peer(address: &str, config: rustls::ClientConfig) -> Result<PeerLea
         return Err(format!("it answered HTTP {status}"));
     }
     serde_json::from_slice(&body).map_err(|e| format!("its answer: {e}"))
-}
-
-/// A line in the kernel log, which the serial console shows: what fencing did must be on
-/// record even if the node is reset a moment later.
-fn kmsg(line: &str) {
-    kmsg_at(2, line);
-}
-
-/// A line in the kernel log at syslog `level` (the console shows 0 to 3 under `quiet`).
-pub(crate) fn kmsg_at(level: u8, line: &str) {
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        let _ = f.write_all(format!("<{}>{line}\n", level.min(7)).as_bytes());
-    }
 }

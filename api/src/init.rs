@@ -34,6 +34,13 @@ pub enum InitRequest {
     },
     /// Disarm the watchdog (the node left its cluster). Refused once the node fenced itself.
     WatchdogDisarm,
+    /// Write `hvnode: <message>` on every console (the serial port too, even under the TUI),
+    /// in the kernel log and in the node log: what HA does on this node must be on record
+    /// where an admin, or a test, reads the node's console. At most 512 characters, printable.
+    Announce {
+        /// The text.
+        message: String,
+    },
     /// Stop services and guests, then reboot.
     Reboot,
     /// Stop services and guests, then power off.

@@ -49,6 +49,8 @@ pub trait Handler {
     fn watchdog(&self, feed_ms: u64) -> Result<(), String>;
     /// Disarms the watchdog.
     fn watchdog_disarm(&self) -> Result<(), String>;
+    /// Writes a checked message on every console.
+    fn announce(&self, message: &str);
     /// Starts the shutdown sequence (after the answer is sent).
     fn power(&self, kind: PowerKind);
 }
@@ -75,6 +77,17 @@ pub fn handle_line(line: &str, h: &dyn Handler) -> (InitResponse, Option<PowerKi
         InitRequest::InitStorage { device } => h.init_storage(device),
         InitRequest::Watchdog { feed_ms } => h.watchdog(*feed_ms),
         InitRequest::WatchdogDisarm => h.watchdog_disarm(),
+        InitRequest::Announce { message } => {
+            if message.is_empty()
+                || message.chars().count() > 512
+                || message.chars().any(char::is_control)
+            {
+                Err("An announcement is 1 to 512 printable characters".to_owned())
+            } else {
+                h.announce(message);
+                Ok(())
+            }
+        }
         InitRequest::Reboot => return (InitResponse::Ok, Some(PowerKind::Reboot)),
         InitRequest::PowerOff => return (InitResponse::Ok, Some(PowerKind::PowerOff)),
     };
@@ -198,6 +211,9 @@ mod tests {
         fn watchdog_disarm(&self) -> Result<(), String> {
             self.calls.borrow_mut().push("disarm".into());
             Ok(())
+        }
+        fn announce(&self, message: &str) {
+            self.calls.borrow_mut().push(format!("announce {message}"));
         }
         fn power(&self, kind: PowerKind) {
             *self.power.borrow_mut() = Some(kind);

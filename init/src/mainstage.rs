@@ -83,6 +83,10 @@ impl control::Handler for Node {
         self.watchdog.disarm()
     }
 
+    fn announce(&self, message: &str) {
+        out::announce(3, message, true);
+    }
+
     fn power(&self, kind: PowerKind) {
         // A power-off must not turn into the watchdog's reset on the way down. A node that
         // fenced itself keeps it armed: the reset is the point.
