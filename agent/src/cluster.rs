@@ -86,7 +86,7 @@ impl Agent {
         self.paths.data.join("cluster.toml")
     }
 
-    fn cluster_guests_dir(&self) -> PathBuf {
+    pub(crate) fn cluster_guests_dir(&self) -> PathBuf {
         self.paths.data.join("cluster-guests")
     }
 
@@ -96,7 +96,7 @@ impl Agent {
     }
 
     /// The cluster guests defined here.
-    fn cluster_guests_here(&self) -> Vec<String> {
+    pub(crate) fn cluster_guests_here(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(self.cluster_guests_dir())
             .into_iter()
             .flatten()
@@ -110,7 +110,7 @@ impl Agent {
 
     /// The cluster the node was told to join, if any. A file this build cannot read is
     /// reported and treated as no cluster (the node changes nothing on a cluster's behalf).
-    fn cluster_config(&self) -> Option<JoinCluster> {
+    pub(crate) fn cluster_config(&self) -> Option<JoinCluster> {
         let text = match std::fs::read_to_string(self.cluster_config_path()) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -144,7 +144,9 @@ impl Agent {
 
     /// `GET /v1/cluster`.
     pub(crate) fn cluster_view(&self) -> Resp {
-        json_response(StatusCode::OK, &self.cluster.view())
+        let mut view = self.cluster.view();
+        view.maintenance = self.maintenance.view();
+        json_response(StatusCode::OK, &view)
     }
 
     /// `PUT /v1/cluster` (the manager): join this cluster (or change to it). The join itself
@@ -225,6 +227,7 @@ impl Agent {
     pub fn spawn_cluster(self: &Arc<Self>) {
         let me = Arc::clone(self);
         tokio::spawn(async move { me.cluster_loop().await });
+        self.spawn_maintenance();
     }
 
     async fn cluster_loop(self: Arc<Self>) {
@@ -333,7 +336,8 @@ impl Agent {
                 break Err(format!("membership lease lost: {reason}"));
             }
             ticks = ticks.wrapping_add(1);
-            if ticks.is_multiple_of(RECORD_EVERY) {
+            // Maintenance hook: a changed mode is in the record at once.
+            if ticks.is_multiple_of(RECORD_EVERY) || self.maintenance.record_due() {
                 let record = self.node_record(cfg).await;
                 if let Err(e) = membership.update(&record).await {
                     self.cluster_unreachable(&e.to_string());
@@ -366,6 +370,8 @@ impl Agent {
             self.show(&state, leader, &reasons);
             self.reconcile(&store, &state, &cfg.node_id, &mut started)
                 .await;
+            // Maintenance hook: the drain works on this state (maintenance.rs).
+            self.maintenance_observe(&store, &state, &cfg.node_id);
         };
         campaign.abort();
         drop(lead_tx);
@@ -522,7 +528,7 @@ impl Agent {
                 format: 0,
                 id,
                 address,
-                state: NodeState::Active,
+                state: me.maintenance.node_state(),
                 mem_total_mib: total >> 20,
                 mem_free_mib: available >> 20,
                 vcpus_total: std::thread::available_parallelism()
@@ -564,7 +570,13 @@ impl Agent {
                 continue;
             };
             let active = self.running.is_active(&name);
+            // Maintenance hooks: a guest a drain migrated here becomes the cluster's here; a
+            // node in maintenance starts no cluster guest (its drain unplaces them).
+            if active && !self.is_cluster_guest(&name) {
+                self.adopt_migrated(&name);
+            }
             match g.value.desired {
+                Desired::Running if self.maintenance.blocks_start(&name) => {}
                 Desired::Running if !active && started.get(&name) != Some(&p.revision) => {
                     // Ownership checked by revision right before the start: the placement
                     // read in the state must still be the one in etcd.

@@ -26,7 +26,7 @@
 //! - [`events`]: the event log and its server-sent-events stream.
 //! - [`cluster`]: joining a cluster (etcd), membership, the leader's placements, running the
 //!   cluster guests placed here; [`domains`] mounts and checks the cluster's NFS storage
-//!   domains.
+//!   domains; [`maintenance`] drains the node of its cluster guests (maintenance mode).
 //!
 //! Shared by the domains: [`config`] (node.toml, one owner), [`initctl`] (init's control
 //! socket), [`tls`] (the node's identity and server configuration).
@@ -44,6 +44,7 @@ pub mod http;
 pub mod images;
 pub mod initctl;
 pub mod listen;
+pub mod maintenance;
 pub mod manager;
 pub mod migration;
 pub mod network;
@@ -133,6 +134,8 @@ pub struct Agent {
     cluster: cluster::Cluster,
     /// The cluster's storage domains as mounted here.
     domains: domains::Domains,
+    /// Maintenance mode and the drain of the cluster guests.
+    maintenance: maintenance::Maintenance,
 }
 
 impl std::fmt::Debug for Agent {
@@ -166,6 +169,7 @@ impl Agent {
             init: initctl::InitClient::new(paths.init_socket.clone()),
             cluster: cluster::Cluster::default(),
             domains: domains::Domains::default(),
+            maintenance: maintenance::Maintenance::load(&paths.data.join("maintenance.toml")),
             paths,
         })
     }

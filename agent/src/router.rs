@@ -105,6 +105,7 @@ impl Agent {
             (GET, Route::Cluster) => Ok(self.cluster_view()),
             (PUT, Route::Cluster) => self.join_cluster(read_json(req).await?).await,
             (DELETE, Route::Cluster) => self.leave_cluster().await,
+            (PUT, Route::ClusterMaintenance) => self.set_maintenance(read_json(req).await?).await,
             (PUT, Route::NodeCertificate) => self.install_node_certificate(read_json(req).await?),
             (GET, Route::GuestMigration(name)) => self.show_migration(name),
             (POST, Route::GuestMigration(name)) => {

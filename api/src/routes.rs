@@ -129,6 +129,8 @@ pub enum Route {
     NodeCertificate,
     /// `/v1/cluster`
     Cluster,
+    /// `/v1/cluster/maintenance`
+    ClusterMaintenance,
     /// `/v1/guests/{name}/migration`
     GuestMigration(String),
     /// `/v1/migrations` (node to node)
@@ -171,6 +173,7 @@ impl Route {
             ["node", "hostname"] => Route::NodeHostname,
             ["node", "certificate"] => Route::NodeCertificate,
             ["cluster"] => Route::Cluster,
+            ["cluster", "maintenance"] => Route::ClusterMaintenance,
             ["migrations"] => Route::Migrations,
             ["migrations", name, "stream"] => Route::MigrationStream(segment(name)?),
             ["guests", name, "migration"] => Route::GuestMigration(segment(name)?),
@@ -285,6 +288,7 @@ impl Route {
             Route::Metrics => "/metrics",
             Route::NodeCertificate => "/v1/node/certificate",
             Route::Cluster => "/v1/cluster",
+            Route::ClusterMaintenance => "/v1/cluster/maintenance",
             Route::GuestMigration(_) => "/v1/guests/{name}/migration",
             Route::Migrations => "/v1/migrations",
             Route::MigrationStream(_) => "/v1/migrations/{name}/stream",
@@ -297,7 +301,7 @@ impl Route {
         match self {
             Route::Registration => &[GET, POST, DELETE],
             Route::Cluster => &[GET, PUT, DELETE],
-            Route::NodeHostname => &[PUT],
+            Route::NodeHostname | Route::ClusterMaintenance => &[PUT],
             Route::Network | Route::NodeCertificate => &[GET, PUT],
             Route::GuestMigration(_) => &[GET, POST, DELETE],
             Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
@@ -383,6 +387,7 @@ impl Route {
             Route::Metrics,
             Route::NodeCertificate,
             Route::Cluster,
+            Route::ClusterMaintenance,
             Route::GuestMigration(g()),
             Route::Migrations,
             Route::MigrationStream(g()),
