@@ -269,7 +269,12 @@ impl Ctx {
             let members = state
                 .nodes
                 .into_iter()
-                .map(|n| (n.id, n.state == hvnode_cluster::model::NodeState::Maintenance))
+                .map(|n| {
+                    (
+                        n.id,
+                        n.state == hvnode_cluster::model::NodeState::Maintenance,
+                    )
+                })
                 .collect();
             Ok::<_, CmdError>((members, leader))
         }
