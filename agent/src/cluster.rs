@@ -118,7 +118,7 @@ impl Agent {
         self.paths.data.join("cluster.toml")
     }
 
-    fn cluster_guests_dir(&self) -> PathBuf {
+    pub(crate) fn cluster_guests_dir(&self) -> PathBuf {
         self.paths.data.join("cluster-guests")
     }
 
@@ -136,6 +136,7 @@ impl Agent {
     pub(crate) fn cluster_view_now(&self) -> ClusterView {
         let mut v = self.cluster.view();
         v.fencing = self.fencing.view();
+        v.maintenance = self.maintenance.view();
         v
     }
 
@@ -154,7 +155,7 @@ impl Agent {
 
     /// The cluster the node was told to join, if any. A file this build cannot read is
     /// reported and treated as no cluster (the node changes nothing on a cluster's behalf).
-    fn cluster_config(&self) -> Option<JoinCluster> {
+    pub(crate) fn cluster_config(&self) -> Option<JoinCluster> {
         let text = match std::fs::read_to_string(self.cluster_config_path()) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -273,6 +274,7 @@ impl Agent {
         let me = Arc::clone(self);
         tokio::spawn(async move { me.cluster_loop().await });
         self.spawn_fencing();
+        self.spawn_maintenance();
     }
 
     async fn cluster_loop(self: Arc<Self>) {
@@ -382,7 +384,10 @@ impl Agent {
             }
             self.fencing.renewed(membership.last_renewed());
             ticks = ticks.wrapping_add(1);
-            if ticks.is_multiple_of(RECORD_EVERY) || self.cluster.take_record_due() {
+            // A changed maintenance mode, or HA guests that failed here, are in the record at
+            // once.
+            let due = self.cluster.take_record_due() | self.maintenance.record_due();
+            if ticks.is_multiple_of(RECORD_EVERY) || due {
                 let record = self.node_record(cfg).await;
                 if let Err(e) = membership.update(&record).await {
                     self.cluster_unreachable(&e.to_string());
@@ -420,6 +425,8 @@ impl Agent {
             self.show(&state, leader, &reasons);
             self.reconcile(&store, &state, &cfg.node_id, &mut started)
                 .await;
+            // Maintenance hook: the drain works on this state (maintenance.rs).
+            self.maintenance_observe(&store, &state, &cfg.node_id);
         };
         campaign.abort();
         drop(lead_tx);
@@ -577,7 +584,7 @@ impl Agent {
                 format: 0,
                 id,
                 address,
-                state: NodeState::Active,
+                state: me.maintenance.node_state(),
                 mem_total_mib: total >> 20,
                 mem_free_mib: available >> 20,
                 vcpus_total: std::thread::available_parallelism()
@@ -623,7 +630,13 @@ impl Agent {
                 continue;
             };
             let active = self.running.is_active(&name);
+            // Maintenance hooks: a guest a drain migrated here becomes the cluster's here; a
+            // node in maintenance starts no cluster guest (its drain unplaces them).
+            if active && !self.is_cluster_guest(&name) {
+                self.adopt_migrated(&name, g.value.ha);
+            }
             match g.value.desired {
+                Desired::Running if self.maintenance.blocks_start(&name) => {}
                 Desired::Running
                     if !fenced && !active && started.get(&name) != Some(&p.revision) =>
                 {
@@ -817,16 +830,23 @@ impl Agent {
                 spec.name
             ));
         }
-        let marker = self.cluster_guests_dir().join(&spec.name);
-        std::fs::create_dir_all(self.cluster_guests_dir()).map_err(|e| e.to_string())?;
-        let mark: &[u8] = if ha { b"ha\n" } else { b"" };
-        hvnode_base::fs::write_atomic(&marker, mark, 0o644).map_err(|e| e.to_string())?;
+        self.mark_cluster_guest(&spec.name, ha)
+            .map_err(|e| e.to_string())?;
         let text = toml::to_string(spec).map_err(|e| e.to_string())?;
         hvnode_base::fs::write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| e.to_string())?;
         self.running
             .start(spec)
             .map(drop)
             .map_err(|e| e.to_string())
+    }
+
+    /// Marks the guest `name` defined here as the cluster's; `ha` is kept in the marker (the
+    /// guard kills HA guests when the node fences itself).
+    pub(crate) fn mark_cluster_guest(&self, name: &str, ha: bool) -> std::io::Result<()> {
+        let dir = self.cluster_guests_dir();
+        std::fs::create_dir_all(&dir)?;
+        let mark: &[u8] = if ha { b"ha\n" } else { b"" };
+        hvnode_base::fs::write_atomic(&dir.join(name), mark, 0o644)
     }
 
     /// Stops a cluster guest's VMM here and removes its definition.

@@ -26,7 +26,7 @@
 //! - [`events`]: the event log and its server-sent-events stream.
 //! - [`cluster`]: joining a cluster (etcd), membership, the leader's placements, running the
 //!   cluster guests placed here; [`domains`] mounts and checks the cluster's NFS storage
-//!   domains.
+//!   domains; [`maintenance`] drains the node of its cluster guests (maintenance mode).
 //!
 //! Shared by the domains: [`config`] (node.toml, one owner), [`initctl`] (init's control
 //! socket), [`tls`] (the node's identity and server configuration).
@@ -45,6 +45,7 @@ pub mod http;
 pub mod images;
 pub mod initctl;
 pub mod listen;
+pub mod maintenance;
 pub mod manager;
 pub mod migration;
 pub mod network;
@@ -136,6 +137,8 @@ pub struct Agent {
     domains: domains::Domains,
     /// The watchdog and the guard that fences the node (HA).
     fencing: fencing::Fencing,
+    /// Maintenance mode and the drain of the cluster guests.
+    maintenance: maintenance::Maintenance,
 }
 
 impl std::fmt::Debug for Agent {
@@ -170,6 +173,7 @@ impl Agent {
             cluster: cluster::Cluster::default(),
             domains: domains::Domains::default(),
             fencing: fencing::Fencing::default(),
+            maintenance: maintenance::Maintenance::load(&paths.data.join("maintenance.toml")),
             paths,
         })
     }

@@ -70,7 +70,7 @@ impl Migrations {
         }
     }
 
-    fn view(&self, name: &str) -> Option<MigrationView> {
+    pub(crate) fn view(&self, name: &str) -> Option<MigrationView> {
         self.lock().get(name).map(|e| e.view.clone())
     }
 
@@ -174,19 +174,7 @@ impl Agent {
                 ),
             ));
         }
-        // A writable disk lives on this node's own storage (shared storage domains come with
-        // the cluster): two nodes would write two copies that part ways.
-        if let Some(d) = status.spec.disks.iter().find(|d| !d.read_only) {
-            return Err(Error::new(
-                ErrorCode::DiskNotShared,
-                format!(
-                    "Guest {name:?} has the writable disk {:?} on this node's storage: only \
-                     read-only disks (the same image on both nodes) migrate; attach it \
-                     read-only, or stop the guest and copy the disk",
-                    d.path
-                ),
-            ));
-        }
+        can_migrate(&status.spec)?;
         let disk_bytes = status
             .spec
             .disks
@@ -716,6 +704,24 @@ impl Agent {
             }
         });
         Ok(upgrade_response(MIGRATION_PROTOCOL))
+    }
+}
+
+/// Whether the guest's definition lets it live-migrate: `disk_not_shared` for a writable
+/// disk. A writable disk lives on this node's own storage (shared storage domains come with the
+/// cluster): two nodes would write two copies that part ways.
+pub(crate) fn can_migrate(spec: &GuestSpec) -> Result<(), Error> {
+    match spec.disks.iter().find(|d| !d.read_only) {
+        None => Ok(()),
+        Some(d) => Err(Error::new(
+            ErrorCode::DiskNotShared,
+            format!(
+                "Guest {:?} has the writable disk {:?} on this node's storage: only read-only \
+                 disks (the same image on both nodes) migrate; attach it read-only, or stop the \
+                 guest and copy the disk",
+                spec.name, d.path
+            ),
+        )),
     }
 }
 

@@ -106,6 +106,7 @@ impl Agent {
             (GET, Route::ClusterPeer) => Ok(json_response(StatusCode::OK, &self.peer_lease())),
             (PUT, Route::Cluster) => self.join_cluster(read_json(req).await?).await,
             (DELETE, Route::Cluster) => self.leave_cluster().await,
+            (PUT, Route::ClusterMaintenance) => self.set_maintenance(read_json(req).await?).await,
             (PUT, Route::NodeCertificate) => self.install_node_certificate(read_json(req).await?),
             (GET, Route::GuestMigration(name)) => self.show_migration(name),
             (POST, Route::GuestMigration(name)) => {

@@ -147,6 +147,9 @@ pub struct ClusterView {
     /// The node's watchdog and its guard (docs/ha.md).
     #[serde(default)]
     pub fencing: FencingView,
+    /// This node's maintenance mode and its drain (docs/maintenance.md).
+    #[serde(default)]
+    pub maintenance: MaintenanceView,
 }
 
 /// Where the node's fencing stands.
@@ -207,8 +210,114 @@ impl ClusterView {
             guests: Vec::new(),
             domains: Vec::new(),
             fencing: FencingView::default(),
+            maintenance: MaintenanceView::default(),
         }
     }
+}
+
+/// What a node in maintenance does with a guest that cannot live-migrate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainPolicy {
+    /// Shut it down here; the cluster starts it on another node.
+    #[default]
+    Restart,
+    /// Stop the drain at it and say why (the admin decides).
+    Stop,
+}
+
+impl DrainPolicy {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainPolicy::Restart => "restart",
+            DrainPolicy::Stop => "stop",
+        }
+    }
+}
+
+/// `PUT /v1/cluster/maintenance`: maintenance mode on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMaintenance {
+    /// On: the node takes no new guests and its guests move to other nodes.
+    pub on: bool,
+    /// What to do with a guest that cannot live-migrate (default `restart`).
+    #[serde(default)]
+    pub policy: DrainPolicy,
+    /// The longest pause each guest may see as it migrates off (default: a migration's,
+    /// 100 ms); a slow link between the nodes needs more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// Where a node's drain stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaintenanceState {
+    /// Maintenance mode is off: the node takes guests.
+    #[default]
+    Off,
+    /// Guests are being moved off the node.
+    Draining,
+    /// No cluster guest is left on the node: it can be rebooted or updated.
+    Drained,
+    /// The drain stopped at a guest it could not move (`message` says why).
+    Stopped,
+}
+
+impl MaintenanceState {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaintenanceState::Off => "off",
+            MaintenanceState::Draining => "draining",
+            MaintenanceState::Drained => "drained",
+            MaintenanceState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the drain does with a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrainAction {
+    /// Live-migrating it to `to`.
+    #[serde(rename = "migrating")]
+    Migrating,
+    /// Shutting it down here so that the cluster starts it on another node.
+    #[serde(rename = "restarting elsewhere")]
+    RestartingElsewhere,
+}
+
+/// The guest the drain works on now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainStep {
+    /// The guest.
+    pub guest: String,
+    /// The node it goes to (for a restart: the node with room now; the leader decides).
+    pub to: String,
+    /// What happens to it.
+    pub action: DrainAction,
+}
+
+/// A node's maintenance mode and its drain, in `ClusterView.maintenance`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceView {
+    /// Maintenance mode is on (kept across reboots).
+    pub on: bool,
+    /// What happens to a guest that cannot live-migrate.
+    pub policy: DrainPolicy,
+    /// Where the drain stands.
+    pub state: MaintenanceState,
+    /// The cluster guests still on the node, in the order they go.
+    #[serde(default)]
+    pub guests_left: Vec<String>,
+    /// The guest being moved now.
+    #[serde(default)]
+    pub current: Option<DrainStep>,
+    /// Why the drain stopped, or what it waits for.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// A live member of the cluster.

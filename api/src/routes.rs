@@ -131,6 +131,8 @@ pub enum Route {
     Cluster,
     /// `/v1/cluster/peer` (node to node): whether this node holds its membership lease.
     ClusterPeer,
+    /// `/v1/cluster/maintenance`
+    ClusterMaintenance,
     /// `/v1/guests/{name}/migration`
     GuestMigration(String),
     /// `/v1/migrations` (node to node)
@@ -174,6 +176,7 @@ impl Route {
             ["node", "certificate"] => Route::NodeCertificate,
             ["cluster"] => Route::Cluster,
             ["cluster", "peer"] => Route::ClusterPeer,
+            ["cluster", "maintenance"] => Route::ClusterMaintenance,
             ["migrations"] => Route::Migrations,
             ["migrations", name, "stream"] => Route::MigrationStream(segment(name)?),
             ["guests", name, "migration"] => Route::GuestMigration(segment(name)?),
@@ -289,6 +292,7 @@ impl Route {
             Route::NodeCertificate => "/v1/node/certificate",
             Route::Cluster => "/v1/cluster",
             Route::ClusterPeer => "/v1/cluster/peer",
+            Route::ClusterMaintenance => "/v1/cluster/maintenance",
             Route::GuestMigration(_) => "/v1/guests/{name}/migration",
             Route::Migrations => "/v1/migrations",
             Route::MigrationStream(_) => "/v1/migrations/{name}/stream",
@@ -301,7 +305,7 @@ impl Route {
         match self {
             Route::Registration => &[GET, POST, DELETE],
             Route::Cluster => &[GET, PUT, DELETE],
-            Route::NodeHostname => &[PUT],
+            Route::NodeHostname | Route::ClusterMaintenance => &[PUT],
             Route::Network | Route::NodeCertificate => &[GET, PUT],
             Route::GuestMigration(_) => &[GET, POST, DELETE],
             Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
@@ -392,6 +396,7 @@ impl Route {
             Route::NodeCertificate,
             Route::Cluster,
             Route::ClusterPeer,
+            Route::ClusterMaintenance,
             Route::GuestMigration(g()),
             Route::Migrations,
             Route::MigrationStream(g()),

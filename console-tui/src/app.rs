@@ -25,7 +25,7 @@ use crate::screens::logs::LogsScreen;
 use crate::screens::manager::ManagerScreen;
 use crate::screens::network::NetworkScreen;
 pub use crate::screens::Screen;
-use crate::screens::{self, running_guests, Reaction, SCREENS};
+use crate::screens::{self, Reaction, SCREENS};
 pub use crate::state::{Action, Answer, Confirm, Done, Field, FieldKind, Refreshed, Snapshot};
 
 /// How long after the last refresh's answer the next one is sent.
@@ -292,7 +292,7 @@ impl App {
             Screen::Guests => self.guests.on_key(key, data),
             Screen::Storage => screens::storage::on_key(key),
             Screen::Logs => self.logs.on_key(key),
-            Screen::Power => screens::power::on_key(key, running_guests(data)),
+            Screen::Power => screens::power::on_key(key, data),
         };
         self.react(reaction)
     }
@@ -332,7 +332,7 @@ fn body_lines(app: &App, rows: usize, cols: usize) -> Vec<Line<'static>> {
         Screen::Guests => app.guests.lines(d, rows, cols),
         Screen::Storage => screens::storage::lines(d),
         Screen::Logs => app.logs.lines(rows, cols),
-        Screen::Power => screens::power::lines(running_guests(Some(d))),
+        Screen::Power => screens::power::lines(d),
     }
 }
 

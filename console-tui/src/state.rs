@@ -39,6 +39,8 @@ pub enum Action {
     SetHostname(String),
     /// POST /v1/power.
     Power(PowerAction),
+    /// PUT /v1/cluster/maintenance: on or off (policy restart).
+    Maintenance(bool),
     /// POST /v1/guests/{name}/{op}.
     Guest(String, GuestAction),
     /// GET /v1/guests/{name}/console.
@@ -75,6 +77,8 @@ impl Action {
             Action::SetHostname(h) => format!("Setting the host name to {h}..."),
             Action::Power(PowerAction::Reboot) => "Asking the node to reboot...".into(),
             Action::Power(PowerAction::Poweroff) => "Asking the node to power off...".into(),
+            Action::Maintenance(true) => "Turning maintenance mode on...".into(),
+            Action::Maintenance(false) => "Turning maintenance mode off...".into(),
             Action::Guest(name, op) => {
                 let doing = match op {
                     GuestAction::Start => "Starting",

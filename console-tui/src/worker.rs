@@ -6,6 +6,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread;
 use std::time::Duration;
 
+use hvnode_api::cluster::{DrainPolicy, SetMaintenance};
 use hvnode_api::config::NetworkConfig;
 use hvnode_api::guest::CreateSnapshot;
 use hvnode_api::node::{Hostname, NetworkView, StorageInit};
@@ -119,6 +120,15 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
             }),
         )),
         Action::Power(p) => done(c.send(POST, &Route::Power.path(), Some(p))),
+        Action::Maintenance(on) => done(c.send(
+            PUT,
+            &Route::ClusterMaintenance.path(),
+            Some(&SetMaintenance {
+                on: *on,
+                policy: DrainPolicy::Restart,
+                downtime_limit_ms: None,
+            }),
+        )),
         Action::Guest(name, op) => c
             .call::<(), _>(
                 POST,

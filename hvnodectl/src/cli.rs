@@ -293,6 +293,43 @@ pub enum NodeCommand {
     /// Sign the node's certificate for node-to-node connections (live migration) with the
     /// manager's CA; `register` does it too. Run it again to renew.
     Certify(NodeArg),
+    /// Maintenance mode: on, the node takes no new guests and its cluster guests move to other
+    /// nodes one at a time (kept across reboots); follows the drain until the node is drained.
+    Maintenance {
+        /// Node name.
+        node: String,
+        /// On or off.
+        #[arg(value_enum)]
+        mode: OnOff,
+        /// A guest that cannot live-migrate: shut it down and start it elsewhere (restart), or
+        /// stop the drain there (stop).
+        #[arg(long, value_enum, default_value_t = PolicyArg::Restart)]
+        policy: PolicyArg,
+        /// Return without following the drain.
+        #[arg(long)]
+        no_wait: bool,
+        /// The longest pause each guest may see as it migrates off (default 100 ms).
+        #[arg(long = "downtime-ms")]
+        downtime_ms: Option<u64>,
+    },
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// What maintenance mode does with a guest that cannot live-migrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// Shut it down here; the cluster starts it on another node.
+    Restart,
+    /// Stop the drain at it.
+    Stop,
 }
 
 /// A node name.
@@ -580,6 +617,41 @@ mod tests {
         ));
         let cli = Cli::try_parse_from(["hvnodectl", "serve"]).unwrap();
         assert!(matches!(cli.command, Command::Serve { listen, .. } if listen.port() == 9443));
+    }
+
+    #[test]
+    fn parses_maintenance_with_its_policy() {
+        let cli = Cli::try_parse_from(["hvnodectl", "node", "maintenance", "n1", "on"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCommand::Maintenance {
+                mode: OnOff::On,
+                policy: PolicyArg::Restart,
+                no_wait: false,
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from([
+            "hvnodectl",
+            "node",
+            "maintenance",
+            "n1",
+            "off",
+            "--policy",
+            "stop",
+            "--no-wait",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCommand::Maintenance {
+                mode: OnOff::Off,
+                policy: PolicyArg::Stop,
+                no_wait: true,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["hvnodectl", "node", "maintenance", "n1", "maybe"]).is_err());
     }
 
     #[test]

@@ -322,7 +322,8 @@ pub fn join_requests(list: &[JoinRecord]) -> String {
 /// has always printed its keys so.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeRow {
-    /// How the cluster sees it (`member`, `leader`, `lost`), when a cluster is set up; why not
+    /// How the cluster sees it (`member`, `leader`, `lost`, with ` (maintenance)` for a member
+    /// in maintenance mode), when a cluster is set up; why not
     /// known when etcd does not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,

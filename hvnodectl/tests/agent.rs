@@ -90,7 +90,21 @@ impl Agent {
         for sub in ["data", "run", "images"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        let port = free_port();
+        Agent::spawn(bin, dir, free_port(), extra)
+    }
+
+    /// Kills the agent and starts it again on the same directories and port (its guests' VMMs
+    /// keep running, as after an agent restart on a node).
+    fn restart(&mut self, bin: &Path, extra: &[&std::ffi::OsStr]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Agent::spawn(bin, self.dir.clone(), self.port, extra);
+        let old = std::mem::replace(self, fresh);
+        // The old value's directory is the new one's: not removed.
+        std::mem::forget(old);
+    }
+
+    fn spawn(bin: &Path, dir: PathBuf, port: u16, extra: &[&std::ffi::OsStr]) -> Agent {
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let child = Command::new(bin)
             .arg("--listen")
@@ -1527,4 +1541,225 @@ fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(runs(&b, "hg") && !runs(&a, "hg"));
+}
+
+/// The `maintenance` object of an agent's `GET /v1/cluster`.
+fn maintenance_of(agent: &Agent) -> serde_json::Value {
+    agent.local_json("GET", &Route::Cluster.path(), None)["maintenance"].clone()
+}
+
+#[test]
+fn maintenance_mode_drains_a_node_by_live_migration_survives_a_restart_and_stops_by_policy() {
+    let test =
+        "maintenance_mode_drains_a_node_by_live_migration_survives_a_restart_and_stops_by_policy";
+    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
+        hvnode_base::testing::cannot_run(
+            test,
+            "no etcd (Debian's etcd-server; image/setup-host.sh)",
+        );
+        return;
+    };
+    let Some(RealGuests {
+        agent: mut a,
+        _vmms,
+        work,
+        m,
+    }) = real_guests(test, "mt-a")
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = rt
+        .block_on(hvnode_cluster::local_etcd::LocalEtcd::start(
+            &etcd_bin,
+            Duration::from_secs(20),
+        ))
+        .expect("etcd starts");
+    let bin = agent_binary().unwrap();
+    let vmm = bin.with_file_name("hvnode-vmm");
+    let extra = ["--vmm-binary".as_ref(), vmm.as_os_str()];
+    let b = Agent::start_with(&bin, "mt-b", &extra);
+    let _vmms_b = Vmms(b.dir.clone());
+
+    // Maintenance mode needs a cluster.
+    fails_with(
+        &ctl(&m, &["node", "maintenance", "n1", "on"]),
+        "not_in_cluster",
+    );
+    ok(&ctl(&m, &["cluster", "init", "--etcd", &etcd.url()]));
+    let code = b.pairing_code();
+    ok(&ctl(
+        &m,
+        &[
+            "register",
+            "n2",
+            "--url",
+            &b.url(),
+            "--code",
+            &code,
+            "--yes",
+        ],
+    ));
+    wait_status(&m, "both nodes are members", |s| {
+        s["members"].as_object().is_some_and(|m| m.len() == 2)
+    });
+    let payload = hvnode_vmm::payload::elf64(&hvnode_vmm::payload::MEMORY_COUNTER);
+    for agent in [&a, &b] {
+        std::fs::write(agent.dir.join("images/count.elf"), &payload).unwrap();
+        std::fs::write(agent.dir.join("images/rw.raw"), vec![0u8; 4096]).unwrap();
+    }
+
+    // n2 in maintenance takes nothing: the guest goes to n1; then n2 takes guests again.
+    let set = ok(&ctl(&m, &["node", "maintenance", "n2", "on", "--no-wait"]));
+    assert!(
+        set.contains("maintenance mode on (policy restart)"),
+        "{set}"
+    );
+    wait_status(&m, "n2's record says maintenance", |s| {
+        s["members"]["n2"]["state"] == "maintenance"
+    });
+    let spec = work.join("cg.toml");
+    std::fs::write(
+        &spec,
+        "name = \"cg\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n",
+    )
+    .unwrap();
+    ok(&ctl(
+        &m,
+        &["cluster", "guest", "define", spec.to_str().unwrap()],
+    ));
+    let s = wait_status(&m, "cg runs on n1", |s| {
+        s["guests"]["cg"]["running"] == true
+    });
+    assert_eq!(s["guests"]["cg"]["node"], "n1", "{s:#}");
+    let off = ok(&ctl(&m, &["node", "maintenance", "n2", "off"]));
+    assert!(off.contains("maintenance mode off"), "{off}");
+    wait_status(&m, "n2 is active again", |s| {
+        s["members"]["n2"]["state"] == "active"
+    });
+    assert_eq!(maintenance_of(&b)["state"], "off");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while console_counts(&a, "cg").len() < 3 {
+        assert!(Instant::now() < deadline, "cg does not count on n1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // n1 in maintenance: cg live-migrates to n2, counting on, and its placement follows it.
+    let out = ctl(&m, &["node", "maintenance", "n1", "on"]);
+    let drained = ok(&out);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(drained.contains("node n1 is drained"), "{drained}");
+    assert!(
+        progress.contains("node n1: draining, 1 left (cg)"),
+        "{progress}"
+    );
+    let moved = a.local_json("GET", &Route::GuestMigration("cg".into()).path(), None);
+    assert_eq!(
+        (&moved["direction"], &moved["status"]["phase"]),
+        (&"outgoing".into(), &"completed".into()),
+        "{moved}"
+    );
+    let s = wait_status(&m, "cg runs on n2, placed there", |s| {
+        s["guests"]["cg"]["node"] == "n2" && s["guests"]["cg"]["running"] == true
+    });
+    assert_eq!(s["members"]["n1"]["state"], "maintenance", "{s:#}");
+    let last_on_a = *console_counts(&a, "cg").last().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let on_b = loop {
+        let c = console_counts(&b, "cg");
+        if c.len() >= 2 {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "cg does not count on n2");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        on_b[0] == last_on_a + 1 || on_b[0] == last_on_a + 2,
+        "n2 counts on from n1's {last_on_a}: {on_b:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests") {
+        assert!(Instant::now() < deadline, "cg is still defined on n1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok(&ctl(&m, &["--json", "guest", "show", "n2", "cg"])).contains("\"cluster\":true"));
+    let nodes = ok(&ctl(&m, &["nodes"]));
+    assert!(nodes.contains("(maintenance)"), "{nodes}");
+
+    // The mode survives a restart of n1's agent: still in maintenance, drained again.
+    a.restart(&bin, &extra);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = maintenance_of(&a);
+        assert_eq!(v["on"], true, "{v}");
+        if v["state"] == "drained" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n1 is not drained after its restart: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = cluster_status(&m);
+    assert_eq!(s["members"]["n1"]["state"], "maintenance", "{s:#}");
+
+    // Policy stop: a guest with a writable disk cannot live-migrate; the drain stops at it
+    // (priority first) and says why, and the guest keeps running.
+    let rw = work.join("rw.toml");
+    std::fs::write(
+        &rw,
+        "name = \"rw\"\nkernel = \"count.elf\"\nmemory_mib = 64\nrng = false\n\
+         [[disks]]\npath = \"rw.raw\"\n",
+    )
+    .unwrap();
+    ok(&ctl(
+        &m,
+        &[
+            "cluster",
+            "guest",
+            "define",
+            rw.to_str().unwrap(),
+            "--priority",
+            "5",
+        ],
+    ));
+    wait_status(&m, "rw runs on n2", |s| {
+        s["guests"]["rw"]["running"] == true && s["guests"]["rw"]["node"] == "n2"
+    });
+    ok(&ctl(&m, &["node", "maintenance", "n1", "off"]));
+    wait_status(&m, "n1 is active again", |s| {
+        s["members"]["n1"]["state"] == "active"
+    });
+    let refused = ctl(&m, &["node", "maintenance", "n2", "on", "--policy", "stop"]);
+    fails_with(&refused, "the drain stopped: rw cannot live-migrate");
+    fails_with(&refused, "writable disk");
+    let v = maintenance_of(&b);
+    assert_eq!(
+        (&v["state"], &v["policy"]),
+        (&"stopped".into(), &"stop".into()),
+        "{v}"
+    );
+    let s = cluster_status(&m);
+    assert!(
+        s["guests"]["rw"]["running"] == true && s["guests"]["rw"]["node"] == "n2",
+        "{s:#}"
+    );
+
+    // Off: n2 is an active node again.
+    ok(&ctl(&m, &["node", "maintenance", "n2", "off"]));
+    wait_status(&m, "n2 is active again", |s| {
+        s["members"]["n2"]["state"] == "active"
+    });
+    let v = maintenance_of(&b);
+    assert_eq!(
+        (&v["on"], &v["state"]),
+        (&false.into(), &"off".into()),
+        "{v}"
+    );
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&work);
 }

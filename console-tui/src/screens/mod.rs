@@ -8,7 +8,7 @@
 //! - [`guests`]: the guest list, the selected guest, its operations.
 //! - [`storage`]: the data partition and blank disks.
 //! - [`logs`]: the node log or a guest's console log, scrolled.
-//! - [`power`]: reboot and power off.
+//! - [`power`]: reboot, power off and maintenance mode.
 
 pub mod guests;
 pub mod logs;

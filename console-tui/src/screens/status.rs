@@ -90,8 +90,16 @@ fn cluster_state(c: &ClusterView) -> String {
                 .iter()
                 .filter(|g| g.node.as_deref() == Some(me))
                 .count();
+            let maintenance = if c.maintenance.on {
+                format!(
+                    ", maintenance ({})",
+                    super::power::drain_summary(&c.maintenance)
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "{me}, one of {} nodes alive, {leader}, {here} cluster guest(s) here",
+                "{me}, one of {} nodes alive, {leader}, {here} cluster guest(s) here{maintenance}",
                 c.members.len()
             )
         }
@@ -150,6 +158,11 @@ mod tests {
         );
         c.leader = Some("n2".into());
         assert!(super::cluster_state(&c).contains("leader n2"));
+        c.maintenance.on = true;
+        c.maintenance.state = hvnode_api::cluster::MaintenanceState::Draining;
+        c.maintenance.guests_left = vec!["web".into(), "db".into()];
+        let line = super::cluster_state(&c);
+        assert!(line.ends_with("maintenance (draining, 2 left)"), "{line}");
         c.connection = ClusterConnection::Unreachable;
         c.error = Some("etcd unreachable: connection refused".into());
         let line = super::cluster_state(&c);

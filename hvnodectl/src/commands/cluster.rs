@@ -268,17 +268,27 @@ impl Ctx {
         Ok(view)
     }
 
-    /// The live members and the leader, for `nodes`: `None` without a cluster, the error when
-    /// etcd does not answer.
+    /// The live members (id, in maintenance) and the leader, for `nodes`: `None` without a
+    /// cluster, the error when etcd does not answer.
     pub(super) async fn cluster_membership(
         &self,
-    ) -> Option<Result<(Vec<String>, Option<String>), String>> {
+    ) -> Option<Result<(Vec<(String, bool)>, Option<String>), String>> {
         self.state.cluster().ok()??;
         let r = async {
             let (store, election, _) = self.etcd().await?;
             let state = store.state().await?;
             let leader = election.leader().await?;
-            Ok::<_, CmdError>((state.nodes.into_iter().map(|n| n.id).collect(), leader))
+            let members = state
+                .nodes
+                .into_iter()
+                .map(|n| {
+                    (
+                        n.id,
+                        n.state == hvnode_cluster::model::NodeState::Maintenance,
+                    )
+                })
+                .collect();
+            Ok::<_, CmdError>((members, leader))
         }
         .await;
         Some(r.map_err(|e| format!("unknown ({e})")))

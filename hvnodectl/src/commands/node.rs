@@ -1,5 +1,10 @@
 //! `node ...`: facts, statistics, host name, log, power and metrics of one node.
 
+use std::time::Duration;
+
+use hvnode_api::cluster::{
+    ClusterView, DrainAction, DrainPolicy, MaintenanceState, MaintenanceView, SetMaintenance,
+};
 use hvnode_api::node::{
     Hostname, InstallCertificate, NodeCertificate, NodeInfo, NodeStats, PowerAction,
     SignedCertificate,
@@ -8,7 +13,7 @@ use hvnode_api::routes::Route;
 use hyper::Method;
 
 use super::{path_with, CmdError, Ctx};
-use crate::cli::{NodeCommand, PowerArg};
+use crate::cli::{NodeCommand, OnOff, PolicyArg, PowerArg};
 use crate::output;
 
 impl Ctx {
@@ -62,6 +67,16 @@ impl Ctx {
                     )
                 })
             }
+            NodeCommand::Maintenance {
+                node,
+                mode,
+                policy,
+                no_wait,
+                downtime_ms,
+            } => {
+                self.maintenance(&node, mode, policy, no_wait, downtime_ms)
+                    .await
+            }
             NodeCommand::Metrics(a) => {
                 let c = self.connect(&a.node)?;
                 let raw = c
@@ -73,7 +88,81 @@ impl Ctx {
     }
 }
 
+/// How often `node maintenance` reads the drain's progress.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
+
 impl Ctx {
+    /// `node maintenance NODE on|off`: sets the mode, then (on, unless `no_wait`) prints the
+    /// drain's progress until the node is drained (or the drain stopped: an error with why).
+    async fn maintenance(
+        &self,
+        node: &str,
+        mode: OnOff,
+        policy: PolicyArg,
+        no_wait: bool,
+        downtime_ms: Option<u64>,
+    ) -> Result<(), CmdError> {
+        let c = self.connect(node)?;
+        let body = SetMaintenance {
+            on: mode == OnOff::On,
+            policy: match policy {
+                PolicyArg::Restart => DrainPolicy::Restart,
+                PolicyArg::Stop => DrainPolicy::Stop,
+            },
+            downtime_limit_ms: downtime_ms,
+        };
+        let (view, raw): (MaintenanceView, _) = c
+            .send_json(Method::PUT, &Route::ClusterMaintenance.path(), Some(&body))
+            .await?;
+        if !view.on {
+            return self.answer(&raw, || {
+                format!("node {node}: maintenance mode off; the node takes guests again")
+            });
+        }
+        if no_wait {
+            return self.answer(&raw, || {
+                format!(
+                    "node {node}: maintenance mode on (policy {}); `hvnodectl cluster status` \
+                     or the node's console follows the drain",
+                    view.policy.as_str()
+                )
+            });
+        }
+        let mut last = String::new();
+        loop {
+            let (cluster, raw): (ClusterView, _) = c.get_json(&Route::Cluster.path()).await?;
+            let m = &cluster.maintenance;
+            let line = progress(node, m);
+            if line != last && !self.json {
+                eprintln!("{line}");
+                last = line;
+            }
+            match m.state {
+                MaintenanceState::Drained => {
+                    return self.answer(&raw, || {
+                        format!(
+                            "node {node} is drained: no cluster guest is left; it can be \
+                             rebooted or updated"
+                        )
+                    })
+                }
+                MaintenanceState::Stopped => {
+                    return Err(CmdError::ClusterRefused(format!(
+                        "Node {node}: the drain stopped: {}; fix that and run `hvnodectl node \
+                         maintenance {node} on` again (or turn it off)",
+                        m.message.as_deref().unwrap_or("no reason given")
+                    )))
+                }
+                MaintenanceState::Off => {
+                    return Err(CmdError::ClusterRefused(format!(
+                        "Node {node}: maintenance mode was turned off meanwhile"
+                    )))
+                }
+                MaintenanceState::Draining => tokio::time::sleep(DRAIN_POLL).await,
+            }
+        }
+    }
+
     /// Signs the node's certificate request with the manager's CA and installs the
     /// certificate on the node: what another node checks before it takes a guest from it.
     pub(super) async fn certify(&self, node: &str) -> Result<SignedCertificate, CmdError> {
@@ -97,5 +186,61 @@ impl Ctx {
             )
             .await?;
         now.signed.ok_or(CmdError::StreamEnded)
+    }
+}
+
+/// One progress line of a drain.
+fn progress(node: &str, m: &MaintenanceView) -> String {
+    let mut line = format!("node {node}: {}", m.state.as_str());
+    if m.state == MaintenanceState::Draining {
+        line.push_str(&format!(
+            ", {} left{}",
+            m.guests_left.len(),
+            if m.guests_left.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", m.guests_left.join(", "))
+            }
+        ));
+    }
+    if let Some(c) = &m.current {
+        let what = match c.action {
+            DrainAction::Migrating => "migrating",
+            DrainAction::RestartingElsewhere => "restarting elsewhere",
+        };
+        line.push_str(&format!("; {what} {} to {}", c.guest, c.to));
+    }
+    if let Some(msg) = &m.message {
+        line.push_str(&format!("; {msg}"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvnode_api::cluster::DrainStep;
+
+    #[test]
+    fn progress_lines_say_what_moves_where_and_why_it_stopped() {
+        let mut m = MaintenanceView {
+            on: true,
+            state: MaintenanceState::Draining,
+            guests_left: vec!["db".into(), "web".into()],
+            current: Some(DrainStep {
+                guest: "db".into(),
+                to: "n2".into(),
+                action: DrainAction::Migrating,
+            }),
+            ..MaintenanceView::default()
+        };
+        assert_eq!(
+            progress("n1", &m),
+            "node n1: draining, 2 left (db, web); migrating db to n2"
+        );
+        m.state = MaintenanceState::Stopped;
+        m.current = None;
+        m.message = Some("no room for web".into());
+        assert_eq!(progress("n1", &m), "node n1: stopped; no room for web");
     }
 }

@@ -162,11 +162,18 @@ impl Ctx {
                 state,
                 url: entry.url.clone(),
                 cluster: cluster.as_ref().map(|c| match c {
-                    Ok((members, leader)) => match (members.contains(name), leader) {
-                        (true, Some(l)) if l == name => "leader".to_owned(),
-                        (true, _) => "member".to_owned(),
-                        (false, _) => "lost".to_owned(),
-                    },
+                    Ok((members, leader)) => {
+                        let member = members.iter().find(|(id, _)| id == name);
+                        let role = match (member, leader) {
+                            (Some(_), Some(l)) if l == name => "leader",
+                            (Some(_), _) => "member",
+                            (None, _) => "lost",
+                        };
+                        match member {
+                            Some((_, true)) => format!("{role} (maintenance)"),
+                            _ => role.to_owned(),
+                        }
+                    }
                     Err(e) => e.clone(),
                 }),
             });
