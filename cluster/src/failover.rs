@@ -108,13 +108,11 @@ impl Failover {
         let guests: Vec<_> = state.guests.iter().map(|g| g.value.clone()).collect();
         let mut placements: Vec<Placement> =
             state.placements.iter().map(|p| p.value.clone()).collect();
+        let by_name: HashMap<&str, &crate::store::Versioned<crate::model::ClusterGuest>> =
+            state.guests.iter().map(|g| (g.value.name(), g)).collect();
         let mut candidates = Vec::new();
         for p in &state.placements {
-            let Some(g) = state
-                .guests
-                .iter()
-                .find(|g| g.value.name() == p.value.guest)
-            else {
+            let Some(g) = by_name.get(p.value.guest.as_str()).copied() else {
                 continue;
             };
             if g.value.desired != Desired::Running {

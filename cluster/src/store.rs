@@ -267,35 +267,21 @@ impl Store {
             placed_at_revision: read_revision,
             reason: reason.to_string(),
         };
-        let mut when = vec![
+        let when = vec![
             Compare::mod_revision(gkey.clone(), CompareOp::Equal, read_revision),
             Compare::create_revision(pkey.clone(), CompareOp::Equal, 0),
         ];
-        let mut otherwise = vec![
+        let otherwise = vec![
             TxnOp::get(gkey.clone(), None),
             TxnOp::get(pkey.clone(), None),
         ];
-        if let Some((key, rev)) = leader {
-            when.push(Compare::create_revision(key, CompareOp::Equal, rev));
-            otherwise.push(TxnOp::get(key, None));
-        }
-        let txn = Txn::new()
-            .when(when)
-            .and_then([TxnOp::put(pkey.clone(), encode(&placement), None)])
-            .or_else(otherwise);
-        let resp = self.client.clone().txn(txn).await?;
-        if resp.succeeded() {
-            return Ok(revision_of(&resp));
-        }
-        if let Some((key, rev)) = leader {
-            let found = txn_get(&resp, 2).first().map(|kv| kv.create_revision());
-            if found != Some(rev) {
-                return Err(Error::NotLeader(format!(
-                    "candidacy {} (revision {rev}) is gone",
-                    String::from_utf8_lossy(key)
-                )));
-            }
-        }
+        let resp = match self
+            .put_placement_when(&pkey, &placement, when, otherwise, leader)
+            .await?
+        {
+            Ok(revision) => return Ok(revision),
+            Err(resp) => resp,
+        };
         if let Some(kv) = txn_get(&resp, 1).first() {
             let existing: Placement = decode(&pkey, kv.value())?;
             return Err(Error::AlreadyPlaced {
@@ -336,34 +322,25 @@ impl Store {
             placed_at_revision: revision,
             reason: reason.to_string(),
         };
-        let mut when = vec![Compare::mod_revision(
+        let when = vec![Compare::mod_revision(
             pkey.clone(),
             CompareOp::Equal,
             revision,
         )];
-        let mut otherwise = vec![TxnOp::get(pkey.clone(), None)];
-        if let Some(l) = leadership {
-            let (key, rev) = l.key();
-            when.push(Compare::create_revision(key, CompareOp::Equal, rev));
-            otherwise.push(TxnOp::get(key, None));
-        }
-        let txn = Txn::new()
-            .when(when)
-            .and_then([TxnOp::put(pkey.clone(), encode(&placement), None)])
-            .or_else(otherwise);
-        let resp = self.client.clone().txn(txn).await?;
-        if resp.succeeded() {
-            return Ok(revision_of(&resp));
-        }
-        if let Some(l) = leadership {
-            let (key, rev) = l.key();
-            if txn_get(&resp, 1).first().map(|kv| kv.create_revision()) != Some(rev) {
-                return Err(Error::NotLeader(format!(
-                    "candidacy {} (revision {rev}) is gone",
-                    String::from_utf8_lossy(key)
-                )));
-            }
-        }
+        let otherwise = vec![TxnOp::get(pkey.clone(), None)];
+        let resp = match self
+            .put_placement_when(
+                &pkey,
+                &placement,
+                when,
+                otherwise,
+                leadership.map(|l| l.key()),
+            )
+            .await?
+        {
+            Ok(revision) => return Ok(revision),
+            Err(resp) => resp,
+        };
         match txn_get(&resp, 0).first() {
             None => Err(Error::NotFound { key: pkey }),
             Some(kv) => Err(Error::Conflict {
@@ -372,6 +349,45 @@ impl Store {
                 found: kv.mod_revision(),
             }),
         }
+    }
+
+    /// Puts `placement` at `pkey` in one transaction if every compare in `when` holds and,
+    /// with `leader`, the leadership is still current. `Ok(Ok(revision))` when written;
+    /// `Ok(Err(response))` when a compare failed (the response holds the `otherwise` gets, in
+    /// order, for the caller to say which); [`Error::NotLeader`] when the leadership is gone.
+    async fn put_placement_when(
+        &self,
+        pkey: &str,
+        placement: &Placement,
+        mut when: Vec<Compare>,
+        mut otherwise: Vec<TxnOp>,
+        leader: Option<(&[u8], i64)>,
+    ) -> Result<std::result::Result<i64, etcd_client::TxnResponse>> {
+        let leader_at = otherwise.len();
+        if let Some((key, rev)) = leader {
+            when.push(Compare::create_revision(key, CompareOp::Equal, rev));
+            otherwise.push(TxnOp::get(key, None));
+        }
+        let txn = Txn::new()
+            .when(when)
+            .and_then([TxnOp::put(pkey, encode(placement), None)])
+            .or_else(otherwise);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Ok(revision_of(&resp)));
+        }
+        if let Some((key, rev)) = leader {
+            let found = txn_get(&resp, leader_at)
+                .first()
+                .map(|kv| kv.create_revision());
+            if found != Some(rev) {
+                return Err(Error::NotLeader(format!(
+                    "candidacy {} (revision {rev}) is gone",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+        }
+        Ok(Err(resp))
     }
 
     /// A guest's placement, if it has one.

@@ -284,6 +284,17 @@ async fn one_leader_then_the_other_after_resign() {
         .unwrap_err();
     assert!(matches!(e, Error::NotLeader(_)), "{e:?}");
     assert_eq!(store.get_placement("g2").await.unwrap(), None);
+    // So is a move of a placement (the HA failover) by a former leader.
+    let p1 = store.get_placement("g1").await.unwrap().unwrap();
+    let e = store
+        .move_placement(Some(&former), "g1", p1.revision, loser, "node lost")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotLeader(_)), "{e:?}");
+    assert_eq!(
+        store.get_placement("g1").await.unwrap().unwrap().value.node,
+        winner
+    );
     let second = tokio::time::timeout(WAIT, other)
         .await
         .expect("the other leads")
@@ -344,6 +355,26 @@ async fn placement_txn_refuses_a_second_placement() {
         (p.value.node.as_str(), p.value.placed_at_revision),
         ("a", rev2)
     );
+    // A move is checked against the placement's revision: a second move on the same reading
+    // loses, and a move of a placement that is gone says so.
+    let moved = store
+        .move_placement(None, "web", p.revision, "b", "migrated off a")
+        .await
+        .unwrap();
+    let e = store
+        .move_placement(None, "web", p.revision, "c", "node a lost")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Conflict { expected, found, .. } if expected == p.revision && found == moved),
+        "{e:?}"
+    );
+    let now = store.get_placement("web").await.unwrap().unwrap();
+    assert_eq!((now.value.node.as_str(), now.revision), ("b", moved));
+    assert!(matches!(
+        store.move_placement(None, "nope", 1, "a", "").await,
+        Err(Error::NotFound { .. })
+    ));
     // Placing a guest that does not exist.
     assert!(matches!(
         store.place("nope", "a", 1, "").await,
@@ -353,7 +384,7 @@ async fn placement_txn_refuses_a_second_placement() {
     // The whole state at one revision; deleting the guest deletes its placement.
     let state = store.state().await.unwrap();
     assert_eq!((state.guests.len(), state.placements.len()), (1, 1));
-    assert!(state.revision >= p.revision);
+    assert!(state.revision >= now.revision);
     store.delete_guest("web", rev2).await.unwrap();
     assert!(store.list_placements().await.unwrap().is_empty());
 }

@@ -959,6 +959,27 @@ fn wait_status(
     }
 }
 
+/// For a cluster test: the etcd binary, a runtime, and [`RealGuests`]; `None` (after
+/// `cannot_run`) without them.
+fn etcd_and_guests(
+    test: &str,
+    tag: &str,
+) -> Option<(PathBuf, tokio::runtime::Runtime, RealGuests)> {
+    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
+        hvnode_base::testing::cannot_run(
+            test,
+            "no etcd (Debian's etcd-server; image/setup-host.sh)",
+        );
+        return None;
+    };
+    let guests = real_guests(test, tag)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    Some((etcd_bin, rt, guests))
+}
+
 /// A real etcd that speaks TLS only and admits clients by certificate: its server certificate
 /// and the client certificates (the manager's, the nodes') are all the manager's (state `m`)
 /// CA's.
@@ -1004,26 +1025,19 @@ fn tls_etcd(
 fn two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node() {
     let test =
         "two_agents_form_a_cluster_on_a_real_etcd_over_tls_and_run_a_cluster_guest_on_either_node";
-    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
-        hvnode_base::testing::cannot_run(
-            test,
-            "no etcd (Debian's etcd-server; image/setup-host.sh)",
-        );
-        return;
-    };
-    let Some(RealGuests {
-        agent: a,
-        _vmms,
-        work,
-        m,
-    }) = real_guests(test, "cl-a")
+    let Some((
+        etcd_bin,
+        rt,
+        RealGuests {
+            agent: a,
+            _vmms,
+            work,
+            m,
+        },
+    )) = etcd_and_guests(test, "cl-a")
     else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let mut etcd = tls_etcd(&rt, &etcd_bin, &m, &work);
     let bin = agent_binary().unwrap();
     let vmm = bin.with_file_name("hvnode-vmm");
@@ -1365,26 +1379,19 @@ fn runs(agent: &Agent, guest: &str) -> bool {
 fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum_loss_kills_nothing(
 ) {
     let test = "ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum_loss_kills_nothing";
-    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
-        hvnode_base::testing::cannot_run(
-            test,
-            "no etcd (Debian's etcd-server; image/setup-host.sh)",
-        );
-        return;
-    };
-    let Some(RealGuests {
-        agent: a,
-        _vmms,
-        work,
-        m,
-    }) = real_guests(test, "ha-a")
+    let Some((
+        etcd_bin,
+        rt,
+        RealGuests {
+            agent: a,
+            _vmms,
+            work,
+            m,
+        },
+    )) = etcd_and_guests(test, "ha-a")
     else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let etcd = tls_etcd(&rt, &etcd_bin, &m, &work);
     // Each node reaches etcd through a link of its own; the manager directly.
     let (link_a, link_b) = (Link::new(etcd.endpoint()), Link::new(etcd.endpoint()));
@@ -1552,26 +1559,19 @@ fn maintenance_of(agent: &Agent) -> serde_json::Value {
 fn maintenance_mode_drains_a_node_by_live_migration_survives_a_restart_and_stops_by_policy() {
     let test =
         "maintenance_mode_drains_a_node_by_live_migration_survives_a_restart_and_stops_by_policy";
-    let Some(etcd_bin) = hvnode_cluster::local_etcd::etcd_binary() else {
-        hvnode_base::testing::cannot_run(
-            test,
-            "no etcd (Debian's etcd-server; image/setup-host.sh)",
-        );
-        return;
-    };
-    let Some(RealGuests {
-        agent: mut a,
-        _vmms,
-        work,
-        m,
-    }) = real_guests(test, "mt-a")
+    let Some((
+        etcd_bin,
+        rt,
+        RealGuests {
+            agent: mut a,
+            _vmms,
+            work,
+            m,
+        },
+    )) = etcd_and_guests(test, "mt-a")
     else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let etcd = rt
         .block_on(hvnode_cluster::local_etcd::LocalEtcd::start(
             &etcd_bin,
