@@ -296,7 +296,16 @@ impl Agent {
                 self.cluster.wake.notified().await;
                 continue;
             };
-            let why = self.member(&cfg, generation).await;
+            // A node that fenced itself waits for its watchdog's reset out of the cluster: as
+            // a member it would be given guests it must not start.
+            let why = if self.fencing.is_fenced() {
+                Err(
+                    "this node fenced itself: it joins again once its watchdog has reset it"
+                        .to_owned(),
+                )
+            } else {
+                self.member(&cfg, generation).await
+            };
             if self.cluster.generation.load(Ordering::SeqCst) != generation {
                 continue;
             }
@@ -381,6 +390,9 @@ impl Agent {
             }
             if let LeaseState::Lost { reason } = lease.borrow().clone() {
                 break Err(format!("membership lease lost: {reason}"));
+            }
+            if self.fencing.is_fenced() {
+                break Err("this node fenced itself".to_owned());
             }
             self.fencing.renewed(membership.last_renewed());
             ticks = ticks.wrapping_add(1);

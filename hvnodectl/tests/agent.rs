@@ -1383,7 +1383,7 @@ fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum
         etcd_bin,
         rt,
         RealGuests {
-            agent: a,
+            agent: mut a,
             _vmms,
             work,
             m,
@@ -1398,7 +1398,8 @@ fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum
     ok(&ctl(&m, &["cluster", "init", "--etcd", &etcd.url()]));
     let bin = agent_binary().unwrap();
     let vmm = bin.with_file_name("hvnode-vmm");
-    let b = Agent::start_with(&bin, "ha-b", &["--vmm-binary".as_ref(), vmm.as_os_str()]);
+    let extra = ["--vmm-binary".as_ref(), vmm.as_os_str()];
+    let b = Agent::start_with(&bin, "ha-b", &extra);
     let _vmms_b = Vmms(b.dir.clone());
     let code = b.pairing_code();
     ok(&ctl(
@@ -1524,18 +1525,25 @@ fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum
     });
     assert!(!runs(&b, "hg"));
 
-    // The admin moves it (stop, start elsewhere); n1 comes back and gives it up.
+    // The admin moves it (stop, start again: n2 is the only member); n1, fenced, stays out
+    // of the cluster until its reset (here an agent restart), then gives the guest up.
     ok(&ctl(&m, &["cluster", "guest", "stop", "hg"]));
     wait_status(&m, "hg is unplaced", |s| {
         s["guests"]["hg"]["node"].is_null()
     });
-    ok(&ctl(&m, &["cluster", "guest", "start", "hg", "--on", "n2"]));
+    ok(&ctl(&m, &["cluster", "guest", "start", "hg"]));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !runs(&b, "hg") {
         assert!(Instant::now() < deadline, "hg does not run on n2");
         std::thread::sleep(Duration::from_millis(50));
     }
     link_a.mend();
+    wait_view(&a, "n1 stays out, fenced", |v| {
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fenced itself"))
+    });
+    a.restart(&bin, &extra);
     wait_view(&a, "n1 is a member again", |v| v["connection"] == "member");
     let deadline = Instant::now() + Duration::from_secs(20);
     while a
@@ -1548,6 +1556,40 @@ fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(runs(&b, "hg") && !runs(&a, "hg"));
+
+    // An HA guest that crashes is started again on its node (after 2, 4, 8 s); at its fourth
+    // crash it goes to the other node.
+    let pid = |agent: &Agent| {
+        std::fs::read_to_string(agent.dir.join("run/vms/hg/pid"))
+            .map(|p| p.trim().to_owned())
+            .unwrap_or_default()
+    };
+    for crash in 1..=4 {
+        let before = pid(&b);
+        assert!(!before.is_empty(), "no VMM pid for hg on n2");
+        let _ = Command::new("kill").args(["-9", &before]).status();
+        if crash == 4 {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(runs(&b, "hg") && pid(&b) != before) {
+            assert!(
+                Instant::now() < deadline,
+                "hg is not started again on n2 after crash {crash}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !runs(&a, "hg") {
+        assert!(
+            Instant::now() < deadline,
+            "hg does not move to n1 after crashing too often on n2: {:#}",
+            cluster_status(&m)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!runs(&b, "hg"));
 }
 
 /// The `maintenance` object of an agent's `GET /v1/cluster`.

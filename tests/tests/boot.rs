@@ -1151,12 +1151,20 @@ rng = false
             roamer.to_str().unwrap_or_default(),
         ],
     );
-    let (_, s) = hvnodectl(state, &["--json", "cluster", "status"]);
-    let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
-    let from = v["guests"]["roamer"]["node"]
-        .as_str()
-        .unwrap_or_else(|| panic!("roamer is not placed: {s}"))
-        .to_owned();
+    // The leader places it at its next look at the cluster.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let from = loop {
+        let (_, s) = hvnodectl(state, &["--json", "cluster", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+        if let Some(node) = v["guests"]["roamer"]["node"].as_str() {
+            break node.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "roamer is not placed: {s}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
     let to = if from == "node-a" { "node-b" } else { "node-a" };
     let before = wait_console(state, &from, "roamer", "hvnode-guest: tick 3 ");
     // TCG's slow link between the nodes needs a longer pause than the default.

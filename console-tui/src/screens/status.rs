@@ -4,7 +4,7 @@
 use hvnode_api::units::bytes;
 use ratatui::text::Line;
 
-use hvnode_api::cluster::{ClusterConnection, ClusterView};
+use hvnode_api::cluster::{ClusterConnection, ClusterView, FenceState, FencingView};
 
 use super::{fingerprint_halves, kv, reg_state};
 use crate::state::Snapshot;
@@ -20,6 +20,9 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
         kv("Manager", reg_state(&d.registration)),
         kv("Cluster", cluster_state(&d.cluster)),
     ];
+    if d.cluster.connection != ClusterConnection::NotJoined {
+        l.push(kv("Fencing", fencing_state(&d.cluster.fencing)));
+    }
     let running = super::running_guests(Some(d));
     l.push(kv(
         "Guests",
@@ -110,6 +113,28 @@ fn cluster_state(c: &ClusterView) -> String {
     }
 }
 
+/// One line on the node's watchdog and guard (docs/ha.md).
+fn fencing_state(f: &FencingView) -> String {
+    let dog = match &f.watchdog {
+        Some(w) if w.to_ascii_lowercase().contains("software") => {
+            format!("watchdog {w} (softdog: no hardware watchdog found)")
+        }
+        Some(w) => format!("watchdog {w}"),
+        None => "no watchdog".to_owned(),
+    };
+    let state = match f.state {
+        FenceState::Unarmed => "unarmed",
+        FenceState::Guarding => "guarding",
+        FenceState::Doubt => "lease in doubt",
+        FenceState::QuorumLost => "etcd lost by every node",
+        FenceState::Fenced => "FENCED: waiting for the reset",
+    };
+    match &f.message {
+        Some(m) => format!("{dog}, {state}: {m}"),
+        None => format!("{dog}, {state}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::testing::{app, render};
@@ -163,6 +188,21 @@ mod tests {
         c.maintenance.guests_left = vec!["web".into(), "db".into()];
         let line = super::cluster_state(&c);
         assert!(line.ends_with("maintenance (draining, 2 left)"), "{line}");
+        c.fencing.watchdog = Some("Software Watchdog".into());
+        c.fencing.state = hvnode_api::cluster::FenceState::Guarding;
+        let line = super::fencing_state(&c.fencing);
+        assert_eq!(
+            line,
+            "watchdog Software Watchdog (softdog: no hardware watchdog found), guarding"
+        );
+        c.fencing.watchdog = None;
+        c.fencing.state = hvnode_api::cluster::FenceState::Fenced;
+        c.fencing.message = Some("node n2 holds its own".into());
+        let line = super::fencing_state(&c.fencing);
+        assert!(
+            line.starts_with("no watchdog, FENCED") && line.ends_with("n2 holds its own"),
+            "{line}"
+        );
         c.connection = ClusterConnection::Unreachable;
         c.error = Some("etcd unreachable: connection refused".into());
         let line = super::cluster_state(&c);
