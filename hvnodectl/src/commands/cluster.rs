@@ -64,6 +64,9 @@ pub struct Member {
     pub vcpus: (u32, u32),
     /// The cluster guests it runs.
     pub guests_running: Vec<String>,
+    /// The watchdog that fences it; `None`: its HA guests are not restarted elsewhere should
+    /// it be lost (docs/ha.md).
+    pub watchdog: Option<String>,
 }
 
 /// A cluster guest.
@@ -583,6 +586,7 @@ pub fn status_of<'a>(
                     mem_free_mib: n.mem_free_mib,
                     vcpus: (n.vcpus_used, n.vcpus_total),
                     guests_running: n.guests_running.clone(),
+                    watchdog: n.watchdog.clone(),
                 },
             )
         })
@@ -663,15 +667,16 @@ fn status_text(s: &Status) -> String {
         s.revision,
         s.leader.as_deref().unwrap_or("none")
     );
-    out.push_str("MEMBER          STATE        FREE MiB   VCPUS    GUESTS\n");
+    out.push_str("MEMBER          STATE        FREE MiB   VCPUS    WATCHDOG         GUESTS\n");
     for (id, m) in &s.members {
         out.push_str(&format!(
-            "{:<15} {:<12} {:>8}   {:>2}/{:<4}  {}{}\n",
+            "{:<15} {:<12} {:>8}   {:>2}/{:<4}  {:<16} {}{}\n",
             id,
             m.state,
             m.mem_free_mib,
             m.vcpus.0,
             m.vcpus.1,
+            m.watchdog.as_deref().unwrap_or("none"),
             m.guests_running.join(","),
             if s.leader.as_deref() == Some(id) {
                 "  (leader)"
