@@ -760,7 +760,7 @@ impl Agent {
             c.at.retain(|t| now.saturating_duration_since(*t) < CRASH_WINDOW);
             c.at.push(now);
             if c.at.len() <= MAX_LOCAL_RESTARTS {
-                c.restart_at = Some(now + Duration::from_secs(1 << c.at.len()));
+                c.restart_at = Some(now + restart_delay(c.at.len()));
             }
             c.at.len()
         };
@@ -772,7 +772,7 @@ impl Agent {
                 format!(
                     "crashed ({why}): restarting it on this node in {} s ({count} of \
                      {MAX_LOCAL_RESTARTS} within {} min)",
-                    1u64 << count,
+                    restart_delay(count).as_secs(),
                     CRASH_WINDOW.as_secs() / 60
                 ),
             );
@@ -875,6 +875,13 @@ impl Agent {
         let _ = std::fs::remove_file(self.cluster_guests_dir().join(name));
         self.running.forget(name);
     }
+}
+
+/// How long an HA guest that crashed for the `n`th time (from 1) waits before it starts again
+/// on its node: 4, 8, 16 s. Long enough in all for a disk lock held by a dead node's VMM to
+/// lapse on an NFS server with a 10 s lease (docs/ha.md).
+fn restart_delay(n: usize) -> Duration {
+    Duration::from_secs(2 << n.min(6))
 }
 
 /// An HA guest's recent crashes on this node.

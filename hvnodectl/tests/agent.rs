@@ -1557,7 +1557,7 @@ fn ha_a_node_cut_from_etcd_kills_its_ha_guest_before_its_lease_ends_and_a_quorum
     }
     assert!(runs(&b, "hg") && !runs(&a, "hg"));
 
-    // An HA guest that crashes is started again on its node (after 2, 4, 8 s); at its fourth
+    // An HA guest that crashes is started again on its node (after 4, 8, 16 s); at its fourth
     // crash it goes to the other node.
     let pid = |agent: &Agent| {
         std::fs::read_to_string(agent.dir.join("run/vms/hg/pid"))

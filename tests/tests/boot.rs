@@ -1299,8 +1299,22 @@ rng = false
     let c_mark = x.mark();
     let died = std::time::Instant::now();
     y.kill_now();
-    let console = wait_console(state, "node-c", "ha", "boots 3");
-    assert!(console.contains("boots 3"), "{console}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, console) = hvnodectl(state, &["guest", "console", "node-c", "ha"]);
+        if console.contains("boots 3") {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let (_, status) = hvnodectl(state, &["--json", "cluster", "status"]);
+            let (_, show) = hvnodectl(state, &["--json", "guest", "show", "node-c", "ha"]);
+            panic!(
+                "no \"boots 3\" from ha on node-c within 600 s after {y_name} died:\n\
+                 console: {console}\nstatus: {status}\nguest: {show}"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let taken = x
         .seen_at(c_mark, "hvnode: ha: started ha here")
         .unwrap_or_else(|| panic!("node-c has no start on its console"));
