@@ -4,7 +4,7 @@
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "error: run as root: sudo $0" >&2; exit 1; }
 
-pkgs=(python3 socat squashfs-tools cryptsetup-bin grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
+pkgs=(python3 socat procps squashfs-tools cryptsetup-bin grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools
       cpio zstd kmod e2fsprogs ovmf seabios debian-archive-keyring ca-certificates curl gcc g++
       iproute2 jq prometheus etcd-server protobuf-compiler nfs-ganesha nfs-ganesha-vfs rpcbind)
 missing=()
