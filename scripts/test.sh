@@ -4,7 +4,8 @@
 # and the guest payload and runs the QEMU boot tests (six boots: UEFI/BIOS x CD/USB stick; console,
 # screen and keyboards, registration, a reboot; a Linux guest run by our VMM nested inside the
 # node; a modified root that dm-verity refuses; two nodes live-migrating a guest; two nodes forming
-# a cluster on the host's etcd and NFS export).
+# a cluster on the host's etcd and NFS export, draining a node for maintenance, fencing a node cut
+# from etcd with its watchdog and restarting its HA guest on the other, and again when a node dies).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -35,7 +36,7 @@ step "QEMU boot tests"
 # so that no more than two TCG machines share the cores (the nested guest starves with more).
 HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \
     cargo test -p hvnode-tests -- --test-threads=2 --nocapture --skip two_nodes
-step "QEMU two-node tests (migration, cluster)"
+step "QEMU two-node tests (migration; cluster, maintenance, HA)"
 HVNODE_ISO=$top/build/hvnode.iso HVNODECTL=$top/target/debug/hvnodectl \
     cargo test -p hvnode-tests -- --test-threads=1 --nocapture two_nodes
 
