@@ -65,10 +65,23 @@ impl Election {
     }
 
     /// Campaigns as `node_id` under `lease` (the membership lease): returns once this node
-    /// leads (waits while another does).
+    /// leads (waits while another does, for as long as it takes: the client's request timeout
+    /// ends a waiting campaign call, which is then made again; etcd keeps one candidacy per
+    /// lease, so a repeated call waits in the same place). An error other than a timeout or an
+    /// unreachable etcd (a lease gone, for one) ends the campaign.
     pub async fn campaign(&self, lease: i64, node_id: &str) -> Result<Leadership> {
         let mut c = self.client.clone();
-        let resp = c.campaign(self.name.clone(), node_id, lease).await?;
+        let resp = loop {
+            match c.campaign(self.name.clone(), node_id, lease).await {
+                Ok(r) => break r,
+                Err(e) => match Error::from(e) {
+                    Error::Unreachable(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
         let key = resp
             .leader()
             .cloned()

@@ -1279,6 +1279,21 @@ rng = false
             "register", "node-c", "--url", &url, "--code", &code, "--yes",
         ],
     );
+    // It kept nothing: the guest's kernel and initrd go onto it again.
+    let guest = repo_root().join("build/guest");
+    for f in ["vmlinuz", "initramfs.img"] {
+        let local = guest.join(f);
+        ok(
+            state,
+            &[
+                "image",
+                "upload",
+                "node-c",
+                local.to_str().unwrap_or_default(),
+                &format!("test/{f}"),
+            ],
+        );
+    }
     let address = format!("https://10.0.2.2:{}", x.api_port);
     ok(state, &["cluster", "join", "node-c", "--address", &address]);
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
