@@ -24,9 +24,6 @@ use crate::{tls, Agent};
 
 /// The timings this node keeps (checked by the guard).
 pub const TIMINGS: Timings = Timings::DEFAULT;
-/// Each grant lets init feed the watchdog this long without another: three of the guard's
-/// steps, so one late step does not reset the node, and well inside the watchdog's timeout.
-const GRANT: Duration = Duration::from_millis(3000);
 
 /// A node to ask when the lease is in doubt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +214,7 @@ impl Agent {
             let message_now = message.clone();
             match self
                 .init_request(InitRequest::Watchdog {
-                    feed_ms: GRANT.as_millis() as u64,
+                    feed_ms: TIMINGS.grant.as_millis() as u64,
                 })
                 .await
             {

@@ -37,6 +37,9 @@ pub struct Timings {
     /// The watchdog's timeout: a node that stops feeding it is reset this long after the last
     /// feed.
     pub watchdog_timeout: Duration,
+    /// How long init keeps feeding the watchdog after the agent's last grant: an agent that
+    /// hangs is reset at most this plus the watchdog's timeout after its last grant.
+    pub grant: Duration,
     /// How often a node in doubt asks its peers, and how long it waits for each answer.
     pub peer_poll: Duration,
     /// In a quorum loss, how long a node may stay without its lease once a peer is a member
@@ -60,17 +63,19 @@ impl Timings {
         doubt_after: Duration::from_secs(4),
         fence_after: Duration::from_secs(7),
         watchdog_timeout: Duration::from_secs(8),
+        grant: Duration::from_secs(2),
         peer_poll: Duration::from_secs(1),
-        quorum_return_grace: Duration::from_secs(2),
-        restart_after_loss: Duration::from_secs(13),
+        quorum_return_grace: Duration::from_secs(1),
+        restart_after_loss: Duration::from_secs(14),
         tick: Duration::from_secs(1),
     };
 
     /// The latest a node that lost its lease is reset, counted from its last renewal as the
-    /// node saw it: it fences at `fence_after` and stops feeding then; its watchdog fires
-    /// `watchdog_timeout` after the last feed.
+    /// node saw it: its agent fences at `fence_after` and stops the feeding then; an agent that
+    /// hung instead made its last grant before `fence_after`, which init honours for `grant`;
+    /// the watchdog fires `watchdog_timeout` after the last feed.
     pub fn reset_by_after_renewal(&self) -> Duration {
-        self.fence_after + self.watchdog_timeout
+        self.fence_after + self.grant + self.watchdog_timeout
     }
 
     /// The earliest the leader restarts a lost node's guests, counted from that node's last
@@ -82,10 +87,10 @@ impl Timings {
     }
 
     /// The latest a node in a quorum loss is reset, counted from the moment etcd is back for
-    /// a peer: it learns it within two polls, waits `quorum_return_grace`, fences, and its
-    /// watchdog fires `watchdog_timeout` later.
+    /// a peer: it learns it within two polls, waits `quorum_return_grace`, fences (or, hung,
+    /// its last grant runs out), and its watchdog fires `watchdog_timeout` later.
     pub fn reset_by_after_quorum_return(&self) -> Duration {
-        self.peer_poll * 2 + self.quorum_return_grace + self.watchdog_timeout
+        self.peer_poll * 2 + self.quorum_return_grace + self.grant + self.watchdog_timeout
     }
 
     /// The longest from a node's death to its HA guests being placed elsewhere: its record
@@ -350,8 +355,9 @@ mod tests {
     fn the_default_timings_keep_the_guarantee_and_the_failover_budget() {
         T.check().unwrap();
         assert!(T.worst_failover() <= Duration::from_secs(30), "{T:?}");
-        assert_eq!(T.reset_by_after_renewal(), secs(15.0));
-        assert!(T.restart_at_least_after_renewal() >= secs(19.6));
+        assert_eq!(T.reset_by_after_renewal(), secs(17.0));
+        assert!(T.restart_at_least_after_renewal() >= secs(20.6));
+        assert_eq!(T.worst_failover(), secs(26.0));
     }
 
     #[test]
@@ -374,7 +380,7 @@ mod tests {
         };
         assert!(late_fence.check().unwrap_err().contains("fence before"));
         let grace = Timings {
-            quorum_return_grace: secs(8.0),
+            quorum_return_grace: secs(3.0),
             ..T
         };
         assert!(grace.check().unwrap_err().contains("quorum return"));
@@ -518,10 +524,12 @@ mod tests {
         );
         let (t, why) = first_fence(&v).unwrap();
         // The answer asked at 20 s arrives at 20.5 s; the grace runs from the step that sees it.
-        assert!((22.0..=23.0).contains(&t), "{t}: {v:?}");
+        assert!((21.0..=22.0).contains(&t), "{t}: {v:?}");
         assert!(why.contains("back for node n2"), "{why}");
         // Within the bound check() relies on.
-        assert!(secs(t - 20.0) + T.watchdog_timeout <= T.reset_by_after_quorum_return());
+        assert!(
+            secs(t - 20.0) + T.grant + T.watchdog_timeout <= T.reset_by_after_quorum_return()
+        );
     }
 
     #[test]

@@ -88,11 +88,6 @@ impl control::Handler for Node {
     }
 
     fn power(&self, kind: PowerKind) {
-        // A power-off must not turn into the watchdog's reset on the way down. A node that
-        // fenced itself keeps it armed: the reset is the point.
-        if let Err(e) = self.watchdog.disarm() {
-            out::log_only(&format!("init: {e}"));
-        }
         let _ = self.events.send(Event::Power(kind));
     }
 }
@@ -401,6 +396,9 @@ fn event_loop(
             shutdown = shutdown.or(Some(kind));
         }
         if let Some(kind) = shutdown {
+            // A power-off must not turn into the watchdog's reset on the way down. A node that
+            // fenced itself keeps it armed: the reset is the point.
+            node.watchdog.shut_down();
             let net = node.net.get();
             power::shutdown(kind, &mut sup, || {
                 if let Some(n) = net {

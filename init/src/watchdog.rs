@@ -46,6 +46,8 @@ struct State {
     until: Option<Instant>,
     /// Set once the agent fenced the node: no grant feeds it again.
     fenced: bool,
+    /// Set once the node shuts down: no grant arms it again.
+    closing: bool,
 }
 
 /// The watchdog, shared by the control socket and the feeding thread.
@@ -97,6 +99,9 @@ impl Watchdog {
         if st.fenced {
             return Err("the node has fenced itself: it waits for its watchdog's reset".into());
         }
+        if st.closing {
+            return Err("the node is shutting down".into());
+        }
         if st.armed.is_none() {
             let armed = arm()?;
             out::announce(
@@ -117,6 +122,16 @@ impl Watchdog {
             .as_ref()
             .map(|a| a.identity.clone())
             .unwrap_or_default())
+    }
+
+    /// The node shuts down (however it was asked to: the API, the console, the power button):
+    /// disarms the device, unless the node fenced itself, and arms it no more, so that a
+    /// shutdown slower than the watchdog's timeout does not become a reset.
+    pub fn shut_down(&self) {
+        self.lock().closing = true;
+        if let Err(e) = self.disarm() {
+            out::log_only(&format!("init: {e}"));
+        }
     }
 
     /// Disarms the device (the magic close), unless the node fenced itself.
