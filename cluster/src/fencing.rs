@@ -527,9 +527,7 @@ mod tests {
         assert!((21.0..=22.0).contains(&t), "{t}: {v:?}");
         assert!(why.contains("back for node n2"), "{why}");
         // Within the bound check() relies on.
-        assert!(
-            secs(t - 20.0) + T.grant + T.watchdog_timeout <= T.reset_by_after_quorum_return()
-        );
+        assert!(secs(t - 20.0) + T.grant + T.watchdog_timeout <= T.reset_by_after_quorum_return());
     }
 
     #[test]
