@@ -176,6 +176,15 @@ impl Agent {
         self: &Arc<Self>,
         req: SetMaintenance,
     ) -> Result<Resp, Error> {
+        if let Some(ms) = req
+            .downtime_limit_ms
+            .filter(|ms| !(1..=600_000).contains(ms))
+        {
+            return Err(Error::new(
+                ErrorCode::InvalidMigration,
+                format!("downtime_limit_ms is {ms}: give 1 to 600000 (ms), or leave it out"),
+            ));
+        }
         if req.on && self.cluster_config().is_none() {
             return Err(Error::new(
                 ErrorCode::NotInCluster,
