@@ -200,12 +200,18 @@ impl Agent {
             let status = me.guest(&name)?;
             let timeout = timeout_secs
                 .map(|v| {
-                    v.parse::<u64>().map(Duration::from_secs).map_err(|_| {
-                        Error::new(
-                            ErrorCode::InvalidTimeout,
-                            format!("timeout_secs={v:?} is not a number of seconds"),
-                        )
-                    })
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| *s <= 86_400)
+                        .map(Duration::from_secs)
+                        .ok_or_else(|| {
+                            Error::new(
+                                ErrorCode::InvalidTimeout,
+                                format!(
+                                    "timeout_secs={v:?} is not a number of seconds from 0 to                                      86400"
+                                ),
+                            )
+                        })
                 })
                 .transpose()?;
             let g = &me.running;
