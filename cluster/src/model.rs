@@ -203,6 +203,19 @@ pub struct Placement {
     pub reason: String,
 }
 
+impl Placement {
+    /// `guest` placed on `node`, decided on `revision`, for `reason`.
+    pub fn new(guest: &str, node: &str, revision: i64, reason: &str) -> Self {
+        Placement {
+            format: Self::FORMAT,
+            guest: guest.to_owned(),
+            node: node.to_owned(),
+            placed_at_revision: revision,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 impl Record for Placement {
     const KIND: &'static str = "placement";
     const FORMAT: u64 = 1;

@@ -260,13 +260,7 @@ impl Store {
         let gkey = self.keys.guest(guest)?;
         let pkey = self.keys.placement(guest)?;
         crate::keys::validate_name("node id", node)?;
-        let placement = Placement {
-            format: Placement::FORMAT,
-            guest: guest.to_string(),
-            node: node.to_string(),
-            placed_at_revision: read_revision,
-            reason: reason.to_string(),
-        };
+        let placement = Placement::new(guest, node, read_revision, reason);
         let when = vec![
             Compare::mod_revision(gkey.clone(), CompareOp::Equal, read_revision),
             Compare::create_revision(pkey.clone(), CompareOp::Equal, 0),
@@ -315,13 +309,7 @@ impl Store {
     ) -> Result<i64> {
         let pkey = self.keys.placement(guest)?;
         crate::keys::validate_name("node id", node)?;
-        let placement = Placement {
-            format: Placement::FORMAT,
-            guest: guest.to_string(),
-            node: node.to_string(),
-            placed_at_revision: revision,
-            reason: reason.to_string(),
-        };
+        let placement = Placement::new(guest, node, revision, reason);
         let when = vec![Compare::mod_revision(
             pkey.clone(),
             CompareOp::Equal,

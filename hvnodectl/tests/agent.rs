@@ -805,6 +805,19 @@ fn guest_snapshot_commands_take_list_restore_and_delete_a_snapshot_of_a_real_gue
 }
 
 /// The counter values of the complete lines of a guest's console log on a node.
+/// Waits (`limit` at most) until `guest` has counted twice on `agent`'s console; the counts.
+fn counts_twice(agent: &Agent, guest: &str, limit: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let c = console_counts(agent, guest);
+        if c.len() >= 2 {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "{guest} does not count twice");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn console_counts(agent: &Agent, guest: &str) -> Vec<u32> {
     let log = std::fs::read_to_string(agent.dir.join(format!("run/vms/{guest}/console.log")))
         .unwrap_or_default();
@@ -887,15 +900,7 @@ fn guest_migrate_moves_a_running_guest_to_another_node_where_it_counts_on() {
     let last_on_a = *console_counts(&a, "count").last().unwrap();
     assert!(ok(&ctl(&m, &["guest", "list", "n1"])).contains("no guests"));
     assert!(ok(&ctl(&m, &["guest", "show", "n2", "count"])).contains("running"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let on_b = loop {
-        let c = console_counts(&b, "count");
-        if c.len() >= 2 {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "the guest does not count on n2");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let on_b = counts_twice(&b, "count", Duration::from_secs(30));
     assert!(
         on_b[0] == last_on_a + 1 || on_b[0] == last_on_a + 2,
         "n2 counts on from n1's {last_on_a}: {on_b:?}"
@@ -1709,15 +1714,7 @@ fn maintenance_mode_drains_a_node_by_live_migration_survives_a_restart_and_stops
     });
     assert_eq!(s["members"]["n1"]["state"], "maintenance", "{s:#}");
     let last_on_a = *console_counts(&a, "cg").last().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let on_b = loop {
-        let c = console_counts(&b, "cg");
-        if c.len() >= 2 {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "cg does not count on n2");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let on_b = counts_twice(&b, "cg", Duration::from_secs(20));
     assert!(
         on_b[0] == last_on_a + 1 || on_b[0] == last_on_a + 2,
         "n2 counts on from n1's {last_on_a}: {on_b:?}"
