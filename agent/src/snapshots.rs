@@ -320,6 +320,7 @@ mod tests {
             serial_socket: None,
             control_socket: None,
             exit_file: None,
+            jail: None,
         }
     }
 

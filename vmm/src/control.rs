@@ -114,6 +114,7 @@ impl Controller {
         keyboard: Arc<Mutex<Keyboard>>,
         devices: Vec<Arc<dyn DeviceStats>>,
         exit: mpsc::Sender<ExitReason>,
+        statm: Option<std::fs::File>,
         machine: Machine,
     ) -> Self {
         Controller {
@@ -126,7 +127,7 @@ impl Controller {
             exit,
             pausing: Mutex::new(()),
             paused: AtomicBool::new(false),
-            statm: std::fs::File::open("/proc/self/statm").ok(),
+            statm,
             machine,
             migration: Mutex::new(MigrationStatus::default()),
             migrating: AtomicBool::new(false),

@@ -56,6 +56,7 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod hex;
+pub mod jail;
 pub mod memory;
 pub mod migration;
 pub mod payload;
