@@ -413,8 +413,18 @@ impl Child {
 
     /// Waits for it to end and reaps it.
     pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.reap(0)
+            .map(|s| s.expect("a blocking waitid returns a status"))
+    }
+
+    /// Reaps it if it has ended.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.reap(libc::WNOHANG)
+    }
+
+    fn reap(&mut self, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
         if let Some(s) = self.status {
-            return Ok(s);
+            return Ok(Some(s));
         }
         let status = loop {
             // SAFETY: an all-zero siginfo_t is valid; waitid fills it in.
@@ -425,9 +435,13 @@ impl Child {
                     libc::P_PIDFD,
                     self.pidfd.as_raw_fd() as libc::id_t,
                     &mut info,
-                    libc::WEXITED,
+                    libc::WEXITED | flags,
                 )
             };
+            // SAFETY: as above; si_pid is 0 when WNOHANG found nothing to reap.
+            if rc == 0 && unsafe { info.si_pid() } == 0 {
+                return Ok(None);
+            }
             if rc == 0 {
                 // SAFETY: waitid filled in a SIGCHLD siginfo, whose si_status is set.
                 let value = unsafe { info.si_status() };
@@ -443,7 +457,7 @@ impl Child {
             }
         };
         self.status = Some(status);
-        Ok(status)
+        Ok(Some(status))
     }
 }
 
@@ -483,6 +497,7 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
         assert!(e.to_string().starts_with("exec: "), "{e}");
         let mut child = Spawn::new("/bin/sleep").arg("30").spawn().unwrap();
+        assert!(child.try_wait().unwrap().is_none());
         child.kill().unwrap();
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
         // Reaped: signals and waits are no-ops now.
