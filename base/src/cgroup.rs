@@ -1,7 +1,8 @@
 //! A cgroup per guest, holding its VMM to the guest's memory, CPU and process limits
 //! (docs/vmm.md#the-jail).
 //!
-//! Guests' cgroups go in `guests/<name>` next to the caller's own cgroup (in its parent, or in
+//! Guests' cgroups go in `<group>/<name>` (the node's agent's group is [`GUESTS`]) next to the
+//! caller's own cgroup (in its parent, or in
 //! the root when the caller is in the root), never below it: cgroup v2 allows no process in a
 //! cgroup whose children have controllers, and the caller's own cgroup (the agent's) stays free
 //! of the guests' limits. On the node init puts the agent in `/hvnode/agent`, so guests land in
@@ -21,8 +22,8 @@ use std::path::{Path, PathBuf};
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// The controllers a guest's cgroup needs.
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
-/// Where guests' cgroups go, next to the caller's own.
-const GUESTS: &str = "guests";
+/// The group guests' cgroups go in, next to the caller's own: the node agent's.
+pub const GUESTS: &str = "guests";
 
 /// What a guest's cgroup holds its VMM to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,19 +167,27 @@ impl Layout {
         }
     }
 
-    /// The directories guest `name`'s cgroup is made of, and its version.
+    /// The directories guest `name`'s cgroup in `group` is made of, and its version.
     fn dirs(
         &self,
+        group: &str,
         name: &str,
     ) -> Result<(Version, Vec<(Option<&'static str>, PathBuf)>), CgroupError> {
+        for part in [group, name] {
+            if part.is_empty() || part.contains('/') || part.starts_with('.') {
+                return Err(CgroupError::Unavailable(format!(
+                    "{part:?} cannot name a cgroup"
+                )));
+            }
+        }
         if let Some(base) = &self.v2 {
-            return Ok((Version::V2, vec![(None, base.join(GUESTS).join(name))]));
+            return Ok((Version::V2, vec![(None, base.join(group).join(name))]));
         }
         if self.v1.len() == CONTROLLERS.len() {
             let dirs = self
                 .v1
                 .iter()
-                .map(|(c, base)| (Some(*c), base.join(GUESTS).join(name)))
+                .map(|(c, base)| (Some(*c), base.join(group).join(name)))
                 .collect();
             return Ok((Version::V1, dirs));
         }
@@ -204,35 +213,41 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
 }
 
 impl Cgroup {
-    /// Makes (or takes over, as it stands) guest `name`'s cgroup next to the calling process's
-    /// own, and sets `limits` on it.
-    pub fn create(name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
-        Cgroup::create_in(&Layout::of_this_process()?, name, limits)
+    /// Makes (or takes over, as it stands) guest `name`'s cgroup in `group` next to the
+    /// calling process's own, and sets `limits` on it.
+    pub fn create(group: &str, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+        Cgroup::create_in(&Layout::of_this_process()?, group, name, limits)
     }
 
     /// As [`Cgroup::create`], in `layout`.
-    pub fn create_in(layout: &Layout, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(CgroupError::Unavailable(format!(
-                "{name:?} cannot name a cgroup"
-            )));
-        }
-        let (version, dirs) = layout.dirs(name)?;
+    pub fn create_in(
+        layout: &Layout,
+        group: &str,
+        name: &str,
+        limits: &Limits,
+    ) -> Result<Cgroup, CgroupError> {
+        let (version, dirs) = layout.dirs(group, name)?;
         for (controller, dir) in &dirs {
-            let guests = dir.parent().unwrap_or(dir);
-            std::fs::create_dir_all(guests).map_err(io(guests))?;
-            if version == Version::V2 {
-                // Both levels pass the controllers down; the caller's own cgroup is not one.
-                let base = guests.parent().unwrap_or(guests);
-                for d in [base, guests] {
-                    write(d, "cgroup.subtree_control", "+memory +cpu +pids")?;
+            let group = dir.parent().unwrap_or(dir);
+            // The group goes with its last guest (see `remove`): one that vanishes between
+            // the two mkdirs is made again.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                std::fs::create_dir_all(group).map_err(io(group))?;
+                if version == Version::V2 {
+                    // Both levels pass the controllers down; the caller's own cgroup is not one.
+                    let base = group.parent().unwrap_or(group);
+                    for d in [base, group] {
+                        write(d, "cgroup.subtree_control", "+memory +cpu +pids")?;
+                    }
                 }
-            }
-            match std::fs::create_dir(dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                    return Err(io(dir)(e));
+                match std::fs::create_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => {}
+                    Err(e) => return Err(io(dir)(e)),
                 }
-                _ => {}
             }
             let cpu = format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us);
             match controller {
@@ -325,14 +340,18 @@ impl Cgroup {
                     Err(e) => return Err(io(dir)(e)),
                 }
             }
+            // The group too, if this was its last guest (another's keeps it: ENOTEMPTY/EBUSY).
+            if let Some(group) = dir.parent() {
+                let _ = std::fs::remove_dir(group);
+            }
         }
         Ok(())
     }
 
     /// Guest `name`'s cgroup as [`Cgroup::create`] would make it, without making or changing
     /// anything: for removing what an earlier run left.
-    pub fn existing(name: &str) -> Result<Cgroup, CgroupError> {
-        let (version, dirs) = Layout::of_this_process()?.dirs(name)?;
+    pub fn existing(group: &str, name: &str) -> Result<Cgroup, CgroupError> {
+        let (version, dirs) = Layout::of_this_process()?.dirs(group, name)?;
         Ok(Cgroup {
             version,
             dirs: dirs.into_iter().map(|(_, d)| d).collect(),
@@ -375,7 +394,7 @@ mod tests {
             assert_eq!(d, Path::new("/sys/fs/cgroup/hvnode"));
             "cpuset cpu io memory pids\n".into()
         });
-        let (version, dirs) = layout.dirs("web").unwrap();
+        let (version, dirs) = layout.dirs(GUESTS, "web").unwrap();
         assert_eq!(version, Version::V2);
         assert_eq!(
             dirs,
@@ -384,7 +403,7 @@ mod tests {
         // In the root cgroup: guests go in the root.
         let layout = Layout::parse(mountinfo, "0::/\n", |_| "memory cpu pids".into());
         assert_eq!(
-            layout.dirs("web").unwrap().1[0].1,
+            layout.dirs(GUESTS, "web").unwrap().1[0].1,
             Path::new("/sys/fs/cgroup/guests/web")
         );
     }
@@ -392,7 +411,7 @@ mod tests {
     #[test]
     fn v2_without_the_controllers_falls_back_to_the_v1_hierarchies() {
         let layout = Layout::parse(HYBRID, HYBRID_CGROUP, |_| "hugetlb\n".into());
-        let (version, dirs) = layout.dirs("web").unwrap();
+        let (version, dirs) = layout.dirs(GUESTS, "web").unwrap();
         assert_eq!(version, Version::V1);
         assert_eq!(
             dirs,
@@ -414,13 +433,13 @@ mod tests {
     fn no_usable_hierarchy_is_an_error_saying_what_was_found() {
         let only_v2 = "41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
         let layout = Layout::parse(only_v2, "0::/\n", |_| "hugetlb".into());
-        let e = layout.dirs("web").unwrap_err().to_string();
+        let e = layout.dirs(GUESTS, "web").unwrap_err().to_string();
         assert!(
             e.contains("cgroup2 at /sys/fs/cgroup with controllers [hugetlb]"),
             "{e}"
         );
         let e = Layout::parse("", "", |_| String::new())
-            .dirs("web")
+            .dirs(GUESTS, "web")
             .unwrap_err();
         assert!(
             e.to_string().contains("no cgroup filesystem mounted"),
@@ -442,7 +461,7 @@ mod tests {
             v1: Vec::new(),
             found: String::new(),
         };
-        let cg = Cgroup::create_in(&v2, "web", &limits).unwrap();
+        let cg = Cgroup::create_in(&v2, GUESTS, "web", &limits).unwrap();
         let read = |p: &Path, f: &str| std::fs::read_to_string(p.join(f)).unwrap();
         let dir = root.join("v2/hvnode/guests/web");
         assert_eq!(cg.dirs(), [dir.clone()]);
@@ -458,7 +477,7 @@ mod tests {
             v1: CONTROLLERS.iter().map(|c| (*c, root.join(c))).collect(),
             found: String::new(),
         };
-        Cgroup::create_in(&v1, "web", &limits).unwrap();
+        Cgroup::create_in(&v1, GUESTS, "web", &limits).unwrap();
         assert_eq!(
             read(&root.join("memory/guests/web"), "memory.limit_in_bytes"),
             (192u64 << 20).to_string()
@@ -473,7 +492,14 @@ mod tests {
         );
         assert_eq!(read(&root.join("pids/guests/web"), "pids.max"), "66");
         for bad in ["", "a/b", ".."] {
-            assert!(Cgroup::create_in(&v1, bad, &limits).is_err(), "{bad}");
+            assert!(
+                Cgroup::create_in(&v1, GUESTS, bad, &limits).is_err(),
+                "{bad}"
+            );
+            assert!(
+                Cgroup::create_in(&v1, bad, "web", &limits).is_err(),
+                "{bad}"
+            );
         }
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -117,7 +117,8 @@ fn start(
     })
     .to_string();
     let cgroup_name = format!("hvnode-vmm-test-{}-{name}", std::process::id());
-    let cgroup = Cgroup::create(&cgroup_name, limits).expect("creating the guest's cgroup");
+    let cgroup = Cgroup::create("hvnode-vmm-tests", &cgroup_name, limits)
+        .expect("creating the guest's cgroup");
     let stderr = std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap();
     let child = Spawn::new(env!("CARGO_BIN_EXE_hvnode-vmm"))
         .args(["--config-json", &config])
@@ -207,10 +208,7 @@ fn a_jailed_vmm_is_alone_in_its_namespaces_root_and_cgroup_as_its_own_user() {
     assert_eq!(status_field(a.pid(), "Uid"), ids);
     assert_eq!(status_field(a.pid(), "Gid"), ids);
     assert_eq!(status_field(a.pid(), "Groups"), "");
-    assert_eq!(
-        status_field(b.pid(), "Uid"),
-        four(id_b)
-    );
+    assert_eq!(status_field(b.pid(), "Uid"), four(id_b));
 
     // PID 1 of a PID namespace that holds it alone; mount and IPC namespaces of its own.
     assert_eq!(status_field(a.pid(), "NSpid"), format!("{}\t1", a.pid()));

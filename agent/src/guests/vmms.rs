@@ -551,7 +551,8 @@ impl Guests {
                 gid: id,
                 snapshot_dir: Some(snapshots.to_string_lossy().into_owned()),
             });
-            let cgroup = Cgroup::create(&spec.name, &guest_limits(spec))
+            let group = self.paths.cgroup_group();
+            let cgroup = Cgroup::create(&group, &spec.name, &guest_limits(spec))
                 .map_err(|e| GuestError::Cgroup(spec.name.clone(), e.to_string()))?;
             (Some(slot), Some(Arc::new(cgroup)))
         } else {
@@ -1076,7 +1077,9 @@ impl Guests {
             .and_then(|c| c.jail)
             .and_then(|j| j.uid.checked_sub(JAIL_ID_BASE))
             .filter(|s| *s < JAIL_ID_SLOTS);
-        let cgroup = slot.and_then(|_| Cgroup::existing(name).ok()).map(Arc::new);
+        let cgroup = slot
+            .and_then(|_| Cgroup::existing(&self.paths.cgroup_group(), name).ok())
+            .map(Arc::new);
         let pidfd = Arc::new(live.pidfd);
         let id = {
             let mut t = self.lock();
@@ -1132,7 +1135,7 @@ impl Guests {
             let _ = std::fs::remove_file(dir.join(f));
         }
         if jails() {
-            if let Ok(c) = Cgroup::existing(name) {
+            if let Ok(c) = Cgroup::existing(&self.paths.cgroup_group(), name) {
                 let _ = c.remove();
             }
         }

@@ -81,7 +81,7 @@ fn start(vmm: &Path, config: &str, jailed: bool) -> (Started, Duration) {
         cpu_quota_us: 150_000,
         pids: 65,
     };
-    let cgroup = Cgroup::create("hvnode-bench", &limits).expect("the guest's cgroup");
+    let cgroup = Cgroup::create("hvnode-bench", "vmm-start", &limits).expect("the guest's cgroup");
     let made = t.elapsed();
     let child = Spawn::new(vmm)
         .args(["--config-json", config])
