@@ -71,6 +71,9 @@ pub struct Layout {
     found: String,
 }
 
+/// A directory of a cgroup, with its v1 controller (`None` in v2).
+type Dir = (Option<&'static str>, PathBuf);
+
 /// One mount of `/proc/self/mountinfo`: its root within the filesystem, where it is mounted,
 /// its type and its super options.
 struct Mount<'a> {
@@ -172,7 +175,7 @@ impl Layout {
         &self,
         group: &str,
         name: &str,
-    ) -> Result<(Version, Vec<(Option<&'static str>, PathBuf)>), CgroupError> {
+    ) -> Result<(Version, Vec<Dir>), CgroupError> {
         for part in [group, name] {
             if part.is_empty() || part.contains('/') || part.starts_with('.') {
                 return Err(CgroupError::Unavailable(format!(
@@ -464,7 +467,7 @@ mod tests {
         let cg = Cgroup::create_in(&v2, GUESTS, "web", &limits).unwrap();
         let read = |p: &Path, f: &str| std::fs::read_to_string(p.join(f)).unwrap();
         let dir = root.join("v2/hvnode/guests/web");
-        assert_eq!(cg.dirs(), [dir.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
         assert_eq!(read(&dir, "memory.max"), (192u64 << 20).to_string());
         assert_eq!(read(&dir, "cpu.max"), "150000 100000");
         assert_eq!(read(&dir, "pids.max"), "66");

@@ -397,21 +397,23 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
     let vcpus = Arc::new(Vcpus::new(config.vcpus as usize, msr_indices));
     let (exit_tx, exit_rx) = mpsc::channel();
     let vm = Arc::new(vm);
-    let controller = Arc::new(Controller::new(
-        config.clone(),
-        Arc::clone(&vcpus),
-        Arc::clone(&mmio),
-        keyboard,
-        devices,
-        exit_tx.clone(),
-        statm,
-        Machine {
-            vm: Arc::clone(&vm),
-            mem,
-            mem_size,
-            console: Arc::clone(&console),
-        },
-    ));
+    let controller = Arc::new(
+        Controller::new(
+            config.clone(),
+            Arc::clone(&vcpus),
+            Arc::clone(&mmio),
+            keyboard,
+            devices,
+            exit_tx.clone(),
+            Machine {
+                vm: Arc::clone(&vm),
+                mem,
+                mem_size,
+                console: Arc::clone(&console),
+            },
+        )
+        .with_statm(statm),
+    );
 
     if let Some(l) = serial_listener {
         let (c, s, st) = (Arc::clone(&clients), Arc::clone(&console), serial_stats);
