@@ -135,6 +135,13 @@ pub fn enter(jail: &VmJail) -> Result<(), JailError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(JailError::NotRoot);
     }
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        eprintln!(
+            "hvnode-vmm: not PID 1 of a PID namespace of its own: whoever started it did not \
+             clone it into one (hvnode_base::spawn); the rest of the jail goes on"
+        );
+    }
     let snapshot_dir = jail
         .snapshot_dir
         .as_deref()
