@@ -36,7 +36,7 @@ pub enum JailError {
     #[error("A jailed VMM must be started as root")]
     NotRoot,
     /// The snapshot directory is not an absolute, plain path.
-    #[error("Snapshot directory {0:?}: use an absolute path without . or ..")]
+    #[error("Snapshot directory {0:?}: use an absolute path without ..")]
     BadPath(String),
     /// A system call failed.
     #[error("{0}: {1}")]
@@ -79,7 +79,7 @@ fn mount(
     sys(rc.into(), || format!("mounting {}", target.display())).map(drop)
 }
 
-/// A plain absolute path: no `.`, no `..` (a bind target is made of its components).
+/// A plain absolute path: no `..` (a bind target is made of its components).
 fn plain_absolute(dir: &str) -> Result<PathBuf, JailError> {
     let p = PathBuf::from(dir);
     let plain = p.is_absolute()
@@ -215,7 +215,7 @@ mod tests {
             plain_absolute("/var/lib/hvnode/snapshots/web").unwrap(),
             Path::new("/var/lib/hvnode/snapshots/web")
         );
-        for bad in ["snapshots", "/a/../etc", "/a/./b", ""] {
+        for bad in ["snapshots", "/a/../etc", "/a/..", ""] {
             assert!(plain_absolute(bad).is_err(), "{bad}");
         }
     }

@@ -282,10 +282,6 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
     };
     // Before KVM, so that a bad image, tap or bridge fails the start with its name.
     let virtio = crate::devices::DeviceSet::open(config)?;
-    let mut boot_files = match origin {
-        Origin::Boot => Some(BootFiles::open(config)?),
-        _ => None,
-    };
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
@@ -316,6 +312,11 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
     .map_err(|e| VmError::File("serial log".into(), e))?;
     let serial_listener = config.serial_socket.as_deref().map(bind).transpose()?;
     let control_listener = config.control_socket.as_deref().map(bind).transpose()?;
+    // After the memory, so that a guest too large fails as such, whatever its kernel.
+    let mut boot_files = match origin {
+        Origin::Boot => Some(BootFiles::open(config)?),
+        _ => None,
+    };
     // What the control socket's stats read; the jail has no /proc.
     let statm = File::open("/proc/self/statm").ok();
     // Every path the VM needs is open, and no thread runs yet: the jail goes on before a guest
