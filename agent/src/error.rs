@@ -69,7 +69,7 @@ impl From<crate::guests::vmms::GuestError> for Error {
             G::NoBridge(_) => ErrorCode::BridgeNotFound,
             G::TapInUse { .. } => ErrorCode::TapInUse,
             G::State { .. } => ErrorCode::InvalidGuestState,
-            G::Spawn(_) => ErrorCode::VmmStartFailed,
+            G::Spawn(_) | G::Cgroup(..) | G::NoSlot(_) => ErrorCode::VmmStartFailed,
             G::Unreachable(..) => ErrorCode::VmmUnreachable,
             // The VMM saw the guest in another state than the agent did (a race with the
             // guest itself): the caller's request was fine, the moment was not.

@@ -82,6 +82,25 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// The cgroup group this agent's guests go in (`hvnode_base::cgroup`): the node's agent
+    /// uses `guests`; an agent with another run directory (a test's, one of several agents on
+    /// a host) `guests-` and a hash of it, so that two agents' guests of one name stay apart.
+    pub fn cgroup_group(&self) -> String {
+        use sha2::Digest;
+        if self.run == Path::new(hvnode_api::paths::RUN_DIR) {
+            return hvnode_base::cgroup::GUESTS.to_owned();
+        }
+        let h = sha2::Sha256::digest(self.run.as_os_str().as_encoded_bytes());
+        format!(
+            "{}-{:02x}{:02x}{:02x}{:02x}",
+            hvnode_base::cgroup::GUESTS,
+            h[0],
+            h[1],
+            h[2],
+            h[3]
+        )
+    }
+
     fn registration(&self) -> PathBuf {
         self.data.join("registration.toml")
     }

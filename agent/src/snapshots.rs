@@ -34,12 +34,11 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
 }
 
 /// The VMM writes the snapshot after it dropped root: a guest's snapshot directory belongs to
-/// the user it runs as (and to no one else: mode 0700). An agent that is not root starts VMMs
-/// that keep its uid, and the directory stays its own.
-fn give_to_vmm(dir: &std::path::Path) -> std::io::Result<()> {
+/// the user its VMM runs as, its jail's `uid` (and to no one else: mode 0700). An agent that is
+/// not root starts VMMs that keep its uid, and the directory stays its own.
+fn give_to_vmm(dir: &std::path::Path, uid: Option<u32>) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    if nix::unistd::geteuid().is_root() {
-        let id = hvnode_api::vmm::VMM_RUN_AS;
+    if let Some(id) = uid {
         std::os::unix::fs::chown(dir, Some(id), Some(id))?;
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -81,7 +80,7 @@ fn mismatch(snap: &VmConfig, now: &VmConfig) -> Option<String> {
 
 impl Agent {
     fn snapshot_root(&self, guest: &str) -> PathBuf {
-        self.paths.data.join("snapshots").join(guest)
+        crate::guests::vmms::snapshot_root(&self.paths.data, guest)
     }
 
     fn snapshot_dir(&self, guest: &str, snap: &str) -> Result<PathBuf, Error> {
@@ -183,7 +182,8 @@ impl Agent {
             let parent = me.snapshot_root(&guest);
             std::fs::create_dir_all(&parent)
                 .map_err(|e| Error::internal("Snapshot directory", e))?;
-            give_to_vmm(&parent).map_err(|e| Error::internal("Snapshot directory", e))?;
+            give_to_vmm(&parent, me.running.vmm_uid(&guest))
+                .map_err(|e| Error::internal("Snapshot directory", e))?;
             let started = Instant::now();
             let info = match me.running.snapshot(&guest, &dir) {
                 Ok(info) => info,
@@ -320,6 +320,7 @@ mod tests {
             serial_socket: None,
             control_socket: None,
             exit_file: None,
+            jail: None,
         }
     }
 

@@ -938,6 +938,7 @@ async fn a_fresh_agent_reattaches_to_a_running_vmm_and_stops_it() {
         serial_socket: None,
         control_socket: Some(dir.join("control.sock").display().to_string()),
         exit_file: Some(dir.join("exit.json").display().to_string()),
+        jail: None,
     };
     std::fs::write(dir.join("vm.json"), serde_json::to_vec(&config).unwrap()).unwrap();
     let mut vmm_process = std::process::Command::new(&vmm)

@@ -48,7 +48,35 @@ pub struct VmConfig {
     /// empty at start-up and writes it once at the end: a reader sees nothing or the whole of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_file: Option<String>,
+    /// The jail a VMM started as root enters once it has opened what it needs (see
+    /// [`VmJail`]); `None` keeps the sandbox of old: `nobody` ([`VMM_RUN_AS`]), no namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<VmJail>,
 }
+
+/// A VMM's jail (docs/vmm.md#the-jail): before the guest runs, the VMM enters a mount and an
+/// IPC namespace of its own whose root is an empty read-only tmpfs (plus `snapshot_dir`, bound
+/// at its own path), then runs as `uid`:`gid`, which no other running guest's VMM has. The
+/// PID namespace and the cgroup come from whoever starts it (the agent clones it into both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmJail {
+    /// The user the VMM runs as once the VM is built.
+    pub uid: u32,
+    /// Its group (and its only group).
+    pub gid: u32,
+    /// Absolute path of the directory snapshots of this guest are written into (each into a
+    /// new directory of it); bound into the jail, read-write. It must exist and be writable by
+    /// `uid`. A snapshot anywhere else fails: the path does not exist in the jail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<String>,
+}
+
+/// The first uid and gid of a jailed VMM: the guest in slot *n* of the running guests runs as
+/// `JAIL_ID_BASE + n`, so that no two running VMMs share a uid.
+pub const JAIL_ID_BASE: u32 = 100_000;
+/// How many slots (and so running jailed guests) there are: uids and gids 100000-165535.
+pub const JAIL_ID_SLOTS: u32 = 65_536;
 
 /// How a VMM process ended, written to [`VmConfig::exit_file`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

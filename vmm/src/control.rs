@@ -126,13 +126,19 @@ impl Controller {
             exit,
             pausing: Mutex::new(()),
             paused: AtomicBool::new(false),
-            statm: std::fs::File::open("/proc/self/statm").ok(),
+            statm: None,
             machine,
             migration: Mutex::new(MigrationStatus::default()),
             migrating: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
             cancel_migration: AtomicBool::new(false),
         }
+    }
+
+    /// Reads the VMM's memory from `statm` (`/proc/self/statm`, opened before the jail).
+    pub(crate) fn with_statm(mut self, statm: Option<std::fs::File>) -> Self {
+        self.statm = statm;
+        self
     }
 
     /// Answers one request.

@@ -3,6 +3,7 @@
 use crate::acpi::AcpiError;
 use crate::devices::bus::SetupError;
 use crate::devices::pio::PioBusError;
+use crate::jail::JailError;
 use crate::persist::snapshot::RestoreError;
 use crate::seccomp::SandboxError;
 
@@ -36,6 +37,9 @@ pub enum VmError {
     /// Two legacy devices on the same I/O ports.
     #[error("I/O port devices: {0}")]
     Ports(#[from] PioBusError),
+    /// Entering the jail (namespaces, the new root).
+    #[error("Jail: {0}")]
+    Jail(#[from] JailError),
     /// Dropping privileges or installing the seccomp filter.
     #[error("Sandbox: {0}")]
     Sandbox(#[from] SandboxError),

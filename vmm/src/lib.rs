@@ -23,6 +23,8 @@
 //!   receiver.
 //! - `vcpu`: the vCPU threads, their exit dispatch and counters, and the pause gate.
 //! - [`error`]: [`VmError`], why a VM could not be set up.
+//! - [`jail`]: the mount and IPC namespaces and the empty root a jailed VMM enters once
+//!   everything is open.
 //! - [`seccomp`]: the run-phase sandbox: dropped privileges and the seccomp filter.
 //! - [`persist`]: the VM's state outside guest memory in its versioned, checksummed format.
 //!   - [`persist::kvm`]: the vCPUs' and the VM's KVM state, saved and restored in KVM's order.
@@ -56,6 +58,7 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod hex;
+pub mod jail;
 pub mod memory;
 pub mod migration;
 pub mod payload;

@@ -46,6 +46,20 @@ pub const RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 /// `jmp $`.
 pub const SPIN: [u8; 2] = [0xeb, 0xfe];
 
+/// Writes a byte to every 4 KiB page of guest memory from `from` up to `to` (both below 2 GiB),
+/// so that the host commits them: `mov edi, from; 1: mov byte [rdi], 1; add rdi, 4096;
+/// cmp rdi, to; jb 1b`.
+pub fn touch_pages(from: u32, to: u32) -> Vec<u8> {
+    assert!(from < to && to < 1 << 31, "touch_pages({from:#x}, {to:#x})");
+    let mut code = vec![0xbf];
+    code.extend_from_slice(&from.to_le_bytes());
+    code.extend_from_slice(&[0xc6, 0x07, 0x01, 0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]);
+    code.extend_from_slice(&[0x48, 0x81, 0xff]);
+    code.extend_from_slice(&to.to_le_bytes());
+    code.extend_from_slice(&[0x72, 0xed]);
+    code
+}
+
 /// Prints an incrementing byte to the serial port forever, one every 4096 turns of a delay
 /// loop (a few hundred bytes a second on the nested KVM here): `mov dx, 0x3f8; xor eax, eax;
 /// 1: out dx, al; inc al; mov ecx, 0x1000; 2: dec ecx; jnz 2b; jmp 1b`.

@@ -210,10 +210,19 @@ pub fn filter_enabled() -> bool {
     std::env::var_os(DISABLE_ENV).is_none_or(|v| v != "0")
 }
 
-/// Drops root and, unless [`filter_enabled`] says no, installs the filter on every thread.
-/// Call once, after set-up and before any vCPU runs.
-pub fn lock_down(name: &str) -> Result<(), SandboxError> {
-    drop_privileges()?;
+/// The uid and gid `config`'s VMM runs as once it dropped root: its jail's, or
+/// [`UNPRIVILEGED_ID`] for a VMM without one.
+pub fn run_as(config: &hvnode_api::vmm::VmConfig) -> (u32, u32) {
+    config
+        .jail
+        .as_ref()
+        .map_or((UNPRIVILEGED_ID, UNPRIVILEGED_ID), |j| (j.uid, j.gid))
+}
+
+/// Drops root to `ids` (uid, gid) and, unless [`filter_enabled`] says no, installs the filter
+/// on every thread. Call once, after set-up and before any vCPU runs.
+pub fn lock_down(name: &str, ids: (u32, u32)) -> Result<(), SandboxError> {
+    drop_privileges(ids)?;
     if filter_enabled() {
         install()
     } else {
@@ -230,22 +239,22 @@ fn check(rc: libc::c_int, what: &'static str) -> Result<(), SandboxError> {
     }
 }
 
-/// Switches a VMM started as root to `nobody:nogroup` with no supplementary groups. Linux
+/// Switches a VMM started as root to `(uid, gid)` (its jail's, or `nobody:nogroup`) with no
+/// supplementary groups. Linux
 /// keeps credentials per thread; glibc's wrappers apply them to every thread of the process.
 /// Leaving uid 0 clears the permitted and effective capabilities of every thread. Everything
 /// the VM needs from here on is already open.
-pub fn drop_privileges() -> Result<(), SandboxError> {
+pub fn drop_privileges((uid, gid): (u32, u32)) -> Result<(), SandboxError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
     // SAFETY: an empty group list; the pointer is not read for a size of 0.
     check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
-    let id = UNPRIVILEGED_ID;
     // SAFETY: plain credential calls with integer arguments.
-    check(unsafe { libc::setresgid(id, id, id) }, "setresgid")?;
+    check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
     // SAFETY: as above.
-    check(unsafe { libc::setresuid(id, id, id) }, "setresuid")
+    check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")
 }
 
 /// Empties the capability bounding set of a VMM started as root, keeping the capabilities it

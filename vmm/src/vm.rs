@@ -40,9 +40,28 @@ fn irq_line(vm: &kvm_ioctls::VmFd, gsi: u32) -> Result<IrqLine, VmError> {
     Ok(IrqLine::new(fd))
 }
 
+/// The kernel and initrd of a guest that boots, opened before the jail (which has neither).
+struct BootFiles {
+    kernel: File,
+    initrd: Option<File>,
+}
+
+impl BootFiles {
+    fn open(config: &VmConfig) -> Result<BootFiles, VmError> {
+        let kernel = File::open(&config.kernel)
+            .map_err(|e| VmError::File(format!("kernel {}", config.kernel), e))?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(File::open(p).map_err(|e| VmError::File(format!("initrd {p}"), e))?),
+            None => None,
+        };
+        Ok(BootFiles { kernel, initrd })
+    }
+}
+
 fn load_kernel(
     mem: &GuestRam,
     path: &str,
+    mut f: File,
 ) -> Result<
     (
         u64,
@@ -52,7 +71,6 @@ fn load_kernel(
     VmError,
 > {
     let file_err = |e| VmError::File(format!("kernel {path}"), e);
-    let mut f = File::open(path).map_err(file_err)?;
     let mut magic = [0u8; 4];
     f.read_exact(&mut magic).map_err(file_err)?;
     f.seek(SeekFrom::Start(0)).map_err(file_err)?;
@@ -71,11 +89,14 @@ fn load_kernel(
 fn load_initrd(
     mem: &GuestRam,
     path: &str,
+    mut file: File,
     mem_size: u64,
     initrd_addr_max: Option<u32>,
     kernel_end: u64,
 ) -> Result<(u64, u64), VmError> {
-    let data = std::fs::read(path).map_err(|e| VmError::File(format!("initrd {path}"), e))?;
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)
+        .map_err(|e| VmError::File(format!("initrd {path}"), e))?;
     let size = data.len() as u64;
     let addr = boot::initrd_addr(mem_size, initrd_addr_max, kernel_end, size).ok_or_else(|| {
         VmError::Config(format!(
@@ -148,18 +169,19 @@ fn has_gib_pages(cpuid: &CpuId) -> bool {
 /// zero page of a fresh guest; returns the kernel's 64-bit entry point.
 fn load_guest(
     config: &VmConfig,
+    files: BootFiles,
     mem: &GuestRam,
     mem_size: u64,
     mmio: &crate::devices::MmioBus,
     cpuid: &CpuId,
 ) -> Result<u64, VmError> {
-    let (entry, kernel_end, header) = load_kernel(mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(p) => {
+    let (entry, kernel_end, header) = load_kernel(mem, &config.kernel, files.kernel)?;
+    let initrd = match (&config.initrd, files.initrd) {
+        (Some(p), Some(file)) => {
             let addr_max = header.map(|h| h.initrd_addr_max);
-            Some(load_initrd(mem, p, mem_size, addr_max, kernel_end)?)
+            Some(load_initrd(mem, p, file, mem_size, addr_max, kernel_end)?)
         }
-        None => None,
+        _ => None,
     };
     let mut cmdline =
         Cmdline::new(boot::CMDLINE_MAX).map_err(|e| VmError::Config(e.to_string()))?;
@@ -290,6 +312,18 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
     .map_err(|e| VmError::File("serial log".into(), e))?;
     let serial_listener = config.serial_socket.as_deref().map(bind).transpose()?;
     let control_listener = config.control_socket.as_deref().map(bind).transpose()?;
+    // After the memory, so that a guest too large fails as such, whatever its kernel.
+    let mut boot_files = match origin {
+        Origin::Boot => Some(BootFiles::open(config)?),
+        _ => None,
+    };
+    // What the control socket's stats read; the jail has no /proc.
+    let statm = File::open("/proc/self/statm").ok();
+    // Every path the VM needs is open, and no thread runs yet: the jail goes on before a guest
+    // is received or loaded.
+    if let Some(jail) = &config.jail {
+        crate::jail::enter(jail)?;
+    }
     let arrival = match (snapshot, incoming) {
         (Some(s), _) => Arrival {
             mem,
@@ -337,7 +371,12 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
                 .map_err(|e| refuse(&mut incoming, restoring("the virtio devices", e)))?;
             None
         }
-        None => Some(load_guest(config, mem, mem_size, &mmio, &cpuid)?),
+        None => {
+            let files = boot_files
+                .take()
+                .ok_or_else(|| VmError::Kernel("no kernel for a guest that boots".into()))?;
+            Some(load_guest(config, files, mem, mem_size, &mmio, &cpuid)?)
+        }
     };
 
     let serial_irq = irq_line(&vm, legacy::SERIAL_GSI)?;
@@ -359,20 +398,23 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
     let vcpus = Arc::new(Vcpus::new(config.vcpus as usize, msr_indices));
     let (exit_tx, exit_rx) = mpsc::channel();
     let vm = Arc::new(vm);
-    let controller = Arc::new(Controller::new(
-        config.clone(),
-        Arc::clone(&vcpus),
-        Arc::clone(&mmio),
-        keyboard,
-        devices,
-        exit_tx.clone(),
-        Machine {
-            vm: Arc::clone(&vm),
-            mem,
-            mem_size,
-            console: Arc::clone(&console),
-        },
-    ));
+    let controller = Arc::new(
+        Controller::new(
+            config.clone(),
+            Arc::clone(&vcpus),
+            Arc::clone(&mmio),
+            keyboard,
+            devices,
+            exit_tx.clone(),
+            Machine {
+                vm: Arc::clone(&vm),
+                mem,
+                mem_size,
+                console: Arc::clone(&console),
+            },
+        )
+        .with_statm(statm),
+    );
 
     if let Some(l) = serial_listener {
         let (c, s, st) = (Arc::clone(&clients), Arc::clone(&console), serial_stats);
@@ -398,7 +440,8 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>) -> Result<ExitReason, VmE
         .map_err(|e| refuse(&mut incoming, e))?;
     // Everything the VM needs is open and mapped: the guest runs in the sandbox from its first
     // instruction.
-    crate::seccomp::lock_down(&config.name).map_err(|e| refuse(&mut incoming, e.into()))?;
+    crate::seccomp::lock_down(&config.name, crate::seccomp::run_as(config))
+        .map_err(|e| refuse(&mut incoming, e.into()))?;
     for (index, fd) in vcpu_fds.into_iter().enumerate() {
         vcpus.spawn(Vcpu {
             fd,
@@ -454,7 +497,7 @@ fn receive(
     mem_size: u64,
 ) -> Result<Arrival, VmError> {
     // Whatever the stream holds is parsed without root (the filter comes once the VM is built).
-    crate::seccomp::drop_privileges()?;
+    crate::seccomp::drop_privileges(crate::seccomp::run_as(config))?;
     let (mut stream, _) = listener
         .accept()
         .map_err(|e| VmError::File("accepting the incoming migration".into(), e))?;

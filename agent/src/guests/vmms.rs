@@ -8,16 +8,18 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hvnode_api::guest::{GuestSpec, GuestState};
 use hvnode_api::vmm::{
-    SnapshotInfo, VmConfig, VmDisk, VmExit, VmNet, VmRunState, VmStats, VmmRequest, VmmResponse,
+    SnapshotInfo, VmConfig, VmDisk, VmExit, VmJail, VmNet, VmRunState, VmStats, VmmRequest,
+    VmmResponse, JAIL_ID_BASE, JAIL_ID_SLOTS,
 };
+use hvnode_base::cgroup::{Cgroup, Limits, CPU_PERIOD_US};
+use hvnode_base::spawn::{Spawn, Stdio as SpawnStdio};
 use sha2::{Digest, Sha256};
 
 use crate::events::EventLog;
@@ -37,6 +39,35 @@ pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const SYS_CLASS_NET: &str = "/sys/class/net";
 /// Created in the run directory (a tmpfs) by the agent's first start after boot.
 pub const AUTOSTART_MARKER: &str = "autostart.done";
+/// What a guest's cgroup allows its VMM beyond the guest's memory: the VMM's own code, heap
+/// and thread stacks (3 MiB at rest), a migration's stream buffers (a memory frame is up to
+/// 32 MiB) and the page cache of a snapshot or of disk I/O in flight.
+pub const VMM_MEMORY_OVERHEAD: u64 = 128 << 20;
+/// What a guest's cgroup allows its VMM beyond one CPU per vCPU, for the device workers and
+/// the control threads: half a CPU.
+pub const VMM_CPU_OVERHEAD_US: u64 = CPU_PERIOD_US / 2;
+/// How many threads a guest's VMM may have beyond one per vCPU: main, signals, control,
+/// console, up to 19 device workers and the control and console clients.
+pub const VMM_PIDS_OVERHEAD: u64 = 64;
+
+/// The limits of a guest's cgroup (docs/vmm.md#the-jail).
+pub fn guest_limits(spec: &GuestSpec) -> Limits {
+    Limits {
+        memory_bytes: (spec.memory_mib << 20).saturating_add(VMM_MEMORY_OVERHEAD),
+        cpu_quota_us: u64::from(spec.vcpus) * CPU_PERIOD_US + VMM_CPU_OVERHEAD_US,
+        pids: u64::from(spec.vcpus) + VMM_PIDS_OVERHEAD,
+    }
+}
+
+/// Where a guest's snapshots go (each in a directory of its own): bound into its VMM's jail.
+pub fn snapshot_root(data: &Path, guest: &str) -> PathBuf {
+    data.join("snapshots").join(guest)
+}
+
+/// Whether the agent runs as root, and so jails the VMMs it starts.
+fn jails() -> bool {
+    nix::unistd::geteuid().is_root()
+}
 
 /// What the agent asked of a running guest; it decides what the VMM's exit means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +108,10 @@ struct Running {
     intent: Intent,
     taps: Vec<String>,
     spec: GuestSpec,
+    /// The jail's uid and gid are `JAIL_ID_BASE` + this slot, unique among running guests.
+    slot: Option<u32>,
+    /// The guest's cgroup, removed once the VMM has ended.
+    cgroup: Option<Arc<Cgroup>>,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +122,13 @@ struct Table {
 }
 
 impl Table {
+    /// The lowest jail slot no running guest holds.
+    fn free_slot(&self) -> Option<u32> {
+        let taken: std::collections::HashSet<u32> =
+            self.running.values().filter_map(|r| r.slot).collect();
+        (0..JAIL_ID_SLOTS).find(|s| !taken.contains(s))
+    }
+
     fn state(&self, name: &str) -> GuestState {
         match self.running.get(name) {
             Some(r) => r.state,
@@ -150,6 +192,12 @@ pub enum GuestError {
     /// Spawning or preparing the VMM failed.
     #[error("Starting the VMM: {0}")]
     Spawn(String),
+    /// The guest's cgroup could not be made: it would run without its limits.
+    #[error("Guest {0:?} cannot be held to its limits, so it is not started: {1}")]
+    Cgroup(String, String),
+    /// Every jail uid is taken.
+    #[error("No jail uid is free: {0} guests run already")]
+    NoSlot(u32),
     /// The VMM did not answer on its control socket.
     #[error("The VMM of guest {0:?} does not answer on its control socket ({1}): stop the guest")]
     Unreachable(String, String),
@@ -406,6 +454,17 @@ impl Guests {
         self.lock().running.contains_key(name)
     }
 
+    /// The uid a running guest's VMM writes its snapshots as: its jail's, `nobody` for an
+    /// unjailed VMM of a root agent, `None` for a VMM that keeps the agent's uid.
+    pub fn vmm_uid(&self, name: &str) -> Option<u32> {
+        if !jails() {
+            return None;
+        }
+        let t = self.lock();
+        let slot = t.running.get(name).and_then(|r| r.slot);
+        Some(slot.map_or(hvnode_api::vmm::VMM_RUN_AS, |s| JAIL_ID_BASE + s))
+    }
+
     /// Drops what is remembered of a deleted guest (its crash), so that a new guest of the same
     /// name starts out stopped.
     pub fn forget(&self, name: &str) {
@@ -457,6 +516,8 @@ impl Guests {
             serial_socket: Some(path_str(dir.join("console.sock"))),
             control_socket: Some(path_str(dir.join("control.sock"))),
             exit_file: Some(path_str(dir.join("exit.json"))),
+            // Set by the start, which gives the jail its uid.
+            jail: None,
         };
         Ok(config)
     }
@@ -488,11 +549,37 @@ impl Guests {
         let spawn_err =
             |what: &Path, e: std::io::Error| GuestError::Spawn(format!("{}: {e}", what.display()));
         std::fs::create_dir_all(&dir).map_err(|e| spawn_err(&dir, e))?;
+        // A root agent jails the VMM: its own uid, namespaces, root and cgroup. An agent that
+        // is not root (a developer's) cannot, and its VMMs keep its uid as before.
+        let mut config = config;
+        let (slot, cgroup) = if jails() {
+            let slot = t.free_slot().ok_or(GuestError::NoSlot(JAIL_ID_SLOTS))?;
+            let id = JAIL_ID_BASE + slot;
+            let snapshots = snapshot_root(&self.paths.data, &spec.name);
+            give_dir(&snapshots, id).map_err(|e| spawn_err(&snapshots, e))?;
+            config.jail = Some(VmJail {
+                uid: id,
+                gid: id,
+                snapshot_dir: Some(snapshots.to_string_lossy().into_owned()),
+            });
+            let group = self.paths.cgroup_group();
+            let cgroup = Cgroup::create(&group, &spec.name, &guest_limits(spec))
+                .map_err(|e| GuestError::Cgroup(spec.name.clone(), e.to_string()))?;
+            (Some(slot), Some(Arc::new(cgroup)))
+        } else {
+            (None, None)
+        };
+        let remove_cgroup = |e: GuestError| {
+            if let Some(c) = &cgroup {
+                let _ = c.remove();
+            }
+            e
+        };
         let cfg_path = dir.join("vm.json");
-        let json =
-            serde_json::to_vec_pretty(&config).map_err(|e| GuestError::Spawn(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| remove_cgroup(GuestError::Spawn(e.to_string())))?;
         hvnode_base::fs::write_atomic(&cfg_path, &json, 0o600)
-            .map_err(|e| spawn_err(&cfg_path, e))?;
+            .map_err(|e| remove_cgroup(spawn_err(&cfg_path, e)))?;
         for stale in ["console.log", "exit.json"] {
             let _ = std::fs::remove_file(dir.join(stale));
         }
@@ -501,11 +588,14 @@ impl Guests {
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| spawn_err(&log_path, e))?;
-        let log2 = log.try_clone().map_err(|e| spawn_err(&log_path, e))?;
+            .map_err(|e| remove_cgroup(spawn_err(&log_path, e)))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| remove_cgroup(spawn_err(&log_path, e)))?;
         // Its own process group: signals to the agent's group do not reach it, and it outlives
-        // an agent restart; its output goes to a file, never a pipe to the agent.
-        let mut cmd = Command::new(&self.paths.vmm);
+        // an agent restart; its output goes to a file, never a pipe to the agent. Jailed, it
+        // is PID 1 of a PID namespace of its own, in its cgroup from its first instruction.
+        let mut cmd = Spawn::new(&self.paths.vmm);
         cmd.arg("--config").arg(&cfg_path);
         match from {
             StartFrom::Boot => {}
@@ -517,18 +607,19 @@ impl Guests {
                 cmd.arg("--incoming").arg(socket);
             }
         }
+        if let Some(c) = &cgroup {
+            cmd.new_pid_namespace().cgroup(c);
+        }
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(SpawnStdio::Null)
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
+            .process_group()
             .spawn()
-            .map_err(|e| spawn_err(&self.paths.vmm, e))?;
+            .map_err(|e| remove_cgroup(spawn_err(&self.paths.vmm, e)))?;
         let pid = child.id();
         let _ = std::fs::write(dir.join("pid"), pid.to_string());
-        let pidfd = rustix::process::Pid::from_raw(pid as i32)
-            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
-            .map(Arc::new);
+        let pidfd = child.pidfd().try_clone().ok().map(Arc::new);
         t.next_id += 1;
         let id = t.next_id;
         t.crashed.remove(&spec.name);
@@ -549,6 +640,8 @@ impl Guests {
                 },
                 taps,
                 spec: spec.clone(),
+                slot,
+                cgroup,
             },
         );
         drop(t);
@@ -585,6 +678,17 @@ impl Guests {
         let exit: Option<VmExit> = std::fs::read(dir.join("exit.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        // The cgroup goes while the guest still counts as running, so that no new start of
+        // it can take the directory over meanwhile.
+        let cgroup = match self.lock().running.get(name) {
+            Some(r) if r.id == id => r.cgroup.clone(),
+            _ => None,
+        };
+        if let Some(c) = cgroup {
+            if let Err(e) = c.remove() {
+                eprintln!("agent: guest {name}: removing its cgroup: {e}");
+            }
+        }
         let entry = {
             let mut t = self.lock();
             match t.running.get(name) {
@@ -987,11 +1091,21 @@ impl Guests {
                 (GuestState::Running, 0)
             }
         };
-        let taps = std::fs::read(dir.join("vm.json"))
+        let config = std::fs::read(dir.join("vm.json"))
             .ok()
-            .and_then(|b| serde_json::from_slice::<VmConfig>(&b).ok())
-            .map(|c| c.nets.into_iter().map(|n| n.tap).collect())
+            .and_then(|b| serde_json::from_slice::<VmConfig>(&b).ok());
+        let taps = config
+            .as_ref()
+            .map(|c| c.nets.iter().map(|n| n.tap.clone()).collect())
             .unwrap_or_default();
+        // A jailed VMM keeps its uid's slot and its cgroup.
+        let slot = config
+            .and_then(|c| c.jail)
+            .and_then(|j| j.uid.checked_sub(JAIL_ID_BASE))
+            .filter(|s| *s < JAIL_ID_SLOTS);
+        let cgroup = slot
+            .and_then(|_| Cgroup::existing(&self.paths.cgroup_group(), name).ok())
+            .map(Arc::new);
         let pidfd = Arc::new(live.pidfd);
         let id = {
             let mut t = self.lock();
@@ -1015,6 +1129,8 @@ impl Guests {
                     },
                     taps,
                     spec: spec.clone(),
+                    slot,
+                    cgroup,
                 },
             );
             id
@@ -1043,6 +1159,11 @@ impl Guests {
         // The logs and the exit file stay for the admin to read; what names a process goes.
         for f in ["pid", "control.sock", "console.sock", "vm.json"] {
             let _ = std::fs::remove_file(dir.join(f));
+        }
+        if jails() {
+            if let Ok(c) = Cgroup::existing(&self.paths.cgroup_group(), name) {
+                let _ = c.remove();
+            }
         }
         match exit {
             Some(VmExit { code: 3, .. }) => {
@@ -1082,6 +1203,15 @@ impl Guests {
         }
         failed
     }
+}
+
+/// Makes `dir` (and its parents) and gives it to `id` alone (mode 0700): the directory a jailed
+/// VMM writes its snapshots into.
+fn give_dir(dir: &Path, id: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::os::unix::fs::chown(dir, Some(id), Some(id))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The VMM's graceful shutdown request (the VMM sends the guest ctrl-alt-del).
@@ -1268,7 +1398,7 @@ mod tests {
     fn a_dead_pid_is_not_a_live_vmm() {
         let dir = scratch("stale");
         assert!(live_vmm(&dir).unwrap_err().contains("no pid file"));
-        let mut child = Command::new("true").spawn().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
         std::fs::write(dir.join("pid"), pid.to_string()).unwrap();

@@ -319,6 +319,7 @@ mod tests {
             serial_socket: None,
             control_socket: None,
             exit_file: None,
+            jail: None,
         };
         (cfg, dir)
     }

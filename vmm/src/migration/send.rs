@@ -325,7 +325,11 @@ pub fn send<S: Read + Write>(
         }
     });
     let start = Start {
-        config: src.config().clone(),
+        // The jail is this run's, not the guest's: the destination's agent gives its own.
+        config: VmConfig {
+            jail: None,
+            ..src.config().clone()
+        },
         memory_bytes: src.memory_bytes(),
     };
     protocol::write_json(stream, Kind::Start, &start)

@@ -82,7 +82,12 @@ pub fn write(
     mem: &GuestRam,
     mem_size: u64,
 ) -> io::Result<Written> {
-    let config_json = serde_json::to_vec_pretty(config).map_err(io::Error::other)?;
+    // The jail is this run's, not the guest's: a restore runs in the one its start gives.
+    let config = VmConfig {
+        jail: None,
+        ..config.clone()
+    };
+    let config_json = serde_json::to_vec_pretty(&config).map_err(io::Error::other)?;
     let f = create(dir, SNAPSHOT_CONFIG)?;
     f.write_all_at(&config_json, 0)
         .and_then(|()| f.sync_all())
@@ -327,6 +332,7 @@ mod tests {
             serial_socket: None,
             control_socket: None,
             exit_file: None,
+            jail: None,
         }
     }
 
