@@ -15,6 +15,7 @@ pub mod event;
 pub mod fingerprint;
 pub mod guest;
 pub mod init;
+pub mod install;
 pub mod migration;
 pub mod node;
 pub mod paths;

@@ -10,13 +10,17 @@ use std::time::{Duration, Instant};
 
 use nix::mount::MsFlags;
 
+use hvnode_update::disk::Part;
+use hvnode_update::slots::{booted_from_cmdline, Slot};
+
 use crate::cmdline::Cmdline;
+use crate::storage::disk::{uevent_partname, whole_disk_of};
 use crate::{dm, kmod, loopdev, out, sys};
 
 /// Volume id of the hvnode ISO.
 pub const VOLUME_ID: &str = "HVNODE";
 /// Where the boot medium is mounted (moved with /run into the real root).
-pub const MEDIA_DIR: &str = "/run/hvnode/media";
+pub const MEDIA_DIR: &str = hvnode_api::paths::MEDIA_DIR;
 /// The squashfs root image on the boot medium.
 const ROOT_IMAGE: &str = "live/root.squashfs";
 /// Its dm-verity hash tree (`veritysetup format`), next to it.
@@ -45,6 +49,9 @@ pub enum EarlyError {
     /// The boot medium was not found.
     #[error("Boot medium not found: no device holds the ISO9660 volume {VOLUME_ID:?} (waited {0} s). Check the boot device, or boot with hvnode.root=/dev/...")]
     NoMedium(u64),
+    /// The booted slot's partitions were not found.
+    #[error("Slot {0} not found: no disk holds the partitions hvnode-root-{l} and hvnode-verity-{l} (waited {1} s). Boot the ISO and install again", l = .0.to_lowercase())]
+    NoSlot(String, u64),
     /// The root image could not be attached.
     #[error("Cannot attach the root image: {0}")]
     Loop(#[from] loopdev::LoopError),
@@ -196,14 +203,24 @@ fn run_inner() -> Result<std::convert::Infallible, EarlyError> {
     let loaded = kmod::load_list(Path::new(MODULE_LIST), &kmod::module_dir());
     out::log_only(&format!("init: {loaded} initrd modules loaded"));
     let cmdline = Cmdline::from_proc();
-    let medium = find_medium(&cmdline)?;
-    let medium_s = medium.to_string_lossy().into_owned();
-    std::fs::create_dir_all(MEDIA_DIR).map_err(|source| sys::SysError::Write {
-        path: MEDIA_DIR.into(),
-        source,
-    })?;
-    sys::do_mount(&medium_s, MEDIA_DIR, "iso9660", MsFlags::MS_RDONLY, None)?;
-    let root = VerifiedRoot::attach(Path::new(MEDIA_DIR))?;
+    let raw_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (root, medium_s) = match booted_from_cmdline(&raw_cmdline) {
+        Some(slot) => {
+            let (data, hash) = find_slot_partitions(slot)?;
+            let from = format!("slot {slot}");
+            (VerifiedRoot::attach_partitions(&data, &hash)?, from)
+        }
+        None => {
+            let medium = find_medium(&cmdline)?;
+            let medium_s = medium.to_string_lossy().into_owned();
+            std::fs::create_dir_all(MEDIA_DIR).map_err(|source| sys::SysError::Write {
+                path: MEDIA_DIR.into(),
+                source,
+            })?;
+            sys::do_mount(&medium_s, MEDIA_DIR, "iso9660", MsFlags::MS_RDONLY, None)?;
+            (VerifiedRoot::attach(Path::new(MEDIA_DIR))?, medium_s)
+        }
+    };
     root.mount(NEWROOT)?;
     out::say(&format!(
         "root: {} (dm-verity, root hash {}) over {} + {} from {medium_s}",
@@ -240,10 +257,7 @@ impl VerifiedRoot {
     /// blocks as they are read, so a tampered image or tree shows at the mount, not here; a
     /// table the kernel refuses (geometry it rejects, a device too small) already fails here.
     fn attach(media: &Path) -> Result<Self, EarlyError> {
-        let text = std::fs::read_to_string(VERITY_PARAMS)
-            .map_err(|e| EarlyError::VerityParams(e.to_string()))?;
-        let params =
-            dm::VerityParams::parse(&text).map_err(|e| EarlyError::VerityParams(e.to_string()))?;
+        let params = verity_params()?;
         let image = media.join(ROOT_IMAGE);
         let tree = media.join(ROOT_HASH_TREE);
         if !tree.is_file() {
@@ -263,6 +277,26 @@ impl VerifiedRoot {
         }
         let data = loopdev::attach_read_only(&image)?;
         let hash = loopdev::attach_read_only(&tree)?;
+        Self::create(params, data, hash)
+    }
+
+    /// The verity device over an installed slot's partitions (`hvnode-root-<slot>` and
+    /// `hvnode-verity-<slot>`), with the initrd's root hash as for the medium. The root
+    /// partition is larger than the image: the table covers the image's blocks only.
+    fn attach_partitions(data: &Path, hash: &Path) -> Result<Self, EarlyError> {
+        let params = verity_params()?;
+        let size = partition_bytes(data);
+        if size < params.data_bytes() {
+            return Err(EarlyError::Verification(format!(
+                "{} has {size} bytes, the root hash covers {}",
+                data.display(),
+                params.data_bytes()
+            )));
+        }
+        Self::create(params, data.to_path_buf(), hash.to_path_buf())
+    }
+
+    fn create(params: dm::VerityParams, data: PathBuf, hash: PathBuf) -> Result<Self, EarlyError> {
         let control = dm::Control::open()?;
         if !Path::new("/sys/module/dm_verity").exists() {
             return Err(EarlyError::NoVerityTarget);
@@ -300,6 +334,80 @@ impl VerifiedRoot {
             }
             _ => Err(e.into()),
         }
+    }
+}
+
+fn verity_params() -> Result<dm::VerityParams, EarlyError> {
+    let text = std::fs::read_to_string(VERITY_PARAMS)
+        .map_err(|e| EarlyError::VerityParams(e.to_string()))?;
+    dm::VerityParams::parse(&text).map_err(|e| EarlyError::VerityParams(e.to_string()))
+}
+
+/// The size of a block device from sysfs (`/dev/vda3` → `/sys/class/block/vda3/size`).
+fn partition_bytes(dev: &Path) -> u64 {
+    let name = dev.file_name().map(|n| n.to_string_lossy().into_owned());
+    name.and_then(|n| sys::read_attr(format!("/sys/class/block/{n}/size")))
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 512
+}
+
+/// Picks a slot's root and verity partitions from `(kernel name, whole disk, GPT name)`
+/// entries: both by name, on one disk (the first such disk by name).
+pub fn pick_slot_partitions(
+    entries: &[(String, String, String)],
+    slot: Slot,
+) -> Option<(String, String)> {
+    let root_name = Part::Root(slot).name();
+    let verity_name = Part::Verity(slot).name();
+    let mut sorted: Vec<&(String, String, String)> = entries.iter().collect();
+    sorted.sort();
+    sorted
+        .iter()
+        .filter(|(_, _, part)| part == root_name)
+        .find_map(|(root, disk, _)| {
+            sorted
+                .iter()
+                .find(|(_, d, part)| d == disk && part == verity_name)
+                .map(|(verity, _, _)| (root.clone(), verity.clone()))
+        })
+}
+
+/// Every partition with a GPT name: (kernel name, whole disk, name).
+pub fn named_partitions() -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let uevent = std::fs::read_to_string(e.path().join("uevent")).unwrap_or_default();
+        if let Some(part) = uevent_partname(&uevent) {
+            out.push((name.clone(), whole_disk_of(&name), part));
+        }
+    }
+    out
+}
+
+/// Waits for the booted slot's partitions (disks can take a while to appear).
+fn find_slot_partitions(slot: Slot) -> Result<(PathBuf, PathBuf), EarlyError> {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        if let Some((root, verity)) = pick_slot_partitions(&named_partitions(), slot) {
+            let (root, verity) = (Path::new("/dev").join(root), Path::new("/dev").join(verity));
+            if root.exists() && verity.exists() {
+                return Ok((root, verity));
+            }
+        }
+        if start.elapsed() >= FIND_TIMEOUT {
+            return Err(EarlyError::NoSlot(slot.to_string(), FIND_TIMEOUT.as_secs()));
+        }
+        if !said && start.elapsed() >= Duration::from_secs(3) {
+            out::say(&format!("waiting for the partitions of slot {slot}"));
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -392,6 +500,24 @@ mod tests {
         std::fs::write(&path, data).expect("write image");
         assert_eq!(device_volume_id(&path).as_deref(), Some("HVNODE"));
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn slot_partitions_are_found_by_name_on_one_disk() {
+        let e = |k: &str, d: &str, p: &str| (k.to_owned(), d.to_owned(), p.to_owned());
+        let entries = vec![
+            e("vda3", "vda", "hvnode-root-a"),
+            e("vda4", "vda", "hvnode-verity-a"),
+            e("vda5", "vda", "hvnode-root-b"),
+            e("vdb1", "vdb", "HVNODE-DATA"),
+            e("vdc4", "vdc", "hvnode-verity-b"),
+        ];
+        assert_eq!(
+            pick_slot_partitions(&entries, Slot::A),
+            Some(("vda3".into(), "vda4".into()))
+        );
+        // B's tree is on another disk: not a slot.
+        assert_eq!(pick_slot_partitions(&entries, Slot::B), None);
     }
 
     #[test]

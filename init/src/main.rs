@@ -6,6 +6,7 @@
 //! and never lets a panic escape: fatal errors end in a recovery state that keeps reaping
 //! children and still reboots on ctrl-alt-del.
 
+mod assess;
 mod cmdline;
 mod control;
 mod dm;

@@ -1,0 +1,260 @@
+//! Boot assessment of an installed node: once the booted slot is healthy, mark it good in the
+//! boot loader's environment block on the ESP, so GRUB keeps booting it; say when an update
+//! did not take. Published for the agent at `paths::SLOT_STATUS`.
+//!
+//! The health gate: the root was verified (the early stage does not switch to an unverified
+//! root), the data partition is mounted, the network has an address, the agent answers on its
+//! socket (the caller waited for that), and KVM works where the CPU can virtualise. A slot that
+//! fails the gate is not confirmed: on its next boot GRUB takes it as failed (`TRY` still set)
+//! and, for an update, falls back to the other slot.
+
+use std::path::Path;
+
+use hvnode_api::install::{FailedUpdate, SlotStatus};
+use hvnode_api::paths;
+use hvnode_update::disk::{disk_size, Esp, Extent, Part};
+use hvnode_update::slots::{booted_from_cmdline, AbState, Slot, UpdateStatus};
+
+use crate::early::named_partitions;
+use crate::out;
+
+/// What the gate checks besides the agent (which the caller waited for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub data_mounted: bool,
+    pub network_configured: bool,
+    /// `None`: the CPU has no virtualisation extensions, nothing to check.
+    pub kvm_usable: Option<bool>,
+}
+
+impl Health {
+    /// The checks that failed, in words; empty when the slot may be confirmed.
+    pub fn failures(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.data_mounted {
+            out.push("the data partition is not mounted");
+        }
+        if !self.network_configured {
+            out.push("the network has no address");
+        }
+        if self.kvm_usable == Some(false) {
+            out.push("/dev/kvm is not usable");
+        }
+        out
+    }
+}
+
+/// Whether the CPU flags of /proc/cpuinfo offer VT-x or AMD-V.
+pub fn cpu_can_virtualise(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// `None` if the CPU cannot virtualise; otherwise whether /dev/kvm opens read-write.
+pub fn kvm_check() -> Option<bool> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !cpu_can_virtualise(&cpuinfo) {
+        return None;
+    }
+    Some(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+    )
+}
+
+/// The message for a failed update, as the console and the API say it.
+pub fn failed_message(failed: Slot, running: Slot) -> String {
+    format!("update to slot {failed} failed, running slot {running}")
+}
+
+/// The ESP on the disk that holds the booted slot.
+fn esp_device(slot: Slot) -> Option<String> {
+    let parts = named_partitions();
+    let (root, _) = crate::early::pick_slot_partitions(&parts, slot)?;
+    let disk = parts.iter().find(|(k, _, _)| *k == root)?.1.clone();
+    parts
+        .iter()
+        .find(|(_, d, name)| *d == disk && name == Part::Esp.name())
+        .map(|(k, _, _)| format!("/dev/{k}"))
+}
+
+/// Reads the slot state, confirms `slot` if `health` passed, and returns what to publish.
+/// Never panics; every failure becomes a message.
+pub fn assess(slot: Slot, health: Health) -> SlotStatus {
+    let mut status = SlotStatus {
+        booted: slot.to_string(),
+        confirmed: false,
+        not_confirmed: None,
+        failed_update: None,
+    };
+    let Some(dev) = esp_device(slot) else {
+        status.not_confirmed = Some("the disk has no hvnode-esp partition".into());
+        return status;
+    };
+    let result = (|| -> Result<(Option<Slot>, Option<String>), String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .map_err(|e| format!("cannot open {dev}: {e}"))?;
+        let size = disk_size(&file).map_err(|e| format!("{dev}: {e}"))?;
+        let esp = Esp::open(
+            &file,
+            Extent {
+                offset: 0,
+                len: size,
+            },
+        )
+        .map_err(|e| chain(&e))?;
+        // A missing block (a power cut during the install's last step) reads as empty.
+        let env = esp.load_env().unwrap_or_default();
+        let mut state = AbState::from_env(env).map_err(|e| chain(&e))?;
+        let failed = match state.update_status(slot).map_err(|e| chain(&e))? {
+            UpdateStatus::Failed(other) if other != slot => Some(other),
+            _ => None,
+        };
+        let failures = health.failures();
+        if !failures.is_empty() {
+            let _ = esp.close();
+            return Ok((
+                failed,
+                Some(format!("health check failed: {}", failures.join(", "))),
+            ));
+        }
+        state.mark_good(slot).map_err(|e| chain(&e))?;
+        esp.store_env(state.env()).map_err(|e| chain(&e))?;
+        esp.close().map_err(|e| chain(&e))?;
+        file.sync_all().map_err(|e| format!("{dev}: {e}"))?;
+        Ok((failed, None))
+    })();
+    match result {
+        Ok((failed, not_confirmed)) => {
+            status.confirmed = not_confirmed.is_none();
+            status.not_confirmed = not_confirmed;
+            status.failed_update = failed.map(|f| FailedUpdate {
+                slot: f.to_string(),
+                message: failed_message(f, slot),
+            });
+        }
+        Err(e) => status.not_confirmed = Some(e),
+    }
+    status
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Assesses the boot if the node booted from a slot (`hvnode.slot=`), says the outcome on the
+/// console and publishes it. Nothing on a live-medium boot.
+pub fn run(health: Health) {
+    let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(slot) = booted_from_cmdline(&raw) else {
+        return;
+    };
+    let status = assess(slot, health);
+    if let Some(f) = &status.failed_update {
+        out::say(&f.message);
+    }
+    match &status.not_confirmed {
+        None => out::say(&format!("slot {slot} confirmed")),
+        Some(why) => out::say(&format!("slot {slot} not confirmed: {why}")),
+    }
+    match serde_json::to_vec_pretty(&status) {
+        Ok(json) => {
+            if let Err(e) =
+                hvnode_base::fs::write_atomic(Path::new(paths::SLOT_STATUS), &json, 0o644)
+            {
+                out::say(&format!("cannot write {}: {e}", paths::SLOT_STATUS));
+            }
+        }
+        Err(e) => out::say(&format!("cannot record the slot status: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_names_each_failed_check() {
+        let ok = Health {
+            data_mounted: true,
+            network_configured: true,
+            kvm_usable: None,
+        };
+        assert!(ok.failures().is_empty());
+        let bad = Health {
+            data_mounted: false,
+            network_configured: false,
+            kvm_usable: Some(false),
+        };
+        assert_eq!(bad.failures().len(), 3);
+        assert!(Health {
+            kvm_usable: Some(true),
+            ..ok
+        }
+        .failures()
+        .is_empty());
+    }
+
+    #[test]
+    fn kvm_is_checked_only_where_the_cpu_can_virtualise() {
+        assert!(cpu_can_virtualise(
+            "processor : 0\nflags : fpu vme vmx sse\n"
+        ));
+        assert!(cpu_can_virtualise("flags\t\t: fpu svm\n"));
+        assert!(!cpu_can_virtualise("flags : fpu vme sse hypervisor\n"));
+    }
+
+    #[test]
+    fn says_which_update_failed_and_what_runs() {
+        assert_eq!(
+            failed_message(Slot::B, Slot::A),
+            "update to slot B failed, running slot A"
+        );
+    }
+
+    #[test]
+    fn esp_reads_the_same_through_a_partition_device_as_through_the_disk() {
+        // The gate opens the ESP partition itself (offset 0); the installer the whole disk.
+        let path = std::env::temp_dir().join(format!("hvnode-assess-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create");
+        f.set_len(hvnode_update::disk::ESP_SIZE).expect("size");
+        let all = Extent {
+            offset: 0,
+            len: hvnode_update::disk::ESP_SIZE,
+        };
+        Esp::format(&f, all, 1).expect("format");
+        let esp = Esp::open(
+            &f,
+            Extent {
+                offset: 0,
+                len: disk_size(&f).expect("size"),
+            },
+        )
+        .expect("esp");
+        esp.store_env(AbState::installed(Slot::A).env())
+            .expect("store");
+        esp.close().expect("close");
+        let _ = std::fs::remove_file(path);
+    }
+}
