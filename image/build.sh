@@ -30,7 +30,7 @@ step() { printf '==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "the image build needs root (mkosi unpacks packages as root); run: sudo $0"
-for tool in python3 mksquashfs veritysetup grub-mkrescue xorriso mformat cpio zstd modprobe cargo; do
+for tool in python3 mksquashfs veritysetup grub-mkrescue grub-mkimage xorriso mformat cpio zstd modprobe cargo; do
     command -v "$tool" >/dev/null || die "$tool is missing: run image/setup-host.sh first"
 done
 
@@ -54,6 +54,21 @@ ln -sfn ../run/hvnode/resolv.conf "$extra/etc/resolv.conf"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -n1)
 printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "${HVNODE_COMMIT:-$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
     > "$extra/etc/hvnode-release"
+
+step "GRUB for installed disks (x86_64-efi, i386-pc) in /usr/lib/hvnode/boot"
+# The installer (hvnode-update's install module) writes these to the disk: BOOTX64.EFI to the
+# ESP, core.img into the BIOS boot partition, boot.img's code into the MBR. Each carries
+# image/grub-early.cfg, which finds the ESP and loads its grub.cfg (image/grub-disk.cfg). All
+# modules the disk's menu needs are built in: GRUB reads no module files from the ESP.
+bootdir=$extra/usr/lib/hvnode/boot
+install -d "$bootdir"
+grub_common="part_gpt fat search search_label search_fs_file normal linux boot echo test loadenv configfile serial terminal gzio"
+grub-mkimage -O x86_64-efi -p /boot/grub -c "$top/image/grub-early.cfg" -o "$bootdir/BOOTX64.EFI" \
+    $grub_common all_video efi_gop efi_uga || die "grub-mkimage x86_64-efi failed"
+grub-mkimage -O i386-pc -p '(,gpt2)/boot/grub' -c "$top/image/grub-early.cfg" -o "$bootdir/core.img" \
+    $grub_common biosdisk || die "grub-mkimage i386-pc failed"
+install -m 0644 /usr/lib/grub/i386-pc/boot.img "$bootdir/boot.img"
+touch -d "@$SOURCE_DATE_EPOCH" "$bootdir"/*
 
 step "root tree (mkosi $("$top/image/mkosi.sh" --version 2>/dev/null | awk '{print $2}'), Debian bookworm)"
 # --source-date-epoch clamps the mtimes mkosi leaves in the tree and is handed to the package
