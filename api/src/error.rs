@@ -160,6 +160,15 @@ error_codes! {
     ImageTooLarge = (413, "image_too_large"),
     /// The body is not JSON.
     UnsupportedMediaType = (415, "unsupported_media_type"),
+    /// The node runs from its boot medium: only an installed node has slots to update.
+    NotInstalled = (409, "not_installed"),
+    /// An update is being written.
+    UpdateInProgress = (409, "update_in_progress"),
+    /// The other slot holds no system that booted: nothing to roll back to.
+    NoRollback = (409, "no_rollback"),
+    /// The update bundle is not one this node accepts (unsigned, signed by a key it does not
+    /// trust, damaged, truncated, older than the running release); the message says which.
+    BundleRefused = (422, "bundle_refused"),
     /// Something failed inside the agent.
     Internal = (500, "internal"),
     /// Something failed inside the manager.

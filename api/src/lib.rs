@@ -23,6 +23,7 @@ pub mod registration;
 pub mod routes;
 pub mod sse;
 pub mod units;
+pub mod update;
 pub mod vmm;
 
 /// Version of hvnode, shared by every binary.

@@ -40,3 +40,6 @@ pub const CONSOLE_BINARY: &str = "/usr/bin/hvnode-console";
 pub const SLOT_STATUS: &str = "/run/hvnode/slot.json";
 /// Where the live medium is mounted (init moves it into the root); the installer's source.
 pub const MEDIA_DIR: &str = "/run/hvnode/media";
+/// The release keys an installed node trusts for update bundles (`*.pub`, 64 hex digits each),
+/// in the verified root.
+pub const RELEASE_KEYS_DIR: &str = "/usr/lib/hvnode/release-keys";

@@ -127,6 +127,10 @@ pub enum Route {
     Metrics,
     /// `/v1/node/certificate`
     NodeCertificate,
+    /// `/v1/node/update`: the slots, and a signed update bundle written into the inactive one.
+    NodeUpdate,
+    /// `/v1/node/rollback`: boot the other slot next.
+    NodeRollback,
     /// `/v1/cluster`
     Cluster,
     /// `/v1/cluster/peer` (node to node): whether this node holds its membership lease.
@@ -174,6 +178,8 @@ impl Route {
             ["node"] => Route::Node,
             ["node", "hostname"] => Route::NodeHostname,
             ["node", "certificate"] => Route::NodeCertificate,
+            ["node", "update"] => Route::NodeUpdate,
+            ["node", "rollback"] => Route::NodeRollback,
             ["cluster"] => Route::Cluster,
             ["cluster", "peer"] => Route::ClusterPeer,
             ["cluster", "maintenance"] => Route::ClusterMaintenance,
@@ -290,6 +296,8 @@ impl Route {
             Route::Power => "/v1/power",
             Route::Metrics => "/metrics",
             Route::NodeCertificate => "/v1/node/certificate",
+            Route::NodeUpdate => "/v1/node/update",
+            Route::NodeRollback => "/v1/node/rollback",
             Route::Cluster => "/v1/cluster",
             Route::ClusterPeer => "/v1/cluster/peer",
             Route::ClusterMaintenance => "/v1/cluster/maintenance",
@@ -306,7 +314,7 @@ impl Route {
             Route::Registration => &[GET, POST, DELETE],
             Route::Cluster => &[GET, PUT, DELETE],
             Route::NodeHostname | Route::ClusterMaintenance => &[PUT],
-            Route::Network | Route::NodeCertificate => &[GET, PUT],
+            Route::Network | Route::NodeCertificate | Route::NodeUpdate => &[GET, PUT],
             Route::GuestMigration(_) => &[GET, POST, DELETE],
             Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
             Route::GuestSnapshot(..) => &[GET, DELETE],
@@ -322,6 +330,7 @@ impl Route {
             | Route::GuestAction(..)
             | Route::GuestSnapshotRestore(..)
             | Route::Migrations
+            | Route::NodeRollback
             | Route::Power => &[POST],
             Route::Health
             | Route::Node
@@ -394,6 +403,8 @@ impl Route {
             Route::Power,
             Route::Metrics,
             Route::NodeCertificate,
+            Route::NodeUpdate,
+            Route::NodeRollback,
             Route::Cluster,
             Route::ClusterPeer,
             Route::ClusterMaintenance,

@@ -15,3 +15,4 @@ pub mod install;
 pub mod keys;
 pub mod slot;
 pub mod slots;
+pub mod sysfs;
