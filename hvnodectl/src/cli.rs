@@ -312,6 +312,24 @@ pub enum NodeCommand {
         #[arg(long = "downtime-ms")]
         downtime_ms: Option<u64>,
     },
+    /// The installed system's slots: which runs, which boots next, an update that failed.
+    Slots(NodeArg),
+    /// Write a signed update bundle (hvnode-bundle create) into the slot the node does not run
+    /// from; it boots once at the next boot, and the node falls back if it does not come up.
+    Update {
+        /// Node name.
+        node: String,
+        /// The bundle file.
+        bundle: std::path::PathBuf,
+        /// Accept a bundle older than the running release.
+        #[arg(long)]
+        force: bool,
+        /// Reboot into it once it is written (put the node in maintenance first).
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Boot the other slot next (it must hold a system that was bootable).
+    Rollback(NodeArg),
 }
 
 /// On or off.

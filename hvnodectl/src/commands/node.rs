@@ -10,6 +10,7 @@ use hvnode_api::node::{
     SignedCertificate,
 };
 use hvnode_api::routes::Route;
+use hvnode_api::update::{RollbackDone, UpdateInstalled, UpdateView};
 use hyper::Method;
 
 use super::{path_with, CmdError, Ctx};
@@ -76,6 +77,50 @@ impl Ctx {
             } => {
                 self.maintenance(&node, mode, policy, no_wait, downtime_ms)
                     .await
+            }
+            NodeCommand::Slots(a) => {
+                let c = self.connect(&a.node)?;
+                let (v, raw): (UpdateView, _) = c.get_json(&Route::NodeUpdate.path()).await?;
+                self.answer(&raw, || output::slots(&v))
+            }
+            NodeCommand::Update {
+                node,
+                bundle,
+                force,
+                reboot,
+            } => {
+                let c = self.client(&node)?;
+                let mut query = Vec::new();
+                if force {
+                    query.push(("force", "true"));
+                }
+                if reboot {
+                    query.push(("reboot", "true"));
+                }
+                let (raw, _) = self
+                    .stream_file(&c, &bundle, &Route::NodeUpdate.with_query(&query))
+                    .await?;
+                let done: UpdateInstalled = c.decode(&raw)?;
+                self.answer(&raw, || {
+                    let then = if done.rebooting {
+                        "the node is rebooting into it"
+                    } else {
+                        "it boots once at the next boot (hvnodectl node power NODE reboot)"
+                    };
+                    format!(
+                        "node {node}: {} written to slot {}; {then}",
+                        done.version, done.slot
+                    )
+                })
+            }
+            NodeCommand::Rollback(a) => {
+                let c = self.connect(&a.node)?;
+                let (r, raw): (RollbackDone, _) = c
+                    .send_json(Method::POST, &Route::NodeRollback.path(), None::<&()>)
+                    .await?;
+                self.answer(&raw, || {
+                    format!("node {}: slot {} boots next", a.node, r.next_boot)
+                })
             }
             NodeCommand::Metrics(a) => {
                 let c = self.connect(&a.node)?;
