@@ -227,7 +227,7 @@ impl Agent {
     fn update_view_now(&self) -> UpdateView {
         let status = self.slot_status();
         let mut view = UpdateView {
-            running_version: hvnode_api::VERSION.to_owned(),
+            running_version: hvnode_api::release_version(),
             booted_slot: None,
             confirmed: status.as_ref().is_some_and(|s| s.confirmed),
             failed_update: status.and_then(|s| s.failed_update),
@@ -249,7 +249,7 @@ impl Agent {
                 Err(_) => (slot == system.booted, false),
             };
             let version = if slot == system.booted {
-                Some(hvnode_api::VERSION.to_owned())
+                Some(hvnode_api::release_version())
             } else {
                 self.slot_record(slot).map(|r| r.version)
             };
@@ -441,9 +441,10 @@ impl Agent {
             rx,
             current: Bytes::new(),
         };
+        let running = hvnode_api::release_version();
         let policy = Policy {
             trusted: &trusted,
-            running: Some(hvnode_api::VERSION),
+            running: Some(&running),
             force,
         };
         // Signature, manifest and version first: a refused bundle changes nothing on the disk.

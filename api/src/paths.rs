@@ -43,3 +43,5 @@ pub const MEDIA_DIR: &str = "/run/hvnode/media";
 /// The release keys an installed node trusts for update bundles (`*.pub`, 64 hex digits each),
 /// in the verified root.
 pub const RELEASE_KEYS_DIR: &str = "/usr/lib/hvnode/release-keys";
+/// The image's release (`HVNODE_VERSION=`, `HVNODE_BUILD=`), written by the image build.
+pub const RELEASE_FILE: &str = "/etc/hvnode-release";
