@@ -44,6 +44,7 @@ pub mod guests;
 pub mod http;
 pub mod images;
 pub mod initctl;
+pub mod install;
 pub mod listen;
 pub mod maintenance;
 pub mod manager;
@@ -139,6 +140,8 @@ pub struct Agent {
     fencing: fencing::Fencing,
     /// Maintenance mode and the drain of the cluster guests.
     maintenance: maintenance::Maintenance,
+    /// Installing the node to disk from its live medium.
+    install: install::Installer,
 }
 
 impl std::fmt::Debug for Agent {
@@ -174,6 +177,7 @@ impl Agent {
             domains: domains::Domains::default(),
             fencing: fencing::Fencing::default(),
             maintenance: maintenance::Maintenance::load(&paths.data.join("maintenance.toml")),
+            install: install::Installer::default(),
             paths,
         })
     }
