@@ -44,6 +44,7 @@ pub mod guests;
 pub mod http;
 pub mod images;
 pub mod initctl;
+pub mod install;
 pub mod listen;
 pub mod maintenance;
 pub mod manager;
@@ -148,6 +149,8 @@ pub struct Agent {
     maintenance: maintenance::Maintenance,
     /// Updates of the installed system.
     updates: update::Updates,
+    /// Installing the node to disk from its live medium.
+    install: install::Installer,
 }
 
 impl std::fmt::Debug for Agent {
@@ -184,6 +187,7 @@ impl Agent {
             fencing: fencing::Fencing::default(),
             maintenance: maintenance::Maintenance::load(&paths.data.join("maintenance.toml")),
             updates: update::Updates::default(),
+            install: install::Installer::default(),
             paths,
         })
     }

@@ -83,6 +83,10 @@ pub enum Route {
     Node,
     /// `/v1/node/hostname`
     NodeHostname,
+    /// `/v1/node/disks`
+    NodeDisks,
+    /// `/v1/node/install`
+    NodeInstall,
     /// `/v1/stats`
     Stats,
     /// `/v1/network`
@@ -177,6 +181,8 @@ impl Route {
             ["registration", "manager", "reject"] => Route::RegistrationManagerReject,
             ["node"] => Route::Node,
             ["node", "hostname"] => Route::NodeHostname,
+            ["node", "disks"] => Route::NodeDisks,
+            ["node", "install"] => Route::NodeInstall,
             ["node", "certificate"] => Route::NodeCertificate,
             ["node", "update"] => Route::NodeUpdate,
             ["node", "rollback"] => Route::NodeRollback,
@@ -267,6 +273,8 @@ impl Route {
             Route::RegistrationManagerReject => "/v1/registration/manager/reject",
             Route::Node => "/v1/node",
             Route::NodeHostname => "/v1/node/hostname",
+            Route::NodeDisks => "/v1/node/disks",
+            Route::NodeInstall => "/v1/node/install",
             Route::Stats => "/v1/stats",
             Route::Network => "/v1/network",
             Route::NetworkConfirm => "/v1/network/confirm",
@@ -316,7 +324,7 @@ impl Route {
             Route::NodeHostname | Route::ClusterMaintenance => &[PUT],
             Route::Network | Route::NodeCertificate | Route::NodeUpdate => &[GET, PUT],
             Route::GuestMigration(_) => &[GET, POST, DELETE],
-            Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
+            Route::Guests | Route::GuestSnapshots(_) | Route::NodeInstall => &[GET, POST],
             Route::GuestSnapshot(..) => &[GET, DELETE],
             Route::Guest(_) => &[GET, PUT, DELETE],
             Route::Image(_) => &[PUT, DELETE],
@@ -334,6 +342,7 @@ impl Route {
             | Route::Power => &[POST],
             Route::Health
             | Route::Node
+            | Route::NodeDisks
             | Route::Stats
             | Route::Storage
             | Route::GuestConsole(_)
@@ -382,6 +391,8 @@ impl Route {
             Route::RegistrationManagerReject,
             Route::Node,
             Route::NodeHostname,
+            Route::NodeDisks,
+            Route::NodeInstall,
             Route::Stats,
             Route::Network,
             Route::NetworkConfirm,

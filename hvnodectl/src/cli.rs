@@ -330,6 +330,19 @@ pub enum NodeCommand {
     },
     /// Boot the other slot next (it must hold a system that was bootable).
     Rollback(NodeArg),
+    /// Install the node onto a disk from the live medium it runs from, and follow the writing
+    /// until it is done (docs/install.md). Without --disk: list the disks.
+    Install {
+        /// Node name.
+        node: String,
+        /// The disk, e.g. /dev/vdb.
+        #[arg(long)]
+        disk: Option<String>,
+        /// The disk's name again: needed when it holds data that is not hvnode's or is the boot
+        /// medium (everything on it is erased).
+        #[arg(long)]
+        confirm: Option<String>,
+    },
 }
 
 /// On or off.

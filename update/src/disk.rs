@@ -504,7 +504,6 @@ impl<'a> Esp<'a> {
     pub fn load_env(&self) -> Result<GrubEnv, DiskError> {
         let main = self
             .read_file(GRUBENV_PATH)
-            .map_err(DiskError::from)
             .and_then(|b| Ok(GrubEnv::parse(&b)?));
         match main {
             Ok(env) => Ok(env),
