@@ -83,6 +83,78 @@ fn esp_device(slot: Slot) -> Option<String> {
         .map(|(k, _, _)| format!("/dev/{k}"))
 }
 
+/// Where a boot of a slot under trial that failed records why, on the ESP, for the boot of the
+/// previous slot to say (`slot A: early boot: ...`).
+const FAILURE_NOTE: &str = "boot/grub/hvnode-failure";
+/// How long a failed trial boot shows why before it reboots into the previous slot.
+const FALLBACK_DELAY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens the ESP of the disk that holds `slot` and runs `f` on it.
+fn with_esp<T>(slot: Slot, f: impl FnOnce(&Esp<'_>) -> Result<T, String>) -> Result<T, String> {
+    let dev = esp_device(slot).ok_or("the disk has no hvnode-esp partition")?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .map_err(|e| format!("cannot open {dev}: {e}"))?;
+    let size = disk_size(&file).map_err(|e| format!("{dev}: {e}"))?;
+    let esp = Esp::open(
+        &file,
+        Extent {
+            offset: 0,
+            len: size,
+        },
+    )
+    .map_err(|e| chain(&e))?;
+    let out = f(&esp)?;
+    esp.close().map_err(|e| chain(&e))?;
+    file.sync_all().map_err(|e| format!("{dev}: {e}"))?;
+    Ok(out)
+}
+
+/// Whether the booted `slot` holds an update on trial (written, set to boot once, not confirmed).
+fn on_trial(slot: Slot) -> bool {
+    with_esp(slot, |esp| {
+        let state =
+            AbState::from_env(esp.load_env().map_err(|e| chain(&e))?).map_err(|e| chain(&e))?;
+        Ok(state.pending().ok().flatten() == Some(slot) && state.tries(slot).unwrap_or(0) > 0)
+    })
+    .unwrap_or(false)
+}
+
+/// A boot of an update on trial failed at `stage` (`reason`): record why on the ESP, say so, and
+/// reboot, so that GRUB, which finds the slot started and never confirmed, boots the previous
+/// slot. Returns (to the caller's recovery) when the node did not boot a slot on trial, or the
+/// reboot failed.
+pub fn fall_back_if_on_trial(stage: &str, reason: &str) {
+    let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(slot) = booted_from_cmdline(&raw) else {
+        return;
+    };
+    if !on_trial(slot) {
+        return;
+    }
+    let note = format!("slot {slot}: {stage}: {reason}");
+    if let Err(e) = with_esp(slot, |esp| {
+        esp.write_file(FAILURE_NOTE, note.as_bytes())
+            .map_err(|e| chain(&e))
+    }) {
+        out::say(&format!("cannot record the failure on the ESP: {e}"));
+    }
+    out::announce(
+        3,
+        &format!(
+            "the update in slot {slot} failed at {stage}: {reason}; rebooting into the previous \
+             slot in {} s",
+            FALLBACK_DELAY.as_secs()
+        ),
+        true,
+    );
+    std::thread::sleep(FALLBACK_DELAY);
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+}
+
 /// Reads the slot state, confirms `slot` if `health` passed, and returns what to publish.
 /// Never panics; every failure becomes a message.
 pub fn assess(slot: Slot, health: Health) -> SlotStatus {
@@ -96,7 +168,7 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
         status.not_confirmed = Some("the disk has no hvnode-esp partition".into());
         return status;
     };
-    let result = (|| -> Result<(Option<Slot>, Option<String>), String> {
+    let result = (|| -> Result<(Option<Slot>, Option<String>, Option<String>), String> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -118,11 +190,26 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
             UpdateStatus::Failed(other) if other != slot => Some(other),
             _ => None,
         };
+        // Why the failed slot failed, if its boot got far enough to say (the note of an older
+        // failure goes once the failure is no longer reported).
+        let note = esp
+            .read_file(FAILURE_NOTE)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+        let note = match (failed, note) {
+            (Some(f), Some(n)) if n.starts_with(&format!("slot {f}: ")) => Some(n),
+            (None, Some(_)) => {
+                let _ = esp.remove(FAILURE_NOTE);
+                None
+            }
+            _ => None,
+        };
         let failures = health.failures();
         if !failures.is_empty() {
             let _ = esp.close();
             return Ok((
                 failed,
+                note,
                 Some(format!("health check failed: {}", failures.join(", "))),
             ));
         }
@@ -130,15 +217,18 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
         esp.store_env(state.env()).map_err(|e| chain(&e))?;
         esp.close().map_err(|e| chain(&e))?;
         file.sync_all().map_err(|e| format!("{dev}: {e}"))?;
-        Ok((failed, None))
+        Ok((failed, note, None))
     })();
     match result {
-        Ok((failed, not_confirmed)) => {
+        Ok((failed, note, not_confirmed)) => {
             status.confirmed = not_confirmed.is_none();
             status.not_confirmed = not_confirmed;
             status.failed_update = failed.map(|f| FailedUpdate {
                 slot: f.to_string(),
-                message: failed_message(f, slot),
+                message: match &note {
+                    Some(n) => format!("{} ({n})", failed_message(f, slot)),
+                    None => failed_message(f, slot),
+                },
             });
         }
         Err(e) => status.not_confirmed = Some(e),
@@ -170,7 +260,10 @@ pub fn run(health: Health) {
     }
     match &status.not_confirmed {
         None => out::say(&format!("slot {slot} confirmed")),
-        Some(why) => out::say(&format!("slot {slot} not confirmed: {why}")),
+        Some(why) => {
+            out::say(&format!("slot {slot} not confirmed: {why}"));
+            fall_back_if_on_trial("the health check", why);
+        }
     }
     match serde_json::to_vec_pretty(&status) {
         Ok(json) => {
