@@ -155,6 +155,10 @@ pub fn fall_back_if_on_trial(stage: &str, reason: &str) {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
 }
 
+/// What the ESP said: the slot an update failed in, why it failed (its note), and why the booted
+/// slot is not confirmed.
+type Outcome = (Option<Slot>, Option<String>, Option<String>);
+
 /// Reads the slot state, confirms `slot` if `health` passed, and returns what to publish.
 /// Never panics; every failure becomes a message.
 pub fn assess(slot: Slot, health: Health) -> SlotStatus {
@@ -168,7 +172,7 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
         status.not_confirmed = Some("the disk has no hvnode-esp partition".into());
         return status;
     };
-    let result = (|| -> Result<(Option<Slot>, Option<String>, Option<String>), String> {
+    let result = (|| -> Result<Outcome, String> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
