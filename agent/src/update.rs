@@ -242,10 +242,11 @@ impl Agent {
         let state = with_state(&system.disk, |s| Ok((s.clone(), false)));
         for slot in [Slot::A, Slot::B] {
             let (bootable, pending) = match &state {
-                Ok(s) => (
-                    s.ok(slot).unwrap_or(false),
-                    s.pending().ok().flatten() == Some(slot),
-                ),
+                // A pending update that lost OK failed: it does not boot next.
+                Ok(s) => {
+                    let ok = s.ok(slot).unwrap_or(false);
+                    (ok, ok && s.pending().ok().flatten() == Some(slot))
+                }
                 Err(_) => (slot == system.booted, false),
             };
             let version = if slot == system.booted {

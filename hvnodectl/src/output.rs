@@ -487,10 +487,13 @@ pub fn slots(v: &hvnode_api::update::UpdateView) -> String {
         "SLOT", "VERSION", "BOOTABLE", "STATE"
     ));
     for s in &v.slots {
+        let failed = v.failed_update.as_ref().is_some_and(|f| f.slot == s.name);
         let state = if s.booted {
             "running"
         } else if s.pending {
             "boots once next"
+        } else if failed {
+            "update failed"
         } else {
             ""
         };

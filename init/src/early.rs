@@ -69,7 +69,7 @@ pub enum EarlyError {
     )]
     NoVerityTarget,
     /// The root image or its hash tree does not match the root hash in the initrd.
-    #[error("The root image failed verification ({0}): the boot medium is corrupt or was modified. Write the ISO again.")]
+    #[error("The root image failed verification ({0}): the system is corrupt or was modified. Write the ISO again (an installed node: update or reinstall it).")]
     Verification(String),
     /// Switching root failed.
     #[error("Cannot switch to the new root: {0}")]
@@ -249,6 +249,8 @@ struct VerifiedRoot {
     /// Loop device of the hash tree.
     hash: PathBuf,
     root_hash: String,
+    /// What was verified, for messages: the medium's files or the slot's partitions.
+    what: String,
 }
 
 impl VerifiedRoot {
@@ -277,7 +279,8 @@ impl VerifiedRoot {
         }
         let data = loopdev::attach_read_only(&image)?;
         let hash = loopdev::attach_read_only(&tree)?;
-        Self::create(params, data, hash)
+        let what = format!("{ROOT_IMAGE} does not match {ROOT_HASH_TREE} and the root hash");
+        Self::create(params, data, hash, what)
     }
 
     /// The verity device over an installed slot's partitions (`hvnode-root-<slot>` and
@@ -293,10 +296,20 @@ impl VerifiedRoot {
                 params.data_bytes()
             )));
         }
-        Self::create(params, data.to_path_buf(), hash.to_path_buf())
+        let what = format!(
+            "{} does not match {} and the root hash",
+            data.display(),
+            hash.display()
+        );
+        Self::create(params, data.to_path_buf(), hash.to_path_buf(), what)
     }
 
-    fn create(params: dm::VerityParams, data: PathBuf, hash: PathBuf) -> Result<Self, EarlyError> {
+    fn create(
+        params: dm::VerityParams,
+        data: PathBuf,
+        hash: PathBuf,
+        what: String,
+    ) -> Result<Self, EarlyError> {
         let control = dm::Control::open()?;
         if !Path::new("/sys/module/dm_verity").exists() {
             return Err(EarlyError::NoVerityTarget);
@@ -314,6 +327,7 @@ impl VerifiedRoot {
             data,
             hash,
             root_hash: params.root_hash,
+            what,
         })
     }
 
@@ -328,9 +342,7 @@ impl VerifiedRoot {
         match self.control.status(DM_NAME) {
             Ok(lines) if lines.iter().any(|l| dm::verity_corrupted(l)) => {
                 // The kernel log names the block and whether data or tree was wrong.
-                Err(EarlyError::Verification(format!(
-                    "{ROOT_IMAGE} does not match {ROOT_HASH_TREE} and the root hash"
-                )))
+                Err(EarlyError::Verification(self.what.clone()))
             }
             _ => Err(e.into()),
         }
