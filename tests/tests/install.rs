@@ -1,7 +1,8 @@
 //! Install tests: boot the ISO with a blank 4 GiB disk, install onto it through the API
 //! (hvnodectl), power off, boot from the disk alone and see the node come up on slot A, with the
 //! same verified root as the ISO, and confirm the slot. Once under UEFI (OVMF), once under BIOS
-//! (SeaBIOS). See docs/install.md.
+//! (SeaBIOS). Then, with the environment block GRUB leaves after an update to slot B that never
+//! confirmed, the node runs slot A and reports the failed update. See docs/install.md.
 //!
 //! Run with `HVNODE_ISO` (and `HVNODECTL`) set, as root; without the ISO each test says so and
 //! returns (fails under CI=true).
@@ -172,6 +173,56 @@ fn install_then_boot_from_the_disk(name: &str, firmware: Firmware) {
     vm.wait_for_after(mark, "hvnode: slot A confirmed", BOOT_TIMEOUT);
     let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
     assert!(status.success(), "QEMU exit status {status}");
+
+    // The block as GRUB leaves it after an update to B that never confirmed: B lost OK, the
+    // node runs A and says so.
+    set_grubenv(
+        &disk,
+        &[
+            ("ORDER", "B A"),
+            ("A_OK", "1"),
+            ("A_TRY", "0"),
+            ("B_OK", "0"),
+            ("B_TRY", "1"),
+            ("HVNODE_PENDING", "B"),
+        ],
+    );
+    let mut vm = Qemu::start(&iso, &opts, &dir);
+    let text = vm.wait_for("hvnode: ready", BOOT_TIMEOUT);
+    assert!(text.contains("from slot A"), "not on slot A:\n{text}");
+    assert!(
+        text.contains("hvnode: update to slot B failed, running slot A"),
+        "the failed update is not reported:\n{text}"
+    );
+    assert!(text.contains("hvnode: slot A confirmed"), "{text}");
+    let status = vm.power_button_and_wait(POWEROFF_TIMEOUT);
+    assert!(status.success(), "QEMU exit status {status}");
+}
+
+/// Replaces the ESP's `grubenv` (the ESP starts at 2 MiB) with a block of `vars`, with mtools.
+fn set_grubenv(disk: &Path, vars: &[(&str, &str)]) {
+    let mut block = String::from("# GRUB Environment Block\n");
+    for (k, v) in vars {
+        block.push_str(&format!("{k}={v}\n"));
+    }
+    while block.len() < 1024 {
+        block.push('#');
+    }
+    let file = disk.with_file_name("grubenv");
+    std::fs::write(&file, &block).expect("write grubenv");
+    let out = Command::new("mcopy")
+        .arg("-o")
+        .arg("-i")
+        .arg(format!("{}@@2M", disk.display()))
+        .arg(&file)
+        .arg("::/boot/grub/grubenv")
+        .output()
+        .expect("run mcopy (mtools: image/setup-host.sh)");
+    assert!(
+        out.status.success(),
+        "mcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
