@@ -1,8 +1,8 @@
 //! Install tests: boot the ISO with a blank 4 GiB disk, install onto it through the API
 //! (hvnodectl), power off, boot from the disk alone and see the node come up on slot A, with the
 //! same verified root as the ISO, and confirm the slot. Once under UEFI (OVMF), once under BIOS
-//! (SeaBIOS). The UEFI node then takes an update to the next release (slot B, after a reboot)
-//! and an update whose slot cannot boot, from which it falls back to slot B by itself. See
+//! (SeaBIOS). Each node then takes an update to the next release (slot B, after a reboot) and
+//! an update whose slot cannot boot, from which it falls back to slot B by itself. See
 //! docs/install.md and docs/update.md.
 //!
 //! Run with `HVNODE_ISO` (and `HVNODECTL`) set, as root; without the ISO each test says so and
@@ -300,6 +300,7 @@ fn ovmf_installs_onto_a_blank_disk_boots_slot_a_updates_to_b_and_falls_back_from
 }
 
 #[test]
-fn seabios_installs_onto_a_blank_disk_and_boots_slot_a_from_it() {
-    install_then_boot_from_the_disk("install-seabios", Firmware::SeaBios, false);
+fn seabios_installs_onto_a_blank_disk_boots_slot_a_updates_to_b_and_falls_back_from_a_broken_update(
+) {
+    install_then_boot_from_the_disk("install-seabios", Firmware::SeaBios, true);
 }

@@ -405,6 +405,38 @@ impl std::fmt::Debug for Esp<'_> {
     }
 }
 
+/// Every time stamp on the ESP is 1980-01-01 00:00, the first DOS date: the files' times mean
+/// nothing to the boot, and a fixed one keeps installs alike (fatfs without a clock would write
+/// the invalid date 0).
+#[derive(Debug)]
+struct FixedTime;
+
+const DOS_EPOCH: fatfs::Date = fatfs::Date {
+    year: 1980,
+    month: 1,
+    day: 1,
+};
+
+impl fatfs::TimeProvider for FixedTime {
+    fn get_current_date(&self) -> fatfs::Date {
+        DOS_EPOCH
+    }
+
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        fatfs::DateTime {
+            date: DOS_EPOCH,
+            time: fatfs::Time {
+                hour: 0,
+                min: 0,
+                sec: 0,
+                millis: 0,
+            },
+        }
+    }
+}
+
+static FIXED_TIME: FixedTime = FixedTime;
+
 fn fat_path(path: &str) -> &str {
     path.trim_start_matches('/')
 }
@@ -424,8 +456,10 @@ impl<'a> Esp<'a> {
 
     /// Opens the FAT filesystem on `extent`.
     pub fn open(disk: &'a File, extent: Extent) -> Result<Self, DiskError> {
-        let fs = fatfs::FileSystem::new(Window::new(disk, extent), fatfs::FsOptions::new())
-            .map_err(DiskError::Esp)?;
+        let opts = fatfs::FsOptions::new()
+            .update_accessed_date(false)
+            .time_provider(&FIXED_TIME);
+        let fs = fatfs::FileSystem::new(Window::new(disk, extent), opts).map_err(DiskError::Esp)?;
         Ok(Esp { fs })
     }
 

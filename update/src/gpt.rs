@@ -120,9 +120,16 @@ pub fn guid_text(b: &[u8; 16]) -> String {
 }
 
 /// A random (version 4) GUID in GPT byte layout.
+///
+/// From `/dev/urandom`, which never blocks: PID 1 makes GUIDs early in boot, when the kernel's
+/// pool may not be initialised yet, and the getrandom crate's fallback for static binaries
+/// polls `/dev/random`, which then waits for entropy an idle machine may never gather. A GUID
+/// needs to be unique on the disk, not secret.
 pub fn random_guid() -> [u8; 16] {
+    use std::io::Read;
     let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if read.is_err() {
         // No entropy source: uniqueness on this disk is what matters; use the clock.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
