@@ -14,8 +14,8 @@ use hvnode_api::install::{FailedUpdate, SlotStatus};
 use hvnode_api::paths;
 use hvnode_update::disk::{disk_size, Esp, Extent, Part};
 use hvnode_update::slots::{booted_from_cmdline, AbState, Slot, UpdateStatus};
+use hvnode_update::sysfs;
 
-use crate::early::named_partitions;
 use crate::out;
 
 /// What the gate checks besides the agent (which the caller waited for).
@@ -74,13 +74,13 @@ pub fn failed_message(failed: Slot, running: Slot) -> String {
 
 /// The ESP on the disk that holds the booted slot.
 fn esp_device(slot: Slot) -> Option<String> {
-    let parts = named_partitions();
-    let (root, _) = crate::early::pick_slot_partitions(&parts, slot)?;
-    let disk = parts.iter().find(|(k, _, _)| *k == root)?.1.clone();
+    let parts = sysfs::named_partitions(Path::new(sysfs::SYS_BLOCK));
+    let (root, _) = sysfs::slot_partitions(&parts, slot)?;
+    let disk = &parts.iter().find(|p| p.kernel == root)?.disk;
     parts
         .iter()
-        .find(|(_, d, name)| *d == disk && name == Part::Esp.name())
-        .map(|(k, _, _)| format!("/dev/{k}"))
+        .find(|p| &p.disk == disk && p.name == Part::Esp.name())
+        .map(|p| format!("/dev/{}", p.kernel))
 }
 
 /// Where a boot of a slot under trial that failed records why, on the ESP, for the boot of the

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use nix::mount::MsFlags;
 
-use hvnode_update::disk::Part;
 use hvnode_update::slots::{booted_from_cmdline, Slot};
+use hvnode_update::sysfs;
 
 use crate::cmdline::Cmdline;
-use crate::storage::disk::{uevent_partname, whole_disk_of};
 use crate::{dm, kmod, loopdev, out, sys};
 
 /// Volume id of the hvnode ISO.
@@ -364,49 +363,13 @@ fn partition_bytes(dev: &Path) -> u64 {
         * 512
 }
 
-/// Picks a slot's root and verity partitions from `(kernel name, whole disk, GPT name)`
-/// entries: both by name, on one disk (the first such disk by name).
-pub fn pick_slot_partitions(
-    entries: &[(String, String, String)],
-    slot: Slot,
-) -> Option<(String, String)> {
-    let root_name = Part::Root(slot).name();
-    let verity_name = Part::Verity(slot).name();
-    let mut sorted: Vec<&(String, String, String)> = entries.iter().collect();
-    sorted.sort();
-    sorted
-        .iter()
-        .filter(|(_, _, part)| part == root_name)
-        .find_map(|(root, disk, _)| {
-            sorted
-                .iter()
-                .find(|(_, d, part)| d == disk && part == verity_name)
-                .map(|(verity, _, _)| (root.clone(), verity.clone()))
-        })
-}
-
-/// Every partition with a GPT name: (kernel name, whole disk, name).
-pub fn named_partitions() -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let uevent = std::fs::read_to_string(e.path().join("uevent")).unwrap_or_default();
-        if let Some(part) = uevent_partname(&uevent) {
-            out.push((name.clone(), whole_disk_of(&name), part));
-        }
-    }
-    out
-}
-
 /// Waits for the booted slot's partitions (disks can take a while to appear).
 fn find_slot_partitions(slot: Slot) -> Result<(PathBuf, PathBuf), EarlyError> {
     let start = Instant::now();
     let mut said = false;
     loop {
-        if let Some((root, verity)) = pick_slot_partitions(&named_partitions(), slot) {
+        let parts = sysfs::named_partitions(Path::new(sysfs::SYS_BLOCK));
+        if let Some((root, verity)) = sysfs::slot_partitions(&parts, slot) {
             let (root, verity) = (Path::new("/dev").join(root), Path::new("/dev").join(verity));
             if root.exists() && verity.exists() {
                 return Ok((root, verity));
@@ -512,24 +475,6 @@ mod tests {
         std::fs::write(&path, data).expect("write image");
         assert_eq!(device_volume_id(&path).as_deref(), Some("HVNODE"));
         let _ = std::fs::remove_file(&path);
-    }
-
-    #[test]
-    fn slot_partitions_are_found_by_name_on_one_disk() {
-        let e = |k: &str, d: &str, p: &str| (k.to_owned(), d.to_owned(), p.to_owned());
-        let entries = vec![
-            e("vda3", "vda", "hvnode-root-a"),
-            e("vda4", "vda", "hvnode-verity-a"),
-            e("vda5", "vda", "hvnode-root-b"),
-            e("vdb1", "vdb", "HVNODE-DATA"),
-            e("vdc4", "vdc", "hvnode-verity-b"),
-        ];
-        assert_eq!(
-            pick_slot_partitions(&entries, Slot::A),
-            Some(("vda3".into(), "vda4".into()))
-        );
-        // B's tree is on another disk: not a slot.
-        assert_eq!(pick_slot_partitions(&entries, Slot::B), None);
     }
 
     #[test]
