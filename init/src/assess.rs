@@ -134,6 +134,7 @@ pub fn fall_back_if_on_trial(stage: &str, reason: &str) {
     if !on_trial(slot) {
         return;
     }
+    let reason = reason.trim_end_matches('.');
     let note = format!("slot {slot}: {stage}: {reason}");
     if let Err(e) = with_esp(slot, |esp| {
         esp.write_file(FAILURE_NOTE, note.as_bytes())
