@@ -30,7 +30,7 @@ step() { printf '==> [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "the image build needs root (mkosi unpacks packages as root); run: sudo $0"
-for tool in python3 mksquashfs veritysetup grub-mkrescue xorriso mformat cpio zstd modprobe cargo; do
+for tool in python3 mksquashfs veritysetup grub-mkrescue grub-mkimage xorriso mformat cpio zstd modprobe cargo; do
     command -v "$tool" >/dev/null || die "$tool is missing: run image/setup-host.sh first"
 done
 
@@ -51,9 +51,42 @@ done
 cp -a "$top/image/rootfs/." "$extra/"
 # /etc is read-only on the node: runtime files live on /run.
 ln -sfn ../run/hvnode/resolv.conf "$extra/etc/resolv.conf"
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -n1)
+# The release's version: the workspace's, or HVNODE_VERSION (a test builds a newer release to
+# update to). The agent reports it from /etc/hvnode-release and refuses older bundles.
+version=${HVNODE_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -n1)}
 printf 'HVNODE_VERSION=%s\nHVNODE_BUILD=%s\n' "$version" "${HVNODE_COMMIT:-$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
     > "$extra/etc/hvnode-release"
+
+step "GRUB for installed disks (x86_64-efi, i386-pc) in /usr/lib/hvnode/boot"
+# The installer (hvnode-update's install module) writes these to the disk: BOOTX64.EFI to the
+# ESP, core.img into the BIOS boot partition, boot.img's code into the MBR. Each carries
+# image/grub-early.cfg, which finds the ESP and loads its grub.cfg (image/grub-disk.cfg). All
+# modules the disk's menu needs are built in: GRUB reads no module files from the ESP.
+bootdir=$extra/usr/lib/hvnode/boot
+install -d "$bootdir"
+grub_common="part_gpt fat search search_label search_fs_file normal linux boot echo test loadenv configfile serial terminal gzio"
+grub-mkimage -O x86_64-efi -p /boot/grub -c "$top/image/grub-early.cfg" -o "$bootdir/BOOTX64.EFI" \
+    $grub_common all_video efi_gop efi_uga || die "grub-mkimage x86_64-efi failed"
+grub-mkimage -O i386-pc -p '(,gpt2)/boot/grub' -c "$top/image/grub-early.cfg" -o "$bootdir/core.img" \
+    $grub_common biosdisk || die "grub-mkimage i386-pc failed"
+install -m 0644 /usr/lib/grub/i386-pc/boot.img "$bootdir/boot.img"
+touch -d "@$SOURCE_DATE_EPOCH" "$bootdir"/*
+
+step "release key: bundles of this build are signed with it, the root trusts its public key"
+# HVNODE_RELEASE_KEY names the private key (hvnode-bundle keygen); without it a development key
+# kept in the cache directory is used (made on first use): a node built here trusts only
+# bundles built here. docs/update.md says how to keep a real one.
+cargo build --release -p hvnode-update --bin hvnode-bundle
+bundle_tool=${CARGO_TARGET_DIR:-$top/target}/release/hvnode-bundle
+release_key=${HVNODE_RELEASE_KEY:-$cache/release-dev.key}
+if [ ! -e "$release_key" ]; then
+    [ -z "${HVNODE_RELEASE_KEY:-}" ] || die "HVNODE_RELEASE_KEY=$release_key does not exist"
+    install -d -m 0700 "$cache"
+    "$bundle_tool" keygen --out "$release_key" >/dev/null
+    echo "made a development release key: $release_key"
+fi
+[ -r "$release_key.pub" ] || die "the release key's public half $release_key.pub is missing"
+install -D -m 0644 "$release_key.pub" "$extra/usr/lib/hvnode/release-keys/release.pub"
 
 step "root tree (mkosi $("$top/image/mkosi.sh" --version 2>/dev/null | awk '{print $2}'), Debian bookworm)"
 # --source-date-epoch clamps the mtimes mkosi leaves in the tree and is handed to the package
@@ -179,6 +212,13 @@ PATH=$tools:$PATH grub-mkrescue -o "$build/hvnode.iso.tmp" "$iso" -- -volid HVNO
 mv "$build/hvnode.iso.tmp" "$build/hvnode.iso"
 
 printf '%s\n' "$root_hash" > "$build/root-hash"
+
+step "update bundle: build/hvnode.hvb (hvnode $version, signed with $release_key)"
+"$bundle_tool" create --key "$release_key" --version "$version" \
+    --root "$iso/live/root.squashfs" --verity "$iso/live/root.verity" --root-hash "$root_hash" \
+    --kernel "$iso/boot/vmlinuz" --initrd "$iso/boot/initrd.img" --out "$build/hvnode.hvb" >/dev/null
+"$bundle_tool" verify --pubkey "$release_key.pub" "$build/hvnode.hvb" >/dev/null ||
+    die "the bundle just made does not verify"
 
 size=$(stat -c %s "$build/hvnode.iso")
 step "done: build/hvnode.iso, $((size / 1048576)) MiB (kernel $kver, root hash $root_hash)"

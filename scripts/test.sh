@@ -3,7 +3,8 @@
 # test that cannot run its subject fails), every fuzz target briefly, then builds the node image
 # and the guest payload and runs the QEMU boot tests (six boots: UEFI/BIOS x CD/USB stick; console,
 # screen and keyboards, registration, a reboot; a Linux guest run by our VMM nested inside the
-# node; a modified root that dm-verity refuses; two nodes live-migrating a guest; two nodes forming
+# node; a modified root that dm-verity refuses; installing to disk under UEFI and BIOS, updating
+# the installed node and falling back from a broken update; two nodes live-migrating a guest; two nodes forming
 # a cluster on the host's etcd and NFS export, draining a node for maintenance, fencing a node cut
 # from etcd with its watchdog and restarting its HA guest on the other, and again when a node dies).
 set -euo pipefail
@@ -24,6 +25,16 @@ cargo test --workspace --exclude hvnode-tests
 
 step "fuzz targets, briefly (scripts/fuzz.sh)"
 ./scripts/fuzz.sh "${HVNODE_FUZZ_SECS:-10}"
+
+step "node image of the next release, for the update test (build/update-next.hvb)"
+# The same tree as the release below but a newer version, so the boot test can update an
+# installed node to it and see the version change. Built first: the image build below replaces
+# build/ except this bundle.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+next_version="${version%.*}.$((${version##*.} + 1))"
+rm -f build/update-next.hvb
+HVNODE_VERSION=$next_version ./image/build.sh
+mv build/hvnode.hvb build/update-next.hvb
 
 step "node image"
 ./image/build.sh

@@ -44,6 +44,7 @@ pub mod guests;
 pub mod http;
 pub mod images;
 pub mod initctl;
+pub mod install;
 pub mod listen;
 pub mod maintenance;
 pub mod manager;
@@ -55,6 +56,7 @@ pub mod router;
 pub mod snapshots;
 pub mod storage;
 pub mod tls;
+pub mod update;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,6 +81,12 @@ pub struct Paths {
     pub node_log: PathBuf,
     /// The VMM binary started for each guest.
     pub vmm: PathBuf,
+    /// The release keys update bundles must be signed with (`*.pub`, in the verified root).
+    pub release_keys: PathBuf,
+    /// The kernel command line (`hvnode.slot=` names the booted slot of an installed node).
+    pub cmdline: PathBuf,
+    /// The installed disk; `None`: the disk that holds the booted slot's partitions.
+    pub system_disk: Option<PathBuf>,
 }
 
 impl Paths {
@@ -158,6 +166,10 @@ pub struct Agent {
     fencing: fencing::Fencing,
     /// Maintenance mode and the drain of the cluster guests.
     maintenance: maintenance::Maintenance,
+    /// Updates of the installed system.
+    updates: update::Updates,
+    /// Installing the node to disk from its live medium.
+    install: install::Installer,
 }
 
 impl std::fmt::Debug for Agent {
@@ -193,6 +205,8 @@ impl Agent {
             domains: domains::Domains::default(),
             fencing: fencing::Fencing::default(),
             maintenance: maintenance::Maintenance::load(&paths.data.join("maintenance.toml")),
+            updates: update::Updates::default(),
+            install: install::Installer::default(),
             paths,
         })
     }
@@ -226,6 +240,9 @@ pub fn paths_under(root: &Path) -> Paths {
         init_socket: root.join("init.sock"),
         node_log: root.join("node.log"),
         vmm: PathBuf::from(hvnode_api::paths::VMM_BINARY),
+        release_keys: root.join("release-keys"),
+        cmdline: root.join("cmdline"),
+        system_disk: Some(root.join("disk.img")),
     }
 }
 

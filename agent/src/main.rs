@@ -11,7 +11,8 @@ use hvnode_agent::{Agent, Paths};
 use tokio::net::{TcpListener, UnixListener};
 
 const USAGE: &str = "usage: hvnode-agent [--listen ADDR:PORT] [--socket PATH] [--data-dir DIR] \
-[--run-dir DIR] [--images-dir DIR] [--init-socket PATH] [--node-log PATH] [--vmm-binary PATH]";
+[--run-dir DIR] [--images-dir DIR] [--init-socket PATH] [--node-log PATH] [--vmm-binary PATH] \
+[--release-keys DIR]";
 
 struct Args {
     listen: SocketAddr,
@@ -30,6 +31,9 @@ fn parse_args() -> Result<Args, String> {
         init_socket: p::INIT_SOCKET.into(),
         node_log: p::NODE_LOG.into(),
         vmm: p::VMM_BINARY.into(),
+        release_keys: p::RELEASE_KEYS_DIR.into(),
+        cmdline: "/proc/cmdline".into(),
+        system_disk: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
             "--init-socket" => paths.init_socket = value.into(),
             "--node-log" => paths.node_log = value.into(),
             "--vmm-binary" => paths.vmm = value.into(),
+            "--release-keys" => paths.release_keys = value.into(),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }

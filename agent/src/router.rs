@@ -63,6 +63,9 @@ impl Agent {
             (POST, Route::RegistrationManagerReject) => Ok(self.reject_candidate()),
             (GET, Route::Node) => Ok(self.node_info()),
             (PUT, Route::NodeHostname) => self.set_hostname(read_json(req).await?).await,
+            (GET, Route::NodeDisks) => self.install_disks().await,
+            (GET, Route::NodeInstall) => Ok(self.install_state()),
+            (POST, Route::NodeInstall) => self.start_install(read_json(req).await?).await,
             (GET, Route::Stats) => Ok(json_response(StatusCode::OK, &self.stats())),
             (GET, Route::Metrics) => Ok(self.metrics().await),
             (GET, Route::Logs) => self.logs(query("lines")),
@@ -107,6 +110,13 @@ impl Agent {
             (PUT, Route::Cluster) => self.join_cluster(read_json(req).await?).await,
             (DELETE, Route::Cluster) => self.leave_cluster().await,
             (PUT, Route::ClusterMaintenance) => self.set_maintenance(read_json(req).await?).await,
+            (GET, Route::NodeUpdate) => self.update_view().await,
+            (PUT, Route::NodeUpdate) => {
+                let force = flag(query("force"), "force")?;
+                let reboot = flag(query("reboot"), "reboot")?;
+                self.put_update(req.into_body(), force, reboot).await
+            }
+            (POST, Route::NodeRollback) => self.rollback().await,
             (PUT, Route::NodeCertificate) => self.install_node_certificate(read_json(req).await?),
             (GET, Route::GuestMigration(name)) => self.show_migration(name),
             (POST, Route::GuestMigration(name)) => {
@@ -120,5 +130,17 @@ impl Agent {
             // and method to keep them so.
             (_, route) => Err(Error::method_not_allowed(route, &m)),
         }
+    }
+}
+
+/// A boolean query parameter: absent is false.
+fn flag(value: Option<String>, key: &str) -> Result<bool, Error> {
+    match value.as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Error::new(
+            hvnode_api::error::ErrorCode::InvalidQuery,
+            format!("{key} must be true or false, not {other:?}"),
+        )),
     }
 }

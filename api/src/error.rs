@@ -51,6 +51,8 @@ error_codes! {
     InvalidQuery = (400, "invalid_query"),
     /// A typed confirmation does not match what it confirms.
     ConfirmationMismatch = (400, "confirmation_mismatch"),
+    /// The install request is not valid JSON of the right shape or names no disk.
+    InvalidInstallRequest = (400, "invalid_install_request"),
     /// A fingerprint does not match the certificate it names.
     FingerprintMismatch = (400, "fingerprint_mismatch"),
     /// A fingerprint is not 32 hex bytes.
@@ -160,6 +162,25 @@ error_codes! {
     ImageTooLarge = (413, "image_too_large"),
     /// The body is not JSON.
     UnsupportedMediaType = (415, "unsupported_media_type"),
+    /// The node runs from its boot medium: only an installed node has slots to update.
+    NotInstalled = (409, "not_installed"),
+    /// An update is being written.
+    UpdateInProgress = (409, "update_in_progress"),
+    /// The other slot holds no system that booted: nothing to roll back to.
+    NoRollback = (409, "no_rollback"),
+    /// The update bundle is not one this node accepts (unsigned, signed by a key it does not
+    /// trust, damaged, truncated, older than the running release); the message says which.
+    BundleRefused = (422, "bundle_refused"),
+    /// No such disk to install onto.
+    DiskNotFound = (404, "disk_not_found"),
+    /// The disk holds foreign data or the boot medium: confirm with the disk's name.
+    ConfirmationRequired = (409, "confirmation_required"),
+    /// An install is running.
+    InstallInProgress = (409, "install_in_progress"),
+    /// The node does not run from its live medium, or the image lacks the boot loader files.
+    NoInstallSource = (409, "no_install_source"),
+    /// The disk can never take the install (too small, read-only) or the confirmation is wrong.
+    InvalidInstallTarget = (422, "invalid_install_target"),
     /// Something failed inside the agent.
     Internal = (500, "internal"),
     /// Something failed inside the manager.

@@ -15,6 +15,7 @@ pub mod event;
 pub mod fingerprint;
 pub mod guest;
 pub mod init;
+pub mod install;
 pub mod migration;
 pub mod node;
 pub mod paths;
@@ -22,7 +23,41 @@ pub mod registration;
 pub mod routes;
 pub mod sse;
 pub mod units;
+pub mod update;
 pub mod vmm;
 
 /// Version of hvnode, shared by every binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The release a node runs: `HVNODE_VERSION=` of the image's `/etc/hvnode-release` (the image
+/// build writes it; a release may carry a version of its own), else the binaries' [`VERSION`]
+/// (a developer's machine).
+pub fn release_version() -> String {
+    release_version_from(&std::fs::read_to_string(paths::RELEASE_FILE).unwrap_or_default())
+}
+
+/// [`release_version`] from the text of a release file.
+pub fn release_version_from(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix("HVNODE_VERSION="))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .unwrap_or(VERSION)
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_release_version_comes_from_the_release_file_else_the_binaries() {
+        assert_eq!(
+            super::release_version_from("HVNODE_VERSION=0.2.0\nHVNODE_BUILD=abc\n"),
+            "0.2.0"
+        );
+        assert_eq!(super::release_version_from(""), super::VERSION);
+        assert_eq!(
+            super::release_version_from("HVNODE_VERSION=\n"),
+            super::VERSION
+        );
+    }
+}

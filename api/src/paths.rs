@@ -35,3 +35,13 @@ pub const VMM_BINARY: &str = "/usr/bin/hvnode-vmm";
 pub const AGENT_BINARY: &str = "/usr/bin/hvnode-agent";
 /// The console binary init supervises (on tty1 and ttyS0).
 pub const CONSOLE_BINARY: &str = "/usr/bin/hvnode-console";
+/// Where init records which slot the node booted, whether it confirmed it, and a failed update
+/// (JSON, [`crate::install::SlotStatus`]). Absent when the node runs from its live medium.
+pub const SLOT_STATUS: &str = "/run/hvnode/slot.json";
+/// Where the live medium is mounted (init moves it into the root); the installer's source.
+pub const MEDIA_DIR: &str = "/run/hvnode/media";
+/// The release keys an installed node trusts for update bundles (`*.pub`, 64 hex digits each),
+/// in the verified root.
+pub const RELEASE_KEYS_DIR: &str = "/usr/lib/hvnode/release-keys";
+/// The image's release (`HVNODE_VERSION=`, `HVNODE_BUILD=`), written by the image build.
+pub const RELEASE_FILE: &str = "/etc/hvnode-release";

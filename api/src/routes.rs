@@ -83,6 +83,10 @@ pub enum Route {
     Node,
     /// `/v1/node/hostname`
     NodeHostname,
+    /// `/v1/node/disks`
+    NodeDisks,
+    /// `/v1/node/install`
+    NodeInstall,
     /// `/v1/stats`
     Stats,
     /// `/v1/network`
@@ -127,6 +131,10 @@ pub enum Route {
     Metrics,
     /// `/v1/node/certificate`
     NodeCertificate,
+    /// `/v1/node/update`: the slots, and a signed update bundle written into the inactive one.
+    NodeUpdate,
+    /// `/v1/node/rollback`: boot the other slot next.
+    NodeRollback,
     /// `/v1/cluster`
     Cluster,
     /// `/v1/cluster/peer` (node to node): whether this node holds its membership lease.
@@ -173,7 +181,11 @@ impl Route {
             ["registration", "manager", "reject"] => Route::RegistrationManagerReject,
             ["node"] => Route::Node,
             ["node", "hostname"] => Route::NodeHostname,
+            ["node", "disks"] => Route::NodeDisks,
+            ["node", "install"] => Route::NodeInstall,
             ["node", "certificate"] => Route::NodeCertificate,
+            ["node", "update"] => Route::NodeUpdate,
+            ["node", "rollback"] => Route::NodeRollback,
             ["cluster"] => Route::Cluster,
             ["cluster", "peer"] => Route::ClusterPeer,
             ["cluster", "maintenance"] => Route::ClusterMaintenance,
@@ -261,6 +273,8 @@ impl Route {
             Route::RegistrationManagerReject => "/v1/registration/manager/reject",
             Route::Node => "/v1/node",
             Route::NodeHostname => "/v1/node/hostname",
+            Route::NodeDisks => "/v1/node/disks",
+            Route::NodeInstall => "/v1/node/install",
             Route::Stats => "/v1/stats",
             Route::Network => "/v1/network",
             Route::NetworkConfirm => "/v1/network/confirm",
@@ -290,6 +304,8 @@ impl Route {
             Route::Power => "/v1/power",
             Route::Metrics => "/metrics",
             Route::NodeCertificate => "/v1/node/certificate",
+            Route::NodeUpdate => "/v1/node/update",
+            Route::NodeRollback => "/v1/node/rollback",
             Route::Cluster => "/v1/cluster",
             Route::ClusterPeer => "/v1/cluster/peer",
             Route::ClusterMaintenance => "/v1/cluster/maintenance",
@@ -306,9 +322,9 @@ impl Route {
             Route::Registration => &[GET, POST, DELETE],
             Route::Cluster => &[GET, PUT, DELETE],
             Route::NodeHostname | Route::ClusterMaintenance => &[PUT],
-            Route::Network | Route::NodeCertificate => &[GET, PUT],
+            Route::Network | Route::NodeCertificate | Route::NodeUpdate => &[GET, PUT],
             Route::GuestMigration(_) => &[GET, POST, DELETE],
-            Route::Guests | Route::GuestSnapshots(_) => &[GET, POST],
+            Route::Guests | Route::GuestSnapshots(_) | Route::NodeInstall => &[GET, POST],
             Route::GuestSnapshot(..) => &[GET, DELETE],
             Route::Guest(_) => &[GET, PUT, DELETE],
             Route::Image(_) => &[PUT, DELETE],
@@ -322,9 +338,11 @@ impl Route {
             | Route::GuestAction(..)
             | Route::GuestSnapshotRestore(..)
             | Route::Migrations
+            | Route::NodeRollback
             | Route::Power => &[POST],
             Route::Health
             | Route::Node
+            | Route::NodeDisks
             | Route::Stats
             | Route::Storage
             | Route::GuestConsole(_)
@@ -373,6 +391,8 @@ impl Route {
             Route::RegistrationManagerReject,
             Route::Node,
             Route::NodeHostname,
+            Route::NodeDisks,
+            Route::NodeInstall,
             Route::Stats,
             Route::Network,
             Route::NetworkConfirm,
@@ -394,6 +414,8 @@ impl Route {
             Route::Power,
             Route::Metrics,
             Route::NodeCertificate,
+            Route::NodeUpdate,
+            Route::NodeRollback,
             Route::Cluster,
             Route::ClusterPeer,
             Route::ClusterMaintenance,

@@ -344,6 +344,7 @@ fn submit(f: &Field) -> Result<Action, String> {
         FieldKind::Hostname => screens::network::hostname(v),
         FieldKind::ManagerUrl => screens::manager::manager_url(v),
         FieldKind::StorageDevice => screens::storage::device(v),
+        FieldKind::InstallDisk => screens::storage::install_disk(v),
         FieldKind::SnapshotName(guest) => screens::guests::snapshot_name(guest, v),
     }
 }

@@ -25,6 +25,10 @@ pub struct Snapshot {
     pub storage: StorageView,
     /// The cluster as the node sees it.
     pub cluster: hvnode_api::cluster::ClusterView,
+    /// The disks the node could be installed onto (empty if the agent does not say).
+    pub install_disks: Vec<hvnode_api::install::InstallDisk>,
+    /// The install to disk.
+    pub install: hvnode_api::install::InstallState,
 }
 
 /// A request for the agent, produced by a key or, for [`Action::Refresh`], by the clock.
@@ -61,6 +65,8 @@ pub enum Action {
     RejectManager,
     /// POST /v1/storage/init.
     InitStorage(String),
+    /// POST /v1/node/install, confirmed with the disk's name the admin typed.
+    Install(String),
     /// PUT /v1/network.
     ApplyNetwork(NetworkConfig),
     /// POST /v1/network/confirm.
@@ -101,6 +107,7 @@ impl Action {
             Action::InitStorage(dev) => {
                 format!("Initialising {dev} as the data partition (this takes a while)...")
             }
+            Action::Install(dev) => format!("Starting the install onto {dev}..."),
             Action::ApplyNetwork(_) => "Applying the network change...".into(),
             Action::ConfirmNetwork => "Keeping the network change...".into(),
             Action::RollbackNetwork => "Rolling back the network change...".into(),
@@ -155,6 +162,8 @@ pub enum FieldKind {
     ManagerUrl,
     /// The blank disk to initialise as the data partition (Storage screen).
     StorageDevice,
+    /// The disk to install the node onto, typed as its confirmation (Storage screen).
+    InstallDisk,
     /// The name of a snapshot to take of this guest (Guests screen).
     SnapshotName(String),
 }

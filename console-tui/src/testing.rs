@@ -99,6 +99,8 @@ pub(crate) fn snapshot() -> Snapshot {
             blank_disks: vec![],
         },
         cluster: hvnode_api::cluster::ClusterView::not_joined(),
+        install_disks: vec![],
+        install: hvnode_api::install::InstallState::Idle,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use hvnode_api::cluster::{DrainPolicy, SetMaintenance};
 use hvnode_api::config::NetworkConfig;
 use hvnode_api::guest::CreateSnapshot;
+use hvnode_api::install::{InstallRequest, InstallState};
 use hvnode_api::node::{Hostname, NetworkView, StorageInit};
 use hvnode_api::registration::{AcceptManager, ManagerUrl};
 use hvnode_api::routes::method::{DELETE, POST, PUT};
@@ -82,6 +83,10 @@ fn refresh(c: &Client, node_log: bool) -> Result<Answer, ClientError> {
             guests: c.get(&Route::Guests.path())?,
             storage: c.get(&Route::Storage.path())?,
             cluster: c.get(&Route::Cluster.path())?,
+            install_disks: c.get(&Route::NodeDisks.path()).unwrap_or_default(),
+            install: c
+                .get(&Route::NodeInstall.path())
+                .unwrap_or(InstallState::Idle),
         })
     })();
     if let Err(e @ ClientError::Unreachable(..)) = snapshot {
@@ -183,6 +188,17 @@ fn perform(c: &Client, action: &Action) -> Result<Answer, ClientError> {
                 Some(&StorageInit {
                     device: dev.clone(),
                     confirm: dev.clone(),
+                }),
+                STORAGE_TIMEOUT,
+            )
+            .map(|_| Answer::Done),
+        Action::Install(dev) => c
+            .call::<_, serde_json::Value>(
+                POST,
+                &Route::NodeInstall.path(),
+                Some(&InstallRequest {
+                    disk: dev.clone(),
+                    confirm: Some(dev.clone()),
                 }),
                 STORAGE_TIMEOUT,
             )

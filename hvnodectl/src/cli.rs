@@ -312,6 +312,37 @@ pub enum NodeCommand {
         #[arg(long = "downtime-ms")]
         downtime_ms: Option<u64>,
     },
+    /// The installed system's slots: which runs, which boots next, an update that failed.
+    Slots(NodeArg),
+    /// Write a signed update bundle (hvnode-bundle create) into the slot the node does not run
+    /// from; it boots once at the next boot, and the node falls back if it does not come up.
+    Update {
+        /// Node name.
+        node: String,
+        /// The bundle file.
+        bundle: std::path::PathBuf,
+        /// Accept a bundle older than the running release.
+        #[arg(long)]
+        force: bool,
+        /// Reboot into it once it is written (put the node in maintenance first).
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Boot the other slot next (it must hold a system that was bootable).
+    Rollback(NodeArg),
+    /// Install the node onto a disk from the live medium it runs from, and follow the writing
+    /// until it is done (docs/install.md). Without --disk: list the disks.
+    Install {
+        /// Node name.
+        node: String,
+        /// The disk, e.g. /dev/vdb.
+        #[arg(long)]
+        disk: Option<String>,
+        /// The disk's name again: needed when it holds data that is not hvnode's or is the boot
+        /// medium (everything on it is erased).
+        #[arg(long)]
+        confirm: Option<String>,
+    },
 }
 
 /// On or off.

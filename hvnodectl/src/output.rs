@@ -460,6 +460,73 @@ impl Progress {
     }
 }
 
+/// `node slots`: the installed system's slots.
+pub fn slots(v: &hvnode_api::update::UpdateView) -> String {
+    let mut out = String::new();
+    let Some(booted) = &v.booted_slot else {
+        return format!(
+            "hvnode {} runs from its boot medium: install it to a disk to have slots to update\n",
+            v.running_version
+        );
+    };
+    let confirmed = if v.confirmed {
+        "confirmed"
+    } else {
+        "not confirmed"
+    };
+    out.push_str(&format!(
+        "running hvnode {} from slot {booted} ({confirmed}); next boot: {}\n",
+        v.running_version,
+        v.next_boot.as_deref().unwrap_or("none bootable")
+    ));
+    if let Some(f) = &v.failed_update {
+        out.push_str(&format!("{}\n", f.message));
+    }
+    out.push_str(&format!(
+        "{:<5} {:<16} {:<9} {}\n",
+        "SLOT", "VERSION", "BOOTABLE", "STATE"
+    ));
+    for s in &v.slots {
+        let failed = v.failed_update.as_ref().is_some_and(|f| f.slot == s.name);
+        let state = if s.booted {
+            "running"
+        } else if s.pending {
+            "boots once next"
+        } else if failed {
+            "update failed"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "{:<5} {:<16} {:<9} {state}\n",
+            s.name,
+            s.version.as_deref().unwrap_or("-"),
+            if s.bootable { "yes" } else { "no" },
+        ));
+    }
+    use hvnode_api::update::UpdateProgress as P;
+    match &v.progress {
+        P::Idle => {}
+        P::Writing {
+            slot,
+            written_bytes,
+            total_bytes,
+            ..
+        } => out.push_str(&format!(
+            "writing slot {slot}: {} of {}\n",
+            bytes(*written_bytes),
+            total_bytes.map_or("?".to_owned(), bytes)
+        )),
+        P::Installed { slot, version } => {
+            out.push_str(&format!("last update: {version} written to slot {slot}\n"))
+        }
+        P::Failed { slot, error } => {
+            out.push_str(&format!("last update to slot {slot} failed: {error}\n"))
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 
 use nix::mount::MsFlags;
 
+use hvnode_update::slots::{booted_from_cmdline, Slot};
+use hvnode_update::sysfs;
+
 use crate::cmdline::Cmdline;
 use crate::{dm, kmod, loopdev, out, sys};
 
 /// Volume id of the hvnode ISO.
 pub const VOLUME_ID: &str = "HVNODE";
 /// Where the boot medium is mounted (moved with /run into the real root).
-pub const MEDIA_DIR: &str = "/run/hvnode/media";
+pub const MEDIA_DIR: &str = hvnode_api::paths::MEDIA_DIR;
 /// The squashfs root image on the boot medium.
 const ROOT_IMAGE: &str = "live/root.squashfs";
 /// Its dm-verity hash tree (`veritysetup format`), next to it.
@@ -45,6 +48,9 @@ pub enum EarlyError {
     /// The boot medium was not found.
     #[error("Boot medium not found: no device holds the ISO9660 volume {VOLUME_ID:?} (waited {0} s). Check the boot device, or boot with hvnode.root=/dev/...")]
     NoMedium(u64),
+    /// The booted slot's partitions were not found.
+    #[error("Slot {0} not found: no disk holds the partitions hvnode-root-{l} and hvnode-verity-{l} (waited {1} s). Boot the ISO and install again", l = .0.to_lowercase())]
+    NoSlot(String, u64),
     /// The root image could not be attached.
     #[error("Cannot attach the root image: {0}")]
     Loop(#[from] loopdev::LoopError),
@@ -62,7 +68,7 @@ pub enum EarlyError {
     )]
     NoVerityTarget,
     /// The root image or its hash tree does not match the root hash in the initrd.
-    #[error("The root image failed verification ({0}): the boot medium is corrupt or was modified. Write the ISO again.")]
+    #[error("The root image failed verification ({0}): the system is corrupt or was modified. Write the ISO again (an installed node: update or reinstall it).")]
     Verification(String),
     /// Switching root failed.
     #[error("Cannot switch to the new root: {0}")]
@@ -196,14 +202,24 @@ fn run_inner() -> Result<std::convert::Infallible, EarlyError> {
     let loaded = kmod::load_list(Path::new(MODULE_LIST), &kmod::module_dir());
     out::log_only(&format!("init: {loaded} initrd modules loaded"));
     let cmdline = Cmdline::from_proc();
-    let medium = find_medium(&cmdline)?;
-    let medium_s = medium.to_string_lossy().into_owned();
-    std::fs::create_dir_all(MEDIA_DIR).map_err(|source| sys::SysError::Write {
-        path: MEDIA_DIR.into(),
-        source,
-    })?;
-    sys::do_mount(&medium_s, MEDIA_DIR, "iso9660", MsFlags::MS_RDONLY, None)?;
-    let root = VerifiedRoot::attach(Path::new(MEDIA_DIR))?;
+    let raw_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (root, medium_s) = match booted_from_cmdline(&raw_cmdline) {
+        Some(slot) => {
+            let (data, hash) = find_slot_partitions(slot)?;
+            let from = format!("slot {slot}");
+            (VerifiedRoot::attach_partitions(&data, &hash)?, from)
+        }
+        None => {
+            let medium = find_medium(&cmdline)?;
+            let medium_s = medium.to_string_lossy().into_owned();
+            std::fs::create_dir_all(MEDIA_DIR).map_err(|source| sys::SysError::Write {
+                path: MEDIA_DIR.into(),
+                source,
+            })?;
+            sys::do_mount(&medium_s, MEDIA_DIR, "iso9660", MsFlags::MS_RDONLY, None)?;
+            (VerifiedRoot::attach(Path::new(MEDIA_DIR))?, medium_s)
+        }
+    };
     root.mount(NEWROOT)?;
     out::say(&format!(
         "root: {} (dm-verity, root hash {}) over {} + {} from {medium_s}",
@@ -232,6 +248,8 @@ struct VerifiedRoot {
     /// Loop device of the hash tree.
     hash: PathBuf,
     root_hash: String,
+    /// What was verified, for messages: the medium's files or the slot's partitions.
+    what: String,
 }
 
 impl VerifiedRoot {
@@ -240,10 +258,7 @@ impl VerifiedRoot {
     /// blocks as they are read, so a tampered image or tree shows at the mount, not here; a
     /// table the kernel refuses (geometry it rejects, a device too small) already fails here.
     fn attach(media: &Path) -> Result<Self, EarlyError> {
-        let text = std::fs::read_to_string(VERITY_PARAMS)
-            .map_err(|e| EarlyError::VerityParams(e.to_string()))?;
-        let params =
-            dm::VerityParams::parse(&text).map_err(|e| EarlyError::VerityParams(e.to_string()))?;
+        let params = verity_params()?;
         let image = media.join(ROOT_IMAGE);
         let tree = media.join(ROOT_HASH_TREE);
         if !tree.is_file() {
@@ -263,6 +278,37 @@ impl VerifiedRoot {
         }
         let data = loopdev::attach_read_only(&image)?;
         let hash = loopdev::attach_read_only(&tree)?;
+        let what = format!("{ROOT_IMAGE} does not match {ROOT_HASH_TREE} and the root hash");
+        Self::create(params, data, hash, what)
+    }
+
+    /// The verity device over an installed slot's partitions (`hvnode-root-<slot>` and
+    /// `hvnode-verity-<slot>`), with the initrd's root hash as for the medium. The root
+    /// partition is larger than the image: the table covers the image's blocks only.
+    fn attach_partitions(data: &Path, hash: &Path) -> Result<Self, EarlyError> {
+        let params = verity_params()?;
+        let size = partition_bytes(data);
+        if size < params.data_bytes() {
+            return Err(EarlyError::Verification(format!(
+                "{} has {size} bytes, the root hash covers {}",
+                data.display(),
+                params.data_bytes()
+            )));
+        }
+        let what = format!(
+            "{} does not match {} and the root hash",
+            data.display(),
+            hash.display()
+        );
+        Self::create(params, data.to_path_buf(), hash.to_path_buf(), what)
+    }
+
+    fn create(
+        params: dm::VerityParams,
+        data: PathBuf,
+        hash: PathBuf,
+        what: String,
+    ) -> Result<Self, EarlyError> {
         let control = dm::Control::open()?;
         if !Path::new("/sys/module/dm_verity").exists() {
             return Err(EarlyError::NoVerityTarget);
@@ -280,6 +326,7 @@ impl VerifiedRoot {
             data,
             hash,
             root_hash: params.root_hash,
+            what,
         })
     }
 
@@ -294,12 +341,48 @@ impl VerifiedRoot {
         match self.control.status(DM_NAME) {
             Ok(lines) if lines.iter().any(|l| dm::verity_corrupted(l)) => {
                 // The kernel log names the block and whether data or tree was wrong.
-                Err(EarlyError::Verification(format!(
-                    "{ROOT_IMAGE} does not match {ROOT_HASH_TREE} and the root hash"
-                )))
+                Err(EarlyError::Verification(self.what.clone()))
             }
             _ => Err(e.into()),
         }
+    }
+}
+
+fn verity_params() -> Result<dm::VerityParams, EarlyError> {
+    let text = std::fs::read_to_string(VERITY_PARAMS)
+        .map_err(|e| EarlyError::VerityParams(e.to_string()))?;
+    dm::VerityParams::parse(&text).map_err(|e| EarlyError::VerityParams(e.to_string()))
+}
+
+/// The size of a block device from sysfs (`/dev/vda3` → `/sys/class/block/vda3/size`).
+fn partition_bytes(dev: &Path) -> u64 {
+    let name = dev.file_name().map(|n| n.to_string_lossy().into_owned());
+    name.and_then(|n| sys::read_attr(format!("/sys/class/block/{n}/size")))
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 512
+}
+
+/// Waits for the booted slot's partitions (disks can take a while to appear).
+fn find_slot_partitions(slot: Slot) -> Result<(PathBuf, PathBuf), EarlyError> {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        let parts = sysfs::named_partitions(Path::new(sysfs::SYS_BLOCK));
+        if let Some((root, verity)) = sysfs::slot_partitions(&parts, slot) {
+            let (root, verity) = (Path::new("/dev").join(root), Path::new("/dev").join(verity));
+            if root.exists() && verity.exists() {
+                return Ok((root, verity));
+            }
+        }
+        if start.elapsed() >= FIND_TIMEOUT {
+            return Err(EarlyError::NoSlot(slot.to_string(), FIND_TIMEOUT.as_secs()));
+        }
+        if !said && start.elapsed() >= Duration::from_secs(3) {
+            out::say(&format!("waiting for the partitions of slot {slot}"));
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

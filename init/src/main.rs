@@ -6,6 +6,7 @@
 //! and never lets a panic escape: fatal errors end in a recovery state that keeps reaping
 //! children and still reboots on ctrl-alt-del.
 
+mod assess;
 mod cmdline;
 mod control;
 mod dm;
@@ -76,6 +77,13 @@ fn main() {
         Ok(reason) => reason,
         Err(payload) => format!("internal error: {}", panic_text(payload.as_ref())),
     };
+    // An update on trial that cannot come up goes back to the slot it came from by itself.
+    let stage = if Path::new(INITRD_MARKER).exists() {
+        "early boot"
+    } else {
+        "start-up"
+    };
+    assess::fall_back_if_on_trial(stage, &reason);
     recovery(&reason)
 }
 

@@ -227,6 +227,16 @@ fn watch_ready(node: &Node) {
             hand_consoles_to_tui(node);
         }
     }
+    crate::assess::run(crate::assess::Health {
+        data_mounted: node.storage.status().persistent,
+        network_configured: node.net.get().is_some_and(|n| {
+            n.status()
+                .interfaces
+                .iter()
+                .any(|i| !i.addresses.is_empty())
+        }),
+        kvm_usable: crate::assess::kvm_check(),
+    });
     out::milestone("ready");
     if let Some(times) = boot_times() {
         out::milestone(&times);

@@ -31,6 +31,8 @@ pub enum Medium {
     Cd,
     /// As a USB stick (qemu-xhci + usb-storage), as if written with dd.
     UsbStick,
+    /// Not at all: the machine boots from its first disk ([`Options::disks`]), an installed node.
+    None,
 }
 
 /// What to boot.
@@ -153,7 +155,7 @@ impl std::fmt::Debug for Qemu {
 }
 
 impl Qemu {
-    /// Starts QEMU with the ISO; returns once the serial socket is connected (QEMU waits for it,
+    /// Starts QEMU with the ISO (ignored with [`Medium::None`]); returns once the serial socket is connected (QEMU waits for it,
     /// so no output is lost).
     pub fn start(iso: &Path, opts: &Options, dir: &Path) -> Qemu {
         let serial_path = dir.join("serial.sock");
@@ -242,14 +244,21 @@ impl Qemu {
                 ));
                 cmd.args(["-device", "usb-storage,bus=xhci.0,drive=boot,bootindex=0"]);
             }
+            Medium::None => {}
         }
         for (i, d) in opts.disks.iter().enumerate() {
             cmd.arg("-drive").arg(format!(
                 "if=none,id=disk{i},format=raw,file={}",
                 d.display()
             ));
-            cmd.arg("-device")
-                .arg(format!("virtio-blk-pci,drive=disk{i},serial=hvtest{i}"));
+            let boot = if opts.medium == Medium::None && i == 0 {
+                ",bootindex=0"
+            } else {
+                ""
+            };
+            cmd.arg("-device").arg(format!(
+                "virtio-blk-pci,drive=disk{i},serial=hvtest{i}{boot}"
+            ));
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

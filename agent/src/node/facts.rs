@@ -201,7 +201,7 @@ impl Fixed {
     fn info(&self, run_dir: &Path) -> NodeInfo {
         NodeInfo {
             hostname: hostname(),
-            version: hvnode_api::VERSION.to_owned(),
+            version: hvnode_api::release_version(),
             kernel: self.kernel.clone(),
             cpu_model: self.cpu_model.clone(),
             cpus: self.cpus,

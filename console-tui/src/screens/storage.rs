@@ -1,11 +1,15 @@
 //! The Storage screen: the data partition (or the warning that state is volatile) and the blank
-//! disks; `i` initialises one after the admin typed its device name.
+//! disks; `i` initialises one after the admin typed its device name. Installing to disk: the
+//! disks with what an install does to each, `n` installs onto one after the admin typed its name
+//! (the confirmation), and the progress.
 
 use hvnode_api::units::bytes;
 use ratatui::crossterm::event::{KeyCode, KeyEvent};
 use ratatui::text::Line;
 
 use super::{kv, Reaction};
+use hvnode_api::install::InstallState;
+
 use crate::state::{Action, Field, FieldKind, Snapshot};
 
 /// The screen's keys.
@@ -14,6 +18,11 @@ pub fn on_key(key: KeyEvent) -> Reaction {
         KeyCode::Char('i') => Reaction::Edit(Field::new(
             FieldKind::StorageDevice,
             "Type the blank disk's device to initialise (e.g. /dev/sdb)",
+            String::new(),
+        )),
+        KeyCode::Char('n') => Reaction::Edit(Field::new(
+            FieldKind::InstallDisk,
+            "Install onto (ERASES it; an hvnode data partition is kept), type e.g. /dev/sdb",
             String::new(),
         )),
         _ => Reaction::Nothing,
@@ -54,6 +63,8 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
             "i: initialise a blank disk as the data partition",
         ));
     }
+    l.push(Line::raw(""));
+    l.extend(install_lines(d));
     if !d.cluster.domains.is_empty() {
         l.push(Line::raw(""));
         l.push(Line::raw("Cluster storage domains:"));
@@ -75,6 +86,56 @@ pub fn lines(d: &Snapshot) -> Vec<Line<'static>> {
         }
     }
     l
+}
+
+fn install_lines(d: &Snapshot) -> Vec<Line<'static>> {
+    let mut l = vec![Line::raw("Install to disk:")];
+    match &d.install {
+        InstallState::Idle => {}
+        InstallState::Writing {
+            disk,
+            stage,
+            percent,
+        } => l.push(Line::raw(format!(
+            "  Installing onto {disk}: {stage} {percent}%"
+        ))),
+        InstallState::Done { disk } => l.push(Line::raw(format!(
+            "  Installed on {disk}: power off, remove the medium, boot from {disk}"
+        ))),
+        InstallState::Failed { disk, error } => {
+            l.push(Line::raw(format!("  Install onto {disk} FAILED: {error}")))
+        }
+    }
+    for disk in &d.install_disks {
+        let medium = if disk.boot_medium {
+            " (boot medium)"
+        } else {
+            ""
+        };
+        l.push(Line::raw(format!(
+            "  {} {} {}{medium}: {}",
+            disk.name,
+            bytes(disk.size_bytes),
+            disk.model,
+            disk.note
+        )));
+    }
+    if d.install_disks.iter().any(|x| x.usable)
+        && !matches!(d.install, InstallState::Writing { .. })
+    {
+        l.push(Line::raw(
+            "n: install hvnode onto a disk (type its name to confirm)",
+        ));
+    }
+    l
+}
+
+/// The install field's text checked: a whole disk under `/dev/`.
+pub fn install_disk(v: String) -> Result<Action, String> {
+    match device(v) {
+        Ok(Action::InitStorage(d)) => Ok(Action::Install(d)),
+        _ => Err("Type the disk's device such as /dev/sdb".into()),
+    }
 }
 
 /// The device field's text checked: a whole disk under `/dev/`, nothing that climbs out of it.
@@ -122,6 +183,50 @@ mod tests {
         assert_eq!(
             a.on_key(key(KeyCode::Enter)),
             vec![Action::InitStorage("/dev/sdb".into())]
+        );
+    }
+
+    #[test]
+    fn install_lists_the_disks_asks_for_the_name_and_shows_progress() {
+        use hvnode_api::install::{DiskContent, InstallDisk, InstallState};
+        let mut snap = crate::testing::snapshot();
+        snap.install_disks.push(InstallDisk {
+            name: "/dev/vda".into(),
+            size_bytes: 4 << 30,
+            model: "QEMU".into(),
+            content: DiskContent::Blank,
+            boot_medium: false,
+            usable: true,
+            needs_confirm: false,
+            note: "blank: the whole disk becomes hvnode's".into(),
+        });
+        let text: Vec<String> = super::lines(&snap).iter().map(|l| l.to_string()).collect();
+        let text = text.join("\n");
+        assert!(text.contains("/dev/vda 4.0 GiB QEMU: blank"), "{text}");
+        assert!(text.contains("n: install hvnode"), "{text}");
+        snap.install = InstallState::Writing {
+            disk: "/dev/vda".into(),
+            stage: "root".into(),
+            percent: 40,
+        };
+        let text: Vec<String> = super::lines(&snap).iter().map(|l| l.to_string()).collect();
+        assert!(
+            text.iter()
+                .any(|l| l.contains("Installing onto /dev/vda: root 40%")),
+            "{text:?}"
+        );
+        assert!(!text.iter().any(|l| l.contains("n: install")));
+
+        let mut a = app();
+        a.on_key(key(KeyCode::Char('5')));
+        assert!(a.on_key(key(KeyCode::Char('n'))).is_empty());
+        typed(&mut a, "vda");
+        assert!(a.on_key(key(KeyCode::Enter)).is_empty());
+        a.on_key(ctrl('u'));
+        typed(&mut a, "/dev/vda");
+        assert_eq!(
+            a.on_key(key(KeyCode::Enter)),
+            vec![Action::Install("/dev/vda".into())]
         );
     }
 

@@ -49,6 +49,28 @@ impl Ctx {
     }
 
     async fn upload(&self, c: &NodeClient, local: &Path, remote: &str) -> Result<(), CmdError> {
+        let (raw, size) = self
+            .stream_file(c, local, &Route::Image(remote.to_owned()).path())
+            .await?;
+        // An upload may be answered with no body; `--json` still prints an object.
+        let raw: &[u8] = if raw.is_empty() { b"{}" } else { &raw };
+        self.answer(raw, || {
+            format!(
+                "uploaded {} ({}) to {remote}",
+                local.display(),
+                units::bytes(size)
+            )
+        })
+    }
+
+    /// Streams `local` as the body of a PUT to `path` with progress on stderr; the answer's
+    /// body (checked for an error status by the client) and the file's size.
+    pub(super) async fn stream_file(
+        &self,
+        c: &NodeClient,
+        local: &Path,
+        path: &str,
+    ) -> Result<(Bytes, u64), CmdError> {
         let file = tokio::fs::File::open(local)
             .await
             .map_err(|e| CmdError::ReadFile(local.to_owned(), e))?;
@@ -76,7 +98,7 @@ impl Ctx {
                 }
             });
         let body: ReqBody = BodyExt::boxed(StreamBody::new(stream));
-        let mut req = c.request(Method::PUT, &Route::Image(remote.to_owned()).path(), body);
+        let mut req = c.request(Method::PUT, path, body);
         let headers = req.headers_mut();
         headers.insert(hyper::header::CONTENT_LENGTH, size.into());
         headers.insert(
@@ -90,14 +112,6 @@ impl Ctx {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        // An upload may be answered with no body; `--json` still prints an object.
-        let raw: &[u8] = if raw.is_empty() { b"{}" } else { &raw };
-        self.answer(raw, || {
-            format!(
-                "uploaded {} ({}) to {remote}",
-                local.display(),
-                units::bytes(size)
-            )
-        })
+        Ok((raw, size))
     }
 }

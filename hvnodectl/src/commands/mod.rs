@@ -123,6 +123,9 @@ pub enum CmdError {
     /// A cluster request or guest that cannot be.
     #[error("{0}")]
     ClusterRefused(String),
+    /// An install that failed or vanished on the node.
+    #[error("{0}")]
+    Install(String),
     /// Writing to stdout failed.
     #[error(transparent)]
     Output(#[from] OutputError),

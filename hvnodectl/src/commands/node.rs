@@ -5,11 +5,13 @@ use std::time::Duration;
 use hvnode_api::cluster::{
     ClusterView, DrainAction, DrainPolicy, MaintenanceState, MaintenanceView, SetMaintenance,
 };
+use hvnode_api::install::{InstallDisk, InstallRequest, InstallState};
 use hvnode_api::node::{
     Hostname, InstallCertificate, NodeCertificate, NodeInfo, NodeStats, PowerAction,
     SignedCertificate,
 };
 use hvnode_api::routes::Route;
+use hvnode_api::update::{RollbackDone, UpdateInstalled, UpdateView};
 use hyper::Method;
 
 use super::{path_with, CmdError, Ctx};
@@ -77,6 +79,55 @@ impl Ctx {
                 self.maintenance(&node, mode, policy, no_wait, downtime_ms)
                     .await
             }
+            NodeCommand::Slots(a) => {
+                let c = self.connect(&a.node)?;
+                let (v, raw): (UpdateView, _) = c.get_json(&Route::NodeUpdate.path()).await?;
+                self.answer(&raw, || output::slots(&v))
+            }
+            NodeCommand::Update {
+                node,
+                bundle,
+                force,
+                reboot,
+            } => {
+                let c = self.client(&node)?;
+                let mut query = Vec::new();
+                if force {
+                    query.push(("force", "true"));
+                }
+                if reboot {
+                    query.push(("reboot", "true"));
+                }
+                let (raw, _) = self
+                    .stream_file(&c, &bundle, &Route::NodeUpdate.with_query(&query))
+                    .await?;
+                let done: UpdateInstalled = c.decode(&raw)?;
+                self.answer(&raw, || {
+                    let then = if done.rebooting {
+                        "the node is rebooting into it"
+                    } else {
+                        "it boots once at the next boot (hvnodectl node power NODE reboot)"
+                    };
+                    format!(
+                        "node {node}: {} written to slot {}; {then}",
+                        done.version, done.slot
+                    )
+                })
+            }
+            NodeCommand::Rollback(a) => {
+                let c = self.connect(&a.node)?;
+                let (r, raw): (RollbackDone, _) = c
+                    .send_json(Method::POST, &Route::NodeRollback.path(), None::<&()>)
+                    .await?;
+                self.answer(&raw, || {
+                    format!("node {}: slot {} boots next", a.node, r.next_boot)
+                })
+            }
+            NodeCommand::Install {
+                node,
+                disk,
+                confirm,
+            } => self.install(&node, disk, confirm).await,
             NodeCommand::Metrics(a) => {
                 let c = self.connect(&a.node)?;
                 let raw = c
@@ -84,6 +135,82 @@ impl Ctx {
                     .await?;
                 self.print(&raw)
             }
+        }
+    }
+}
+
+/// How often `node install` reads the install's progress.
+const INSTALL_POLL: Duration = Duration::from_millis(500);
+
+impl Ctx {
+    /// `node install NODE [--disk D [--confirm D]]`: without a disk, the disks and what an
+    /// install would do to each; with one, starts the install and prints its progress until it
+    /// is done (or failed: an error with why).
+    async fn install(
+        &self,
+        node: &str,
+        disk: Option<String>,
+        confirm: Option<String>,
+    ) -> Result<(), CmdError> {
+        let c = self.connect(node)?;
+        let Some(disk) = disk else {
+            let (disks, raw): (Vec<InstallDisk>, _) = c.get_json(&Route::NodeDisks.path()).await?;
+            return self.answer(&raw, || {
+                disks
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} {} GiB {}{}: {}",
+                            d.name,
+                            d.size_bytes >> 30,
+                            if d.model.is_empty() { "" } else { &d.model },
+                            if d.boot_medium { " (boot medium)" } else { "" },
+                            d.note
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        };
+        let body = InstallRequest { disk, confirm };
+        let _: (InstallState, _) = c
+            .send_json(Method::POST, &Route::NodeInstall.path(), Some(&body))
+            .await?;
+        let mut last = String::new();
+        loop {
+            let (state, raw): (InstallState, _) = c.get_json(&Route::NodeInstall.path()).await?;
+            match state {
+                InstallState::Writing {
+                    disk,
+                    stage,
+                    percent,
+                } => {
+                    let line = format!("node {node}: installing onto {disk}: {stage} {percent}%");
+                    if line != last && !self.json {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+                InstallState::Done { disk } => {
+                    return self.answer(&raw, || {
+                        format!(
+                            "node {node} is installed on {disk}: power it off, remove the \
+                             installation medium and boot from {disk}"
+                        )
+                    })
+                }
+                InstallState::Failed { disk, error } => {
+                    return Err(CmdError::Install(format!(
+                        "Node {node}: installing onto {disk} failed: {error}"
+                    )))
+                }
+                InstallState::Idle => {
+                    return Err(CmdError::Install(format!(
+                        "Node {node}: no install is running (did the agent restart?)"
+                    )))
+                }
+            }
+            tokio::time::sleep(INSTALL_POLL).await;
         }
     }
 }

@@ -163,13 +163,7 @@ pub fn find_data_partition(entries: &[BlockEntry]) -> Option<&BlockEntry> {
         .or_else(|| usable().find(|e| e.label.as_deref() == Some(DATA_LABEL)))
 }
 
-/// `PARTNAME=` from a sysfs uevent file's text.
-pub fn uevent_partname(uevent: &str) -> Option<String> {
-    uevent
-        .lines()
-        .find_map(|l| l.strip_prefix("PARTNAME="))
-        .map(str::to_owned)
-}
+pub use hvnode_update::sysfs::uevent_partname;
 
 /// Every block device with its partition name and ext4 label.
 pub fn scan_block_entries() -> Vec<BlockEntry> {
@@ -229,18 +223,7 @@ pub fn scan_disks(boot_disk: Option<&str>) -> Vec<DiskFacts> {
 
 /// The whole disk a block device belongs to (itself when it is one).
 pub fn whole_disk_of(name: &str) -> String {
-    let sys = Path::new("/sys/class/block").join(name);
-    if sys.join("partition").exists() {
-        if let Some(parent) = std::fs::canonicalize(&sys)
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-        {
-            if let Some(n) = parent.file_name() {
-                return n.to_string_lossy().into_owned();
-            }
-        }
-    }
-    name.to_owned()
+    hvnode_update::sysfs::whole_disk_of(Path::new(hvnode_update::sysfs::SYS_BLOCK), name)
 }
 
 /// The kernel name of partition `n` of `disk` (`sdb1`, `nvme0n1p1`, `mmcblk0p1`).

@@ -3,7 +3,7 @@
 //! The state is published as [`StorageStatus`] at `paths::STORAGE_STATE`.
 
 pub mod disk;
-pub mod gpt;
+pub use hvnode_update::gpt;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -242,7 +242,7 @@ fn write_table(chosen: &disk::DiskFacts, dev: &str) -> Result<(), StorageError> 
         return Err(DiskError::NotBlank(dev.to_owned()).into());
     }
     let type_guid = gpt::guid_bytes(gpt::LINUX_FS_TYPE).unwrap_or_default();
-    gpt::write(
+    gpt::write_single(
         &mut f,
         chosen.size_bytes,
         sector,
