@@ -171,11 +171,7 @@ impl Layout {
     }
 
     /// The directories guest `name`'s cgroup in `group` is made of, and its version.
-    fn dirs(
-        &self,
-        group: &str,
-        name: &str,
-    ) -> Result<(Version, Vec<Dir>), CgroupError> {
+    fn dirs(&self, group: &str, name: &str) -> Result<(Version, Vec<Dir>), CgroupError> {
         for part in [group, name] {
             if part.is_empty() || part.contains('/') || part.starts_with('.') {
                 return Err(CgroupError::Unavailable(format!(
