@@ -169,25 +169,7 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
         not_confirmed: None,
         failed_update: None,
     };
-    let Some(dev) = esp_device(slot) else {
-        status.not_confirmed = Some("the disk has no hvnode-esp partition".into());
-        return status;
-    };
-    let result = (|| -> Result<Outcome, String> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dev)
-            .map_err(|e| format!("cannot open {dev}: {e}"))?;
-        let size = disk_size(&file).map_err(|e| format!("{dev}: {e}"))?;
-        let esp = Esp::open(
-            &file,
-            Extent {
-                offset: 0,
-                len: size,
-            },
-        )
-        .map_err(|e| chain(&e))?;
+    let result = with_esp(slot, |esp| -> Result<Outcome, String> {
         // A missing block (a power cut during the install's last step) reads as empty.
         let env = esp.load_env().unwrap_or_default();
         let mut state = AbState::from_env(env).map_err(|e| chain(&e))?;
@@ -211,7 +193,6 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
         };
         let failures = health.failures();
         if !failures.is_empty() {
-            let _ = esp.close();
             return Ok((
                 failed,
                 note,
@@ -220,10 +201,8 @@ pub fn assess(slot: Slot, health: Health) -> SlotStatus {
         }
         state.mark_good(slot).map_err(|e| chain(&e))?;
         esp.store_env(state.env()).map_err(|e| chain(&e))?;
-        esp.close().map_err(|e| chain(&e))?;
-        file.sync_all().map_err(|e| format!("{dev}: {e}"))?;
         Ok((failed, note, None))
-    })();
+    });
     match result {
         Ok((failed, note, not_confirmed)) => {
             status.confirmed = not_confirmed.is_none();
