@@ -87,6 +87,38 @@ pub fn iso_under_test() -> Option<PathBuf> {
     Some(iso)
 }
 
+/// Runs hvnodectl (`HVNODECTL`, else target/debug/hvnodectl) with the manager state in `state`:
+/// whether it succeeded, and its stdout and stderr.
+pub fn hvnodectl(state: &Path, args: &[&str]) -> (bool, String) {
+    let bin = std::env::var_os("HVNODECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/hvnodectl"));
+    assert!(
+        bin.is_file(),
+        "{} missing: run cargo build -p hvnodectl",
+        bin.display()
+    );
+    let out = Command::new(&bin)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run hvnodectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs hvnodectl and demands success; its output.
+pub fn ok(state: &Path, args: &[&str]) -> String {
+    let (success, text) = hvnodectl(state, args);
+    assert!(success, "hvnodectl {args:?} failed:\n{text}");
+    text
+}
+
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

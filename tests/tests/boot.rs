@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use hvnode_tests::screen::{self, Font, TextScreen};
 use hvnode_tests::{
-    blank_disk, iso_under_test, repo_root, scratch_dir, Firmware, Medium, Options, Qemu,
+    blank_disk, hvnodectl, iso_under_test, ok, repo_root, scratch_dir, Firmware, Medium, Options,
+    Qemu,
 };
 
 /// Boot under TCG takes 20-60 s on these machines; the limit leaves room for a loaded host.
@@ -280,35 +281,6 @@ nics = [{ bridge = "br0" }]
 "#;
 
 /// hvnodectl, built by the test command (`cargo build -p hvnodectl`).
-fn hvnodectl(state: &Path, args: &[&str]) -> (bool, String) {
-    let bin = std::env::var_os("HVNODECTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/debug/hvnodectl"));
-    assert!(
-        bin.is_file(),
-        "{} missing: run cargo build -p hvnodectl",
-        bin.display()
-    );
-    let out = Command::new(&bin)
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .output()
-        .expect("run hvnodectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn ok(state: &Path, args: &[&str]) -> String {
-    let (success, text) = hvnodectl(state, args);
-    assert!(success, "hvnodectl {args:?} failed:\n{text}");
-    text
-}
-
 /// Switches the console on ttyS0 to a screen with a digit key and returns the mark after it.
 fn console_screen(vm: &mut Qemu, key: &[u8], expect: &str) -> String {
     let mark = vm.mark();

@@ -9,45 +9,15 @@
 //! returns (fails under CI=true).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use hvnode_tests::{
-    blank_disk, iso_under_test, repo_root, scratch_dir, Firmware, Medium, Options, Qemu,
+    blank_disk, hvnodectl, iso_under_test, ok, scratch_dir, Firmware, Medium, Options, Qemu,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(120);
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
-
-fn hvnodectl(state: &Path, args: &[&str]) -> (bool, String) {
-    let bin = std::env::var_os("HVNODECTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/debug/hvnodectl"));
-    assert!(
-        bin.is_file(),
-        "{} missing: run cargo build -p hvnodectl",
-        bin.display()
-    );
-    let out = Command::new(&bin)
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .output()
-        .expect("run hvnodectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn ok(state: &Path, args: &[&str]) -> String {
-    let (success, text) = hvnodectl(state, args);
-    assert!(success, "hvnodectl {args:?} failed:\n{text}");
-    text
-}
 
 /// Registers the booted node with a fresh manager (state in `dir/manager`), reading the
 /// pairing code from the console.
